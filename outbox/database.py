@@ -1,0 +1,179 @@
+"""Engines for the two supported databases, and the database clock.
+
+PostgreSQL (through psycopg 3) is the production database; SQLite (through
+aiosqlite) is the embedded default. SQLite needs two adjustments to be safe
+with several writers: write-ahead logging, and transactions that take the
+write lock when they begin (``BEGIN IMMEDIATE``) instead of failing with
+"database is locked" when a reader later tries to write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+from outbox.errors import ConfigurationError, StoreError
+
+__all__ = [
+    "configure_sqlite",
+    "create_engine",
+    "db_now_ms",
+    "dialect_of",
+    "is_transient_db_error",
+    "translate_db_error",
+]
+
+SUPPORTED = ("postgresql", "sqlite")
+
+
+class db_now_ms(FunctionElement[int]):
+    """The database's current time in epoch milliseconds (an SQL expression).
+
+    Every time the outbox stores or compares comes from here, so that relays
+    on machines with skewed clocks still agree on when a row is due.
+    """
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(db_now_ms, "postgresql")
+def _now_pg(element: db_now_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)"
+
+
+@compiles(db_now_ms, "sqlite")
+def _now_sqlite(element: db_now_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+
+
+@compiles(db_now_ms)
+def _now_other(element: db_now_ms, compiler: SQLCompiler, **kw: Any) -> str:
+    raise ConfigurationError(
+        f"database dialect {compiler.dialect.name!r} is not supported; use one of {SUPPORTED}"
+    )
+
+
+def dialect_of(engine: AsyncEngine) -> str:
+    """Return ``"postgresql"`` or ``"sqlite"``, or raise ConfigurationError."""
+    name = engine.dialect.name
+    if name not in SUPPORTED:
+        raise ConfigurationError(f"database {name!r} is not supported; use one of {SUPPORTED}")
+    return name
+
+
+def _normalise(url: str | URL) -> URL:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        if parsed.get_driver_name() != "psycopg":
+            raise ConfigurationError("PostgreSQL URLs must use the psycopg (3) async driver")
+    elif backend == "sqlite":
+        if parsed.get_driver_name() != "aiosqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigurationError(
+                "SQLite needs a database file (several connections must share it), "
+                "for example sqlite+aiosqlite:///service.db"
+            )
+    else:
+        raise ConfigurationError(
+            f"database URL {parsed.render_as_string()!r} is not supported; "
+            "use postgresql+psycopg://... or sqlite+aiosqlite:///file.db"
+        )
+    return parsed
+
+
+def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
+    """Create an async engine configured for the outbox.
+
+    ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
+    aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`).
+    Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
+    """
+    parsed = _normalise(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine_options.setdefault("connect_args", {"timeout": 30})
+        engine = create_async_engine(parsed, **engine_options)
+        configure_sqlite(engine)
+        return engine
+    engine_options.setdefault("pool_pre_ping", True)
+    return create_async_engine(parsed, **engine_options)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the driver, so that BEGIN below is ours.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA busy_timeout=30000",
+        "PRAGMA foreign_keys=ON",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _on_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def configure_sqlite(engine: AsyncEngine) -> None:
+    """Make an aiosqlite engine safe for concurrent writers (idempotent).
+
+    Call it on engines you create yourself, before their first connection.
+    """
+    if engine.dialect.name != "sqlite":
+        raise ConfigurationError("configure_sqlite() takes a SQLite engine")
+    sync_engine = engine.sync_engine
+    if not event.contains(sync_engine, "connect", _on_connect):
+        event.listen(sync_engine, "connect", _on_connect)
+        event.listen(sync_engine, "begin", _on_begin)
+
+
+def require_configured(engine: AsyncEngine) -> str:
+    """Return the engine's dialect, refusing SQLite engines not made safe for writers."""
+    dialect = dialect_of(engine)
+    if dialect == "sqlite" and not event.contains(engine.sync_engine, "begin", _on_begin):
+        raise ConfigurationError(
+            "this SQLite engine takes its write lock too late for concurrent writers: "
+            "create it with outbox.create_engine(url) or call outbox.configure_sqlite(engine)"
+        )
+    return dialect
+
+
+# SQLSTATE classes PostgreSQL uses for "try the transaction again":
+# 40001 serialization_failure, 40P01 deadlock_detected, 08* connection errors,
+# 57P01..03 admin shutdown / crash shutdown / cannot connect now.
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Whether a database error may go away if the transaction is tried again.
+
+    True for lost connections, deadlocks, serialization failures and SQLite's
+    "database is locked"; false for constraint violations and SQL mistakes.
+    """
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def translate_db_error(exc: SQLAlchemyError, what: str) -> StoreError:
+    """Map a SQLAlchemy error to a :class:`StoreError` that says what failed."""
+    detail = getattr(exc, "orig", None) or exc
+    return StoreError(f"{what}: {detail}", retriable=is_transient_db_error(exc))

@@ -1,0 +1,118 @@
+"""The inbox: remembers which messages a consumer has already processed.
+
+Deduplication is a unique key, ``(consumer, message_id)``, written inside the
+handler's own transaction, before the handler runs. A redelivered message
+finds the key taken and is skipped; if the handler's transaction rolls back,
+the key goes with it and the message will be processed on redelivery. There
+is no other dedupe mechanism: no cache, no second connection.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import timedelta
+
+from sqlalchemy import delete, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.errors import ConfigurationError
+from outbox.store import Transaction
+from outbox.tables import OutboxTables
+
+__all__ = ["InboxStore", "SqlInboxStore"]
+
+_MAX_ID = 200
+
+
+def _check(consumer: str, message_id: str) -> None:
+    if not consumer or len(consumer) > _MAX_ID:
+        raise ConfigurationError(f"consumer name must be 1-{_MAX_ID} characters")
+    if not message_id or len(message_id) > _MAX_ID:
+        raise ConfigurationError(f"message id must be 1-{_MAX_ID} characters")
+
+
+class InboxStore(ABC):
+    """Records processed message ids, per consumer."""
+
+    @abstractmethod
+    async def record(self, tx: Transaction, consumer: str, message_id: str) -> bool:
+        """Record ``message_id`` for ``consumer`` inside the open transaction ``tx``.
+
+        Returns:
+            ``True`` the first time; ``False`` when the message was already
+            processed (a duplicate the caller must skip).
+        """
+
+    @abstractmethod
+    async def contains(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` has committed the processing of ``message_id``."""
+
+    @abstractmethod
+    async def purge(self, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` rows recorded more than ``older_than`` ago."""
+
+
+class SqlInboxStore(InboxStore):
+    """Inbox on PostgreSQL or SQLite.
+
+    Args:
+        engine: Engine used for :meth:`contains` and :meth:`purge`
+            (:meth:`record` uses the caller's transaction).
+        tables: The table definitions.
+    """
+
+    def __init__(self, engine: AsyncEngine, tables: OutboxTables) -> None:
+        self.engine = engine
+        self.tables = tables
+        dialect = require_configured(engine)
+        module = postgresql if dialect == "postgresql" else sqlite
+        # ON CONFLICT DO NOTHING rather than catching IntegrityError: on
+        # PostgreSQL a failed statement would poison the caller's transaction.
+        # A concurrent insert of the same key waits for the other transaction
+        # and then reports the conflict, so two consumers never both "win".
+        self._insert = (
+            module.insert(tables.inbox)
+            .values(received_at_ms=db_now_ms())
+            .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
+            .returning(tables.inbox.c.message_id)
+        )
+
+    async def record(self, tx: Transaction, consumer: str, message_id: str) -> bool:
+        _check(consumer, message_id)
+        try:
+            result = await tx.execute(
+                self._insert, {"consumer": consumer, "message_id": message_id}
+            )
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not record the message in the inbox") from exc
+        return result.first() is not None
+
+    async def contains(self, consumer: str, message_id: str) -> bool:
+        inbox = self.tables.inbox
+        query = select(inbox.c.message_id).where(
+            inbox.c.consumer == consumer, inbox.c.message_id == message_id
+        )
+        try:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(query)).first() is not None
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not read the inbox") from exc
+
+    async def purge(self, older_than: timedelta, limit: int) -> int:
+        inbox = self.tables.inbox
+        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        victims = (
+            select(inbox.c.consumer, inbox.c.message_id)
+            .where(inbox.c.received_at_ms < cutoff)
+            .order_by(inbox.c.received_at_ms)
+            .limit(limit)
+        )
+        statement = delete(inbox).where(tuple_(inbox.c.consumer, inbox.c.message_id).in_(victims))
+        try:
+            async with self.engine.begin() as conn:
+                return int((await conn.execute(statement)).rowcount)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not purge the inbox") from exc

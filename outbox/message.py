@@ -1,0 +1,129 @@
+"""Messages as written to the outbox and as read back by the relay."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from outbox.errors import ConfigurationError
+
+__all__ = ["Header", "OutboxMessage", "ParkedMessage", "StoredMessage", "shard_of"]
+
+Header = tuple[str, bytes]
+"""A Kafka header: a text name and a byte value (names may repeat)."""
+
+_MAX_TOPIC = 249
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxMessage:
+    """A record to publish once the surrounding transaction commits."""
+
+    topic: str
+    """Kafka topic to publish to."""
+
+    value: bytes | None
+    """Record value (``None`` publishes a tombstone)."""
+
+    key: bytes | None = None
+    """Record key. Records with the same key are published in commit order."""
+
+    headers: Sequence[Header] = ()
+    """Record headers, in order."""
+
+    message_id: str = field(default_factory=_new_id)
+    """Unique id of this message (consumers deduplicate on it)."""
+
+    delay: timedelta | None = None
+    """Publish no sooner than this long after the commit (database clock)."""
+
+    deliver_at: datetime | None = None
+    """Publish no sooner than this time (timezone-aware); exclusive with ``delay``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topic, str) or not 0 < len(self.topic) <= _MAX_TOPIC:
+            raise ConfigurationError(f"topic must be 1-{_MAX_TOPIC} characters, not {self.topic!r}")
+        if self.value is not None and not isinstance(self.value, bytes):
+            raise ConfigurationError("value must be bytes or None")
+        if self.key is not None and not isinstance(self.key, bytes):
+            raise ConfigurationError("key must be bytes or None")
+        if not self.message_id or len(self.message_id) > 200:
+            raise ConfigurationError("message_id must be 1-200 characters")
+        object.__setattr__(self, "headers", tuple(self.headers))
+        for name, value in self.headers:
+            if not isinstance(name, str) or not isinstance(value, bytes):
+                raise ConfigurationError(f"header {name!r} must be (str, bytes)")
+        if self.delay is not None and self.deliver_at is not None:
+            raise ConfigurationError("give delay or deliver_at, not both")
+        if self.delay is not None and self.delay < timedelta(0):
+            raise ConfigurationError("delay must not be negative")
+        if self.deliver_at is not None and self.deliver_at.tzinfo is None:
+            raise ConfigurationError("deliver_at must be timezone-aware")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredMessage:
+    """An outbox row waiting to be published, as the relay reads it."""
+
+    id: int
+    """Row id (only meaningful together with ``message_id``: SQLite reuses ids)."""
+
+    message_id: str
+    """The message's unique id."""
+
+    topic: str
+    """Kafka topic."""
+
+    key: bytes | None
+    """Record key."""
+
+    value: bytes | None
+    """Record value."""
+
+    headers: tuple[Header, ...]
+    """Record headers."""
+
+    shard: int
+    """Key-hash shard the row belongs to."""
+
+    attempts: int
+    """Failed publish attempts so far."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParkedMessage:
+    """A row the relay gave up on, with the reason; it can be retried."""
+
+    message: StoredMessage
+    """The parked row."""
+
+    error: str
+    """Why it could not be published."""
+
+    parked_at: datetime
+    """When it was parked (database clock)."""
+
+
+def shard_of(key: bytes | None, message_id: str, shards: int) -> int:
+    """Return the shard of a record: by key, or by message id for keyless records."""
+    data = key if key is not None else message_id.encode()
+    return zlib.crc32(data) % shards
+
+
+def encode_headers(headers: Sequence[Header]) -> list[list[str]]:
+    """Encode headers for the JSON ``headers`` column (values in base64)."""
+    return [[name, base64.b64encode(value).decode("ascii")] for name, value in headers]
+
+
+def decode_headers(stored: Any) -> tuple[Header, ...]:
+    """Decode the JSON ``headers`` column."""
+    return tuple((str(name), base64.b64decode(value)) for name, value in stored)

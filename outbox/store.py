@@ -1,0 +1,414 @@
+"""Outbox storage: the store contract and its SQL implementation.
+
+Writers add rows inside their own transaction (the caller's ``AsyncSession`` or
+``AsyncConnection``): no second connection, no dual write. The relay then
+reads rows that are committed, due and not parked, in id order, publishes them
+and marks them in one statement.
+
+There is no id high-water mark anywhere: a row is pending until it is marked,
+so a transaction that took a lower id but committed later is simply picked up
+by the next read, and SQLite's reuse of row ids cannot hide a row. Rows are
+marked by ``(id, message_id)`` so that a reused id can never mark the wrong row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy import event as sa_event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.errors import ConfigurationError
+from outbox.lease import ShardLeases
+from outbox.message import (
+    OutboxMessage,
+    ParkedMessage,
+    StoredMessage,
+    decode_headers,
+    encode_headers,
+    shard_of,
+)
+from outbox.notify import PostgresCommitListener
+from outbox.tables import OutboxTables
+
+__all__ = ["OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
+
+Transaction = AsyncSession | AsyncConnection
+"""The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxStats:
+    """Row counts of an outbox, for monitoring."""
+
+    pending: int
+    """Rows not yet published (due or scheduled), parked rows excluded."""
+
+    parked: int
+    """Rows the relay gave up on; see :meth:`OutboxStore.parked`."""
+
+    published: int
+    """Published rows not yet removed by cleanup."""
+
+
+class OutboxStore(ABC):
+    """Where outgoing messages wait until the relay has published them."""
+
+    shards: int
+    """Number of key-hash shards rows are spread over."""
+
+    @abstractmethod
+    async def add(self, tx: Transaction, messages: Iterable[OutboxMessage]) -> None:
+        """Add messages inside the caller's open transaction ``tx``."""
+
+    @abstractmethod
+    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+        """Return up to ``limit`` committed, due, unparked rows of ``shards`` in id order.
+
+        A row whose key has an earlier parked row is held back, so that a
+        key's messages are never published out of order.
+        """
+
+    @abstractmethod
+    async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
+        """Time until the next scheduled row of ``shards`` is due, if there is one."""
+
+    @abstractmethod
+    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
+        """Mark rows as published in one statement; return how many were marked."""
+
+    @abstractmethod
+    async def record_failure(self, message: StoredMessage, error: str, *, park: bool) -> None:
+        """Count a failed attempt; ``park`` sets the row aside until retried."""
+
+    @abstractmethod
+    async def parked(self, limit: int = 100) -> list[ParkedMessage]:
+        """Return parked rows, oldest first."""
+
+    @abstractmethod
+    async def retry_parked(self, message_ids: Collection[str] | None = None) -> int:
+        """Unpark rows (all of them, or those ids) so the relay tries again."""
+
+    @abstractmethod
+    async def purge_published(self, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than`` ago."""
+
+    @abstractmethod
+    async def stats(self) -> OutboxStats:
+        """Count pending, parked and published rows."""
+
+    @abstractmethod
+    async def claim_shards(
+        self, owner: str, ttl: timedelta, *, rebalance: bool = True
+    ) -> frozenset[int]:
+        """Renew ``owner``'s shard leases (and rebalance); return the shards it holds."""
+
+    @abstractmethod
+    async def release_shards(self, owner: str) -> None:
+        """Give back every shard ``owner`` holds."""
+
+    @abstractmethod
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after a transaction in this process that added rows commits."""
+
+    async def watch_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever rows may have been committed; run until cancelled.
+
+        The default only hears commits made in this process; stores whose
+        database announces commits to other processes (PostgreSQL NOTIFY)
+        hear those too. It is a latency hint, never needed for correctness.
+        """
+        self.on_commit(callback)
+        await asyncio.Future()
+
+
+class SqlOutboxStore(OutboxStore):
+    """Outbox on PostgreSQL or SQLite through SQLAlchemy Core.
+
+    Args:
+        engine: Engine the relay reads with (writers use their own transaction).
+        tables: The table definitions.
+        shards: Number of key-hash shards; fixed for the life of the table.
+    """
+
+    def __init__(self, engine: AsyncEngine, tables: OutboxTables, *, shards: int = 16) -> None:
+        if not isinstance(shards, int) or not 1 <= shards <= 4096:
+            raise ConfigurationError("shards must be between 1 and 4096")
+        self.engine = engine
+        self.tables = tables
+        self.shards = shards
+        self.dialect = require_configured(engine)
+        self._callbacks: list[Callable[[], None]] = []
+        self._leases: dict[str, ShardLeases] = {}
+        t = tables.outbox
+        self._insert = insert(t).values(
+            created_at_ms=db_now_ms(),
+            due_at_ms=func.coalesce(
+                db_now_ms() + bindparam("delay_ms", type_=BigInteger()),
+                bindparam("due_abs_ms", type_=BigInteger()),
+            ),
+            attempts=0,
+        )
+
+    # -- writing --------------------------------------------------------------
+
+    async def add(self, tx: Transaction, messages: Iterable[OutboxMessage]) -> None:
+        rows = [self._row(m) for m in messages]
+        if not rows:
+            return
+        try:
+            await tx.execute(self._insert, rows)
+            if self.dialect == "postgresql":
+                await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not add outbox rows") from exc
+        if self._callbacks:
+            self._after_commit(tx)
+
+    def _row(self, message: OutboxMessage) -> dict[str, Any]:
+        delay_ms = None
+        due_abs_ms = None
+        if message.delay is not None:
+            delay_ms = int(message.delay.total_seconds() * 1000)
+        elif message.deliver_at is not None:
+            due_abs_ms = int(message.deliver_at.timestamp() * 1000)
+        return {
+            "message_id": message.message_id,
+            "topic": message.topic,
+            "key": message.key,
+            "value": message.value,
+            "headers": encode_headers(message.headers),
+            "shard": shard_of(message.key, message.message_id, self.shards),
+            "delay_ms": delay_ms,
+            "due_abs_ms": due_abs_ms,
+        }
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        if callback not in self._callbacks:
+            self._callbacks.append(callback)
+
+    async def watch_commits(self, callback: Callable[[], None]) -> None:
+        self.on_commit(callback)
+        try:
+            if self.dialect != "postgresql":
+                await asyncio.Future()
+            listener = PostgresCommitListener(self.engine.url, self.tables.notify_channel, callback)
+            await listener.run()
+        finally:
+            self._callbacks.remove(callback)
+
+    async def claim_shards(
+        self, owner: str, ttl: timedelta, *, rebalance: bool = True
+    ) -> frozenset[int]:
+        leases = self._leases.get(owner)
+        if leases is None:
+            leases = ShardLeases(self.engine, self.tables, shards=self.shards, owner=owner, ttl=ttl)
+            self._leases[owner] = leases
+        return await leases.claim(rebalance=rebalance)
+
+    async def release_shards(self, owner: str) -> None:
+        leases = self._leases.pop(owner, None)
+        if leases is not None:
+            await leases.release()
+
+    def _notify(self, *_args: Any) -> None:
+        for callback in self._callbacks:
+            callback()
+
+    def _after_commit(self, tx: Transaction) -> None:
+        if isinstance(tx, AsyncSession):
+            target: Any = tx.sync_session
+            name = "after_commit"
+        else:
+            target = tx.sync_connection
+            name = "commit"
+        if target is not None and not sa_event.contains(target, name, self._notify):
+            sa_event.listen(target, name, self._notify)
+
+    # -- relaying -------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _begin(self, what: str) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, what) from exc
+
+    def _pending(self) -> Any:
+        t = self.tables.outbox
+        return and_(t.c.published_at_ms.is_(None), t.c.parked_at_ms.is_(None))
+
+    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+        if not shards:
+            return []
+        t = self.tables.outbox
+        earlier = t.alias("earlier")
+        blocked = exists().where(
+            earlier.c.parked_at_ms.is_not(None),
+            earlier.c.published_at_ms.is_(None),
+            earlier.c.key == t.c.key,
+            earlier.c.id < t.c.id,
+        )
+        query = (
+            select(
+                t.c.id,
+                t.c.message_id,
+                t.c.topic,
+                t.c.key,
+                t.c.value,
+                t.c.headers,
+                t.c.shard,
+                t.c.attempts,
+            )
+            .where(
+                t.c.shard.in_(sorted(shards)),
+                self._pending(),
+                or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms()),
+                ~blocked,
+            )
+            .order_by(t.c.id)
+            .limit(limit)
+        )
+        async with self._begin("could not read the outbox") as conn:
+            result = await conn.execute(query)
+            return [
+                StoredMessage(
+                    id=row.id,
+                    message_id=row.message_id,
+                    topic=row.topic,
+                    key=row.key,
+                    value=row.value,
+                    headers=decode_headers(row.headers),
+                    shard=row.shard,
+                    attempts=row.attempts,
+                )
+                for row in result
+            ]
+
+    async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
+        if not shards:
+            return None
+        t = self.tables.outbox
+        query = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
+            t.c.shard.in_(sorted(shards)),
+            self._pending(),
+            t.c.due_at_ms.is_not(None),
+        )
+        async with self._begin("could not read the outbox") as conn:
+            millis = (await conn.execute(query)).scalar()
+        if millis is None:
+            return None
+        return timedelta(milliseconds=max(int(millis), 0))
+
+    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
+        if not messages:
+            return 0
+        t = self.tables.outbox
+        keys = [(m.id, m.message_id) for m in messages]
+        statement = (
+            update(t)
+            .where(tuple_(t.c.id, t.c.message_id).in_(keys), t.c.published_at_ms.is_(None))
+            .values(published_at_ms=db_now_ms())
+        )
+        async with self._begin("could not mark outbox rows as published") as conn:
+            result = await conn.execute(statement)
+            return int(result.rowcount)
+
+    async def record_failure(self, message: StoredMessage, error: str, *, park: bool) -> None:
+        t = self.tables.outbox
+        values: dict[str, Any] = {"attempts": t.c.attempts + 1, "last_error": error[:4000]}
+        if park:
+            values["parked_at_ms"] = db_now_ms()
+        statement = (
+            update(t)
+            .where(t.c.id == message.id, t.c.message_id == message.message_id)
+            .values(**values)
+        )
+        async with self._begin("could not record a publish failure") as conn:
+            await conn.execute(statement)
+
+    async def parked(self, limit: int = 100) -> list[ParkedMessage]:
+        t = self.tables.outbox
+        query = (
+            select(t)
+            .where(t.c.parked_at_ms.is_not(None), t.c.published_at_ms.is_(None))
+            .order_by(t.c.id)
+            .limit(limit)
+        )
+        async with self._begin("could not read parked rows") as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            ParkedMessage(
+                message=StoredMessage(
+                    id=row.id,
+                    message_id=row.message_id,
+                    topic=row.topic,
+                    key=row.key,
+                    value=row.value,
+                    headers=decode_headers(row.headers),
+                    shard=row.shard,
+                    attempts=row.attempts,
+                ),
+                error=row.last_error or "",
+                parked_at=datetime.fromtimestamp(row.parked_at_ms / 1000, tz=UTC),
+            )
+            for row in rows
+        ]
+
+    async def retry_parked(self, message_ids: Collection[str] | None = None) -> int:
+        t = self.tables.outbox
+        statement = update(t).where(t.c.parked_at_ms.is_not(None), t.c.published_at_ms.is_(None))
+        if message_ids is not None:
+            if not message_ids:
+                return 0
+            statement = statement.where(t.c.message_id.in_(list(message_ids)))
+        async with self._begin("could not unpark rows") as conn:
+            result = await conn.execute(statement.values(parked_at_ms=None, attempts=0))
+            return int(result.rowcount)
+
+    async def purge_published(self, older_than: timedelta, limit: int) -> int:
+        t = self.tables.outbox
+        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        victims = (
+            select(t.c.id)
+            .where(t.c.published_at_ms.is_not(None), t.c.published_at_ms < cutoff)
+            .order_by(t.c.published_at_ms)
+            .limit(limit)
+        )
+        statement = delete(t).where(t.c.id.in_(victims.scalar_subquery()))
+        async with self._begin("could not purge published rows") as conn:
+            result = await conn.execute(statement)
+            return int(result.rowcount)
+
+    async def stats(self) -> OutboxStats:
+        t = self.tables.outbox
+        query = select(
+            func.count().filter(self._pending()),
+            func.count().filter(t.c.parked_at_ms.is_not(None), t.c.published_at_ms.is_(None)),
+            func.count().filter(t.c.published_at_ms.is_not(None)),
+        )
+        async with self._begin("could not count outbox rows") as conn:
+            pending, parked, published = (await conn.execute(query)).one()
+        return OutboxStats(pending=pending, parked=parked, published=published)

@@ -1,0 +1,179 @@
+"""The outbox, inbox and relay-coordination tables, as SQLAlchemy Core tables.
+
+The tables live on a :class:`~sqlalchemy.MetaData` that you may share with your
+own tables, so that Alembic (or ``metadata.create_all``) manages them with the
+rest of your schema. Table names are configurable and validated against a
+strict identifier pattern; they are only ever handed to SQLAlchemy as
+identifiers, never formatted into SQL text.
+
+Times are stored as epoch milliseconds taken from the database clock, so that
+every relay and writer agrees on "now" whatever their own clocks say.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox.errors import ConfigurationError
+
+__all__ = ["OutboxTables", "validate_identifier"]
+
+# Lower case only (PostgreSQL folds unquoted names) and short enough that the
+# derived index names stay within PostgreSQL's 63-byte identifier limit.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+# SQLite only makes a column an alias of ROWID (and so autoincrementing) when
+# it is declared exactly INTEGER PRIMARY KEY.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def validate_identifier(kind: str, name: str) -> str:
+    """Return ``name`` if it is a safe SQL identifier, else raise ConfigurationError."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise ConfigurationError(
+            f"{kind} name {name!r} is not allowed: use 1-40 characters of a-z, 0-9 "
+            "and _, not starting with a digit"
+        )
+    return name
+
+
+class OutboxTables:
+    """The four tables of the transactional messaging layer.
+
+    Args:
+        metadata: Where to define the tables; a new ``MetaData`` if omitted.
+            Pass your application's metadata to manage them with Alembic.
+        outbox: Name of the outbox table (messages waiting to be published).
+        inbox: Name of the inbox table (ids of messages already processed).
+        leases: Name of the table of shard leases held by relays.
+        relays: Name of the table of live relay instances.
+        schema: Optional database schema (PostgreSQL) holding the tables.
+    """
+
+    def __init__(
+        self,
+        metadata: MetaData | None = None,
+        *,
+        outbox: str = "outbox",
+        inbox: str = "inbox",
+        leases: str = "outbox_leases",
+        relays: str = "outbox_relays",
+        schema: str | None = None,
+    ) -> None:
+        names = {
+            "outbox": validate_identifier("outbox table", outbox),
+            "inbox": validate_identifier("inbox table", inbox),
+            "leases": validate_identifier("leases table", leases),
+            "relays": validate_identifier("relays table", relays),
+        }
+        if len(set(names.values())) != len(names):
+            raise ConfigurationError(f"table names must differ: {names}")
+        if schema is not None:
+            validate_identifier("schema", schema)
+        self.metadata = MetaData() if metadata is None else metadata
+        self.schema = schema
+        self.outbox = self._outbox(outbox)
+        self.inbox = self._inbox(inbox)
+        self.leases = Table(
+            leases,
+            self.metadata,
+            Column("shard", Integer, primary_key=True, autoincrement=False),
+            Column("owner", String(200), nullable=True),
+            Column("expires_at_ms", BigInteger, nullable=False, default=0),
+            schema=schema,
+        )
+        self.relays = Table(
+            relays,
+            self.metadata,
+            Column("owner", String(200), primary_key=True),
+            Column("started_at_ms", BigInteger, nullable=False),
+            Column("expires_at_ms", BigInteger, nullable=False),
+            schema=schema,
+        )
+
+    @property
+    def notify_channel(self) -> str:
+        """PostgreSQL NOTIFY channel on which writers announce new outbox rows."""
+        return f"{self.outbox.name}_committed"
+
+    def _outbox(self, name: str) -> Table:
+        pending = "published_at_ms IS NULL AND parked_at_ms IS NULL"
+        parked = "parked_at_ms IS NOT NULL AND published_at_ms IS NULL"
+        return Table(
+            name,
+            self.metadata,
+            Column("id", _ID, primary_key=True, autoincrement=True),
+            Column("message_id", String(200), nullable=False),
+            Column("topic", String(249), nullable=False),
+            Column("key", LargeBinary, nullable=True),
+            Column("value", LargeBinary, nullable=True),
+            Column("headers", JSON, nullable=False),
+            Column("shard", SmallInteger, nullable=False),
+            Column("created_at_ms", BigInteger, nullable=False),
+            Column("due_at_ms", BigInteger, nullable=True),
+            Column("published_at_ms", BigInteger, nullable=True),
+            Column("parked_at_ms", BigInteger, nullable=True),
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("last_error", Text, nullable=True),
+            Index(
+                f"ix_{name}_pending",
+                "shard",
+                "id",
+                postgresql_where=text(pending),
+                sqlite_where=text(pending),
+            ),
+            Index(
+                f"ix_{name}_parked_key",
+                "key",
+                postgresql_where=text(parked),
+                sqlite_where=text(parked),
+            ),
+            Index(
+                f"ix_{name}_published",
+                "published_at_ms",
+                postgresql_where=text("published_at_ms IS NOT NULL"),
+                sqlite_where=text("published_at_ms IS NOT NULL"),
+            ),
+            schema=self.schema,
+        )
+
+    def _inbox(self, name: str) -> Table:
+        return Table(
+            name,
+            self.metadata,
+            Column("consumer", String(200), nullable=False),
+            Column("message_id", String(200), nullable=False),
+            Column("received_at_ms", BigInteger, nullable=False),
+            PrimaryKeyConstraint("consumer", "message_id", name=f"pk_{name}"),
+            Index(f"ix_{name}_received", "received_at_ms"),
+            schema=self.schema,
+        )
+
+    async def create_all(self, engine: AsyncEngine) -> None:
+        """Create the four tables (and indexes) if they do not exist yet."""
+        tables = [self.outbox, self.inbox, self.leases, self.relays]
+        async with engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all, tables=tables, checkfirst=True)
+
+    async def drop_all(self, engine: AsyncEngine) -> None:
+        """Drop the four tables if they exist."""
+        tables = [self.outbox, self.inbox, self.leases, self.relays]
+        async with engine.begin() as conn:
+            await conn.run_sync(self.metadata.drop_all, tables=tables, checkfirst=True)
