@@ -12,7 +12,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from outbox.errors import ConfigurationError
@@ -79,12 +80,14 @@ class RetryPolicy:
                 if self.maximum_attempts == 0
                 else stop_after_attempt(self.maximum_attempts)
             ),
-            wait=wait_exponential_jitter(
-                initial=self.initial_interval.total_seconds(),
+            # Composed rather than wait_exponential_jitter, whose arguments
+            # changed between tenacity releases.
+            wait=wait_exponential(
+                multiplier=self.initial_interval.total_seconds(),
                 exp_base=self.backoff_coefficient,
                 max=self.maximum_interval.total_seconds(),
-                jitter=self.jitter.total_seconds(),
-            ),
+            )
+            + wait_random(0, self.jitter.total_seconds()),
             before_sleep=before_sleep,
             reraise=True,
         )

@@ -1,0 +1,132 @@
+"""The ``saga`` command line.
+
+``saga relay``  publish a service's outbox to Kafka (a standalone relay process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+from outbox import (
+    KafkaPublisher,
+    KafkaSettings,
+    OutboxError,
+    OutboxTables,
+    Relay,
+    RelaySettings,
+    SqlOutboxStore,
+    create_engine,
+)
+from saga.errors import SagaError
+
+__all__ = ["main"]
+
+
+def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "relay",
+        help="publish a database's outbox to Kafka until stopped (SIGTERM/SIGINT)",
+        description="Publish committed outbox rows to Kafka. Several relays may run "
+        "against one database; they share the shards and keep per-key order.",
+    )
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="database holding the outbox (default: $DATABASE_URL)",
+    )
+    p.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
+    )
+    p.add_argument("--name", default=None, help="relay instance name (default: host:pid:random)")
+    p.add_argument("--outbox-table", default="outbox", help="outbox table name")
+    p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
+    p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
+    p.add_argument("--lease-ttl", type=float, default=10.0, help="shard lease, in seconds")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="fallback poll, in seconds")
+    p.add_argument(
+        "--create-tables", action="store_true", help="create the outbox tables if missing"
+    )
+    p.add_argument(
+        "--stats-json",
+        action="store_true",
+        help="print the relay's counters as one JSON line when it stops",
+    )
+
+
+async def _run_relay(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        raise SagaError("give --database-url or set DATABASE_URL")
+    kafka = KafkaSettings.from_env(
+        **({"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {})
+    )
+    settings = RelaySettings(
+        batch_size=args.batch_size,
+        lease_ttl=timedelta(seconds=args.lease_ttl),
+        poll_interval=timedelta(seconds=args.poll_interval),
+    )
+    engine = create_engine(args.database_url)
+    tables = OutboxTables(outbox=args.outbox_table)
+    if args.create_tables:
+        await tables.create_all(engine)
+    store = SqlOutboxStore(engine, tables, shards=args.shards)
+    relay = Relay(store, KafkaPublisher(kafka), settings, name=args.name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    logging.getLogger(__name__).info(
+        "relay %s publishing to %s", relay.name, kafka.bootstrap_servers
+    )
+    async with relay:
+        await stop.wait()
+    await engine.dispose()
+    if args.stats_json:
+        stats = relay.stats
+        print(
+            json.dumps(
+                {
+                    "name": relay.name,
+                    "published": stats.published,
+                    "parked": stats.parked,
+                    "failed_attempts": stats.failed_attempts,
+                    "batches": stats.batches,
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``saga`` command."""
+    parser = argparse.ArgumentParser(prog="saga", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _relay_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``saga`` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "relay":
+            return asyncio.run(_run_relay(args))
+    except (SagaError, OutboxError) as exc:
+        print(f"saga {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 2

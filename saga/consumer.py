@@ -1,0 +1,263 @@
+"""Kafka consumer loop: partitions in parallel, each partition in order.
+
+One task fetches records for the consumer group and hands each partition's
+records to that partition's worker; workers process their records one at a
+time, in offset order, while different partitions proceed concurrently. A
+worker commits a partition's offset only after ``process`` has returned for
+the records before it, that is after their database transaction committed, so
+a crash or a rebalance can only cause redelivery (which the inbox absorbs),
+never a skipped record.
+
+On a rebalance, revoked partitions finish the record in progress, commit
+their offset and stop; records already fetched for them are dropped and will
+be fetched again by the new owner. A partition whose worker falls behind is
+paused at the broker until its backlog drains, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+
+from outbox import KafkaSettings, RetryPolicy
+from saga.errors import BrokerError, ConfigurationError
+
+__all__ = ["PartitionedConsumer", "Process"]
+
+log = logging.getLogger(__name__)
+
+Process = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
+"""Handles one record; must deal with its own errors (it is retried if it raises)."""
+
+_BACKOFF = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class _Partition:
+    """A worker for one assigned partition."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.queue: asyncio.Queue[list[ConsumerRecord[bytes, bytes]] | None] = asyncio.Queue()
+        self.buffered = 0
+        self.paused = False
+        self.revoked = False
+        self.next_offset: int | None = None
+        self.committed: int | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def is_revoked(self) -> bool:
+        # A method, not the attribute: it changes while the worker awaits.
+        return self.revoked
+
+
+class PartitionedConsumer:
+    """Consumes topics in a group, calling ``process`` for every record.
+
+    Args:
+        group_id: Kafka consumer group (one per service).
+        topics: Topics to subscribe to.
+        settings: Kafka connection and consumer settings.
+        process: Called once per record, in offset order within a partition.
+        max_buffered: Records fetched but not processed, per partition, above
+            which the partition is paused.
+    """
+
+    def __init__(
+        self,
+        *,
+        group_id: str,
+        topics: Iterable[str],
+        settings: KafkaSettings,
+        process: Process,
+        max_buffered: int = 1000,
+    ) -> None:
+        self.group_id = group_id
+        self.topics = sorted(set(topics))
+        if not self.topics:
+            raise ConfigurationError("a consumer needs at least one topic")
+        if max_buffered < 1:
+            raise ConfigurationError("max_buffered must be positive")
+        self.settings = settings
+        self._process = process
+        self._max_buffered = max_buffered
+        self._consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._fetcher: asyncio.Task[None] | None = None
+        self._commit_lock = asyncio.Lock()
+        self._state = _State.UNOPENED
+        self.assigned = asyncio.Event()
+        """Set once the group has assigned partitions to this consumer."""
+
+    @property
+    def assignment(self) -> frozenset[TopicPartition]:
+        """Partitions currently assigned to this consumer."""
+        if self._consumer is None:
+            return frozenset()
+        return frozenset(self._consumer.assignment())
+
+    async def start(self) -> None:
+        """Join the group and start consuming in the background."""
+        if self._state is not _State.UNOPENED:
+            raise ConfigurationError(f"cannot start a consumer that is {self._state.value}")
+        self._state = _State.RUNNING
+        consumer = AIOKafkaConsumer(**self.settings.consumer_kwargs(self.group_id))
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            self._state = _State.CLOSED
+            raise BrokerError(f"could not connect the consumer: {exc}") from exc
+        consumer.subscribe(self.topics, listener=_Listener(self))
+        self._consumer = consumer
+        self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"consumer-{self.group_id}")
+
+    async def stop(self) -> None:
+        """Finish the records in progress, commit, and leave the group."""
+        if self._state is not _State.RUNNING:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        if self._fetcher is not None:
+            self._fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetcher
+        await self._retire(list(self._parts))
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    # -- fetching -----------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        attempt = 0
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+                attempt = 0
+            except ConsumerStoppedError:
+                return
+            except KafkaError as exc:
+                attempt += 1
+                delay = _BACKOFF.delay(attempt)
+                log.warning(
+                    "consumer %s fetch failed (%s); retry in %.1fs", self.group_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            for tp, records in batches.items():
+                if records:
+                    self._dispatch(consumer, tp, records)
+
+    def _dispatch(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Partition(tp)
+            part.task = asyncio.create_task(
+                self._work(part), name=f"partition-{tp.topic}-{tp.partition}"
+            )
+        part.queue.put_nowait(records)
+        part.buffered += len(records)
+        if part.buffered >= self._max_buffered and not part.paused:
+            consumer.pause(tp)
+            part.paused = True
+
+    # -- processing ---------------------------------------------------------------
+
+    async def _work(self, part: _Partition) -> None:
+        while True:
+            records = await part.queue.get()
+            if records is None:
+                return
+            for record in records:
+                if part.is_revoked():
+                    return
+                await self._process_one(record)
+                part.next_offset = record.offset + 1
+                part.buffered -= 1
+            if part.queue.empty():
+                await self._commit(part)
+                if part.paused and self._consumer is not None and not part.revoked:
+                    self._consumer.resume(part.tp)
+                    part.paused = False
+
+    async def _process_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._process(record)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # ``process`` handles every expected failure itself; reaching
+                # here is a bug or an outage. Never skip the record: retry.
+                attempt += 1
+                delay = _BACKOFF.delay(attempt)
+                log.exception(
+                    "consumer %s could not process %s[%d]@%d; retry in %.1fs",
+                    self.group_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _commit(self, part: _Partition) -> None:
+        offset = part.next_offset
+        if offset is None or offset == part.committed or self._consumer is None:
+            return
+        async with self._commit_lock:
+            try:
+                await self._consumer.commit({part.tp: offset})
+                part.committed = offset
+            except KafkaError as exc:
+                # Not fatal: the records will be redelivered and the inbox
+                # recognises them.
+                log.warning(
+                    "consumer %s could not commit %s at %d: %s", self.group_id, part.tp, offset, exc
+                )
+
+    async def _retire(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop the workers of ``partitions`` after their current record; commit."""
+        parts = [p for tp in partitions if (p := self._parts.pop(tp, None)) is not None]
+        for part in parts:
+            part.revoked = True
+            part.queue.put_nowait(None)
+        for part in parts:
+            if part.task is not None:
+                await asyncio.gather(part.task, return_exceptions=True)
+            await self._commit(part)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: PartitionedConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._owner._retire(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self._owner.assigned.set()

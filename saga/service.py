@@ -1,0 +1,388 @@
+"""The service runtime: consume, handle in one transaction, relay the outbox.
+
+For every record of a subscribed topic the runtime
+
+1. decodes the envelope (an undecodable record is logged with its raw bytes,
+   base64, and skipped: it never blocks the partition);
+2. opens a database transaction and records the message id in the inbox (a
+   duplicate ends here, changing nothing);
+3. runs the handler registered for the event type, which changes the
+   service's state through ``ctx.session`` and emits events;
+4. writes the emitted events to the outbox, in the same transaction;
+5. commits, and only then lets the consumer commit the Kafka offset.
+
+Transient failures (lost connection, deadlock, serialization failure, or any
+error with ``retriable = True``) roll back and retry the whole transaction
+with the handler's retry policy. A relay in the same process publishes the
+outbox; it is woken by each commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from aiokafka import ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from outbox import (
+    InboxSettings,
+    KafkaPublisher,
+    KafkaSettings,
+    OutboxError,
+    OutboxTables,
+    Publisher,
+    Relay,
+    RelaySettings,
+    RetryPolicy,
+    SqlInboxStore,
+    SqlOutboxStore,
+    Transaction,
+    is_transient_db_error,
+)
+from saga.codec import AvroCodec
+from saga.consumer import PartitionedConsumer
+from saga.context import MessageContext, RecordInfo, outgoing
+from saga.envelope import Envelope, EnvelopeCodec
+from saga.errors import ConfigurationError, DecodeError
+from saga.tracecontext import use_trace_headers
+
+__all__ = ["Handler", "Service", "ServiceSettings", "ServiceStats"]
+
+log = logging.getLogger(__name__)
+
+
+class Handler(Protocol):
+    """A message handler: an async function of the context."""
+
+    def __call__(self, ctx: MessageContext, /) -> Awaitable[None]: ...
+
+
+H = Callable[[MessageContext], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """How a service runs; every field has a production default."""
+
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    """Relay behaviour (batching, polling, leases, cleanup)."""
+
+    inbox: InboxSettings = field(default_factory=InboxSettings)
+    """How long processed message ids are kept."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Default retry policy for transient handler failures."""
+
+    shards: int = 16
+    """Key-hash shards of the outbox (fixed for the life of the table)."""
+
+    run_relay: bool = True
+    """Run a relay in this process (turn off to run relays separately)."""
+
+    max_buffered_records: int = 1000
+    """Fetched but unprocessed records per partition before it is paused."""
+
+    source: str | None = None
+    """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``."""
+
+    def __post_init__(self) -> None:
+        if self.max_buffered_records < 1:
+            raise ConfigurationError("max_buffered_records must be positive")
+
+
+@dataclass
+class ServiceStats:
+    """Counters of one running service."""
+
+    processed: int = 0
+    """Messages handled and committed."""
+
+    duplicates: int = 0
+    """Redelivered messages recognised by the inbox and skipped."""
+
+    ignored: int = 0
+    """Messages of types this service has no handler for."""
+
+    undecodable: int = 0
+    """Records that could not be decoded (logged with their bytes)."""
+
+    failed: int = 0
+    """Messages whose handler failed for good (logged with their bytes)."""
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    handler: H
+    retry: RetryPolicy | None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
+
+
+class Service:
+    """A service that handles events transactionally and publishes through an outbox.
+
+    Register handlers with :meth:`subscribe`, create the tables once with
+    :meth:`create_tables`, then run it with ``async with service:``.
+
+    Args:
+        name: Service name; also its Kafka consumer group and inbox consumer name.
+        engine: The service's own database (``outbox.create_engine(url)``).
+        kafka: Kafka connection settings.
+        codec: Avro codec holding the schemas of every event it reads or writes.
+        settings: Runtime settings.
+        tables: Outbox and inbox tables (defaults to the standard names on a
+            fresh ``MetaData``).
+        publisher: Where the relay publishes (defaults to Kafka).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        engine: AsyncEngine,
+        kafka: KafkaSettings,
+        codec: AvroCodec,
+        settings: ServiceSettings | None = None,
+        tables: OutboxTables | None = None,
+        publisher: Publisher | None = None,
+    ) -> None:
+        if not name or len(name) > 100:
+            raise ConfigurationError("service name must be 1-100 characters")
+        self.name = name
+        self.engine = engine
+        self.kafka = kafka
+        self.settings = settings or ServiceSettings()
+        self.tables = tables or OutboxTables()
+        self.envelopes = EnvelopeCodec(codec)
+        self.source = self.settings.source or f"/choreosaga/{name}"
+        self.outbox = SqlOutboxStore(engine, self.tables, shards=self.settings.shards)
+        self.inbox = SqlInboxStore(engine, self.tables)
+        self.relay = Relay(
+            self.outbox,
+            publisher or KafkaPublisher(kafka),
+            self.settings.relay,
+            name=f"{name}:{id(self):x}",
+        )
+        self.stats = ServiceStats()
+        self._subscriptions: dict[tuple[str, str], _Subscription] = {}
+        self._consumer: PartitionedConsumer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = _State.UNOPENED
+
+    # -- registration -------------------------------------------------------------
+
+    def subscribe(
+        self, topic: str, event_type: str, *, retry: RetryPolicy | None = None
+    ) -> Callable[[H], H]:
+        """Register the decorated function as the handler of ``event_type`` on ``topic``.
+
+        The function is returned unchanged. One handler per topic and type.
+        """
+
+        def register(handler: H) -> H:
+            self.add_handler(topic, event_type, handler, retry=retry)
+            return handler
+
+        return register
+
+    def add_handler(
+        self, topic: str, event_type: str, handler: H, *, retry: RetryPolicy | None = None
+    ) -> None:
+        """Register ``handler`` for ``event_type`` on ``topic`` (non-decorator form)."""
+        if self._state is not _State.UNOPENED:
+            raise ConfigurationError("register handlers before the service starts")
+        if not topic or not event_type:
+            raise ConfigurationError("a subscription needs a topic and an event type")
+        self.envelopes.codec.registry.latest(event_type)  # fail now on an unknown schema
+        if (topic, event_type) in self._subscriptions:
+            raise ConfigurationError(f"{self.name} already handles {event_type} on {topic}")
+        self._subscriptions[(topic, event_type)] = _Subscription(handler, retry)
+
+    @property
+    def topics(self) -> frozenset[str]:
+        """Topics this service subscribes to."""
+        return frozenset(topic for topic, _ in self._subscriptions)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def create_tables(self) -> None:
+        """Create the outbox and inbox tables if they do not exist."""
+        await self.tables.create_all(self.engine)
+
+    async def start(self) -> None:
+        """Start the relay, then join the consumer group."""
+        if self._state is not _State.UNOPENED:
+            raise ConfigurationError(f"cannot start a service that is {self._state.value}")
+        self._state = _State.RUNNING
+        if self.settings.run_relay:
+            await self.relay.start()
+        self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
+        if self._subscriptions:
+            self._consumer = PartitionedConsumer(
+                group_id=self.name,
+                topics=self.topics,
+                settings=self.kafka,
+                process=self._process,
+                max_buffered=self.settings.max_buffered_records,
+            )
+            try:
+                await self._consumer.start()
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def stop(self) -> None:
+        """Finish in-flight messages, leave the group, stop the relay."""
+        if self._state is not _State.RUNNING:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        if self._consumer is not None:
+            await self._consumer.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.relay.stop()
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_assigned(self) -> None:
+        """Wait until the consumer group has given this service partitions."""
+        if self._consumer is None:
+            raise ConfigurationError("the service is not consuming (not started, or no handlers)")
+        await self._consumer.assigned.wait()
+
+    # -- publishing from application code -------------------------------------------
+
+    async def publish(
+        self,
+        tx: Transaction,
+        envelope: Envelope,
+        *,
+        topic: str,
+        delay: timedelta | None = None,
+        deliver_at: datetime | None = None,
+    ) -> Envelope:
+        """Write ``envelope`` to the outbox inside the caller's transaction ``tx``.
+
+        It is published after ``tx`` commits, and never if it rolls back.
+        """
+        sent, message = outgoing(
+            self.envelopes, envelope, topic=topic, delay=delay, deliver_at=deliver_at
+        )
+        await self.outbox.add(tx, [message])
+        return sent
+
+    def new_envelope(
+        self, event_type: str, data: Mapping[str, Any], *, key: bytes | None = None
+    ) -> Envelope:
+        """An envelope from this service, starting a new correlation."""
+        envelope = Envelope(type=event_type, data=data, source=self.source, key=key)
+        return replace(envelope, correlation_id=envelope.id)
+
+    # -- processing ---------------------------------------------------------------------
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            envelope = self.envelopes.decode(record.key, record.value, record.headers)
+        except DecodeError as exc:
+            self.stats.undecodable += 1
+            log.error(
+                "%s skipped an undecodable record %s[%d]@%d: %s; key=%s value(base64)=%s",
+                self.name,
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+                record.key,
+                base64.b64encode(exc.raw or b"").decode(),
+            )
+            return
+        subscription = self._subscriptions.get((record.topic, envelope.type))
+        if subscription is None:
+            self.stats.ignored += 1
+            return
+        info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
+        policy = subscription.retry or self.settings.retry
+        try:
+            async for attempt in policy.retrying(retry_on=_is_transient):
+                with attempt:
+                    processed = await self._transaction(subscription.handler, envelope, info)
+        except (asyncio.CancelledError, OutboxError) as exc:
+            if isinstance(exc, OutboxError) and not exc.retriable:
+                self._failed(record, envelope, exc)
+                return
+            raise
+        except Exception as exc:
+            self._failed(record, envelope, exc)
+            return
+        if processed:
+            self.stats.processed += 1
+        else:
+            self.stats.duplicates += 1
+
+    async def _transaction(self, handler: H, envelope: Envelope, info: RecordInfo) -> bool:
+        async with (
+            AsyncSession(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            if not await self.inbox.record(session, self.name, envelope.id):
+                return False
+            ctx = MessageContext(
+                session=session,
+                envelope=envelope,
+                record=info,
+                source=self.source,
+                codec=self.envelopes,
+            )
+            with use_trace_headers(envelope.traceparent, envelope.tracestate):
+                await handler(ctx)
+            await self.outbox.add(session, ctx.outbox_messages())
+        return True
+
+    def _failed(
+        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, exc: BaseException
+    ) -> None:
+        self.stats.failed += 1
+        log.error(
+            "%s gave up on message %s (%s) from %s[%d]@%d: %r; value(base64)=%s",
+            self.name,
+            envelope.id,
+            envelope.type,
+            record.topic,
+            record.partition,
+            record.offset,
+            exc,
+            base64.b64encode(record.value or b"").decode(),
+            exc_info=exc,
+        )
+
+    async def _purge_inbox_loop(self) -> None:
+        settings = self.settings.inbox
+        while True:
+            await asyncio.sleep(settings.purge_interval.total_seconds())
+            with contextlib.suppress(OutboxError):
+                deleted = settings.purge_batch_size
+                while deleted == settings.purge_batch_size:
+                    deleted = await self.inbox.purge(settings.retention, deleted)

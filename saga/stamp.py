@@ -1,0 +1,223 @@
+"""The state stamp: where a saga stands, carried by every one of its messages.
+
+A stamp names the saga (name and id), gives its status and the ordered list of
+steps done so far with their outcome, time and small result data, plus the
+correlation id and a version that grows with every change. The framework
+updates it; handlers read it. Its Avro schema is
+``schemas/choreosaga/saga/Stamp.avsc``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from saga.errors import ConfigurationError
+
+__all__ = ["STAMP_SCHEMA", "SagaStatus", "Stamp", "StepOutcome", "StepRecord"]
+
+STAMP_SCHEMA = "choreosaga.saga.Stamp"
+"""Full name of the stamp's Avro schema."""
+
+_MAX_DATA_ITEMS = 32
+_MAX_DATA_VALUE = 1024
+
+
+class SagaStatus(enum.Enum):
+    """Lifecycle of a saga."""
+
+    RUNNING = "RUNNING"
+    """Steps are moving forward."""
+    COMPENSATING = "COMPENSATING"
+    """A step failed; completed steps are being undone in reverse order."""
+    COMPLETED = "COMPLETED"
+    """Every step succeeded (terminal)."""
+    COMPENSATED = "COMPENSATED"
+    """A step failed and every completed step was undone (terminal)."""
+    FAILED = "FAILED"
+    """A compensation could not be done; needs a person (terminal)."""
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the saga can no longer change."""
+        return self in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+
+
+class StepOutcome(enum.Enum):
+    """What happened to one step."""
+
+    DONE = "DONE"
+    """The step's local transaction committed."""
+    FAILED = "FAILED"
+    """The step refused (a business outcome); nothing of it needs undoing."""
+    COMPENSATED = "COMPENSATED"
+    """The step was undone."""
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    """Undoing the step failed for good."""
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ConfigurationError("stamp times must be timezone-aware")
+    # Avro timestamp-millis keeps milliseconds: truncate now so that a stamp
+    # compares equal to itself after a round trip.
+    return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """One step in a stamp."""
+
+    name: str
+    """Step name, e.g. ``reserve_stock``."""
+
+    service: str
+    """Service that performed it."""
+
+    outcome: StepOutcome
+    """What happened to it."""
+
+    at: datetime
+    """When that happened (UTC, millisecond precision)."""
+
+    data: Mapping[str, str] = field(default_factory=dict)
+    """Small result data, such as a reservation id (strings, at most 32 items)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.service:
+            raise ConfigurationError("a step needs a name and a service")
+        object.__setattr__(self, "at", _utc(self.at))
+        if len(self.data) > _MAX_DATA_ITEMS:
+            raise ConfigurationError(f"step data holds at most {_MAX_DATA_ITEMS} items")
+        for key, value in self.data.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigurationError(f"step data must map str to str, not {key!r}: {value!r}")
+            if len(value) > _MAX_DATA_VALUE:
+                raise ConfigurationError(
+                    f"step data value {key!r} is longer than {_MAX_DATA_VALUE} characters: "
+                    "keep large results in the service's own tables"
+                )
+        object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stamp:
+    """The state of one saga, as of the message that carries it."""
+
+    saga_name: str
+    """Saga type, e.g. ``place_order``."""
+
+    saga_id: str
+    """Saga instance id."""
+
+    status: SagaStatus
+    """Current status."""
+
+    steps: tuple[StepRecord, ...] = ()
+    """Steps so far, in the order they happened (compensations appended)."""
+
+    correlation_id: str
+    """Id shared by every message of the saga and anything it causes."""
+
+    started_at: datetime
+    """When the saga started."""
+
+    deadline: datetime | None = None
+    """When the saga must be finished; after it, compensation starts."""
+
+    reason: str | None = None
+    """Why the saga is compensating or failed."""
+
+    version: int = 1
+    """Revision of this state, incremented by every change."""
+
+    def __post_init__(self) -> None:
+        if not self.saga_name or not self.saga_id or not self.correlation_id:
+            raise ConfigurationError("a stamp needs a saga name, a saga id and a correlation id")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "started_at", _utc(self.started_at))
+        if self.deadline is not None:
+            object.__setattr__(self, "deadline", _utc(self.deadline))
+        if self.version < 1:
+            raise ConfigurationError("stamp version starts at 1")
+
+    def with_step(self, step: StepRecord) -> Stamp:
+        """Return a new revision with ``step`` appended."""
+        return replace(self, steps=(*self.steps, step), version=self.version + 1)
+
+    def with_status(self, status: SagaStatus, reason: str | None = None) -> Stamp:
+        """Return a new revision with another status (and reason, if given)."""
+        return replace(
+            self,
+            status=status,
+            reason=self.reason if reason is None else reason,
+            version=self.version + 1,
+        )
+
+    def to_compensate(self) -> list[StepRecord]:
+        """Steps done and not yet compensated, most recent first (LIFO)."""
+        undone = {
+            s.name
+            for s in self.steps
+            if s.outcome in (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
+        }
+        done = [s for s in self.steps if s.outcome is StepOutcome.DONE and s.name not in undone]
+        return list(reversed(done))
+
+    def step(self, name: str) -> StepRecord | None:
+        """The latest record of step ``name``, if any."""
+        for record in reversed(self.steps):
+            if record.name == name:
+                return record
+        return None
+
+    def to_avro(self) -> dict[str, Any]:
+        """The stamp as an Avro record of ``choreosaga.saga.Stamp``."""
+        return {
+            "version": self.version,
+            "saga_name": self.saga_name,
+            "saga_id": self.saga_id,
+            "status": self.status.value,
+            "steps": [
+                {
+                    "name": s.name,
+                    "service": s.service,
+                    "outcome": s.outcome.value,
+                    "at": s.at,
+                    "data": dict(s.data),
+                }
+                for s in self.steps
+            ],
+            "correlation_id": self.correlation_id,
+            "started_at": self.started_at,
+            "deadline": self.deadline,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> Stamp:
+        """Build a stamp from a decoded ``choreosaga.saga.Stamp`` record."""
+        return cls(
+            version=record["version"],
+            saga_name=record["saga_name"],
+            saga_id=record["saga_id"],
+            status=SagaStatus(record["status"]),
+            steps=tuple(
+                StepRecord(
+                    name=s["name"],
+                    service=s["service"],
+                    outcome=StepOutcome(s["outcome"]),
+                    at=s["at"],
+                    data=s["data"],
+                )
+                for s in record["steps"]
+            ),
+            correlation_id=record["correlation_id"],
+            started_at=record["started_at"],
+            deadline=record["deadline"],
+            reason=record["reason"],
+        )

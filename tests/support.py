@@ -1,0 +1,63 @@
+"""Helpers shared by integration tests: read topics back, build codecs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from outbox import KafkaSettings
+from saga.codec import AvroCodec
+from saga.schemas import SchemaRegistry
+
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def core_codec() -> AvroCodec:
+    """Codec with the test events (``choreosaga.test.Item``) and the project's schemas."""
+    registry = SchemaRegistry.from_directory(SCHEMAS / "core")
+    for name in SchemaRegistry.default().names():
+        registry.register(SchemaRegistry.default().latest(name).canonical)
+    return AvroCodec(registry)
+
+
+async def read_topic(
+    settings: KafkaSettings, topic: str, count: int, *, timeout: float = 30.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read a topic from the beginning until ``count`` records arrived.
+
+    Keeps reading briefly after that, so that unexpected extra records
+    (duplicates) are returned too. Fails if fewer than ``count`` arrive in time.
+    """
+    consumer = AIOKafkaConsumer(**settings.consumer_kwargs(None))
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        deadline = time.monotonic() + timeout
+        while not partitions:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {topic} has no partitions")
+            await asyncio.sleep(0.05)
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        await consumer.seek_to_beginning()
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        quiet_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if quiet_until is not None and now > quiet_until:
+                return records
+            if now > deadline:
+                raise AssertionError(
+                    f"read {len(records)} of {count} records from {topic} in {timeout}s"
+                )
+            batch = await consumer.getmany(timeout_ms=100)
+            for part in batch.values():
+                records.extend(part)
+            if quiet_until is None and len(records) >= count:
+                quiet_until = time.monotonic() + 0.3
+    finally:
+        await consumer.stop()

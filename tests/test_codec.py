@@ -1,0 +1,259 @@
+"""Tests for the Avro single-object codec."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastavro import schemaless_reader
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saga.codec import AvroCodec
+from saga.errors import ConfigurationError, DecodeError, EncodeError, SchemaError
+from saga.schemas import RegisteredSchema, SchemaRegistry
+
+EVOLUTION = Path(__file__).parent / "schemas" / "evolution" / "choreosaga" / "test"
+GREETING = "choreosaga.test.Greeting"
+FAREWELL = "choreosaga.test.Farewell"
+
+
+def registry_of(*files: str) -> SchemaRegistry:
+    registry = SchemaRegistry()
+    for file in files:
+        registry.register((EVOLUTION / file).read_text())
+    return registry
+
+
+@pytest.fixture
+def codec() -> AvroCodec:
+    return AvroCodec(registry_of("Greeting.avsc", "Greeting.v2.avsc", "Farewell.avsc"))
+
+
+def zigzag(n: int) -> bytes:
+    """Avro's variable-length zig-zag encoding of a long (any size, for crafting attacks)."""
+    n = (n << 1) ^ (n >> 127)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def header(schema: RegisteredSchema) -> bytes:
+    return b"\xc3\x01" + schema.fingerprint.to_bytes(8, "little")
+
+
+HELLO = {"text": "hello", "count": 3, "sender": "ana", "language": "pt"}
+
+
+# --- round trips and the wire format -----------------------------------------
+
+
+def test_round_trip(codec: AvroCodec) -> None:
+    assert codec.decode(codec.encode(GREETING, HELLO)) == (GREETING, HELLO)
+
+
+def test_value_is_single_object_encoding_readable_by_plain_fastavro(codec: AvroCodec) -> None:
+    data = codec.encode(GREETING, HELLO)
+    latest = codec.registry.latest(GREETING)
+    assert data[:10] == header(latest)
+    assert schemaless_reader(io.BytesIO(data[10:]), latest.parsed) == HELLO
+
+
+def test_header_matches_the_published_fingerprint_of_a_record() -> None:
+    # Apache Avro schema-tests.txt: this canonical form has fingerprint 7843277075252814651.
+    registry = SchemaRegistry()
+    registry.register(
+        {"type": "record", "name": "foo", "fields": [{"name": "f1", "type": "boolean"}]}
+    )
+    data = AvroCodec(registry).encode("foo", {"f1": True})
+    assert data == b"\xc3\x01" + (7843277075252814651).to_bytes(8, "little") + b"\x01"
+
+
+def test_fields_with_defaults_may_be_left_out(codec: AvroCodec) -> None:
+    _, record = codec.decode(codec.encode(GREETING, {"text": "hi", "count": 1}))
+    assert record == {"text": "hi", "count": 1, "sender": None, "language": "en"}
+
+
+def test_record_written_with_v1_is_read_as_v2_with_the_default() -> None:
+    old_producer = AvroCodec(registry_of("Greeting.avsc"))
+    new_consumer = AvroCodec(registry_of("Greeting.avsc", "Greeting.v2.avsc"))
+    data = old_producer.encode(GREETING, {"text": "hi", "count": 7, "sender": None})
+    assert new_consumer.decode(data, expected=GREETING) == (
+        GREETING,
+        {"text": "hi", "count": 7, "sender": None, "language": "en"},
+    )
+
+
+def test_unknown_enum_symbol_is_read_as_the_reader_default() -> None:
+    def mood(symbols: list[str]) -> dict[str, Any]:
+        enum = {"type": "enum", "name": "Mood", "symbols": symbols, "default": "OK"}
+        return {"type": "record", "name": "x.M", "fields": [{"name": "m", "type": enum}]}
+
+    writer = SchemaRegistry()
+    writer.register(mood(["OK", "ANGRY"]))
+    reader = SchemaRegistry()
+    reader.register(mood(["OK", "ANGRY"]))
+    reader.register(mood(["OK"]))
+    data = AvroCodec(writer).encode("x.M", {"m": "ANGRY"})
+    assert AvroCodec(reader).decode(data) == ("x.M", {"m": "OK"})
+
+
+def test_decode_refuses_an_unexpected_name(codec: AvroCodec) -> None:
+    data = codec.encode(GREETING, HELLO)
+    with pytest.raises(DecodeError, match=r"expected a choreosaga\.test\.Farewell") as info:
+        codec.decode(data, expected=FAREWELL)
+    assert info.value.raw == data
+
+
+# --- encode failures ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"count": 1},
+        {"text": "x", "count": "1"},
+        {"text": "x", "count": 1.5},
+        {"text": "x", "count": 2**40},
+        {"text": 1, "count": 1},
+        {"text": "x", "count": 1, "sender": 5},
+        {"text": "x", "count": 1, "langauge": "fr"},
+        ["text", "count"],
+    ],
+    ids=["missing", "str-for-long", "float", "too-big", "int-for-str", "union", "typo", "list"],
+)
+def test_encode_refuses_records_that_do_not_fit(record: Any) -> None:
+    codec = AvroCodec(registry_of("Greeting.avsc"))  # count is an int in v1
+    with pytest.raises(EncodeError):
+        codec.encode(GREETING, record)
+
+
+def test_encode_of_an_unknown_name_is_an_encode_error_caused_by_a_schema_error(
+    codec: AvroCodec,
+) -> None:
+    with pytest.raises(EncodeError) as info:
+        codec.encode("choreosaga.test.Missing", {})
+    assert isinstance(info.value.__cause__, SchemaError)
+
+
+def test_max_message_bytes_must_hold_a_header() -> None:
+    with pytest.raises(ConfigurationError):
+        AvroCodec(SchemaRegistry(), max_message_bytes=9)
+
+
+# --- decode failures: every one is a DecodeError keeping the raw bytes ---------
+
+
+def bad_inputs() -> list[tuple[str, bytes]]:
+    registry = registry_of("Greeting.avsc", "Greeting.v2.avsc", "Farewell.avsc")
+    v2 = header(registry.latest(GREETING))
+    farewell = header(registry.latest(FAREWELL))
+    valid = AvroCodec(registry).encode(GREETING, HELLO)
+    return [
+        ("empty", b""),
+        ("garbage", b"not avro at all, really"),
+        ("short-header", valid[:7]),
+        ("wrong-marker", b"\xc3\x02" + valid[2:]),
+        ("confluent-magic", b"\x00\x00\x00\x00\x01" + valid[10:]),
+        ("unknown-fingerprint", b"\xc3\x01" + b"\x00" * 8 + valid[10:]),
+        ("header-only", v2),
+        ("truncated", valid[:-1]),
+        ("trailing-byte", valid + b"\x00"),
+        ("huge-string", v2 + zigzag(2**60) + b"x"),
+        ("negative-length", v2 + zigzag(-5) + b"x"),
+        ("overlong-varint", v2 + b"\xff" * 64 + b"\x01"),
+        ("invalid-utf8", v2 + zigzag(2) + b"\xff\xfe" + zigzag(1) + b"\x00" + zigzag(0)),
+        ("bad-union-index", v2 + zigzag(0) + zigzag(1) + zigzag(9)),
+        ("huge-array", farewell + zigzag(0) + zigzag(0) + zigzag(2**60) + b"\x00"),
+        ("bad-enum-index", farewell + zigzag(0) + zigzag(7)),
+    ]
+
+
+BAD_INPUTS = bad_inputs()
+
+
+@pytest.mark.parametrize("data", [data for _, data in BAD_INPUTS], ids=[n for n, _ in BAD_INPUTS])
+def test_decode_failures_are_decode_errors_keeping_the_raw_bytes(
+    codec: AvroCodec, data: bytes
+) -> None:
+    with pytest.raises(DecodeError) as info:
+        codec.decode(data)
+    assert info.value.raw is data
+
+
+def test_a_tiny_message_claiming_an_enormous_string_fails_fast(codec: AvroCodec) -> None:
+    data = header(codec.registry.latest(GREETING)) + zigzag(2**60) + b"abc"
+    started = time.perf_counter()
+    with pytest.raises(DecodeError, match="EOFError") as info:
+        codec.decode(data)
+    assert time.perf_counter() - started < 1.0
+    assert info.value.raw is data
+
+
+def test_decode_refuses_messages_over_the_size_limit_before_reading_them() -> None:
+    registry = registry_of("Greeting.avsc")
+    small = AvroCodec(registry, max_message_bytes=16)
+    data = AvroCodec(registry).encode(GREETING, {"text": "x" * 10, "count": 1})
+    with pytest.raises(DecodeError, match="limit") as info:
+        small.decode(data)
+    assert info.value.raw is data
+
+
+# --- properties ---------------------------------------------------------------
+
+_CODEC = AvroCodec(registry_of("Greeting.avsc", "Greeting.v2.avsc", "Farewell.avsc"))
+_HEADERS = [
+    header(registry_of("Greeting.avsc").latest(GREETING)),
+    header(_CODEC.registry.latest(GREETING)),
+    header(_CODEC.registry.latest(FAREWELL)),
+]
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.binary(max_size=64), st.tuples(st.sampled_from(_HEADERS), st.binary())))
+def test_decode_of_any_bytes_returns_or_raises_decode_error(
+    value: bytes | tuple[bytes, bytes],
+) -> None:
+    data = value if isinstance(value, bytes) else value[0] + value[1]
+    outcome: tuple[str, dict[str, Any]] | DecodeError
+    try:
+        outcome = _CODEC.decode(data)
+    except DecodeError as exc:
+        outcome = exc
+    if isinstance(outcome, DecodeError):
+        assert outcome.raw is data
+    else:
+        assert outcome[0] in (GREETING, FAREWELL)
+        assert isinstance(outcome[1], dict)
+
+
+_INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_GREETINGS = st.fixed_dictionaries(
+    {"text": st.text(), "count": _INT64, "sender": st.none() | st.text(), "language": st.text()}
+)
+_FAREWELLS = st.fixed_dictionaries(
+    {
+        "text": st.text(),
+        "mood": st.sampled_from(["HAPPY", "SAD"]),
+        "tags": st.lists(st.text(max_size=8), max_size=5),
+        "scores": st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False), max_size=5),
+        "digest": st.none() | st.binary(min_size=4, max_size=4),
+        "payload": st.binary(),
+    }
+)
+
+
+@given(_GREETINGS)
+def test_greetings_round_trip(record: dict[str, Any]) -> None:
+    assert _CODEC.decode(_CODEC.encode(GREETING, record), expected=GREETING) == (GREETING, record)
+
+
+@given(_FAREWELLS)
+def test_farewells_round_trip(record: dict[str, Any]) -> None:
+    assert _CODEC.decode(_CODEC.encode(FAREWELL, record)) == (FAREWELL, record)

@@ -1,0 +1,246 @@
+"""Processing guarantees of a service, against a real database and broker.
+
+Atomicity (a failed handler leaves nothing behind), effectively-once
+processing (redelivered messages change nothing), and bad input that neither
+blocks a partition nor disappears silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from support import core_codec, read_topic
+
+from outbox import KafkaSettings, OutboxTables, create_engine
+from saga.context import MessageContext
+from saga.envelope import Envelope, EnvelopeCodec
+from saga.service import Service, ServiceSettings
+
+ITEM = "choreosaga.test.Item"
+
+
+class Transient(Exception):
+    retriable = True
+
+
+class Harness:
+    """A service under test, its database and a producer for its input topic."""
+
+    def __init__(self, url: str, kafka: KafkaSettings, topic_in: str, topic_out: str) -> None:
+        self.url = url
+        self.kafka = kafka
+        self.topic_in = topic_in
+        self.topic_out = topic_out
+        self.engine = create_engine(url)
+        self.codec = core_codec()
+        self.envelopes = EnvelopeCodec(self.codec)
+        self.metadata = sa.MetaData()
+        self.seen = sa.Table(
+            "seen",
+            self.metadata,
+            sa.Column("key", sa.String(50), primary_key=True),
+            sa.Column("seq", sa.Integer, primary_key=True),
+        )
+        self.tables = OutboxTables(self.metadata)
+        self.producer = AIOKafkaProducer(**kafka.producer_kwargs())
+        self.services: list[Service] = []
+
+    async def setup(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all)
+        await self.producer.start()
+
+    async def close(self) -> None:
+        for service in self.services:
+            await service.stop()
+        await self.producer.stop()
+        await self.engine.dispose()
+
+    def service(self, handler: Callable[[MessageContext], Any], name: str = "svc") -> Service:
+        service = Service(
+            name,
+            engine=self.engine,
+            kafka=self.kafka,
+            codec=self.codec,
+            tables=self.tables,
+            settings=ServiceSettings(shards=4),
+        )
+        service.add_handler(self.topic_in, ITEM, handler)
+        self.services.append(service)
+        return service
+
+    def item(self, key: str, seq: int) -> Envelope:
+        return Envelope(
+            type=ITEM,
+            data={"key": key, "seq": seq, "note": ""},
+            source="/tests",
+            key=key.encode(),
+        )
+
+    async def send(self, envelope: Envelope, *, partition: int | None = None) -> None:
+        key, value, headers = self.envelopes.encode(envelope)
+        await self.producer.send_and_wait(
+            self.topic_in, value, key=key, headers=headers, partition=partition
+        )
+
+    async def send_raw(self, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        await self.producer.send_and_wait(
+            self.topic_in, value, key=b"k", headers=headers, partition=0
+        )
+
+    async def rows(self, table: sa.Table) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(sa.select(table))).all())
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def harness(
+    database_url: str, kafka_settings: KafkaSettings, new_topic: Any
+) -> AsyncIterator[Harness]:
+    topic_in = await new_topic(partitions=2)
+    topic_out = await new_topic(partitions=2)
+    h = Harness(database_url, kafka_settings, topic_in, topic_out)
+    await h.setup()
+    yield h
+    await h.close()
+
+
+def bind_out(h: Harness) -> Callable[[MessageContext], Any]:
+    async def handler(ctx: MessageContext) -> None:
+        await ctx.session.execute(
+            sa.insert(h.seen).values(key=ctx.data["key"], seq=ctx.data["seq"])
+        )
+        ctx.emit(ITEM, {**ctx.data, "note": "seen"}, topic=h.topic_out)
+
+    return handler
+
+
+async def test_failed_handler_leaves_neither_state_nor_outbox_rows(harness: Harness) -> None:
+    h = harness
+    good = bind_out(h)
+
+    async def handler(ctx: MessageContext) -> None:
+        await good(ctx)
+        if ctx.data["seq"] == 1:
+            raise ValueError("business rule broken after writing")
+
+    service = h.service(handler)
+    async with service:
+        await h.send(h.item("a", 1), partition=0)
+        await h.send(h.item("a", 2), partition=0)
+        await until(lambda: service.stats.processed + service.stats.failed == 2)
+
+    assert service.stats.failed == 1
+    assert [tuple(r) for r in await h.rows(h.seen)] == [("a", 2)]
+    outbox_rows = await h.rows(h.tables.outbox)
+    assert len(outbox_rows) == 1
+    inbox_rows = await h.rows(h.tables.inbox)
+    assert len(inbox_rows) == 1  # only the message that committed
+    (published,) = await read_topic(h.kafka, h.topic_out, 1)
+    assert h.envelopes.decode(published.key, published.value, published.headers).data["seq"] == 2
+
+
+async def test_transient_failure_is_retried_without_leftovers(harness: Harness) -> None:
+    h = harness
+    good = bind_out(h)
+    attempts = 0
+
+    async def handler(ctx: MessageContext) -> None:
+        nonlocal attempts
+        attempts += 1
+        await good(ctx)
+        if attempts < 3:
+            raise Transient("connection reset")
+
+    service = h.service(handler)
+    async with service:
+        await h.send(h.item("a", 1))
+        await until(lambda: service.stats.processed == 1)
+
+    assert attempts == 3
+    assert [tuple(r) for r in await h.rows(h.seen)] == [("a", 1)]
+    assert len(await h.rows(h.tables.outbox)) == 1
+    records = await read_topic(h.kafka, h.topic_out, 1)
+    assert len(records) == 1
+
+
+async def test_redelivered_messages_change_state_once(harness: Harness) -> None:
+    h = harness
+    first = h.service(bind_out(h))
+    async with first:
+        for seq in range(3):
+            await h.send(h.item("k", seq), partition=0)
+        # The same message published twice (as after a relay crash between
+        # publish and mark): same id, so the same message.
+        duplicate = h.item("k", 99)
+        await h.send(duplicate, partition=0)
+        await h.send(duplicate, partition=0)
+        await until(lambda: first.stats.processed + first.stats.duplicates == 5)
+    assert first.stats.processed == 4
+    assert first.stats.duplicates == 1
+
+    # Seek the group back to the start: every record is delivered again.
+    rewind = AIOKafkaConsumer(**h.kafka.consumer_kwargs("svc"))
+    await rewind.start()
+    try:
+        rewind.assign([TopicPartition(h.topic_in, 0), TopicPartition(h.topic_in, 1)])
+        await rewind.commit({TopicPartition(h.topic_in, 0): 0, TopicPartition(h.topic_in, 1): 0})
+    finally:
+        await rewind.stop()
+
+    second = h.service(bind_out(h))
+    async with second:
+        await until(lambda: second.stats.duplicates == 5)
+    assert second.stats.processed == 0
+    assert sorted(tuple(r) for r in await h.rows(h.seen)) == [
+        ("k", 0),
+        ("k", 1),
+        ("k", 2),
+        ("k", 99),
+    ]
+    assert len(await h.rows(h.tables.outbox)) == 4
+
+
+async def test_bad_records_are_logged_and_skipped_without_blocking(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness
+    _, good_value, good_headers = h.envelopes.encode(h.item("g", 0))
+    fingerprint_unknown = b"\xc3\x01" + b"\x13" * 8 + good_value[10:]
+    bad_values = {
+        "garbage": b"\x00garbage\xff",
+        "truncated": good_value[:-3],
+        "trailing": good_value + b"\x00",
+        "unknown-fingerprint": fingerprint_unknown,
+    }
+    service = h.service(bind_out(h))
+    caplog.set_level(logging.ERROR, logger="saga.service")
+    async with service:
+        await h.send(h.item("g", 1), partition=0)
+        for value in bad_values.values():
+            await h.send_raw(value, good_headers)
+        await h.send_raw(good_value, [])  # valid value, no CloudEvents headers
+        await h.send(h.item("g", 2), partition=0)
+        await until(lambda: service.stats.processed == 2)
+
+    assert service.stats.undecodable == 5
+    assert sorted(tuple(r) for r in await h.rows(h.seen)) == [("g", 1), ("g", 2)]
+    logged = caplog.text
+    for value in bad_values.values():
+        assert base64.b64encode(value).decode() in logged
