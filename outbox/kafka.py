@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -83,31 +83,25 @@ class KafkaPublisher(Publisher):
         if producer is not None:
             await producer.stop()
 
-    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
+    async def send(self, message: StoredMessage) -> Awaitable[None]:
         await self.start()
         producer = self._producer
         assert producer is not None
-        outcomes: list[PublishError | None] = [None] * len(batch)
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
-        for index, message in enumerate(batch):
-            try:
-                future = await producer.send(
-                    message.topic,
-                    value=message.value,
-                    key=message.key,
-                    headers=list(message.headers),
-                )
-            except (TimeoutError, KafkaError) as exc:
-                outcomes[index] = translate_kafka_error(exc)
-            else:
-                pending.append((index, future))
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        for (index, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                outcomes[index] = translate_kafka_error(result)
-        return outcomes
+        try:
+            future = await producer.send(
+                message.topic,
+                value=message.value,
+                key=message.key,
+                headers=list(message.headers),
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise translate_kafka_error(exc) from exc
+        # The producer's own future: wrapping it in a coroutine per record
+        # would cost a Task each when the batch is gathered.
+        return cast("asyncio.Future[None]", future)
+
+    def translate(self, exc: BaseException) -> PublishError:
+        return translate_kafka_error(exc)
 
 
 async def ensure_topics(

@@ -54,6 +54,7 @@ class ShardLeases:
         self.tables = tables
         self.shards = shards
         self.owner = owner
+        self.ttl = ttl
         self.ttl_ms = int(ttl.total_seconds() * 1000)
         self._dialect = require_configured(engine)
         self._created = False

@@ -12,17 +12,34 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from outbox.errors import MessageTooLargeError, PublishError
 from outbox.message import Header, StoredMessage
 
-__all__ = ["MemoryPublisher", "PublishedRecord", "Publisher"]
+__all__ = ["HeldBackError", "MemoryPublisher", "PublishedRecord", "Publisher"]
+
+
+class HeldBackError(PublishError):
+    """Not sent: an earlier record of the same key in the batch failed.
+
+    Sending it would overtake the failed record and break the key's order.
+    The row stays pending; it is not counted as a failed attempt.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("held back behind a failed record of the same key", retriable=True)
 
 
 class Publisher(ABC):
-    """Publishes batches of outbox rows to a broker."""
+    """Publishes batches of outbox rows to a broker.
+
+    Implementations provide :meth:`send`, which hands one record to the
+    broker client and returns an awaitable acknowledgement; :meth:`publish`
+    sends a batch in order, holding back the records of a key once one of
+    its records was refused.
+    """
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect; called once before the first batch."""
@@ -31,14 +48,53 @@ class Publisher(ABC):
         """Flush and disconnect."""
 
     @abstractmethod
+    async def send(self, message: StoredMessage) -> Awaitable[None]:
+        """Hand one record to the broker; return an awaitable of its acknowledgement.
+
+        Raises:
+            PublishError: The record was refused before it was sent (the
+                awaitable, too, raises PublishError when it fails).
+        """
+
     async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
         """Publish ``batch`` in order and wait for every acknowledgement.
 
         Returns:
             One entry per record, in order: ``None`` when the broker
             acknowledged it, else the error (``retriable`` tells whether to
-            try again later or to park the row).
+            try again later or to park the row; :class:`HeldBackError` means
+            it was not sent at all).
         """
+        await self.start()
+        outcomes: list[PublishError | None] = [None] * len(batch)
+        acks: list[tuple[int, Awaitable[None]]] = []
+        refused: set[bytes] = set()
+        for index, message in enumerate(batch):
+            if message.key is not None and message.key in refused:
+                outcomes[index] = HeldBackError()
+                continue
+            try:
+                acks.append((index, await self.send(message)))
+            except PublishError as exc:
+                outcomes[index] = exc
+                if message.key is not None:
+                    refused.add(message.key)
+        results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
+        for (index, _), result in zip(acks, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                outcomes[index] = self.translate(result)
+        return outcomes
+
+    def translate(self, exc: BaseException) -> PublishError:
+        """Map an error raised by an acknowledgement to a :class:`PublishError`.
+
+        Unknown errors count as transient: retrying is safe, parking is not.
+        """
+        if isinstance(exc, PublishError):
+            return exc
+        return PublishError(f"{type(exc).__name__}: {exc}", retriable=True)
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -94,25 +150,23 @@ class MemoryPublisher(Publisher):
         """Return the records published to ``name``, in order."""
         return [r for r in self.records if r.topic == name]
 
-    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
-        outcomes: list[PublishError | None] = []
-        for message in batch:
-            error = self.reject(message) if self.reject is not None else None
-            if error is None and len(message.value or b"") > self.max_value_bytes:
-                error = MessageTooLargeError(
-                    f"value of {len(message.value or b'')} bytes exceeds {self.max_value_bytes}"
-                )
-            if error is None:
-                self.records.append(
-                    PublishedRecord(
-                        topic=message.topic,
-                        key=message.key,
-                        value=message.value,
-                        headers=message.headers,
-                        message_id=message.message_id,
-                    )
-                )
-            outcomes.append(error)
-        if any(outcome is None for outcome in outcomes):
-            self.published.set()
-        return outcomes
+    async def send(self, message: StoredMessage) -> Awaitable[None]:
+        error = self.reject(message) if self.reject is not None else None
+        size = len(message.value or b"")
+        if error is None and size > self.max_value_bytes:
+            error = MessageTooLargeError(f"value of {size} bytes exceeds {self.max_value_bytes}")
+        if error is not None:
+            raise error
+        self.records.append(
+            PublishedRecord(
+                topic=message.topic,
+                key=message.key,
+                value=message.value,
+                headers=message.headers,
+                message_id=message.message_id,
+            )
+        )
+        self.published.set()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done

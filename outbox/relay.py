@@ -35,7 +35,7 @@ from datetime import timedelta
 from tenacity import RetryCallState
 
 from outbox.errors import ConfigurationError, OutboxError, PublishError
-from outbox.publisher import Publisher
+from outbox.publisher import HeldBackError, Publisher
 from outbox.settings import RelaySettings
 from outbox.store import OutboxStore
 
@@ -220,7 +220,7 @@ class Relay:
             self._batches += 1
             transient: PublishError | None = None
             for message, error in zip(batch, outcomes, strict=True):
-                if error is None:
+                if error is None or isinstance(error, HeldBackError):
                     continue
                 park = not error.retriable
                 await self.store.record_failure(message, str(error), park=park)

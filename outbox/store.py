@@ -23,7 +23,9 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    String,
     and_,
+    any_,
     bindparam,
     delete,
     exists,
@@ -31,10 +33,10 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
@@ -161,6 +163,8 @@ class SqlOutboxStore(OutboxStore):
         self.dialect = require_configured(engine)
         self._callbacks: list[Callable[[], None]] = []
         self._leases: dict[str, ShardLeases] = {}
+        self._added_key = f"outbox-added-{id(self):x}"
+        self._committed_key = f"outbox-committed-{id(self):x}"
         t = tables.outbox
         self._insert = insert(t).values(
             created_at_ms=db_now_ms(),
@@ -169,6 +173,23 @@ class SqlOutboxStore(OutboxStore):
                 bindparam("due_abs_ms", type_=BigInteger()),
             ),
             attempts=0,
+        )
+        # Rows are identified by id AND message id, since SQLite reuses ids (a
+        # message id names one row). PostgreSQL gets arrays, so the statement
+        # text is the same for every batch size and its plan stays cached.
+        if self.dialect == "postgresql":
+            ids = bindparam("ids", type_=ARRAY(BigInteger()))
+            message_ids = bindparam("message_ids", type_=ARRAY(String()))
+            match = [t.c.id == any_(ids), t.c.message_id == any_(message_ids)]
+        else:
+            match = [
+                t.c.id.in_(bindparam("ids", expanding=True)),
+                t.c.message_id.in_(bindparam("message_ids", expanding=True)),
+            ]
+        self._mark = (
+            update(t)
+            .where(*match, t.c.published_at_ms.is_(None))
+            .values(published_at_ms=db_now_ms())
         )
 
     # -- writing --------------------------------------------------------------
@@ -222,7 +243,7 @@ class SqlOutboxStore(OutboxStore):
         self, owner: str, ttl: timedelta, *, rebalance: bool = True
     ) -> frozenset[int]:
         leases = self._leases.get(owner)
-        if leases is None:
+        if leases is None or leases.ttl != ttl:
             leases = ShardLeases(self.engine, self.tables, shards=self.shards, owner=owner, ttl=ttl)
             self._leases[owner] = leases
         return await leases.claim(rebalance=rebalance)
@@ -238,13 +259,40 @@ class SqlOutboxStore(OutboxStore):
 
     def _after_commit(self, tx: Transaction) -> None:
         if isinstance(tx, AsyncSession):
-            target: Any = tx.sync_session
-            name = "after_commit"
-        else:
-            target = tx.sync_connection
-            name = "commit"
-        if target is not None and not sa_event.contains(target, name, self._notify):
-            sa_event.listen(target, name, self._notify)
+            session = tx.sync_session
+            if not sa_event.contains(session, "after_commit", self._notify):
+                sa_event.listen(session, "after_commit", self._notify)
+            return
+        conn = tx.sync_connection
+        if conn is None:
+            return
+        # Core has no "after commit" event: the "commit" event fires before the
+        # database commits. Remember that rows were added; announce them once
+        # the connection begins its next transaction or goes back to the pool,
+        # which can only happen after the commit completed.
+        conn.info[self._added_key] = True
+        engine = conn.engine
+        if not sa_event.contains(engine, "commit", self._on_engine_commit):
+            sa_event.listen(engine, "commit", self._on_engine_commit)
+            sa_event.listen(engine, "rollback", self._on_engine_rollback)
+            sa_event.listen(engine, "begin", self._on_engine_begin)
+            sa_event.listen(engine.pool, "checkin", self._on_checkin)
+
+    def _on_engine_commit(self, conn: Any) -> None:
+        if conn.info.pop(self._added_key, False):
+            conn.info[self._committed_key] = True
+
+    def _on_engine_rollback(self, conn: Any) -> None:
+        conn.info.pop(self._added_key, None)
+        conn.info.pop(self._committed_key, None)
+
+    def _on_engine_begin(self, conn: Any) -> None:
+        if conn.info.pop(self._committed_key, False):
+            self._notify()
+
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        if record is not None and record.info.pop(self._committed_key, False):
+            self._notify()
 
     # -- relaying -------------------------------------------------------------
 
@@ -260,17 +308,21 @@ class SqlOutboxStore(OutboxStore):
         t = self.tables.outbox
         return and_(t.c.published_at_ms.is_(None), t.c.parked_at_ms.is_(None))
 
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
-        if not shards:
-            return []
+    def _held_back(self) -> Any:
+        """Rows with an earlier parked row of the same key (kept back for order)."""
         t = self.tables.outbox
         earlier = t.alias("earlier")
-        blocked = exists().where(
+        return exists().where(
             earlier.c.parked_at_ms.is_not(None),
             earlier.c.published_at_ms.is_(None),
             earlier.c.key == t.c.key,
             earlier.c.id < t.c.id,
         )
+
+    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+        if not shards:
+            return []
+        t = self.tables.outbox
         query = (
             select(
                 t.c.id,
@@ -286,7 +338,7 @@ class SqlOutboxStore(OutboxStore):
                 t.c.shard.in_(sorted(shards)),
                 self._pending(),
                 or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms()),
-                ~blocked,
+                ~self._held_back(),
             )
             .order_by(t.c.id)
             .limit(limit)
@@ -315,6 +367,7 @@ class SqlOutboxStore(OutboxStore):
             t.c.shard.in_(sorted(shards)),
             self._pending(),
             t.c.due_at_ms.is_not(None),
+            ~self._held_back(),
         )
         async with self._begin("could not read the outbox") as conn:
             millis = (await conn.execute(query)).scalar()
@@ -325,15 +378,10 @@ class SqlOutboxStore(OutboxStore):
     async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
         if not messages:
             return 0
-        t = self.tables.outbox
-        keys = [(m.id, m.message_id) for m in messages]
-        statement = (
-            update(t)
-            .where(tuple_(t.c.id, t.c.message_id).in_(keys), t.c.published_at_ms.is_(None))
-            .values(published_at_ms=db_now_ms())
-        )
+        ids = [m.id for m in messages]
+        message_ids = [m.message_id for m in messages]
         async with self._begin("could not mark outbox rows as published") as conn:
-            result = await conn.execute(statement)
+            result = await conn.execute(self._mark, {"ids": ids, "message_ids": message_ids})
             return int(result.rowcount)
 
     async def record_failure(self, message: StoredMessage, error: str, *, park: bool) -> None:

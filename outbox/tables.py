@@ -132,9 +132,10 @@ class OutboxTables:
             Column("parked_at_ms", BigInteger, nullable=True),
             Column("attempts", Integer, nullable=False, default=0),
             Column("last_error", Text, nullable=True),
+            # Pending rows in id order: the relay walks it, filters its shards
+            # and stops at the batch size, whatever the backlog or retention.
             Index(
                 f"ix_{name}_pending",
-                "shard",
                 "id",
                 postgresql_where=text(pending),
                 sqlite_where=text(pending),

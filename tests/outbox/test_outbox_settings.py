@@ -1,0 +1,356 @@
+"""Configuration is refused where it is written, and secrets never leak.
+
+KafkaSettings, OutboxTables names, RelaySettings, RetryPolicy and the engines
+the stores accept.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import outbox
+from outbox import (
+    ConfigurationError,
+    InboxSettings,
+    KafkaSettings,
+    OutboxMessage,
+    OutboxTables,
+    RelaySettings,
+    RetryPolicy,
+    SqlInboxStore,
+    SqlOutboxStore,
+)
+
+PASSWORD = "s3cr3t-Pa55word"
+
+
+# -- KafkaSettings --------------------------------------------------------------
+
+
+def test_sasl_plain_over_plaintext_is_refused_without_echoing_the_password() -> None:
+    with pytest.raises(ConfigurationError, match="SASL_SSL") as caught:
+        KafkaSettings(
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="PLAIN",
+            sasl_username="svc",
+            sasl_password=PASSWORD,
+        )
+
+    assert PASSWORD not in str(caught.value)
+
+
+def test_sasl_plain_over_tls_is_accepted() -> None:
+    settings = KafkaSettings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="svc",
+        sasl_password=PASSWORD,
+    )
+
+    assert settings.sasl_mechanism == "PLAIN"
+    assert settings.security_protocol == "SASL_SSL"
+
+
+def test_scram_over_sasl_plaintext_is_accepted() -> None:
+    settings = KafkaSettings(
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+        sasl_password=PASSWORD,
+    )
+
+    assert settings.sasl_mechanism == "SCRAM-SHA-512"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI"},
+        {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_password": None},
+        {"security_protocol": "PLAINTEXT", "sasl_mechanism": "PLAIN"},
+        {"security_protocol": "TLS"},
+    ],
+    ids=["unknown mechanism", "no password", "credentials without SASL", "unknown protocol"],
+)
+def test_inconsistent_security_settings_are_refused(options: dict[str, Any]) -> None:
+    values: dict[str, Any] = {"sasl_username": "svc", "sasl_password": PASSWORD, **options}
+
+    with pytest.raises(ConfigurationError):
+        KafkaSettings(**values)
+
+
+def test_password_never_appears_in_repr_or_str() -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="kafka-1:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_username="svc",
+        sasl_password=PASSWORD,
+    )
+
+    for text in (repr(settings), str(settings), f"{settings}", repr(settings.with_options())):
+        assert PASSWORD not in text
+        assert "kafka-1:9093" in text
+        assert "svc" in text
+
+
+def test_from_env_reads_the_conventional_variables() -> None:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9093,kafka-2:9093",
+        "KAFKA_CLIENT_ID": "orders",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "svc",
+        "KAFKA_SASL_PASSWORD": PASSWORD,
+        "KAFKA_ENABLE_IDEMPOTENCE": "false",
+    }
+
+    settings = KafkaSettings.from_env(env)
+
+    assert settings.bootstrap_servers == "kafka-1:9093,kafka-2:9093"
+    assert settings.client_id == "orders"
+    assert settings.security_protocol == "SASL_SSL"
+    assert settings.sasl_mechanism == "SCRAM-SHA-512"
+    assert (settings.sasl_username, settings.sasl_password) == ("svc", PASSWORD)
+    assert settings.enable_idempotence is False
+    assert settings.producer_kwargs()["enable_idempotence"] is False
+    assert PASSWORD not in repr(settings)
+
+
+def test_from_env_keyword_arguments_override_the_environment() -> None:
+    settings = KafkaSettings.from_env(
+        {"KAFKA_BOOTSTRAP_SERVERS": "from-env:9092"}, bootstrap_servers="from-code:9092"
+    )
+
+    assert settings.bootstrap_servers == "from-code:9092"
+
+
+def test_from_env_refuses_an_ambiguous_boolean() -> None:
+    with pytest.raises(ConfigurationError, match="KAFKA_ENABLE_IDEMPOTENCE"):
+        KafkaSettings.from_env({"KAFKA_ENABLE_IDEMPOTENCE": "maybe"})
+
+
+def test_defaults_are_the_safe_ones() -> None:
+    settings = KafkaSettings()
+
+    assert settings.acks == "all"
+    assert settings.enable_idempotence is True
+    producer = settings.producer_kwargs()
+    assert (producer["acks"], producer["enable_idempotence"]) == ("all", True)
+    consumer = settings.consumer_kwargs("orders")
+    assert consumer["enable_auto_commit"] is False
+    assert consumer["auto_offset_reset"] == "earliest"
+    assert consumer["group_id"] == "orders"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"enable_auto_commit": True}, {"group_id": "sneaky"}, {"bootstrap_servers": "other:9092"}],
+    ids=["auto commit", "group id", "bootstrap servers"],
+)
+def test_consumer_options_may_not_override_what_the_runtime_owns(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="consumer_options"):
+        KafkaSettings(consumer_options=options)
+
+
+def test_pass_through_options_reach_the_clients() -> None:
+    settings = KafkaSettings(
+        producer_options={"compression_type": "gzip"},
+        consumer_options={"isolation_level": "read_committed"},
+    )
+
+    assert settings.producer_kwargs()["compression_type"] == "gzip"
+    assert settings.consumer_kwargs(None)["isolation_level"] == "read_committed"
+    assert settings.consumer_kwargs(None)["enable_auto_commit"] is False
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bootstrap_servers": "  "},
+        {"acks": 2},
+        {"linger_ms": -1},
+        {"session_timeout_ms": 2000, "heartbeat_interval_ms": 2000},
+        {"max_poll_records": 0},
+    ],
+    ids=["no brokers", "acks 2", "negative linger", "heartbeat not below session", "no records"],
+)
+def test_bad_kafka_values_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        KafkaSettings(**options)
+
+
+# -- OutboxTables -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["outbox; drop table x", "Outbox", "1abc", "", "a" * 41, 'out"box'],
+    ids=["injection", "upper case", "leading digit", "empty", "too long", "quote"],
+)
+def test_unsafe_table_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError):
+        OutboxTables(outbox=name)
+    with pytest.raises(ConfigurationError):
+        OutboxTables(inbox=name)
+    with pytest.raises(ConfigurationError):
+        OutboxTables(schema=name)
+
+
+def test_table_names_must_differ() -> None:
+    with pytest.raises(ConfigurationError):
+        OutboxTables(outbox="messages", inbox="messages")
+
+
+async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
+    tables = OutboxTables(
+        outbox="orders_outbox",
+        inbox="orders_inbox",
+        leases="orders_leases",
+        relays="orders_relays",
+    )
+    engine = outbox.create_engine(sqlite_url)
+    try:
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        inbox = SqlInboxStore(engine, tables)
+        sent = OutboxMessage(topic="orders", key=b"1", value=b"placed")
+        async with engine.begin() as conn:
+            await store.add(conn, [sent])
+            assert await inbox.record(conn, "payments", "m-1") is True
+
+        (fetched,) = await store.fetch_due(set(range(store.shards)), 10)
+        assert (fetched.message_id, fetched.value) == (sent.message_id, b"placed")
+        assert await store.claim_shards("relay-1", timedelta(seconds=1)) == frozenset(
+            range(store.shards)
+        )
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names())
+        assert set(names) == {"orders_outbox", "orders_inbox", "orders_leases", "orders_relays"}
+    finally:
+        await engine.dispose()
+
+
+# -- RelaySettings, InboxSettings, RetryPolicy -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"batch_size": 0},
+        {"shards": 0},
+        {"shards": 5000},
+        {"poll_interval": timedelta(0)},
+        {"lease_ttl": timedelta(milliseconds=500)},
+        {"retention": timedelta(seconds=-1)},
+        {"cleanup_interval": 60},
+        {"cleanup_batch_size": -1},
+    ],
+    ids=[
+        "no batch",
+        "no shards",
+        "too many shards",
+        "zero poll",
+        "short lease",
+        "negative retention",
+        "interval not a timedelta",
+        "negative cleanup batch",
+    ],
+)
+def test_bad_relay_settings_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        RelaySettings(**options)
+
+
+def test_relay_settings_defaults_are_valid_and_retry_forever() -> None:
+    settings = RelaySettings()
+
+    assert settings.backoff.maximum_attempts == 0  # a relay never gives up on the broker
+    assert settings.lease_ttl >= timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"retention": timedelta(0)}, {"purge_interval": timedelta(-1)}, {"purge_batch_size": 0}],
+    ids=["no retention", "negative interval", "no batch"],
+)
+def test_bad_inbox_settings_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        InboxSettings(**options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"initial_interval": timedelta(0)},
+        {"initial_interval": timedelta(seconds=5), "maximum_interval": timedelta(seconds=1)},
+        {"backoff_coefficient": 0.5},
+        {"maximum_attempts": -1},
+        {"jitter": timedelta(seconds=-1)},
+    ],
+    ids=["zero interval", "max below initial", "shrinking", "negative attempts", "negative jitter"],
+)
+def test_bad_retry_policies_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(**options)
+
+
+def test_retry_delays_grow_and_are_capped() -> None:
+    policy = RetryPolicy(
+        initial_interval=timedelta(milliseconds=100),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(milliseconds=350),
+    )
+
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.35, 0.35]
+
+
+def test_store_refuses_a_bad_shard_count(sqlite_url: str) -> None:
+    engine = outbox.create_engine(sqlite_url)
+    for shards in (0, 4097):
+        with pytest.raises(ConfigurationError):
+            SqlOutboxStore(engine, OutboxTables(), shards=shards)
+
+
+# -- engines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused_with_a_clear_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="database file"):
+        outbox.create_engine(url)
+
+
+def test_unsupported_database_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="not supported"):
+        outbox.create_engine("mysql+aiomysql://user@localhost/db")
+
+
+async def test_sqlite_engine_must_be_configured_before_the_stores_accept_it(
+    sqlite_url: str,
+) -> None:
+    engine = create_async_engine(sqlite_url)
+    try:
+        tables = OutboxTables()
+        with pytest.raises(ConfigurationError, match="configure_sqlite"):
+            SqlOutboxStore(engine, tables)
+        with pytest.raises(ConfigurationError, match="configure_sqlite"):
+            SqlInboxStore(engine, tables)
+
+        outbox.configure_sqlite(engine)
+        outbox.configure_sqlite(engine)  # idempotent
+
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        sent = OutboxMessage(topic="orders", value=b"placed")
+        async with engine.begin() as conn:
+            await store.add(conn, [sent])
+        fetched = await store.fetch_due(set(range(store.shards)), 10)
+        assert [m.message_id for m in fetched] == [sent.message_id]
+    finally:
+        await engine.dispose()
