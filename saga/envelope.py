@@ -132,7 +132,7 @@ class EnvelopeCodec:
             (H.ID, envelope.id.encode()),
             (H.TYPE, envelope.type.encode()),
             (H.SOURCE, envelope.source.encode()),
-            (H.TIME, envelope.time.isoformat().encode()),
+            (H.TIME, envelope.time.astimezone(UTC).isoformat().encode()),
             (H.CONTENT_TYPE, CONTENT_TYPE.encode()),
         ]
         optional = (
@@ -185,7 +185,7 @@ class EnvelopeCodec:
             if exc.raw is raw:
                 raise
             raise DecodeError(str(exc), raw=raw) from exc
-        except (ConfigurationError, KeyError, ValueError, TypeError) as exc:
+        except (ConfigurationError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise DecodeError(f"invalid envelope: {exc}", raw=raw) from exc
 
     @staticmethod

@@ -61,11 +61,12 @@ class StepOutcome(enum.Enum):
 
 
 def _utc(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        raise ConfigurationError("stamp times must be timezone-aware")
+    if not isinstance(moment, datetime) or moment.tzinfo is None:
+        raise ConfigurationError(f"stamp times must be timezone-aware datetimes, not {moment!r}")
     # Avro timestamp-millis keeps milliseconds: truncate now so that a stamp
     # compares equal to itself after a round trip.
-    return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
+    utc = moment.astimezone(UTC)
+    return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,8 +18,10 @@ SCHEMAS = Path(__file__).parent / "schemas"
 def core_codec() -> AvroCodec:
     """Codec with the test events (``choreosaga.test.Item``) and the project's schemas."""
     registry = SchemaRegistry.from_directory(SCHEMAS / "core")
-    for name in SchemaRegistry.default().names():
-        registry.register(SchemaRegistry.default().latest(name).canonical)
+    project = SchemaRegistry.default()
+    for name in project.names():
+        # The parsed form: the canonical one drops defaults and logical types.
+        registry.register(project.latest(name).parsed)
     return AvroCodec(registry)
 
 
