@@ -1,4 +1,4 @@
-"""The typed context a message handler receives."""
+"""The typed contexts handlers receive: plain messages and saga steps."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxMessage
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import EncodeError
+from saga.errors import ConfigurationError, EncodeError
+from saga.stamp import Stamp
 from saga.tracecontext import current_trace_headers
 
-__all__ = ["MessageContext", "RecordInfo", "outgoing"]
+__all__ = ["MessageContext", "RecordInfo", "SagaContext", "outgoing"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +30,18 @@ class RecordInfo:
 
     offset: int
     """Offset of the record in its partition."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Emission:
+    """An event a handler asked to emit, written to the outbox at commit."""
+
+    event_type: str
+    data: Mapping[str, Any]
+    topic: str
+    key: bytes | None
+    delay: timedelta | None = None
+    deliver_at: datetime | None = None
 
 
 class MessageContext:
@@ -46,7 +59,6 @@ class MessageContext:
         envelope: Envelope,
         record: RecordInfo,
         source: str,
-        codec: EnvelopeCodec,
     ) -> None:
         self.session = session
         """The database session of the current transaction (already begun)."""
@@ -54,19 +66,21 @@ class MessageContext:
         """The incoming message."""
         self.record = record
         """Where the incoming message came from."""
-        self._source = source
-        self._codec = codec
-        self._outgoing: list[tuple[Envelope, OutboxMessage]] = []
+        self.source = source
+        """CloudEvents source of what this handler emits."""
+        self.emissions: list[Emission] = []
+        """What the handler emitted so far, in order."""
 
     @property
     def data(self) -> Mapping[str, Any]:
         """The incoming event's payload."""
         return self.envelope.data
 
-    @property
-    def emitted(self) -> list[Envelope]:
-        """Envelopes emitted so far by this handler, in order."""
-        return [envelope for envelope, _ in self._outgoing]
+    def _default_topic(self) -> str:
+        return self.record.topic
+
+    def _default_key(self) -> bytes | None:
+        return self.envelope.key
 
     def emit(
         self,
@@ -75,9 +89,7 @@ class MessageContext:
         *,
         topic: str | None = None,
         key: bytes | None = None,
-        delay: timedelta | None = None,
-        deliver_at: datetime | None = None,
-    ) -> Envelope:
+    ) -> None:
         """Emit an event when this transaction commits.
 
         Args:
@@ -85,45 +97,157 @@ class MessageContext:
             data: The event payload.
             topic: Destination topic; defaults to the incoming message's topic.
             key: Record key; defaults to the incoming message's key.
-            delay: Publish no sooner than this long after the commit.
-            deliver_at: Publish no sooner than this time (database clock).
-
-        Raises:
-            EncodeError: ``data`` does not fit the schema of ``event_type``.
         """
-        incoming = self.envelope
-        return self._emit(
-            Envelope(
-                type=event_type,
-                data=data,
-                source=self._source,
-                key=incoming.key if key is None else key,
-                correlation_id=incoming.correlation_id or incoming.id,
-                causation_id=incoming.id,
-                stamp=incoming.stamp,
-            ),
-            topic=self.record.topic if topic is None else topic,
-            delay=delay,
-            deliver_at=deliver_at,
-        )
+        self._queue(event_type, data, topic=topic, key=key)
 
-    def _emit(
+    def schedule(
         self,
-        envelope: Envelope,
+        event_type: str,
+        data: Mapping[str, Any],
         *,
-        topic: str,
         delay: timedelta | None = None,
         deliver_at: datetime | None = None,
-    ) -> Envelope:
-        sent, message = outgoing(
-            self._codec, envelope, topic=topic, delay=delay, deliver_at=deliver_at
-        )
-        self._outgoing.append((sent, message))
-        return sent
+        topic: str | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        """Emit an event that is published only once due (database clock).
 
-    def outbox_messages(self) -> list[OutboxMessage]:
-        """The outbox rows to write for what was emitted (used by the runtime)."""
-        return [message for _, message in self._outgoing]
+        Give ``delay`` (after the commit) or ``deliver_at`` (aware datetime).
+        """
+        if (delay is None) == (deliver_at is None):
+            raise ConfigurationError("schedule() needs exactly one of delay and deliver_at")
+        self._queue(event_type, data, topic=topic, key=key, delay=delay, deliver_at=deliver_at)
+
+    def _queue(
+        self,
+        event_type: str,
+        data: Mapping[str, Any],
+        *,
+        topic: str | None,
+        key: bytes | None,
+        delay: timedelta | None = None,
+        deliver_at: datetime | None = None,
+    ) -> None:
+        self.emissions.append(
+            Emission(
+                event_type=event_type,
+                data=dict(data),
+                topic=self._default_topic() if topic is None else topic,
+                key=self._default_key() if key is None else key,
+                delay=delay,
+                deliver_at=deliver_at,
+            )
+        )
+
+    def envelopes(
+        self, codec: EnvelopeCodec, stamp: Stamp | None
+    ) -> list[tuple[Envelope, OutboxMessage]]:
+        """Encode what was emitted, each carrying ``stamp`` (used by the runtime)."""
+        incoming = self.envelope
+        result = []
+        for emission in self.emissions:
+            envelope = Envelope(
+                type=emission.event_type,
+                data=emission.data,
+                source=self.source,
+                key=emission.key,
+                correlation_id=incoming.correlation_id or incoming.id,
+                causation_id=incoming.id,
+                stamp=stamp,
+            )
+            result.append(
+                outgoing(
+                    codec,
+                    envelope,
+                    topic=emission.topic,
+                    delay=emission.delay,
+                    deliver_at=emission.deliver_at,
+                )
+            )
+        return result
+
+
+class SagaContext(MessageContext):
+    """What a saga step, compensation or end handler gets.
+
+    Besides the transaction and the message, it holds the saga's stamp as this
+    service knows it, and lets the handler record the step's result data,
+    fail the saga (a business outcome: compensation follows), or complete it.
+    Emitted events go to the saga's topic, keyed by the saga id, and carry
+    the updated stamp.
+    """
+
+    def __init__(
+        self,
+        *,
+        session: AsyncSession,
+        envelope: Envelope,
+        record: RecordInfo,
+        source: str,
+        stamp: Stamp,
+        step: str | None,
+        topic: str,
+    ) -> None:
+        super().__init__(session=session, envelope=envelope, record=record, source=source)
+        self.stamp = stamp
+        """The saga's state as of this message (read it; the framework updates it)."""
+        self.step = step
+        """The step being performed or compensated (``None`` in end handlers)."""
+        self.saga_topic = topic
+        """Topic of this saga's events."""
+        self.results: dict[str, str] = {}
+        """Result data recorded for the step so far."""
+        self.failure: str | None = None
+        """Why the handler failed the saga, if it did."""
+        self.completes = False
+        """Whether the handler completed the saga."""
+
+    @property
+    def saga_id(self) -> str:
+        """Id of the saga."""
+        return self.stamp.saga_id
+
+    def _default_topic(self) -> str:
+        return self.saga_topic
+
+    def _default_key(self) -> bytes | None:
+        return self.stamp.saga_id.encode()
+
+    def record_result(self, **data: str) -> None:
+        """Record small result data of this step in the stamp (e.g. a payment id)."""
+        for name, value in data.items():
+            if not isinstance(value, str):
+                raise ConfigurationError(f"step result {name!r} must be a string")
+        self.results.update(data)
+
+    def emit(
+        self,
+        event_type: str,
+        data: Mapping[str, Any],
+        *,
+        topic: str | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        """Emit the step's next event (marks the step done when the handler returns)."""
+        if self.failure is not None:
+            raise ConfigurationError("the saga was failed: a failed step emits nothing")
+        super().emit(event_type, data, topic=topic, key=key)
+
+    def fail(self, reason: str) -> None:
+        """Fail the saga: the completed steps are compensated in reverse order."""
+        if not reason:
+            raise ConfigurationError("fail() needs a reason")
+        if any(e.delay is None and e.deliver_at is None for e in self.emissions):
+            raise ConfigurationError("a step that emitted events cannot also fail the saga")
+        if self.completes:
+            raise ConfigurationError("a step that completed the saga cannot also fail it")
+        self.failure = reason
+
+    def complete(self) -> None:
+        """Complete the saga with this step (status ``COMPLETED``)."""
+        if self.failure is not None:
+            raise ConfigurationError("a step that failed the saga cannot also complete it")
+        self.completes = True
 
 
 def outgoing(

@@ -24,9 +24,10 @@ import base64
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from aiokafka import ConsumerRecord
@@ -47,11 +48,21 @@ from outbox import (
     Transaction,
     is_transient_db_error,
 )
+from saga.choreography import (
+    Choreography,
+    Participation,
+    Registered,
+    SagaHandler,
+    check_step_name,
+    start_messages,
+)
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
-from saga.context import MessageContext, RecordInfo, outgoing
+from saga.context import MessageContext, RecordInfo, SagaContext, outgoing
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import ConfigurationError, DecodeError
+from saga.stamp import SagaStatus, Stamp
+from saga.state import SagaStates, SagaView
 from saga.tracecontext import use_trace_headers
 
 __all__ = ["Handler", "Service", "ServiceSettings", "ServiceStats"]
@@ -92,6 +103,9 @@ class ServiceSettings:
 
     source: str | None = None
     """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``."""
+
+    saga_topic_prefix: str = "saga."
+    """A saga's events travel on the topic ``<prefix><saga name>``."""
 
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
@@ -179,8 +193,14 @@ class Service:
             self.settings.relay,
             name=f"{name}:{id(self):x}",
         )
+        self.states = SagaStates(self.tables.metadata, codec, dialect=engine.dialect.name)
+        self.choreography = Choreography(
+            service=name, source=self.source, states=self.states, codec=self.envelopes
+        )
         self.stats = ServiceStats()
         self._subscriptions: dict[tuple[str, str], _Subscription] = {}
+        self._sagas: dict[str, Participation] = {}
+        self._saga_topics: dict[str, Participation] = {}
         self._consumer: PartitionedConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = _State.UNOPENED
@@ -214,26 +234,173 @@ class Service:
             raise ConfigurationError(f"{self.name} already handles {event_type} on {topic}")
         self._subscriptions[(topic, event_type)] = _Subscription(handler, retry)
 
+    def saga_topic(self, saga: str) -> str:
+        """The topic that carries the events of ``saga``."""
+        return f"{self.settings.saga_topic_prefix}{saga}"
+
+    def _participation(self, saga: str) -> Participation:
+        if self._state is not _State.UNOPENED:
+            raise ConfigurationError("register handlers before the service starts")
+        check_step_name(saga)
+        part = self._sagas.get(saga)
+        if part is None:
+            part = self._sagas[saga] = Participation(saga=saga, topic=self.saga_topic(saga))
+        return part
+
+    def step(
+        self,
+        name: str,
+        *,
+        saga: str,
+        on: str | Sequence[str],
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[SagaHandler], SagaHandler]:
+        """Register the decorated function as step ``name`` of ``saga``.
+
+        It runs when an event of type ``on`` (or any of several types) of
+        the saga arrives. It may emit the next event (the step is then
+        recorded as done in the stamp), schedule one for later (the step stays
+        pending until a later trigger), complete the saga, or fail it. The
+        function is returned unchanged.
+        """
+        part = self._participation(saga)
+        check_step_name(name)
+        triggers = [on] if isinstance(on, str) else list(on)
+        for event_type in triggers:
+            self.envelopes.codec.registry.latest(event_type)
+            if event_type in part.steps:
+                raise ConfigurationError(f"{event_type} already triggers a step of {saga}")
+
+        def register(handler: SagaHandler) -> SagaHandler:
+            for event_type in triggers:
+                part.steps[event_type] = Registered(handler, name, retry)
+            return handler
+
+        return register
+
+    def compensation(
+        self, step: str, *, saga: str, retry: RetryPolicy | None = None
+    ) -> Callable[[SagaHandler], SagaHandler]:
+        """Register the decorated function as the compensation of ``step`` of ``saga``.
+
+        It runs at most once per saga, after ``step`` was done and the saga
+        failed later; it must undo the step's effects. Returned unchanged.
+        """
+        part = self._participation(saga)
+        check_step_name(step)
+        if step in part.compensations:
+            raise ConfigurationError(f"{self.name} already compensates {step} of {saga}")
+
+        def register(handler: SagaHandler) -> SagaHandler:
+            part.compensations[step] = Registered(handler, step, retry)
+            return handler
+
+        return register
+
+    def on_saga_end(
+        self, saga: str, *, retry: RetryPolicy | None = None
+    ) -> Callable[[SagaHandler], SagaHandler]:
+        """Register the end handler of ``saga``; this service becomes its initiator.
+
+        The handler runs once per terminal status (``ctx.stamp.status``). The
+        initiator starts sagas (:meth:`start_saga`) and owns their deadlines.
+        """
+        part = self._participation(saga)
+        if part.on_end is not None:
+            raise ConfigurationError(f"{self.name} already has an end handler for {saga}")
+
+        def register(handler: SagaHandler) -> SagaHandler:
+            part.on_end = Registered(handler, None, retry)
+            part.initiator = True
+            return handler
+
+        return register
+
+    async def start_saga(
+        self,
+        tx: Transaction,
+        saga: str,
+        *,
+        saga_id: str,
+        event_type: str,
+        data: Mapping[str, Any],
+        deadline: timedelta | datetime | None = None,
+        correlation_id: str | None = None,
+    ) -> Stamp:
+        """Start a saga inside the caller's transaction ``tx``.
+
+        The first event goes through the outbox like any other: it is
+        published once ``tx`` commits, and never if it rolls back. With a
+        ``deadline`` (a duration from now, or a time), the saga is compensated
+        if it has not completed by then.
+
+        Raises:
+            ConfigurationError: This service is not the saga's initiator, or
+                a saga with this id was already started here.
+        """
+        part = self._sagas.get(saga)
+        if part is None or not part.initiator:
+            raise ConfigurationError(
+                f"{self.name} does not initiate {saga}: register @on_saga_end({saga!r})"
+            )
+        now = datetime.now(UTC)
+        if isinstance(deadline, timedelta):
+            deadline = now + deadline
+        stamp = Stamp(
+            saga_name=saga,
+            saga_id=saga_id,
+            status=SagaStatus.RUNNING,
+            correlation_id=correlation_id or str(uuid.uuid4()),
+            started_at=now,
+            deadline=deadline,
+        )
+        if await self.states.load(tx, saga_id) is not None:
+            raise ConfigurationError(f"saga {saga_id} was already started")
+        await self.states.save(tx, SagaView(stamp=stamp))
+        messages = start_messages(
+            self.envelopes,
+            source=self.source,
+            topic=part.topic,
+            stamp=stamp,
+            event_type=event_type,
+            data=data,
+        )
+        await self.outbox.add(tx, messages)
+        return stamp
+
+    async def saga_state(self, saga_id: str) -> Stamp | None:
+        """This service's view of a saga (the merge of every stamp it saw)."""
+        return await self.states.get(self.engine, saga_id)
+
     @property
     def topics(self) -> frozenset[str]:
         """Topics this service subscribes to."""
-        return frozenset(topic for topic, _ in self._subscriptions)
+        plain = {topic for topic, _ in self._subscriptions}
+        return frozenset(plain | {part.topic for part in self._sagas.values()})
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def create_tables(self) -> None:
-        """Create the outbox and inbox tables if they do not exist."""
+        """Create the outbox, inbox and saga state tables if they do not exist."""
         await self.tables.create_all(self.engine)
+        async with self.engine.begin() as conn:
+            await conn.run_sync(
+                self.tables.metadata.create_all, tables=[self.states.table], checkfirst=True
+            )
 
     async def start(self) -> None:
         """Start the relay, then join the consumer group."""
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a service that is {self._state.value}")
+        self._saga_topics = {part.topic: part for part in self._sagas.values()}
+        clash = self._saga_topics.keys() & {topic for topic, _ in self._subscriptions}
+        if clash:
+            raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
         self._state = _State.RUNNING
         if self.settings.run_relay:
             await self.relay.start()
         self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
-        if self._subscriptions:
+        if self.topics:
             self._consumer = PartitionedConsumer(
                 group_id=self.name,
                 topics=self.topics,
@@ -319,28 +486,117 @@ class Service:
                 base64.b64encode(exc.raw or b"").decode(),
             )
             return
+        info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
+        part = self._saga_topics.get(record.topic)
+        if part is not None:
+            await self._process_saga(record, part, envelope, info)
+            return
         subscription = self._subscriptions.get((record.topic, envelope.type))
         if subscription is None:
             self.stats.ignored += 1
             return
-        info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
         policy = subscription.retry or self.settings.retry
         try:
-            async for attempt in policy.retrying(retry_on=_is_transient):
-                with attempt:
-                    processed = await self._transaction(subscription.handler, envelope, info)
-        except (asyncio.CancelledError, OutboxError) as exc:
-            if isinstance(exc, OutboxError) and not exc.retriable:
-                self._failed(record, envelope, exc)
-                return
-            raise
+            processed = await self._retrying(
+                policy, lambda: self._transaction(subscription.handler, envelope, info)
+            )
         except Exception as exc:
+            if _is_transient(exc):
+                raise  # an outage, not bad input: the consumer retries the record
             self._failed(record, envelope, exc)
             return
+        self._count(processed)
+
+    async def _process_saga(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        part: Participation,
+        envelope: Envelope,
+        info: RecordInfo,
+    ) -> None:
+        if envelope.stamp is None:
+            self.stats.ignored += 1
+            log.warning(
+                "%s ignored %s on saga topic %s: it carries no stamp",
+                self.name,
+                envelope.id,
+                record.topic,
+            )
+            return
+        registered = part.handler_for(envelope)
+        policy = (registered.retry if registered else None) or self.settings.retry
+        try:
+            processed = await self._retrying(
+                policy, lambda: self._saga_transaction(part, envelope, info, None)
+            )
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            # The handler gave up: fail the step (or record the compensation
+            # as failed) in a fresh transaction, so that the saga still ends.
+            log.error(
+                "%s: %s handling %s (%s) of saga %s; failing it",
+                self.name,
+                exc.__class__.__name__,
+                envelope.id,
+                envelope.type,
+                envelope.stamp.saga_id,
+                exc_info=exc,
+            )
+            broken = exc
+            try:
+                processed = await self._retrying(
+                    self.settings.retry,
+                    lambda: self._saga_transaction(part, envelope, info, broken),
+                )
+            except Exception as again:
+                if _is_transient(again):
+                    raise
+                self._failed(record, envelope, again)
+                return
+        self._count(processed)
+
+    async def _retrying(
+        self, policy: RetryPolicy, attempt_once: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        async for attempt in policy.retrying(retry_on=_is_transient):
+            with attempt:
+                return await attempt_once()
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _count(self, processed: bool) -> None:
         if processed:
             self.stats.processed += 1
         else:
             self.stats.duplicates += 1
+
+    async def _saga_transaction(
+        self,
+        part: Participation,
+        envelope: Envelope,
+        info: RecordInfo,
+        broken: BaseException | None,
+    ) -> bool:
+        assert envelope.stamp is not None
+        async with (
+            AsyncSession(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            if not await self.inbox.record(session, self.name, envelope.id):
+                return False
+            ctx = SagaContext(
+                session=session,
+                envelope=envelope,
+                record=info,
+                source=self.source,
+                stamp=envelope.stamp,
+                step=None,
+                topic=part.topic,
+            )
+            with use_trace_headers(envelope.traceparent, envelope.tracestate):
+                messages = await self.choreography.handle(ctx, part, broken=broken)
+            await self.outbox.add(session, messages)
+        return True
 
     async def _transaction(self, handler: H, envelope: Envelope, info: RecordInfo) -> bool:
         async with (
@@ -354,11 +610,11 @@ class Service:
                 envelope=envelope,
                 record=info,
                 source=self.source,
-                codec=self.envelopes,
             )
             with use_trace_headers(envelope.traceparent, envelope.tracestate):
                 await handler(ctx)
-            await self.outbox.add(session, ctx.outbox_messages())
+            messages = [m for _, m in ctx.envelopes(self.envelopes, envelope.stamp)]
+            await self.outbox.add(session, messages)
         return True
 
     def _failed(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from support import core_codec, read_topic
 
 from outbox import KafkaSettings, OutboxTables, create_engine
@@ -99,6 +99,26 @@ class Harness:
     async def rows(self, table: sa.Table) -> list[Any]:
         async with self.engine.connect() as conn:
             return list((await conn.execute(sa.select(table))).all())
+
+
+async def rewind_group(kafka: KafkaSettings, group: str, topic: str) -> None:
+    """Seek ``group`` back to the start of ``topic`` (the group must be idle).
+
+    Joins the group as a member and commits offset 0 for every partition:
+    the test broker refuses commits from outside the group once it had
+    members, as Apache Kafka does while a group is active.
+    """
+    rewind = AIOKafkaConsumer(**kafka.consumer_kwargs(group))
+    await rewind.start()
+    try:
+        rewind.subscribe([topic])
+        deadline = time.monotonic() + 20
+        while not rewind.assignment():
+            assert time.monotonic() < deadline, "never joined the group"
+            await rewind.getmany(timeout_ms=100)
+        await rewind.commit(dict.fromkeys(rewind.assignment(), 0))
+    finally:
+        await rewind.stop()
 
 
 async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -196,13 +216,7 @@ async def test_redelivered_messages_change_state_once(harness: Harness) -> None:
     assert first.stats.duplicates == 1
 
     # Seek the group back to the start: every record is delivered again.
-    rewind = AIOKafkaConsumer(**h.kafka.consumer_kwargs("svc"))
-    await rewind.start()
-    try:
-        rewind.assign([TopicPartition(h.topic_in, 0), TopicPartition(h.topic_in, 1)])
-        await rewind.commit({TopicPartition(h.topic_in, 0): 0, TopicPartition(h.topic_in, 1): 0})
-    finally:
-        await rewind.stop()
+    await rewind_group(h.kafka, "svc", h.topic_in)
 
     second = h.service(bind_out(h))
     async with second:

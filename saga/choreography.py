@@ -1,0 +1,378 @@
+"""What a service does with each message of a saga it takes part in.
+
+There is no orchestrator. Each service reads its sagas' topics, merges every
+stamp into its view of the saga (``saga.state``), and acts on the message:
+
+* a forward event for one of its steps runs the step, unless the saga is no
+  longer running or its deadline has passed (a late event never resurrects
+  a saga). The events the step emits carry the stamp with the step appended.
+  A step that fails the saga (a business outcome) starts compensation;
+* ``Compensate(step)`` for one of its steps undoes the step once, then asks
+  for the next compensation, the most recent completed step first (LIFO,
+  read from the stamp), or announces ``SagaEnded`` when none is left. A
+  compensation that keeps failing is recorded as such; compensation goes on
+  with the other steps and the saga ends ``FAILED``, visibly;
+* the initiating service also owns the deadline (``DeadlineReached``, a
+  scheduled message) and compensates steps that report in after compensation
+  started; its end handler runs once per terminal status.
+
+Everything happens inside the handler's transaction: the view, the service's
+own changes, the inbox row and the outgoing messages commit together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from outbox import OutboxMessage, RetryPolicy
+from saga.context import SagaContext, outgoing
+from saga.envelope import Envelope, EnvelopeCodec
+from saga.errors import ConfigurationError, HandlerError
+from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
+from saga.state import SagaStates, SagaView, merge
+
+__all__ = [
+    "COMPENSATE",
+    "DEADLINE_REACHED",
+    "SAGA_ENDED",
+    "Choreography",
+    "Participation",
+    "SagaHandler",
+]
+
+log = logging.getLogger(__name__)
+
+COMPENSATE = "choreosaga.saga.Compensate"
+"""Event asking a service to undo one of its steps."""
+SAGA_ENDED = "choreosaga.saga.SagaEnded"
+"""Event announcing a terminal status."""
+DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
+"""Scheduled event that fires a saga's deadline at the initiator."""
+FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED})
+
+SagaHandler = Callable[[SagaContext], Awaitable[None]]
+"""A saga step, compensation or end handler."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A handler with its step name and retry policy."""
+
+    handler: SagaHandler
+    step: str | None
+    retry: RetryPolicy | None
+
+
+@dataclass
+class Participation:
+    """What one service does in one saga."""
+
+    saga: str
+    """Saga name."""
+    topic: str
+    """Topic carrying the saga's events."""
+    steps: dict[str, Registered] = field(default_factory=dict)
+    """Step handlers by the event type that triggers them."""
+    compensations: dict[str, Registered] = field(default_factory=dict)
+    """Compensation handlers by step name."""
+    on_end: Registered | None = None
+    """End handler (initiator only)."""
+    initiator: bool = False
+    """Whether this service starts the saga and owns its deadline."""
+
+    def handler_for(self, envelope: Envelope) -> Registered | None:
+        """The handler a message would run here, if any (for its retry policy)."""
+        if envelope.type == COMPENSATE:
+            return self.compensations.get(str(envelope.data.get("step")))
+        if envelope.type == SAGA_ENDED:
+            return self.on_end
+        return self.steps.get(envelope.type)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Choreography:
+    """Runs one service's part of its sagas, inside the handler transaction.
+
+    Args:
+        service: Name of the service (recorded in step records).
+        source: CloudEvents source of the framework events it emits.
+        states: The service's saga views.
+        codec: Envelope codec for outgoing messages.
+    """
+
+    def __init__(
+        self, *, service: str, source: str, states: SagaStates, codec: EnvelopeCodec
+    ) -> None:
+        self.service = service
+        self.source = source
+        self.states = states
+        self.codec = codec
+
+    async def handle(
+        self,
+        ctx: SagaContext,
+        part: Participation,
+        *,
+        broken: BaseException | None = None,
+    ) -> list[OutboxMessage]:
+        """Act on one saga message; return the outbox rows to write.
+
+        ``broken`` is the error that made the handler give up on earlier
+        attempts: instead of running it again, the step is failed (or the
+        compensation recorded as failed) so that the saga still ends.
+        """
+        envelope = ctx.envelope
+        assert envelope.stamp is not None
+        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        view = merge(before.stamp if before else None, envelope.stamp)
+        ended = before.ended if before else None
+        ctx.stamp = view
+        out: list[OutboxMessage] = []
+        kind = envelope.type
+        if kind == COMPENSATE:
+            view = await self._compensate(ctx, part, view, out, broken)
+        elif kind == DEADLINE_REACHED:
+            if part.initiator and view.status is SagaStatus.RUNNING:
+                log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
+                view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+                view = self._next_compensation(ctx, view, out)
+        elif kind == SAGA_ENDED:
+            if part.on_end is not None and view.status.is_terminal and ended is not view.status:
+                ctx.stamp = view
+                if broken is None:
+                    await part.on_end.handler(ctx)
+                else:
+                    log.error(
+                        "%s: end handler of saga %s gave up: %r", self.service, view.saga_id, broken
+                    )
+                out += self._messages(ctx, view)
+                ended = view.status
+        elif kind in part.steps:
+            view = await self._step(ctx, part, part.steps[kind], view, out, broken)
+        if part.initiator and kind not in FRAMEWORK_EVENTS and before is not None:
+            self._late_steps(ctx, before.stamp, envelope.stamp, view, out)
+        await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
+        return out
+
+    # -- forward ---------------------------------------------------------------------
+
+    async def _step(
+        self,
+        ctx: SagaContext,
+        part: Participation,
+        registered: Registered,
+        view: Stamp,
+        out: list[OutboxMessage],
+        broken: BaseException | None,
+    ) -> Stamp:
+        name = registered.step
+        assert name is not None
+        if view.status is not SagaStatus.RUNNING:
+            log.info(
+                "%s: saga %s is %s; step %s not performed",
+                self.service,
+                view.saga_id,
+                view.status.value,
+                name,
+            )
+            return view
+        if view.deadline is not None and _now() >= view.deadline:
+            log.info(
+                "%s: saga %s is past its deadline; step %s not performed",
+                self.service,
+                view.saga_id,
+                name,
+            )
+            return view
+        if any(s.name == name and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
+            return view  # already performed (a second trigger of the same step)
+        ctx.step = name
+        ctx.stamp = view
+        if broken is None:
+            await registered.handler(ctx)
+        else:
+            ctx.failure = f"step {name} failed: {broken!r}"[:500]
+        immediate = [e for e in ctx.emissions if e.delay is None and e.deliver_at is None]
+        if ctx.failure is not None:
+            view = view.with_step(self._record(name, StepOutcome.FAILED, ctx.results))
+            view = view.with_status(SagaStatus.COMPENSATING, ctx.failure)
+            out += self._messages(ctx, view)
+            return self._next_compensation(ctx, view, out)
+        if ctx.completes:
+            view = view.with_step(self._record(name, StepOutcome.DONE, ctx.results))
+            view = view.with_status(SagaStatus.COMPLETED)
+            out += self._messages(ctx, view)
+            out += self._framework(
+                ctx, view, SAGA_ENDED, {"status": view.status.value, "reason": None}
+            )
+            return view
+        if immediate:
+            view = view.with_step(self._record(name, StepOutcome.DONE, ctx.results))
+        elif not ctx.emissions:
+            raise HandlerError(
+                f"step {name} of {self.service} neither emitted nor scheduled an event, "
+                "nor completed or failed the saga: the saga would stall"
+            )
+        out += self._messages(ctx, view)
+        return view
+
+    def _late_steps(
+        self,
+        ctx: SagaContext,
+        before: Stamp,
+        incoming: Stamp,
+        view: Stamp,
+        out: list[OutboxMessage],
+    ) -> None:
+        """Compensate steps that completed after the saga stopped running."""
+        if before.status is SagaStatus.RUNNING or before.status is SagaStatus.COMPLETED:
+            return
+        known = {(s.name, s.outcome) for s in before.steps}
+        undone = {
+            s.name
+            for s in view.steps
+            if s.outcome in (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
+        }
+        late = [
+            s
+            for s in reversed(incoming.steps)
+            if s.outcome is StepOutcome.DONE
+            and (s.name, s.outcome) not in known
+            and s.name not in undone
+        ]
+        for step in late:
+            log.warning(
+                "%s: step %s of saga %s finished after compensation began; undoing it",
+                self.service,
+                step.name,
+                view.saga_id,
+            )
+            out += self._framework(
+                ctx, view, COMPENSATE, {"step": step.name, "reason": view.reason}
+            )
+
+    # -- backward --------------------------------------------------------------------
+
+    async def _compensate(
+        self,
+        ctx: SagaContext,
+        part: Participation,
+        view: Stamp,
+        out: list[OutboxMessage],
+        broken: BaseException | None,
+    ) -> Stamp:
+        name = str(ctx.envelope.data["step"])
+        registered = part.compensations.get(name)
+        if registered is None:
+            return view  # another service's step
+        outcomes = {s.outcome for s in view.steps if s.name == name}
+        if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
+            return view  # already undone: compensation runs once
+        if StepOutcome.DONE in outcomes:
+            ctx.step = name
+            ctx.stamp = view
+            outcome = StepOutcome.COMPENSATED
+            if broken is None:
+                await registered.handler(ctx)
+            else:
+                outcome = StepOutcome.COMPENSATION_FAILED
+                log.error(
+                    "%s: compensation of %s in saga %s failed for good: %r",
+                    self.service,
+                    name,
+                    view.saga_id,
+                    broken,
+                )
+                ctx.emissions.clear()
+                ctx.results["error"] = repr(broken)[:500]
+            view = view.with_step(self._record(name, outcome, ctx.results))
+            out += self._messages(ctx, view)
+        return self._next_compensation(ctx, view, out)
+
+    def _next_compensation(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
+        todo = view.to_compensate()
+        if todo:
+            out += self._framework(
+                ctx, view, COMPENSATE, {"step": todo[0].name, "reason": view.reason}
+            )
+            return view
+        failed = any(s.outcome is StepOutcome.COMPENSATION_FAILED for s in view.steps)
+        final = SagaStatus.FAILED if failed else SagaStatus.COMPENSATED
+        if view.status is not final:
+            view = view.with_status(final)
+        out += self._framework(
+            ctx, view, SAGA_ENDED, {"status": final.value, "reason": view.reason}
+        )
+        return view
+
+    # -- messages --------------------------------------------------------------------
+
+    def _record(self, name: str, outcome: StepOutcome, data: Mapping[str, str]) -> StepRecord:
+        return StepRecord(name=name, service=self.service, outcome=outcome, at=_now(), data=data)
+
+    def _messages(self, ctx: SagaContext, stamp: Stamp) -> list[OutboxMessage]:
+        return [message for _, message in ctx.envelopes(self.codec, stamp)]
+
+    def _framework(
+        self, ctx: SagaContext, stamp: Stamp, event_type: str, data: Mapping[str, Any]
+    ) -> list[OutboxMessage]:
+        incoming = ctx.envelope
+        envelope = Envelope(
+            type=event_type,
+            data=data,
+            source=self.source,
+            key=stamp.saga_id.encode(),
+            correlation_id=stamp.correlation_id,
+            causation_id=incoming.id,
+            stamp=stamp,
+        )
+        _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
+        return [message]
+
+
+def start_messages(
+    codec: EnvelopeCodec,
+    *,
+    source: str,
+    topic: str,
+    stamp: Stamp,
+    event_type: str,
+    data: Mapping[str, Any],
+) -> Sequence[OutboxMessage]:
+    """The first event of a saga, and its deadline message if it has one."""
+    key = stamp.saga_id.encode()
+    first = Envelope(
+        type=event_type,
+        data=data,
+        source=source,
+        key=key,
+        correlation_id=stamp.correlation_id,
+        stamp=stamp,
+    )
+    messages = [outgoing(codec, first, topic=topic)[1]]
+    if stamp.deadline is not None:
+        deadline = Envelope(
+            type=DEADLINE_REACHED,
+            data={"deadline": stamp.deadline},
+            source=source,
+            key=key,
+            correlation_id=stamp.correlation_id,
+            causation_id=first.id,
+            stamp=stamp,
+        )
+        messages.append(outgoing(codec, deadline, topic=topic, deliver_at=stamp.deadline)[1])
+    return messages
+
+
+def check_step_name(name: str) -> str:
+    """Refuse empty or overlong step and saga names."""
+    if not name or len(name) > 100 or not name.isidentifier():
+        raise ConfigurationError(f"{name!r} is not a valid step or saga name (an identifier)")
+    return name

@@ -1,0 +1,169 @@
+"""Each service's view of the sagas it takes part in.
+
+Every message of a saga carries a stamp, but stamps travel along different
+paths (a late event may carry an older picture). Each service therefore keeps
+one row per saga, its *view*: the merge of every stamp it has seen. Merging
+is order-independent and never goes back: a status only moves forward
+(running < compensating < compensated / failed; completed is final), and step
+records accumulate. That is what keeps a late event from resurrecting a saga
+that its deadline already sent into compensation.
+
+The view is read and written inside the handler's transaction, locked
+(``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the write lock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import Transaction
+from outbox.database import db_now_ms
+from outbox.tables import validate_identifier
+from saga.codec import AvroCodec
+from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp
+
+__all__ = ["SagaStates", "SagaView", "merge"]
+
+_RANK = {
+    SagaStatus.RUNNING: 0,
+    SagaStatus.COMPENSATING: 1,
+    SagaStatus.COMPLETED: 2,
+    SagaStatus.COMPENSATED: 2,
+    SagaStatus.FAILED: 3,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SagaView:
+    """A service's merged view of one saga."""
+
+    stamp: Stamp
+    """Merge of every stamp of the saga this service has seen."""
+
+    ended: SagaStatus | None = None
+    """Terminal status for which the end handler already ran, if any."""
+
+
+def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
+    """Merge a stamp into a view: statuses only advance, steps accumulate."""
+    if view is None:
+        return incoming
+    known = {(s.name, s.outcome) for s in view.steps}
+    steps = view.steps + tuple(s for s in incoming.steps if (s.name, s.outcome) not in known)
+    ahead = _RANK[incoming.status] > _RANK[view.status]
+    status = incoming.status if ahead else view.status
+    reason = (incoming.reason or view.reason) if ahead else (view.reason or incoming.reason)
+    return replace(
+        view,
+        status=status,
+        reason=reason,
+        steps=steps,
+        deadline=view.deadline or incoming.deadline,
+        version=max(view.version, incoming.version),
+    )
+
+
+class SagaStates:
+    """The ``saga_state`` table: one merged stamp per saga.
+
+    Args:
+        metadata: Where to define the table (share the service's metadata).
+        codec: Codec holding the stamp schema.
+        name: Table name.
+    """
+
+    def __init__(
+        self, metadata: MetaData, codec: AvroCodec, *, dialect: str, name: str = "saga_state"
+    ) -> None:
+        validate_identifier("saga state table", name)
+        self.codec = codec
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        existing = metadata.tables.get(name)
+        if existing is not None:
+            self.table = existing  # several services (or instances) sharing one metadata
+            return
+        self.table = Table(
+            name,
+            metadata,
+            Column("saga_id", String(200), primary_key=True),
+            Column("saga_name", String(100), nullable=False),
+            Column("status", String(20), nullable=False),
+            Column("version", BigInteger, nullable=False),
+            Column("stamp", LargeBinary, nullable=False),
+            Column("ended", String(20), nullable=True),
+            Column("updated_at_ms", BigInteger, nullable=False),
+            Index(f"ix_{name}_status", "status", "updated_at_ms"),
+        )
+
+    async def load(self, tx: Transaction, saga_id: str, *, lock: bool = True) -> SagaView | None:
+        """Read a saga's view inside ``tx`` (locked for update on PostgreSQL)."""
+        query = select(self.table.c.stamp, self.table.c.ended).where(
+            self.table.c.saga_id == saga_id
+        )
+        if lock:
+            query = query.with_for_update()
+        row = (await tx.execute(query)).first()
+        if row is None:
+            return None
+        ended = None if row.ended is None else SagaStatus(row.ended)
+        return SagaView(stamp=self._decode(row.stamp), ended=ended)
+
+    async def save(self, tx: Transaction, view: SagaView) -> None:
+        """Insert or replace a saga's view inside ``tx``."""
+        stamp = view.stamp
+        values = {
+            "saga_id": stamp.saga_id,
+            "saga_name": stamp.saga_name,
+            "status": stamp.status.value,
+            "version": stamp.version,
+            "stamp": self.codec.encode(STAMP_SCHEMA, stamp.to_avro()),
+            "ended": None if view.ended is None else view.ended.value,
+        }
+        statement = self._insert(self.table).values(**values, updated_at_ms=db_now_ms())
+        statement = statement.on_conflict_do_update(
+            index_elements=["saga_id"],
+            set_={**values, "updated_at_ms": db_now_ms()},
+        )
+        await tx.execute(statement)
+
+    async def get(self, engine: AsyncEngine, saga_id: str) -> Stamp | None:
+        """Read a saga's merged stamp outside any transaction."""
+        async with engine.connect() as conn:
+            view = await self.load(conn, saga_id, lock=False)
+        return None if view is None else view.stamp
+
+    async def all(self, engine: AsyncEngine, saga_name: str | None = None) -> list[Stamp]:
+        """Every saga's view (optionally of one saga name), oldest update first."""
+        query = select(self.table.c.stamp).order_by(self.table.c.updated_at_ms)
+        if saga_name is not None:
+            query = query.where(self.table.c.saga_name == saga_name)
+        async with engine.connect() as conn:
+            return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+
+    async def stuck(self, engine: AsyncEngine, older_than: timedelta) -> list[Stamp]:
+        """Sagas not terminal whose view has not changed for ``older_than``."""
+        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        query = select(self.table.c.stamp).where(
+            self.table.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
+            self.table.c.updated_at_ms < cutoff,
+        )
+        async with engine.connect() as conn:
+            return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+
+    def _decode(self, raw: bytes) -> Stamp:
+        _, record = self.codec.decode(raw, expected=STAMP_SCHEMA)
+        return Stamp.from_avro(record)
