@@ -103,6 +103,12 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     parsed = _normalise(url)
     if parsed.get_backend_name() == "sqlite":
         engine_options.setdefault("connect_args", {"timeout": 30})
+        # SQLite runs one writer at a time. With one pooled connection, waiting
+        # transactions queue in asyncio, first come first served, instead of
+        # sleeping in SQLite's busy handler (which backs off up to 100 ms).
+        engine_options.setdefault("pool_size", 1)
+        engine_options.setdefault("max_overflow", 0)
+        engine_options.setdefault("pool_timeout", 300)
         engine = create_async_engine(parsed, **engine_options)
         configure_sqlite(engine)
         return engine

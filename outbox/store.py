@@ -65,7 +65,10 @@ class OutboxStats:
     """Row counts of an outbox, for monitoring."""
 
     pending: int
-    """Rows not yet published (due or scheduled), parked rows excluded."""
+    """Rows due for publishing now (parked and scheduled rows excluded)."""
+
+    scheduled: int
+    """Rows waiting for their due time."""
 
     parked: int
     """Rows the relay gave up on; see :meth:`OutboxStore.parked`."""
@@ -191,6 +194,7 @@ class SqlOutboxStore(OutboxStore):
             .where(*match, t.c.published_at_ms.is_(None))
             .values(published_at_ms=db_now_ms())
         )
+        self._relay_queries()
 
     # -- writing --------------------------------------------------------------
 
@@ -319,11 +323,12 @@ class SqlOutboxStore(OutboxStore):
             earlier.c.id < t.c.id,
         )
 
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
-        if not shards:
-            return []
+    def _relay_queries(self) -> None:
+        # Built once: the relay runs them constantly, and a prebuilt statement
+        # skips SQLAlchemy's per-call construction and cache-key work.
         t = self.tables.outbox
-        query = (
+        shards: Any = bindparam("shards", expanding=True)
+        self._fetch = (
             select(
                 t.c.id,
                 t.c.message_id,
@@ -335,16 +340,27 @@ class SqlOutboxStore(OutboxStore):
                 t.c.attempts,
             )
             .where(
-                t.c.shard.in_(sorted(shards)),
+                t.c.shard.in_(shards),
                 self._pending(),
                 or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms()),
                 ~self._held_back(),
             )
             .order_by(t.c.id)
-            .limit(limit)
+            .limit(bindparam("limit"))
         )
+        self._next_due = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
+            t.c.shard.in_(shards),
+            self._pending(),
+            t.c.due_at_ms.is_not(None),
+            ~self._held_back(),
+        )
+
+    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+        if not shards:
+            return []
+        params = {"shards": sorted(shards), "limit": limit}
         async with self._begin("could not read the outbox") as conn:
-            result = await conn.execute(query)
+            result = await conn.execute(self._fetch, params)
             return [
                 StoredMessage(
                     id=row.id,
@@ -362,15 +378,8 @@ class SqlOutboxStore(OutboxStore):
     async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
         if not shards:
             return None
-        t = self.tables.outbox
-        query = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
-            t.c.shard.in_(sorted(shards)),
-            self._pending(),
-            t.c.due_at_ms.is_not(None),
-            ~self._held_back(),
-        )
         async with self._begin("could not read the outbox") as conn:
-            millis = (await conn.execute(query)).scalar()
+            millis = (await conn.execute(self._next_due, {"shards": sorted(shards)})).scalar()
         if millis is None:
             return None
         return timedelta(milliseconds=max(int(millis), 0))
@@ -452,11 +461,13 @@ class SqlOutboxStore(OutboxStore):
 
     async def stats(self) -> OutboxStats:
         t = self.tables.outbox
+        due = or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms())
         query = select(
-            func.count().filter(self._pending()),
+            func.count().filter(self._pending(), due),
+            func.count().filter(self._pending(), ~due),
             func.count().filter(t.c.parked_at_ms.is_not(None), t.c.published_at_ms.is_(None)),
             func.count().filter(t.c.published_at_ms.is_not(None)),
         )
         async with self._begin("could not count outbox rows") as conn:
-            pending, parked, published = (await conn.execute(query)).one()
-        return OutboxStats(pending=pending, parked=parked, published=published)
+            pending, scheduled, parked, published = (await conn.execute(query)).one()
+        return OutboxStats(pending=pending, scheduled=scheduled, parked=parked, published=published)

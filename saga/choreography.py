@@ -84,6 +84,21 @@ class Participation:
     initiator: bool = False
     """Whether this service starts the saga and owns its deadline."""
 
+    def performs(self, step: str) -> bool:
+        """Whether this service performs ``step``."""
+        return any(r.step == step for r in self.steps.values())
+
+    def concerns(self, envelope: Envelope) -> bool:
+        """Whether a message of the saga needs any work here.
+
+        The initiator follows every message (it owns the deadline and catches
+        late steps); other services need their own steps' triggers, and the
+        compensation and end messages that tell them the saga stopped running.
+        """
+        if self.initiator or envelope.type in (COMPENSATE, SAGA_ENDED):
+            return True
+        return envelope.type in self.steps
+
     def handler_for(self, envelope: Envelope) -> Registered | None:
         """The handler a message would run here, if any (for its retry policy)."""
         if envelope.type == COMPENSATE:
@@ -270,7 +285,7 @@ class Choreography:
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
         registered = part.compensations.get(name)
-        if registered is None:
+        if registered is None and not part.performs(name):
             return view  # another service's step
         outcomes = {s.outcome for s in view.steps if s.name == name}
         if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
@@ -279,7 +294,9 @@ class Choreography:
             ctx.step = name
             ctx.stamp = view
             outcome = StepOutcome.COMPENSATED
-            if broken is None:
+            if registered is None:
+                pass  # a step with nothing to undo
+            elif broken is None:
                 await registered.handler(ctx)
             else:
                 outcome = StepOutcome.COMPENSATION_FAILED

@@ -1,5 +1,6 @@
 """The ``saga`` command line.
 
+``saga demo``   run the reference shop saga end to end and check it
 ``saga relay``  publish a service's outbox to Kafka (a standalone relay process)
 """
 
@@ -107,11 +108,63 @@ async def _run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="place orders through the reference services and check the outcome",
+        description="Start a local Kafka-protocol broker (unless --bootstrap-servers), "
+        "one database per service (SQLite unless --database-url), the order, inventory, "
+        "payment and shipping services with their relays; place orders with a mix of "
+        "outcomes, wait until every saga ended, print a summary and check the services "
+        "against each other. Exits 1 if a check fails.",
+    )
+    p.add_argument("--orders", type=int, default=100, help="orders to place (default 100)")
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="PostgreSQL URL; each service gets the database <name>_<service> "
+        "(dropped and re-created). Default: SQLite files in a temporary directory",
+    )
+    p.add_argument(
+        "--bootstrap-servers", default=None, help="use this Kafka instead of an embedded broker"
+    )
+    p.add_argument("--directory", default=None, help="keep the SQLite files in this directory")
+    p.add_argument(
+        "--deadline", type=float, default=10.0, help="saga deadline in seconds (default 10)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="give up waiting after this many seconds"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.orders < 1:
+        raise SagaError("--orders must be at least 1")
+    if args.deadline <= 0:
+        raise SagaError("--deadline must be positive")
+    from services.demo import DemoOptions
+    from services.demo import main as demo_main
+
+    return demo_main(
+        DemoOptions(
+            orders=args.orders,
+            database_url=args.database_url,
+            bootstrap_servers=args.bootstrap_servers,
+            directory=args.directory,
+            deadline=args.deadline,
+            timeout=args.timeout,
+            json=args.json,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command."""
     parser = argparse.ArgumentParser(prog="saga", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
     _relay_parser(sub)
     return parser
 
@@ -126,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "relay":
             return asyncio.run(_run_relay(args))
+        if args.command == "demo":
+            return _run_demo(args)
     except (SagaError, OutboxError) as exc:
         print(f"saga {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -107,6 +107,10 @@ class ServiceSettings:
     saga_topic_prefix: str = "saga."
     """A saga's events travel on the topic ``<prefix><saga name>``."""
 
+    group_prefix: str = ""
+    """The consumer group is ``<prefix><service name>`` (to share one Kafka between
+    several deployments or test runs)."""
+
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
             raise ConfigurationError("max_buffered_records must be positive")
@@ -402,7 +406,7 @@ class Service:
         self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
         if self.topics:
             self._consumer = PartitionedConsumer(
-                group_id=self.name,
+                group_id=self.settings.group_prefix + self.name,
                 topics=self.topics,
                 settings=self.kafka,
                 process=self._process,
@@ -522,6 +526,9 @@ class Service:
                 envelope.id,
                 record.topic,
             )
+            return
+        if not part.concerns(envelope):
+            self.stats.ignored += 1
             return
         registered = part.handler_for(envelope)
         policy = (registered.retry if registered else None) or self.settings.retry

@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -93,10 +94,12 @@ class SagaStates:
         self.codec = codec
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         existing = metadata.tables.get(name)
-        if existing is not None:
-            self.table = existing  # several services (or instances) sharing one metadata
-            return
-        self.table = Table(
+        self.table = existing if existing is not None else self._define(metadata, name)
+        self._statements()
+
+    @staticmethod
+    def _define(metadata: MetaData, name: str) -> Table:
+        return Table(
             name,
             metadata,
             Column("saga_id", String(200), primary_key=True),
@@ -109,14 +112,31 @@ class SagaStates:
             Index(f"ix_{name}_status", "status", "updated_at_ms"),
         )
 
+    def _statements(self) -> None:
+        # Built once: these run for every saga message.
+        table = self.table
+        self._select = select(table.c.stamp, table.c.ended).where(
+            table.c.saga_id == bindparam("saga_id")
+        )
+        self._select_for_update = self._select.with_for_update()
+        columns = ("saga_name", "status", "version", "stamp", "ended")
+        upsert = self._insert(table).values(
+            saga_id=bindparam("saga_id"),
+            **{name: bindparam(name) for name in columns},
+            updated_at_ms=db_now_ms(),
+        )
+        self._upsert = upsert.on_conflict_do_update(
+            index_elements=["saga_id"],
+            set_={
+                **{name: upsert.excluded[name] for name in columns},
+                "updated_at_ms": db_now_ms(),
+            },
+        )
+
     async def load(self, tx: Transaction, saga_id: str, *, lock: bool = True) -> SagaView | None:
         """Read a saga's view inside ``tx`` (locked for update on PostgreSQL)."""
-        query = select(self.table.c.stamp, self.table.c.ended).where(
-            self.table.c.saga_id == saga_id
-        )
-        if lock:
-            query = query.with_for_update()
-        row = (await tx.execute(query)).first()
+        query = self._select_for_update if lock else self._select
+        row = (await tx.execute(query, {"saga_id": saga_id})).first()
         if row is None:
             return None
         ended = None if row.ended is None else SagaStatus(row.ended)
@@ -133,12 +153,7 @@ class SagaStates:
             "stamp": self.codec.encode(STAMP_SCHEMA, stamp.to_avro()),
             "ended": None if view.ended is None else view.ended.value,
         }
-        statement = self._insert(self.table).values(**values, updated_at_ms=db_now_ms())
-        statement = statement.on_conflict_do_update(
-            index_elements=["saga_id"],
-            set_={**values, "updated_at_ms": db_now_ms()},
-        )
-        await tx.execute(statement)
+        await tx.execute(self._upsert, values)
 
     async def get(self, engine: AsyncEngine, saga_id: str) -> Stamp | None:
         """Read a saga's merged stamp outside any transaction."""

@@ -92,9 +92,8 @@ def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     embedded.stop()
 
 
-@pytest.fixture
-def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
-    """Settings for the session's Kafka, tuned so groups settle in about a second.
+def settings_for_tests(bootstrap_servers: str) -> KafkaSettings:
+    """Settings for a test broker, tuned so groups settle in about a second.
 
     The idempotent producer is off unless KAFKA_ENABLE_IDEMPOTENCE is true:
     the embedded broker cannot hand out producer ids.
@@ -102,7 +101,7 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
     raw = os.environ.get("KAFKA_ENABLE_IDEMPOTENCE", "")
     idempotence = parse_bool("KAFKA_ENABLE_IDEMPOTENCE", raw) if raw else False
     return KafkaSettings(
-        bootstrap_servers=kafka_bootstrap,
+        bootstrap_servers=bootstrap_servers,
         enable_idempotence=idempotence,
         session_timeout_ms=2000,
         heartbeat_interval_ms=300,
@@ -110,6 +109,12 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
         request_timeout_ms=10000,
         linger_ms=2,
     )
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
+    """Settings for the session's Kafka (see :func:`settings_for_tests`)."""
+    return settings_for_tests(kafka_bootstrap)
 
 
 async def _create_topic(admin: AIOKafkaAdminClient, name: str, partitions: int) -> None:
@@ -168,34 +173,63 @@ def _libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+class PostgresDatabases:
+    """Creates fresh databases on the test server and drops them all at the end."""
+
+    def __init__(self) -> None:
+        self.server = _libpq_url(os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
+        self.created: list[str] = []
+
+    def new(self) -> str:
+        """SQLAlchemy async URL (psycopg) of a new, empty database."""
+        name = f"cstest_{uuid.uuid4().hex}"
+        problem = None
+        try:
+            with psycopg.connect(self.server, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.OperationalError as exc:
+            problem = str(exc).strip()
+        if problem is not None:
+            pytest.fail(
+                f"PostgreSQL is not reachable at {make_url(self.server)}: {problem}\n"
+                "Start it, or point TEST_POSTGRES_URL at a server where this user may "
+                "create databases.",
+                pytrace=False,
+            )
+        self.created.append(name)
+        return (
+            make_url(self.server)
+            .set(drivername="postgresql+psycopg", database=name)
+            .render_as_string(hide_password=False)
+        )
+
+    def drop_all(self) -> None:
+        """Drop every database made here."""
+        if not self.created:
+            return
+        with psycopg.connect(self.server, autocommit=True, connect_timeout=5) as conn:
+            for name in self.created:
+                # FORCE: a test that leaked a connection must not keep its database alive.
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        self.created.clear()
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """SQLAlchemy async URL (psycopg) of a new, empty database, dropped afterwards."""
-    server = _libpq_url(os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
-    name = f"cstest_{uuid.uuid4().hex}"
-    problem = None
-    try:
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.OperationalError as exc:
-        problem = str(exc).strip()
-    if problem is not None:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {make_url(server)}: {problem}\n"
-            "Start it, or point TEST_POSTGRES_URL at a server where this user may "
-            "create databases.",
-            pytrace=False,
-        )
-    yield (
-        make_url(server)
-        .set(drivername="postgresql+psycopg", database=name)
-        .render_as_string(hide_password=False)
-    )
-    with psycopg.connect(server, autocommit=True, connect_timeout=5) as conn:
-        # FORCE: a test that leaked a connection must not keep its database alive.
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    databases = PostgresDatabases()
+    yield databases.new()
+    databases.drop_all()
+
+
+@pytest.fixture(scope="module")
+def postgres_databases() -> Iterator[PostgresDatabases]:
+    """Factory of fresh databases for a whole test module (``.new()`` gives a URL)."""
+    databases = PostgresDatabases()
+    yield databases
+    databases.drop_all()
 
 
 @pytest.fixture

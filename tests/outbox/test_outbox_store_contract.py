@@ -220,7 +220,7 @@ class OutboxStoreContract(ABC):
         assert await store.mark_published([impostor]) == 0
         assert self.ids(await self.fetch(store)) == [row.message_id]
 
-    async def test_stats_count_pending_parked_and_published_rows(
+    async def test_stats_count_due_scheduled_parked_and_published_rows(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
         await self.add(engine, store, *(message(key=str(i).encode()) for i in range(5)))
@@ -231,7 +231,7 @@ class OutboxStoreContract(ABC):
 
         stats = await store.stats()
 
-        assert (stats.pending, stats.parked, stats.published) == (3, 1, 2)
+        assert (stats.pending, stats.scheduled, stats.parked, stats.published) == (2, 1, 1, 2)
 
     # -- failures and parking ---------------------------------------------------------
 

@@ -1,0 +1,234 @@
+"""``saga demo``: place orders through the four reference services and check them.
+
+Starts a Kafka-protocol broker on a free loopback port (unless given one),
+creates one database per service (SQLite files unless given PostgreSQL),
+runs the services with their relays, places the orders, waits until every
+saga has ended, then checks the services against each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from saga import (
+    EmbeddedBroker,
+    KafkaSettings,
+    RelaySettings,
+    SagaError,
+    SagaStatus,
+    ServiceSettings,
+    ensure_topics,
+)
+from services import SAGA
+from services.scenarios import OrderRequest, Scenario, order_for, scenario_of
+from services.shop import SERVICES, Shop, describe
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    """What ``saga demo`` was asked to do."""
+
+    orders: int = 100
+    database_url: str | None = None
+    bootstrap_servers: str | None = None
+    directory: str | None = None
+    deadline: float = 10.0
+    timeout: float = 120.0
+    json: bool = False
+
+
+def database_urls(options: DemoOptions, directory: Path) -> dict[str, str]:
+    """One database per service: SQLite files, or PostgreSQL databases made from one URL."""
+    if options.database_url is None:
+        return {name: f"sqlite+aiosqlite:///{directory / name}.db" for name in SERVICES}
+    base = make_url(options.database_url)
+    if base.get_backend_name() != "postgresql":
+        raise ValueError("--database-url must be a PostgreSQL URL (SQLite is the default)")
+    stem = base.database or "choreosaga"
+    urls = {}
+    admin = base.set(drivername="postgresql", database="postgres")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        for name in SERVICES:
+            database = f"{stem}_{name}"
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+            urls[name] = base.set(
+                drivername="postgresql+psycopg", database=database
+            ).render_as_string(hide_password=False)
+    return urls
+
+
+@contextlib.asynccontextmanager
+async def kafka_for(options: DemoOptions) -> AsyncIterator[tuple[KafkaSettings, str]]:
+    """Kafka settings: the given brokers, or an embedded broker started for the demo."""
+    tuning: dict[str, Any] = {
+        "session_timeout_ms": 3000,
+        "heartbeat_interval_ms": 500,
+        "fetch_max_wait_ms": 100,
+        "linger_ms": 2,
+    }
+    if options.bootstrap_servers:
+        yield (
+            KafkaSettings.from_env(bootstrap_servers=options.bootstrap_servers, **tuning),
+            f"Kafka at {options.bootstrap_servers}",
+        )
+        return
+    async with EmbeddedBroker() as broker:
+        yield broker.kafka_settings(**tuning), f"embedded broker at {broker.bootstrap_servers}"
+
+
+async def run(options: DemoOptions) -> dict[str, Any]:
+    """Run the demo; return its result (counts, timing, checks)."""
+    with tempfile.TemporaryDirectory(prefix="choreosaga-demo-") as scratch:
+        directory = Path(options.directory or scratch)
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        urls = await asyncio.to_thread(database_urls, options, directory)
+        storage = (
+            f"SQLite in {directory}"
+            if options.database_url is None
+            else "PostgreSQL databases "
+            + ", ".join(make_url(u).database or "" for u in urls.values())
+        )
+        async with kafka_for(options) as (kafka, where):
+            say(options, f"choreosaga demo: {options.orders} orders, {where}, {storage}")
+            settings = ServiceSettings(
+                relay=RelaySettings(poll_interval=timedelta(milliseconds=500)),
+                saga_topic_prefix="saga.",
+            )
+            await ensure_topics(kafka, {settings.saga_topic_prefix + SAGA: 4})
+            shop = Shop(
+                urls=urls,
+                kafka=kafka,
+                settings=settings,
+                deadline=timedelta(seconds=options.deadline),
+                authorization_delay=timedelta(seconds=options.deadline * 1.5),
+            )
+            try:
+                return await _run_shop(shop, options)
+            finally:
+                await shop.stop()
+
+
+async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
+    await shop.setup()
+    say(options, "  starting order, inventory, payment and shipping services ...")
+    await shop.start()
+    orders: dict[str, tuple[OrderRequest, Scenario]] = {}
+    for number in range(options.orders):
+        scenario = scenario_of(number)
+        request = order_for(scenario, number)
+        orders[request.order_id] = (request, scenario)
+    started = time.monotonic()
+    await asyncio.gather(*(shop.order.place(request) for request, _ in orders.values()))
+    say(options, f"  placed {len(orders)} orders in {time.monotonic() - started:.2f} s")
+    try:
+        async with asyncio.timeout(options.timeout):
+            statuses = await shop.wait_terminal(
+                len(orders), progress=not options.json and sys.stdout.isatty()
+            )
+    except TimeoutError:
+        raise SagaError(
+            f"not every saga ended within {options.timeout:.0f} s: {await shop.statuses()}"
+        ) from None
+    elapsed = time.monotonic() - started
+    checks = await shop.check(orders)
+    stamps = await shop.order.service.states.all(shop.order.engine, SAGA)
+    durations = sorted(
+        (s.steps[-1].at - s.started_at).total_seconds()
+        for s in stamps
+        if s.steps and s.reason != "deadline passed"
+    )
+    first_start = min(s.started_at for s in stamps)
+    last_end = max(
+        (s.steps[-1].at for s in stamps if s.steps and s.reason != "deadline passed"),
+        default=first_start,
+    )
+    busy = max((last_end - first_start).total_seconds(), 1e-3)
+    outcomes = Counter(
+        status if status != "rejected" else f"rejected: {_label(reason)}"
+        for status, reason in statuses.values()
+    )
+    result = {
+        "orders": len(orders),
+        "outcomes": dict(sorted(outcomes.items())),
+        "seconds": round(elapsed, 3),
+        "sagas_per_second": round(len(durations) / busy, 1),
+        "sagas_without_deadline": len(durations),
+        "seconds_without_deadline": round(busy, 3),
+        "saga_seconds_p50": round(durations[len(durations) // 2], 3) if durations else None,
+        "saga_seconds_max": round(durations[-1], 3) if durations else None,
+        "deadline_seconds": options.deadline,
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+        "ok": all(c.ok for c in checks),
+    }
+    if not options.json:
+        await _print_report(shop, result)
+    return result
+
+
+def _label(reason: str | None) -> str:
+    for scenario in Scenario:
+        if scenario.value in (reason or ""):
+            return scenario.value
+    return reason or "unknown"
+
+
+async def _print_report(shop: Shop, result: Mapping[str, Any]) -> None:
+    print()
+    print(f"  {'outcome':<36} {'orders':>6}")
+    for outcome, count in result["outcomes"].items():
+        print(f"  {outcome:<36} {count:>6}")
+    print(
+        f"  {result['sagas_without_deadline']} sagas ended in "
+        f"{result['seconds_without_deadline']:.2f} s: {result['sagas_per_second']} sagas/s "
+        f"(each took {result['saga_seconds_p50']:.2f} s at the median, "
+        f"{result['saga_seconds_max']:.2f} s at most)"
+    )
+    print(
+        f"  all {result['orders']} ended in {result['seconds']:.2f} s, including those "
+        f"compensated at their {result['deadline_seconds']:g} s deadline"
+    )
+    stamps = await shop.order.service.states.all(shop.order.engine, SAGA)
+    compensated = [s for s in stamps if s.status is SagaStatus.COMPENSATED]
+    if compensated:
+        example = max(compensated, key=lambda s: len(s.steps))
+        print()
+        print(f"  timeline of compensated saga {example.saga_id}:")
+        for line in describe(example):
+            print(line)
+    print()
+    for check in result["checks"]:
+        print(f"  [{'ok' if check['ok'] else 'FAILED'}] {check['name']}: {check['detail']}")
+    print()
+    print("  all checks passed" if result["ok"] else "  SOME CHECKS FAILED")
+
+
+def say(options: DemoOptions, line: str) -> None:
+    """Print a progress line, unless the output is JSON."""
+    if not options.json:
+        print(line, flush=True)
+
+
+def main(options: DemoOptions) -> int:
+    """Run the demo and print its result; return the exit status."""
+    result = asyncio.run(run(options))
+    if options.json:
+        print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
