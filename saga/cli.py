@@ -1,7 +1,8 @@
 """The ``saga`` command line.
 
-``saga demo``   run the reference shop saga end to end and check it
-``saga relay``  publish a service's outbox to Kafka (a standalone relay process)
+``saga demo``           run the reference shop saga end to end and check it
+``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
+``saga schemas check``  check that every schema version can read the earlier ones
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from outbox import (
     create_engine,
 )
 from saga.errors import SagaError
+from saga.schemas import SchemaRegistry, check_directory, default_schema_directory
 
 __all__ = ["main"]
 
@@ -159,6 +161,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("schemas", help="work with the Avro schemas")
+    actions = p.add_subparsers(dest="action", required=True)
+    check = actions.add_parser(
+        "check",
+        help="fail if a schema is invalid or a new version breaks earlier ones",
+        description="Load every .avsc file under DIRECTORY (default: the project's "
+        "schemas/) and check that each new version of a record can read data written "
+        "with every earlier version (and, with --full, the other way round). Prints one "
+        "line per problem and exits 1 if there is any: run it in CI.",
+    )
+    check.add_argument("directory", nargs="?", default=None, help="schemas directory")
+    check.add_argument(
+        "--full", action="store_true", help="also require old readers to read new data"
+    )
+
+
+def _run_schemas(args: argparse.Namespace) -> int:
+    directory = args.directory or str(default_schema_directory())
+    problems = check_directory(directory, full=args.full)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {directory}", file=sys.stderr)
+        return 1
+    names = SchemaRegistry.from_directory(directory).names()
+    print(f"{len(names)} schemas in {directory}: every version reads the earlier ones")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command."""
     parser = argparse.ArgumentParser(prog="saga", description=__doc__)
@@ -166,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _relay_parser(sub)
+    _schemas_parser(sub)
     return parser
 
 
@@ -181,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_relay(args))
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "schemas":
+            return _run_schemas(args)
     except (SagaError, OutboxError) as exc:
         print(f"saga {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ __all__ = [
     "check_compatibility",
     "check_directory",
     "crc64_avro",
+    "default_schema_directory",
 ]
 
 _EMPTY64 = 0xC15D213AA4D7A795
@@ -189,22 +190,34 @@ class SchemaRegistry:
         Raises:
             SchemaError: Neither location exists, or a schema is refused.
         """
-        source_tree = Path(__file__).resolve().parent.parent / "schemas"
-        if source_tree.is_dir():
-            return cls.from_directory(source_tree)
-        packaged = resources.files("saga") / "_schemas"
-        if isinstance(packaged, Path) and packaged.is_dir():
-            return cls.from_directory(packaged)
-        raise SchemaError(f"no schemas directory at {source_tree} nor in saga/_schemas")
+        return cls.from_directory(default_schema_directory())
 
 
-def check_directory(path: str | Path) -> list[str]:
+def default_schema_directory() -> Path:
+    """The project's ``schemas/`` directory (source tree, or packaged copy).
+
+    Raises:
+        SchemaError: Neither location exists.
+    """
+    source_tree = Path(__file__).resolve().parent.parent / "schemas"
+    if source_tree.is_dir():
+        return source_tree
+    packaged = resources.files("saga") / "_schemas"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    raise SchemaError(f"no schemas directory at {source_tree} nor in saga/_schemas")
+
+
+def check_directory(path: str | Path, *, full: bool = False) -> list[str]:
     """Return every problem with the schema files under ``path``.
 
     Each file is checked on its own (valid JSON, a valid and safe record
     schema), then each version of a name is checked against every earlier
     version of that name, in the order :meth:`SchemaRegistry.from_directory`
-    registers them.
+    registers them: the new version must read data written with the earlier
+    ones (backward compatibility). With ``full``, the earlier versions must
+    also read data written with the new one (forward compatibility, for
+    consumers that upgrade after producers).
 
     Returns:
         Human readable problems, each prefixed by the file it concerns; empty
@@ -229,6 +242,11 @@ def check_directory(path: str | Path) -> list[str]:
                     f"{file}: cannot read data written with {old_file.name}: {problem}"
                     for problem in check_compatibility(entry.parsed, old.parsed)
                 )
+                if full:
+                    problems.extend(
+                        f"{file}: {old_file.name} cannot read data written with it: {problem}"
+                        for problem in check_compatibility(old.parsed, entry.parsed)
+                    )
         earlier.append((file, entry))
     return problems
 

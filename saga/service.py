@@ -376,6 +376,11 @@ class Service:
         """This service's view of a saga (the merge of every stamp it saw)."""
         return await self.states.get(self.engine, saga_id)
 
+    async def stuck_sagas(self, older_than: timedelta) -> list[Stamp]:
+        """Sagas still running or compensating here whose view has not moved for
+        ``older_than``: candidates for a deadline, an alert, or a person."""
+        return await self.states.stuck(self.engine, older_than)
+
     @property
     def topics(self) -> frozenset[str]:
         """Topics this service subscribes to."""

@@ -1,0 +1,68 @@
+"""The ``saga`` command: exit codes and messages a user (or CI) relies on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def saga(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saga", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def test_schemas_check_passes_on_the_project_schemas() -> None:
+    result = saga("schemas", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every version reads the earlier ones" in result.stdout
+
+
+def test_schemas_check_fails_on_an_incompatible_change() -> None:
+    result = saga("schemas", "check", str(SCHEMAS / "broken"))
+    assert result.returncode == 1
+    assert "new field 'language' has no default" in result.stdout
+    assert "int cannot read string" in result.stdout
+    assert "recursive schemas are refused" in result.stdout
+
+
+def test_schemas_check_full_also_checks_old_readers(tmp_path: Path) -> None:
+    backward_only = saga("schemas", "check", str(SCHEMAS / "evolution"))
+    full = saga("schemas", "check", "--full", str(SCHEMAS / "evolution"))
+    assert backward_only.returncode == 0, backward_only.stdout
+    assert full.returncode == 1
+    assert "int cannot read long" in full.stdout
+
+
+def test_relay_without_a_database_is_refused_clearly() -> None:
+    result = saga("relay", env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "DATABASE_URL" in result.stderr
+
+
+def test_relay_refuses_sasl_plain_without_tls() -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "PLAIN",
+        "KAFKA_SASL_USERNAME": "shop",
+        "KAFKA_SASL_PASSWORD": "hunter2",
+    }
+    result = saga("relay", "--database-url", "sqlite:////nonexistent/x.db", env=env)
+    assert result.returncode == 2
+    assert "SASL PLAIN" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_demo_refuses_nonsense_counts() -> None:
+    result = saga("demo", "--orders", "0")
+    assert result.returncode == 2
+    assert "--orders" in result.stderr
