@@ -161,22 +161,45 @@ def require_configured(engine: AsyncEngine) -> str:
 # SQLSTATE classes PostgreSQL uses for "try the transaction again":
 # 40001 serialization_failure, 40P01 deadlock_detected, 08* connection errors,
 # 57P01..03 admin shutdown / crash shutdown / cannot connect now.
-_TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03")
+# 53* insufficient resources (too many connections, disk full), 55P03
+# lock_not_available, 57014 query_canceled (statement or lock timeout).
+_TRANSIENT_SQLSTATES = (
+    "40001",
+    "40P01",
+    "08",
+    "53",
+    "55P03",
+    "57014",
+    "57P01",
+    "57P02",
+    "57P03",
+)
+# SQLite reports contention and I/O trouble only through its messages.
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "busy", "disk i/o error")
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
     """Whether a database error may go away if the transaction is tried again.
 
-    True for lost connections, deadlocks, serialization failures and SQLite's
-    "database is locked"; false for constraint violations and SQL mistakes.
+    True for lost connections, deadlocks, serialization failures, lock and
+    statement timeouts, resource exhaustion and SQLite's "database is
+    locked"; false for constraint violations and SQL mistakes (which SQLite
+    also reports as OperationalError).
     """
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, InterfaceError):
         return True
     orig = getattr(exc, "orig", None)
     sqlstate = getattr(orig, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate.startswith(_TRANSIENT_SQLSTATES)
-    return isinstance(exc, OperationalError | InterfaceError)
+    if isinstance(exc, OperationalError):
+        if type(orig).__module__.startswith("sqlite3"):
+            message = str(orig).lower()
+            return any(marker in message for marker in _TRANSIENT_SQLITE)
+        return True
+    return False
 
 
 def translate_db_error(exc: SQLAlchemyError, what: str) -> StoreError:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.errors import ConfigurationError
 from outbox.tables import OutboxTables
 
 __all__ = ["ShardLeases"]
@@ -68,6 +69,12 @@ class ShardLeases:
         if self._created:
             return
         leases = self.tables.leases
+        existing = (await conn.execute(select(func.count()).select_from(leases))).scalar_one()
+        if existing and existing != self.shards:
+            raise ConfigurationError(
+                f"this outbox is split into {existing} shards, not {self.shards}: every "
+                "writer and relay of one outbox must use the same shard count"
+            )
         statement = (
             self._upsert(leases)
             .values([{"shard": s, "owner": None, "expires_at_ms": 0} for s in range(self.shards)])
@@ -79,9 +86,10 @@ class ShardLeases:
     async def claim(self, *, rebalance: bool = True) -> frozenset[int]:
         """Renew this relay's leases; return the shards it now holds.
 
-        With ``rebalance`` (the default) it also takes free shards up to its fair
-        share and gives back any surplus. Without it, it only renews: use that
-        while a batch of the held shards is being published.
+        It also takes free or expired shards up to its fair share. With
+        ``rebalance`` (the default) it gives back any surplus too; without it,
+        it never gives a shard away: use that while a batch of the held shards
+        is being published (taking a shard then is safe, giving one is not).
         """
         try:
             async with self.engine.begin() as conn:
@@ -115,9 +123,7 @@ class ShardLeases:
 
         mine = [r.shard for r in rows if r.owner == self.owner and r.expires_at_ms > now]
         free = [r.shard for r in rows if r.owner is None or r.expires_at_ms <= now]
-        if not rebalance:
-            pass
-        elif len(mine) > fair_share:
+        if len(mine) > fair_share and rebalance:
             surplus = mine[fair_share:]
             mine = mine[:fair_share]
             await conn.execute(
@@ -125,7 +131,7 @@ class ShardLeases:
                 .where(leases.c.shard.in_(surplus), leases.c.owner == self.owner)
                 .values(owner=None, expires_at_ms=0)
             )
-        else:
+        elif len(mine) < fair_share:
             mine += free[: fair_share - len(mine)]
         if mine:
             await conn.execute(

@@ -4,7 +4,9 @@ On PostgreSQL, writers send ``NOTIFY <outbox>_committed`` inside their
 transaction; the server delivers it only when (and if) the transaction
 commits. :class:`PostgresCommitListener` holds one ``LISTEN`` connection per
 relay and reconnects with backoff when it drops. A lost notification only
-costs latency: the relay still polls.
+costs latency: the relay still polls. The connection is made from the
+engine's URL alone (not its ``connect_args`` or connection hooks); where that
+cannot connect, the relay still works, by polling.
 """
 
 from __future__ import annotations

@@ -29,12 +29,14 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from tenacity import RetryCallState
 
 from outbox.errors import ConfigurationError, OutboxError, PublishError
+from outbox.message import StoredMessage
 from outbox.publisher import HeldBackError, Publisher
 from outbox.settings import RelaySettings
 from outbox.store import OutboxStore
@@ -104,6 +106,7 @@ class Relay:
         self._publishing = asyncio.Lock()
         self._shards: frozenset[int] = frozenset()
         self._lease_valid_until = 0.0
+        self._rebalance_due = False
         self._tasks: list[asyncio.Task[None]] = []
         self._published = 0
         self._parked = 0
@@ -163,17 +166,10 @@ class Relay:
 
     # -- leases ------------------------------------------------------------------
 
-    async def _claim(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _claim(self, *, rebalance: bool) -> None:
         ttl = self.settings.lease_ttl
-        started = loop.time()
-        if self._publishing.locked():
-            # A batch is in flight: renew what we hold, give nothing away.
-            shards = await self.store.claim_shards(self.name, ttl, rebalance=False)
-            self._shards = self._shards & shards
-        else:
-            async with self._publishing:
-                self._shards = await self.store.claim_shards(self.name, ttl)
+        started = asyncio.get_running_loop().time()
+        self._shards = await self.store.claim_shards(self.name, ttl, rebalance=rebalance)
         # Leave a margin: stop using the leases well before the database expires them.
         self._lease_valid_until = started + ttl.total_seconds() * 0.8
 
@@ -182,13 +178,25 @@ class Relay:
         attempt = 0
         while True:
             try:
-                await self._claim()
+                if self._publishing.locked():
+                    # A batch is in flight: renew and take free shards, but give
+                    # nothing away; the next round rebalances before it reads.
+                    await self._claim(rebalance=False)
+                    self._rebalance_due = True
+                else:
+                    async with self._publishing:
+                        await self._claim(rebalance=True)
                 attempt = 0
                 self.wake()
                 await asyncio.sleep(period)
-            except OutboxError as exc:
+            except Exception as exc:
                 attempt += 1
-                log.warning("relay %s could not renew its shard leases: %s", self.name, exc)
+                log.warning(
+                    "relay %s could not renew its shard leases: %s",
+                    self.name,
+                    exc,
+                    exc_info=not isinstance(exc, OutboxError),
+                )
                 await asyncio.sleep(min(self.settings.backoff.delay(attempt), period))
 
     def _held_shards(self) -> frozenset[int]:
@@ -207,6 +215,9 @@ class Relay:
             StoreError: The database failed.
         """
         async with self._publishing:
+            if self._rebalance_due:
+                self._rebalance_due = False
+                await self._claim(rebalance=True)
             shards = self._held_shards()
             if not shards:
                 return 0
@@ -214,6 +225,7 @@ class Relay:
             if not batch:
                 return 0
             outcomes = await self.publisher.publish(batch)
+            self._check_order(batch, outcomes)
             done = [m for m, error in zip(batch, outcomes, strict=True) if error is None]
             marked = await self.store.mark_published(done)
             self._published += marked
@@ -240,6 +252,33 @@ class Relay:
                 raise transient
             return len(batch)
 
+    def _check_order(
+        self, batch: Sequence[StoredMessage], outcomes: Sequence[PublishError | None]
+    ) -> None:
+        """Report a key whose later record was acknowledged after an earlier one failed.
+
+        Publishers hold back a key's records once one is refused, but a
+        failure reported only in the acknowledgement comes after the later
+        records were sent. The idempotent producer (on by default for Apache
+        Kafka) then fails them too; without it, the order of that key is
+        broken, and this says so rather than staying silent.
+        """
+        failed: set[bytes] = set()
+        for message, error in zip(batch, outcomes, strict=True):
+            if message.key is None or isinstance(error, HeldBackError):
+                continue
+            if error is not None:
+                failed.add(message.key)
+            elif message.key in failed:
+                log.error(
+                    "relay %s: message %s of key %r was published after an earlier message "
+                    "of the same key failed: that key is now out of order (enable the "
+                    "idempotent producer to prevent this)",
+                    self.name,
+                    message.message_id,
+                    message.key,
+                )
+
     async def _idle_wait(self) -> None:
         shards = self._held_shards()
         timeout = self.settings.poll_interval.total_seconds()
@@ -247,14 +286,19 @@ class Relay:
             due = await self.store.next_due_in(shards)
             if due is not None:
                 timeout = min(timeout, due.total_seconds() + 0.005)
+        # asyncio.timeout rather than wait_for: on Python 3.11 wait_for can swallow
+        # a cancellation that arrives as the event is set, and stop() would hang.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _publish_loop(self) -> None:
         while True:
+            # Every error is retried: a relay that stops publishing while it
+            # keeps renewing its leases would hold its shards hostage.
             retrying = self.settings.backoff.retrying(
-                retry_on=lambda exc: isinstance(exc, OutboxError),
+                retry_on=lambda exc: isinstance(exc, Exception),
                 before_sleep=self._log_retry,
             )
             async for attempt in retrying:
@@ -266,7 +310,13 @@ class Relay:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("relay %s will retry in %.2fs after: %s", self.name, wait, exc)
+        log.warning(
+            "relay %s will retry in %.2fs after: %s",
+            self.name,
+            wait,
+            exc,
+            exc_info=exc if exc is not None and not isinstance(exc, OutboxError) else None,
+        )
 
     # -- cleanup -----------------------------------------------------------------
 
@@ -276,7 +326,7 @@ class Relay:
             await asyncio.sleep(settings.cleanup_interval.total_seconds())
             try:
                 await self.purge_published()
-            except OutboxError as exc:
+            except Exception as exc:
                 log.warning("relay %s could not clean up the outbox: %s", self.name, exc)
 
     async def purge_published(self, older_than: timedelta | None = None) -> int:

@@ -282,13 +282,6 @@ class RelaySettings:
     poll_interval: timedelta = timedelta(seconds=1)
     """Fallback poll period when no wake-up (commit notification) arrives."""
 
-    shards: int = 16
-    """Number of key-hash shards. Fixed for the life of the outbox table.
-
-    Each shard is published by exactly one relay at a time, which keeps
-    per-key order with several relays. Change it only with an empty outbox.
-    """
-
     lease_ttl: timedelta = timedelta(seconds=10)
     """How long a relay's claim on a shard lasts without renewal.
 
@@ -315,12 +308,10 @@ class RelaySettings:
     """Most rows one cleanup statement deletes (keeps locks short)."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shards", "cleanup_batch_size"):
+        for name in ("batch_size", "cleanup_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-        if self.shards > 4096:
-            raise ConfigurationError("shards must be at most 4096")
         for name in ("poll_interval", "lease_ttl", "retention", "cleanup_interval"):
             _positive_duration(name, getattr(self, name))
         if self.lease_ttl < timedelta(seconds=1):

@@ -9,6 +9,12 @@ There is no id high-water mark anywhere: a row is pending until it is marked,
 so a transaction that took a lower id but committed later is simply picked up
 by the next read, and SQLite's reuse of row ids cannot hide a row. Rows are
 marked by ``(id, message_id)`` so that a reused id can never mark the wrong row.
+
+Rows of one key are published in id order. On PostgreSQL ids are handed out
+when rows are inserted, not when they commit: two transactions that write the
+same key concurrently are ordered by their inserts. Writers that need a key's
+order to follow their commits must serialise on the key (the saga runtime
+does: it locks the saga's row first).
 """
 
 from __future__ import annotations
@@ -166,6 +172,7 @@ class SqlOutboxStore(OutboxStore):
         self.dialect = require_configured(engine)
         self._callbacks: list[Callable[[], None]] = []
         self._leases: dict[str, ShardLeases] = {}
+        self._shards_checked = False
         self._added_key = f"outbox-added-{id(self):x}"
         self._committed_key = f"outbox-committed-{id(self):x}"
         t = tables.outbox
@@ -203,6 +210,8 @@ class SqlOutboxStore(OutboxStore):
         if not rows:
             return
         try:
+            if not self._shards_checked:
+                await self._check_shards(tx)
             await tx.execute(self._insert, rows)
             if self.dialect == "postgresql":
                 await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
@@ -210,6 +219,19 @@ class SqlOutboxStore(OutboxStore):
             raise translate_db_error(exc, "could not add outbox rows") from exc
         if self._callbacks:
             self._after_commit(tx)
+
+    async def _check_shards(self, tx: Transaction) -> None:
+        # Writers and relays must agree on the shard count, or one key's rows
+        # could land in two shards published by two relays at once. The
+        # relays' lease rows record the count the outbox was set up with.
+        leases = self.tables.leases
+        existing = (await tx.execute(select(func.count()).select_from(leases))).scalar_one()
+        if existing and existing != self.shards:
+            raise ConfigurationError(
+                f"this outbox is split into {existing} shards, not {self.shards}: every "
+                "writer and relay of one outbox must use the same shard count"
+            )
+        self._shards_checked = bool(existing)
 
     def _row(self, message: OutboxMessage) -> dict[str, Any]:
         delay_ms = None

@@ -27,13 +27,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
+    select,
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox.errors import ConfigurationError
 
-__all__ = ["OutboxTables", "validate_identifier"]
+__all__ = ["OutboxTables", "create_tables", "validate_identifier"]
 
 # Lower case only (PostgreSQL folds unquoted names) and short enough that the
 # derived index names stay within PostgreSQL's 63-byte identifier limit.
@@ -168,13 +170,33 @@ class OutboxTables:
         )
 
     async def create_all(self, engine: AsyncEngine) -> None:
-        """Create the four tables (and indexes) if they do not exist yet."""
-        tables = [self.outbox, self.inbox, self.leases, self.relays]
-        async with engine.begin() as conn:
-            await conn.run_sync(self.metadata.create_all, tables=tables, checkfirst=True)
+        """Create the four tables (and indexes) if they do not exist yet.
+
+        Safe when several instances start at once (see :func:`create_tables`).
+        """
+        await create_tables(engine, [self.outbox, self.inbox, self.leases, self.relays])
 
     async def drop_all(self, engine: AsyncEngine) -> None:
         """Drop the four tables if they exist."""
         tables = [self.outbox, self.inbox, self.leases, self.relays]
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.drop_all, tables=tables, checkfirst=True)
+
+
+async def create_tables(engine: AsyncEngine, tables: list[Table]) -> None:
+    """Create ``tables`` if missing, one creator at a time.
+
+    On PostgreSQL two processes checking and creating at once both see the
+    table missing and the second fails; a transaction-scoped advisory lock
+    makes them take turns. (SQLite's write lock already does.)
+    """
+    if not tables:
+        return
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(select(func.pg_advisory_xact_lock(_CREATE_LOCK)))
+        await conn.run_sync(tables[0].metadata.create_all, tables=tables, checkfirst=True)
+
+
+# An arbitrary constant naming the "creating outbox tables" advisory lock.
+_CREATE_LOCK = 0x63686F7265  # "chore"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from outbox import OutboxMessage, RetryPolicy
+from outbox import OutboxMessage, RetryPolicy, is_transient_db_error
 from saga.context import SagaContext, outgoing
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import ConfigurationError, HandlerError
@@ -151,41 +151,67 @@ class Choreography:
         ctx.stamp = view
         out: list[OutboxMessage] = []
         kind = envelope.type
+        charged = _charged(broken, kind, part)
         if kind == COMPENSATE:
-            view = await self._compensate(ctx, part, view, out, broken)
+            view = await self._compensate(ctx, part, view, out, broken, charged)
         elif kind == DEADLINE_REACHED:
             if part.initiator and view.status is SagaStatus.RUNNING:
                 log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
                 view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
                 view = self._next_compensation(ctx, view, out)
-        elif kind == SAGA_ENDED:
-            if part.on_end is not None and view.status.is_terminal and ended is not view.status:
-                ctx.stamp = view
-                if broken is None:
-                    await part.on_end.handler(ctx)
-                else:
-                    log.error(
-                        "%s: end handler of saga %s gave up: %r", self.service, view.saga_id, broken
-                    )
-                out += self._messages(ctx, view)
-                ended = view.status
         elif kind in part.steps:
-            view = await self._step(ctx, part, part.steps[kind], view, out, broken)
-        if part.initiator and kind not in FRAMEWORK_EVENTS and before is not None:
-            self._late_steps(ctx, before.stamp, envelope.stamp, view, out)
+            view = await self._step(ctx, part.steps[kind], view, out, broken, charged)
+        if part.initiator and before is not None and kind not in (COMPENSATE, DEADLINE_REACHED):
+            self._catch_up(ctx, before.stamp, view, out, redrive=kind == SAGA_ENDED)
+        if part.on_end is not None and view.status.is_terminal and ended is not view.status:
+            ended = await self._end(ctx, part.on_end, view, out, broken, charged)
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
         return out
+
+    async def _run(self, role: str, registered: Registered, ctx: SagaContext) -> None:
+        """Run a user handler; tag what it raises with its role in the saga."""
+        try:
+            await registered.handler(ctx)
+        except HandlerError as exc:
+            exc.role = exc.role or role
+            raise
+        except Exception as exc:
+            retriable = is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
+            raise HandlerError(
+                f"{role} handler {registered.step or 'end'!s} of {self.service} raised {exc!r}",
+                retriable=retriable,
+                role=role,
+            ) from exc
+
+    async def _end(
+        self,
+        ctx: SagaContext,
+        registered: Registered,
+        view: Stamp,
+        out: list[OutboxMessage],
+        broken: BaseException | None,
+        charged: str | None,
+    ) -> SagaStatus:
+        """Run the initiator's end handler, once per terminal status."""
+        ctx.step = None
+        ctx.stamp = view
+        if charged != "end":
+            await self._run("end", registered, ctx)
+        else:
+            log.error("%s: end handler of saga %s gave up: %r", self.service, view.saga_id, broken)
+        out += self._messages(ctx, view)
+        return view.status
 
     # -- forward ---------------------------------------------------------------------
 
     async def _step(
         self,
         ctx: SagaContext,
-        part: Participation,
         registered: Registered,
         view: Stamp,
         out: list[OutboxMessage],
         broken: BaseException | None,
+        charged: str | None,
     ) -> Stamp:
         name = registered.step
         assert name is not None
@@ -210,10 +236,10 @@ class Choreography:
             return view  # already performed (a second trigger of the same step)
         ctx.step = name
         ctx.stamp = view
-        if broken is None:
-            await registered.handler(ctx)
+        if charged != "step":
+            await self._run("step", registered, ctx)
         else:
-            ctx.failure = f"step {name} failed: {broken!r}"[:500]
+            ctx.failure = f"step {name} failed: {_cause(broken)!r}"[:500]
         immediate = [e for e in ctx.emissions if e.delay is None and e.deliver_at is None]
         if ctx.failure is not None:
             view = view.with_step(self._record(name, StepOutcome.FAILED, ctx.results))
@@ -238,30 +264,31 @@ class Choreography:
         out += self._messages(ctx, view)
         return view
 
-    def _late_steps(
+    def _catch_up(
         self,
         ctx: SagaContext,
         before: Stamp,
-        incoming: Stamp,
         view: Stamp,
         out: list[OutboxMessage],
+        *,
+        redrive: bool,
     ) -> None:
-        """Compensate steps that completed after the saga stopped running."""
-        if before.status is SagaStatus.RUNNING or before.status is SagaStatus.COMPLETED:
+        """At the initiator: undo steps the compensation chain has not covered.
+
+        A step that reports in after compensation began (a late event) is
+        undone at once. When a chain announces its end while this view still
+        holds a done step (a branch the chain never saw), compensation is
+        asked for again.
+        """
+        if view.status is not SagaStatus.COMPENSATING:
             return
-        known = {(s.name, s.outcome) for s in before.steps}
-        undone = {
-            s.name
-            for s in view.steps
-            if s.outcome in (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
-        }
-        late = [
-            s
-            for s in reversed(incoming.steps)
-            if s.outcome is StepOutcome.DONE
-            and (s.name, s.outcome) not in known
-            and s.name not in undone
-        ]
+        pending = view.to_compensate()
+        done_before = {s.name for s in before.steps if s.outcome is StepOutcome.DONE}
+        late = (
+            [s for s in pending if s.name not in done_before]
+            if before.status is not SagaStatus.RUNNING
+            else []
+        )
         for step in late:
             log.warning(
                 "%s: step %s of saga %s finished after compensation began; undoing it",
@@ -269,6 +296,9 @@ class Choreography:
                 step.name,
                 view.saga_id,
             )
+        if redrive and pending and not late:
+            late = pending[:1]
+        for step in late:
             out += self._framework(
                 ctx, view, COMPENSATE, {"step": step.name, "reason": view.reason}
             )
@@ -282,6 +312,7 @@ class Choreography:
         view: Stamp,
         out: list[OutboxMessage],
         broken: BaseException | None,
+        charged: str | None,
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
         registered = part.compensations.get(name)
@@ -289,15 +320,15 @@ class Choreography:
             return view  # another service's step
         outcomes = {s.outcome for s in view.steps if s.name == name}
         if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
-            return view  # already undone: compensation runs once
-        if StepOutcome.DONE in outcomes:
+            pass  # already undone: compensation runs once; the chain goes on
+        elif StepOutcome.DONE in outcomes:
             ctx.step = name
             ctx.stamp = view
             outcome = StepOutcome.COMPENSATED
             if registered is None:
                 pass  # a step with nothing to undo
-            elif broken is None:
-                await registered.handler(ctx)
+            elif charged != "compensation":
+                await self._run("compensation", registered, ctx)
             else:
                 outcome = StepOutcome.COMPENSATION_FAILED
                 log.error(
@@ -308,7 +339,7 @@ class Choreography:
                     broken,
                 )
                 ctx.emissions.clear()
-                ctx.results["error"] = repr(broken)[:500]
+                ctx.results["error"] = repr(_cause(broken))[:500]
             view = view.with_step(self._record(name, outcome, ctx.results))
             out += self._messages(ctx, view)
         return self._next_compensation(ctx, view, out)
@@ -335,7 +366,10 @@ class Choreography:
         return StepRecord(name=name, service=self.service, outcome=outcome, at=_now(), data=data)
 
     def _messages(self, ctx: SagaContext, stamp: Stamp) -> list[OutboxMessage]:
-        return [message for _, message in ctx.envelopes(self.codec, stamp)]
+        """Encode what the handler emitted so far, with ``stamp``; each only once."""
+        messages = [message for _, message in ctx.envelopes(self.codec, stamp)]
+        ctx.emissions.clear()
+        return messages
 
     def _framework(
         self, ctx: SagaContext, stamp: Stamp, event_type: str, data: Mapping[str, Any]
@@ -393,3 +427,26 @@ def check_step_name(name: str) -> str:
     if not name or len(name) > 100 or not name.isidentifier():
         raise ConfigurationError(f"{name!r} is not a valid step or saga name (an identifier)")
     return name
+
+
+def _charged(broken: BaseException | None, kind: str, part: Participation) -> str | None:
+    """Which handler the error that made this message's handling give up is charged to.
+
+    Errors raised by a handler carry its role; any other error (for example
+    events a step emitted that do not fit their schema) is charged to the
+    handler the message triggers.
+    """
+    if broken is None:
+        return None
+    role = getattr(broken, "role", None)
+    if isinstance(role, str):
+        return role
+    if kind == COMPENSATE:
+        return "compensation"
+    return "step" if kind in part.steps else "end"
+
+
+def _cause(broken: BaseException | None) -> BaseException:
+    """The user's own exception behind a handler failure."""
+    assert broken is not None
+    return broken.__cause__ or broken

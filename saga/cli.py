@@ -3,6 +3,7 @@
 ``saga demo``           run the reference shop saga end to end and check it
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
+``saga outbox``         list parked outbox rows, or release them for another try
 """
 
 from __future__ import annotations
@@ -161,6 +162,54 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "outbox",
+        help="inspect an outbox: counts, parked rows; retry parked rows",
+        description="Rows the relay could not publish (too large, invalid topic, ...) are "
+        "parked with their error; later rows of the same key wait behind them. Fix the "
+        "cause, then retry them.",
+    )
+    p.add_argument("action", choices=("stats", "parked", "retry"), help="what to do")
+    p.add_argument(
+        "message_ids", nargs="*", help="with retry: only these message ids (default: all)"
+    )
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="database holding the outbox (default: $DATABASE_URL)",
+    )
+    p.add_argument("--outbox-table", default="outbox", help="outbox table name")
+
+
+async def _run_outbox(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        raise SagaError("give --database-url or set DATABASE_URL")
+    engine = create_engine(args.database_url)
+    store = SqlOutboxStore(engine, OutboxTables(outbox=args.outbox_table))
+    try:
+        if args.action == "stats":
+            stats = await store.stats()
+            print(
+                f"pending {stats.pending}, scheduled {stats.scheduled}, "
+                f"parked {stats.parked}, published {stats.published}"
+            )
+        elif args.action == "parked":
+            for parked in await store.parked(limit=1000):
+                message = parked.message
+                print(
+                    f"{message.message_id}  topic={message.topic} key={message.key!r} "
+                    f"attempts={message.attempts} parked_at={parked.parked_at.isoformat()}  "
+                    f"{parked.error}"
+                )
+        else:
+            count = await store.retry_parked(args.message_ids or None)
+            print(f"released {count} parked row(s) for another try")
+    finally:
+        await engine.dispose()
+    return 0
+
+
 def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("schemas", help="work with the Avro schemas")
     actions = p.add_subparsers(dest="action", required=True)
@@ -199,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _relay_parser(sub)
     _schemas_parser(sub)
+    _outbox_parser(sub)
     return parser
 
 
@@ -216,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "schemas":
             return _run_schemas(args)
+        if args.command == "outbox":
+            return asyncio.run(_run_outbox(args))
     except (SagaError, OutboxError) as exc:
         print(f"saga {args.command}: {exc}", file=sys.stderr)
         return 2

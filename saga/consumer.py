@@ -75,6 +75,8 @@ class PartitionedConsumer:
         process: Called once per record, in offset order within a partition.
         max_buffered: Records fetched but not processed, per partition, above
             which the partition is paused.
+        grace: Seconds a partition's worker may take to finish its current
+            record when the partition is revoked or the consumer stops.
     """
 
     def __init__(
@@ -85,8 +87,10 @@ class PartitionedConsumer:
         settings: KafkaSettings,
         process: Process,
         max_buffered: int = 1000,
+        grace: float = 10.0,
     ) -> None:
         self.group_id = group_id
+        self._grace = grace
         self.topics = sorted(set(topics))
         if not self.topics:
             raise ConfigurationError("a consumer needs at least one topic")
@@ -152,7 +156,7 @@ class PartitionedConsumer:
                 attempt = 0
             except ConsumerStoppedError:
                 return
-            except KafkaError as exc:
+            except Exception as exc:  # the fetch loop must outlive any failure
                 attempt += 1
                 delay = _BACKOFF.delay(attempt)
                 log.warning(
@@ -232,7 +236,7 @@ class PartitionedConsumer:
             try:
                 await self._consumer.commit({part.tp: offset})
                 part.committed = offset
-            except KafkaError as exc:
+            except Exception as exc:
                 # Not fatal: the records will be redelivered and the inbox
                 # recognises them.
                 log.warning(
@@ -240,14 +244,29 @@ class PartitionedConsumer:
                 )
 
     async def _retire(self, partitions: Iterable[TopicPartition]) -> None:
-        """Stop the workers of ``partitions`` after their current record; commit."""
+        """Stop the workers of ``partitions`` after their current record; commit.
+
+        A worker still busy after the grace period (a record retried through a
+        database outage) is cancelled: its transaction rolls back and the
+        record, not committed, is delivered again to whoever owns it next.
+        """
         parts = [p for tp in partitions if (p := self._parts.pop(tp, None)) is not None]
         for part in parts:
             part.revoked = True
             part.queue.put_nowait(None)
+        tasks = [part.task for part in parts if part.task is not None]
+        if tasks:
+            _, busy = await asyncio.wait(tasks, timeout=self._grace)
+            for task in busy:
+                log.warning(
+                    "consumer %s cancels %s after %.0fs",
+                    self.group_id,
+                    task.get_name(),
+                    self._grace,
+                )
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
         for part in parts:
-            if part.task is not None:
-                await asyncio.gather(part.task, return_exceptions=True)
             await self._commit(part)
 
 

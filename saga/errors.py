@@ -79,6 +79,8 @@ class BrokerError(SagaError):
 class HandlerError(SagaError):
     """A message handler raised; the original exception is the ``__cause__``."""
 
-    def __init__(self, message: str, *, retriable: bool = False) -> None:
+    def __init__(self, message: str, *, retriable: bool = False, role: str | None = None) -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.role = role
+        """Which handler failed: ``"step"``, ``"compensation"`` or ``"end"``."""

@@ -48,6 +48,7 @@ from outbox import (
     Transaction,
     is_transient_db_error,
 )
+from outbox.tables import create_tables
 from saga.choreography import (
     Choreography,
     Participation,
@@ -60,9 +61,9 @@ from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
 from saga.context import MessageContext, RecordInfo, SagaContext, outgoing
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import ConfigurationError, DecodeError
+from saga.errors import ConfigurationError, DecodeError, HandlerError
 from saga.stamp import SagaStatus, Stamp
-from saga.state import SagaStates, SagaView
+from saga.state import SagaStates
 from saga.tracecontext import use_trace_headers
 
 __all__ = ["Handler", "Service", "ServiceSettings", "ServiceStats"]
@@ -149,7 +150,21 @@ class _Subscription:
 
 
 def _is_transient(exc: BaseException) -> bool:
+    """Worth another attempt with the handler's retry policy."""
     return is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """The database is unavailable: retry without end rather than give up on the message.
+
+    A handler's own retriable errors are not outages: once its retry policy is
+    spent, the message is given up on (a step fails, a compensation is
+    recorded as failed) so that one message cannot block its partition.
+    """
+    if isinstance(exc, OutboxError):
+        return exc.retriable
+    cause = exc.__cause__ if isinstance(exc, HandlerError) else exc
+    return cause is not None and is_transient_db_error(cause)
 
 
 class Service:
@@ -204,7 +219,6 @@ class Service:
         self.stats = ServiceStats()
         self._subscriptions: dict[tuple[str, str], _Subscription] = {}
         self._sagas: dict[str, Participation] = {}
-        self._saga_topics: dict[str, Participation] = {}
         self._consumer: PartitionedConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = _State.UNOPENED
@@ -358,9 +372,8 @@ class Service:
             started_at=now,
             deadline=deadline,
         )
-        if await self.states.load(tx, saga_id) is not None:
+        if not await self.states.create(tx, stamp):
             raise ConfigurationError(f"saga {saga_id} was already started")
-        await self.states.save(tx, SagaView(stamp=stamp))
         messages = start_messages(
             self.envelopes,
             source=self.source,
@@ -382,6 +395,10 @@ class Service:
         return await self.states.stuck(self.engine, older_than)
 
     @property
+    def _saga_topics(self) -> dict[str, Participation]:
+        return {part.topic: part for part in self._sagas.values()}
+
+    @property
     def topics(self) -> frozenset[str]:
         """Topics this service subscribes to."""
         plain = {topic for topic, _ in self._subscriptions}
@@ -390,18 +407,17 @@ class Service:
     # -- lifecycle ------------------------------------------------------------------
 
     async def create_tables(self) -> None:
-        """Create the outbox, inbox and saga state tables if they do not exist."""
-        await self.tables.create_all(self.engine)
-        async with self.engine.begin() as conn:
-            await conn.run_sync(
-                self.tables.metadata.create_all, tables=[self.states.table], checkfirst=True
-            )
+        """Create the outbox, inbox and saga state tables if they do not exist.
+
+        Safe when several instances of the service start at once.
+        """
+        t = self.tables
+        await create_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
 
     async def start(self) -> None:
         """Start the relay, then join the consumer group."""
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a service that is {self._state.value}")
-        self._saga_topics = {part.topic: part for part in self._sagas.values()}
         clash = self._saga_topics.keys() & {topic for topic, _ in self._subscriptions}
         if clash:
             raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
@@ -510,7 +526,7 @@ class Service:
                 policy, lambda: self._transaction(subscription.handler, envelope, info)
             )
         except Exception as exc:
-            if _is_transient(exc):
+            if _is_outage(exc):
                 raise  # an outage, not bad input: the consumer retries the record
             self._failed(record, envelope, exc)
             return
@@ -542,7 +558,7 @@ class Service:
                 policy, lambda: self._saga_transaction(part, envelope, info, None)
             )
         except Exception as exc:
-            if _is_transient(exc):
+            if _is_outage(exc):
                 raise
             # The handler gave up: fail the step (or record the compensation
             # as failed) in a fresh transaction, so that the saga still ends.
@@ -562,7 +578,7 @@ class Service:
                     lambda: self._saga_transaction(part, envelope, info, broken),
                 )
             except Exception as again:
-                if _is_transient(again):
+                if _is_outage(again):
                     raise
                 self._failed(record, envelope, again)
                 return

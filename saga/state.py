@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    func,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,16 +36,18 @@ from outbox import Transaction
 from outbox.database import db_now_ms
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
-from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp
+from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome
 
 __all__ = ["SagaStates", "SagaView", "merge"]
 
+# Once compensation began, a completion reported later is a late step to undo:
+# COMPENSATING outranks COMPLETED.
 _RANK = {
     SagaStatus.RUNNING: 0,
-    SagaStatus.COMPENSATING: 1,
-    SagaStatus.COMPLETED: 2,
-    SagaStatus.COMPENSATED: 2,
-    SagaStatus.FAILED: 3,
+    SagaStatus.COMPLETED: 1,
+    SagaStatus.COMPENSATING: 2,
+    SagaStatus.COMPENSATED: 3,
+    SagaStatus.FAILED: 4,
 }
 
 
@@ -60,22 +63,41 @@ class SagaView:
 
 
 def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
-    """Merge a stamp into a view: statuses only advance, steps accumulate."""
+    """Merge a stamp into a view: statuses only advance, steps accumulate.
+
+    The merged status is then settled against the steps: a saga said to be
+    compensated while a done step is still to undo is compensating, and one
+    with a compensation that failed ends failed, whoever reported what.
+    """
     if view is None:
-        return incoming
+        return settle(incoming)
     known = {(s.name, s.outcome) for s in view.steps}
     steps = view.steps + tuple(s for s in incoming.steps if (s.name, s.outcome) not in known)
     ahead = _RANK[incoming.status] > _RANK[view.status]
     status = incoming.status if ahead else view.status
     reason = (incoming.reason or view.reason) if ahead else (view.reason or incoming.reason)
-    return replace(
-        view,
-        status=status,
-        reason=reason,
-        steps=steps,
-        deadline=view.deadline or incoming.deadline,
-        version=max(view.version, incoming.version),
+    return settle(
+        replace(
+            view,
+            status=status,
+            reason=reason,
+            steps=steps,
+            deadline=view.deadline or incoming.deadline,
+            version=max(view.version, incoming.version),
+        )
     )
+
+
+def settle(stamp: Stamp) -> Stamp:
+    """The status a stamp's steps allow (see :func:`merge`)."""
+    status = stamp.status
+    if status in (SagaStatus.COMPENSATED, SagaStatus.FAILED) and stamp.to_compensate():
+        status = SagaStatus.COMPENSATING
+    elif status is SagaStatus.COMPENSATED and any(
+        s.outcome is StepOutcome.COMPENSATION_FAILED for s in stamp.steps
+    ):
+        status = SagaStatus.FAILED
+    return stamp if status is stamp.status else replace(stamp, status=status)
 
 
 class SagaStates:
@@ -92,6 +114,7 @@ class SagaStates:
     ) -> None:
         validate_identifier("saga state table", name)
         self.codec = codec
+        self._dialect = dialect
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         existing = metadata.tables.get(name)
         self.table = existing if existing is not None else self._define(metadata, name)
@@ -119,11 +142,17 @@ class SagaStates:
             table.c.saga_id == bindparam("saga_id")
         )
         self._select_for_update = self._select.with_for_update()
+        self._advisory_lock = select(
+            func.pg_advisory_xact_lock(func.hashtext(bindparam("saga_id", type_=String())))
+        )
         columns = ("saga_name", "status", "version", "stamp", "ended")
         upsert = self._insert(table).values(
             saga_id=bindparam("saga_id"),
             **{name: bindparam(name) for name in columns},
             updated_at_ms=db_now_ms(),
+        )
+        self._create = upsert.on_conflict_do_nothing(index_elements=["saga_id"]).returning(
+            table.c.saga_id
         )
         self._upsert = upsert.on_conflict_do_update(
             index_elements=["saga_id"],
@@ -134,7 +163,15 @@ class SagaStates:
         )
 
     async def load(self, tx: Transaction, saga_id: str, *, lock: bool = True) -> SagaView | None:
-        """Read a saga's view inside ``tx`` (locked for update on PostgreSQL)."""
+        """Read a saga's view inside ``tx``, locked until ``tx`` ends.
+
+        On PostgreSQL a transaction-scoped advisory lock on the saga id comes
+        first: ``FOR UPDATE`` alone locks nothing while the row does not exist,
+        and two first messages of a saga must not both insert a view.
+        (SQLite transactions already hold the database's write lock.)
+        """
+        if lock and self._dialect == "postgresql":
+            await tx.execute(self._advisory_lock, {"saga_id": saga_id})
         query = self._select_for_update if lock else self._select
         row = (await tx.execute(query, {"saga_id": saga_id})).first()
         if row is None:
@@ -142,10 +179,15 @@ class SagaStates:
         ended = None if row.ended is None else SagaStatus(row.ended)
         return SagaView(stamp=self._decode(row.stamp), ended=ended)
 
-    async def save(self, tx: Transaction, view: SagaView) -> None:
-        """Insert or replace a saga's view inside ``tx``."""
+    async def create(self, tx: Transaction, stamp: Stamp) -> bool:
+        """Insert the first view of a new saga; ``False`` if the saga id is taken."""
+        values = self._values(SagaView(stamp=stamp))
+        inserted = await tx.execute(self._create, values)
+        return inserted.first() is not None
+
+    def _values(self, view: SagaView) -> dict[str, object]:
         stamp = view.stamp
-        values = {
+        return {
             "saga_id": stamp.saga_id,
             "saga_name": stamp.saga_name,
             "status": stamp.status.value,
@@ -153,7 +195,10 @@ class SagaStates:
             "stamp": self.codec.encode(STAMP_SCHEMA, stamp.to_avro()),
             "ended": None if view.ended is None else view.ended.value,
         }
-        await tx.execute(self._upsert, values)
+
+    async def save(self, tx: Transaction, view: SagaView) -> None:
+        """Insert or replace a saga's view inside ``tx``."""
+        await tx.execute(self._upsert, self._values(view))
 
     async def get(self, engine: AsyncEngine, saga_id: str) -> Stamp | None:
         """Read a saga's merged stamp outside any transaction."""

@@ -66,3 +66,37 @@ def test_demo_refuses_nonsense_counts() -> None:
     result = saga("demo", "--orders", "0")
     assert result.returncode == 2
     assert "--orders" in result.stderr
+
+
+def test_outbox_commands_list_and_release_parked_rows(tmp_path: Path) -> None:
+    import asyncio
+
+    from outbox import OutboxMessage, OutboxTables, SqlOutboxStore, create_engine
+
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+
+    async def park_one() -> str:
+        engine = create_engine(url)
+        tables = OutboxTables()
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", key=b"k", value=b"x" * 10)])
+        (row,) = await store.fetch_due(set(range(store.shards)), 10)
+        await store.record_failure(row, "record too large for the broker", park=True)
+        await engine.dispose()
+        return row.message_id
+
+    message_id = asyncio.run(park_one())
+
+    listed = saga("outbox", "parked", "--database-url", url)
+    assert listed.returncode == 0, listed.stderr
+    assert message_id in listed.stdout
+    assert "record too large for the broker" in listed.stdout
+    assert "parked 1" in saga("outbox", "stats", "--database-url", url).stdout
+
+    released = saga("outbox", "retry", message_id, "--database-url", url)
+    assert released.stdout.strip() == "released 1 parked row(s) for another try"
+    assert (
+        "pending 1, scheduled 0, parked 0" in saga("outbox", "stats", "--database-url", url).stdout
+    )

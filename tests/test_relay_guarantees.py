@@ -230,7 +230,12 @@ def relay_process(url: str, settings: KafkaSettings, name: str) -> subprocess.Po
 
 def stop_process(process: subprocess.Popen[str]) -> dict[str, Any]:
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=30)
+    try:
+        out, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()  # never leave a relay running behind a failed test
+        process.communicate()
+        raise
     assert process.returncode == 0, out
     return dict(json.loads(out.strip().splitlines()[-1]))
 

@@ -243,8 +243,6 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     "options",
     [
         {"batch_size": 0},
-        {"shards": 0},
-        {"shards": 5000},
         {"poll_interval": timedelta(0)},
         {"lease_ttl": timedelta(milliseconds=500)},
         {"retention": timedelta(seconds=-1)},
@@ -253,8 +251,6 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     ],
     ids=[
         "no batch",
-        "no shards",
-        "too many shards",
         "zero poll",
         "short lease",
         "negative retention",

@@ -1,0 +1,7 @@
+"""``python -m services``: run a reference service, place orders, count outcomes."""
+
+import sys
+
+from services.run import main
+
+sys.exit(main())

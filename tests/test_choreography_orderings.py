@@ -1,0 +1,346 @@
+"""Saga outcomes under adversarial message orders, delivered deterministically.
+
+A one-partition "topic" in memory stands in for Kafka so that each test can
+put messages in exactly the order that makes a race happen: every service
+reads every record through its real processing path (decode, inbox, saga
+view, handlers, retries), and what its transaction wrote to its outbox is
+appended to the partition. Databases are real SQLite files. The same
+behaviours over the real broker are in test_saga_reference.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox.message import decode_headers
+from saga import (
+    AvroCodec,
+    ConfigurationError,
+    KafkaSettings,
+    SagaContext,
+    SchemaRegistry,
+    Service,
+    create_engine,
+)
+
+EVENTS = ("Start", "A", "B")
+
+
+def codec() -> AvroCodec:
+    registry = SchemaRegistry.default()
+    for name in EVENTS:
+        registry.register(
+            {
+                "type": "record",
+                "name": name,
+                "namespace": "ex",
+                "fields": [{"name": "id", "type": "string"}],
+            }
+        )
+    return AvroCodec(registry)
+
+
+class Partition:
+    """One FIFO partition shared by every service of a test."""
+
+    def __init__(self, services: list[Service]) -> None:
+        self.services = services
+        self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        self.delivered = 0
+
+    async def collect(self, service: Service, *, scheduled: bool = False) -> list[Any]:
+        """Move what ``service`` committed to its outbox onto the partition.
+
+        Scheduled rows (deadlines) are held back unless ``scheduled``: the
+        test decides where they land.
+        """
+        table = service.tables.outbox
+        query = sa.select(table).where(table.c.published_at_ms.is_(None)).order_by(table.c.id)
+        if not scheduled:
+            query = query.where(table.c.due_at_ms.is_(None))
+        async with service.engine.begin() as conn:
+            rows = (await conn.execute(query)).all()
+            await conn.execute(
+                sa.update(table)
+                .where(table.c.id.in_([r.id for r in rows]))
+                .values(published_at_ms=0)
+            )
+        for row in rows:
+            self.records.append((row.key, row.value, list(decode_headers(row.headers))))
+        return rows
+
+    async def deliver_next(self) -> None:
+        key, value, headers = self.records[self.delivered]
+        offset = self.delivered
+        self.delivered += 1
+        for service in self.services:
+            record = ConsumerRecord(
+                topic="saga.trip",
+                partition=0,
+                offset=offset,
+                timestamp=0,
+                timestamp_type=0,
+                key=key,
+                value=value,
+                checksum=None,
+                serialized_key_size=len(key or b""),
+                serialized_value_size=len(value),
+                headers=headers,
+            )
+            await service._process(record)  # the consumer's entry point
+            await self.collect(service)
+
+    async def drain(self) -> None:
+        while self.delivered < len(self.records):
+            await self.deliver_next()
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Callable[[str], Service]]:
+    shared = codec()
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")  # never contacted here
+    made: list[Service] = []
+
+    def factory(name: str) -> Service:
+        engine = create_engine(f"sqlite:///{tmp_path / name}.db")
+        service = Service(name, engine=engine, kafka=kafka, codec=shared)
+        made.append(service)
+        return service
+
+    yield factory
+    for service in made:
+        await service.engine.dispose()
+
+
+async def start(service: Service, saga_id: str, deadline: timedelta | None = None) -> None:
+    async with AsyncSession(service.engine) as session, session.begin():
+        await service.start_saga(
+            session,
+            "trip",
+            saga_id=saga_id,
+            event_type="ex.Start",
+            data={"id": saga_id},
+            deadline=deadline,
+        )
+
+
+def ended_log(service: Service) -> list[str]:
+    ended: list[str] = []
+
+    @service.on_saga_end("trip")
+    async def on_end(ctx: SagaContext) -> None:
+        ended.append(ctx.stamp.status.value)
+
+    return ended
+
+
+async def steps(service: Service, saga_id: str) -> list[tuple[str, str]]:
+    stamp = await service.saga_state(saga_id)
+    assert stamp is not None
+    return [(s.name, s.outcome.value) for s in stamp.steps]
+
+
+async def test_completion_after_the_deadline_fired_is_undone(
+    make: Callable[[str], Service],
+) -> None:
+    trips, flights, hotels = make("trips"), make("flights"), make("hotels")
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @flights.compensation("book_seat", saga="trip")
+    async def cancel_seat(ctx: SagaContext) -> None:
+        undone.append("seat")
+
+    @hotels.step("book_room", saga="trip", on="ex.A")
+    async def room(ctx: SagaContext) -> None:
+        ctx.complete()  # the last step completes the saga...
+
+    @hotels.compensation("book_room", saga="trip")
+    async def cancel_room(ctx: SagaContext) -> None:
+        undone.append("room")
+
+    every = [trips, flights, hotels]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=1))
+    await partition.collect(trips)  # Start
+    await partition.deliver_next()  # flights books the seat: A
+    # ... but the deadline message lands before the room was booked.
+    await partition.collect(trips, scheduled=True)  # DeadlineReached
+    await partition.drain()
+
+    assert ended == ["COMPENSATED"]  # never told "completed"
+    assert sorted(undone) == ["room", "seat"]
+    assert (await trips.saga_state("t1")).status.value == "COMPENSATED"
+
+
+async def test_refund_that_fails_for_good_ends_the_saga_failed(
+    make: Callable[[str], Service],
+) -> None:
+    order, inventory, payment = make("order"), make("inventory"), make("payment")
+    ended = ended_log(order)
+
+    @inventory.step("reserve_stock", saga="trip", on="ex.Start")
+    async def reserve(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("reserve_stock", saga="trip")
+    async def release(ctx: SagaContext) -> None:
+        pass
+
+    @payment.step("charge_payment", saga="trip", on="ex.A")
+    async def charge(ctx: SagaContext) -> None:
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @payment.compensation("charge_payment", saga="trip")
+    async def refund(ctx: SagaContext) -> None:
+        raise RuntimeError("the card network refuses the refund")
+
+    @order.step("complete_order", saga="trip", on="ex.B")
+    async def complete(ctx: SagaContext) -> None:
+        ctx.complete()
+
+    every = [order, inventory, payment]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(order, "o1", deadline=timedelta(hours=1))
+    await partition.collect(order)
+    await partition.deliver_next()  # Start -> A (stock reserved)
+    # The deadline fires while payment charges the card: A, then the deadline.
+    await partition.collect(order, scheduled=True)
+    await partition.drain()
+
+    assert ended[-1] == "FAILED"
+    assert "COMPENSATED" not in ended  # never announced as cleanly undone
+    stamp = await order.saga_state("o1")
+    assert stamp is not None
+    assert stamp.status.value == "FAILED"
+    assert ("charge_payment", "COMPENSATION_FAILED") in await steps(order, "o1")
+    assert ("reserve_stock", "COMPENSATED") in await steps(order, "o1")
+
+
+async def test_a_branch_the_failing_service_never_saw_is_undone(
+    make: Callable[[str], Service],
+) -> None:
+    order, inventory, payment, shipping = (
+        make("order"),
+        make("inventory"),
+        make("payment"),
+        make("shipping"),
+    )
+    ended = ended_log(order)
+    undone: list[str] = []
+
+    @inventory.step("reserve_stock", saga="trip", on="ex.Start")
+    async def reserve(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("reserve_stock", saga="trip")
+    async def release(ctx: SagaContext) -> None:
+        undone.append("stock")
+
+    @payment.step("hold_funds", saga="trip", on="ex.Start")  # a parallel branch
+    async def hold(ctx: SagaContext) -> None:
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @payment.compensation("hold_funds", saga="trip")
+    async def unhold(ctx: SagaContext) -> None:
+        undone.append("hold")
+
+    @shipping.step("create_shipment", saga="trip", on="ex.A")
+    async def ship(ctx: SagaContext) -> None:
+        ctx.fail("no carrier")
+
+    every = [order, inventory, payment, shipping]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(order, "o1")
+    await partition.collect(order)
+    await partition.drain()
+
+    assert sorted(undone) == ["hold", "stock"]
+    assert ended == ["COMPENSATED"]
+    assert (await order.saga_state("o1")).status.value == "COMPENSATED"
+
+
+async def test_a_compensation_requested_twice_runs_once(
+    make: Callable[[str], Service],
+) -> None:
+    order, inventory, shipping = make("order"), make("inventory"), make("shipping")
+    ended = ended_log(order)
+    undone: list[str] = []
+
+    @inventory.step("reserve_stock", saga="trip", on="ex.Start")
+    async def reserve(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("reserve_stock", saga="trip")
+    async def release(ctx: SagaContext) -> None:
+        undone.append("stock")
+
+    @shipping.step("create_shipment", saga="trip", on="ex.A")
+    async def ship(ctx: SagaContext) -> None:
+        ctx.fail("no carrier")
+
+    every = [order, inventory, shipping]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(order, "o1")
+    await partition.collect(order)
+    await partition.drain()
+    compensate = next(
+        r for r in partition.records if dict(r[2])["ce_type"] == b"choreosaga.saga.Compensate"
+    )
+    # The same request again, and the same request under a new message id.
+    partition.records.append(compensate)
+    envelope = inventory.envelopes.decode(*compensate)
+    key, value, headers = inventory.envelopes.encode(replace(envelope, id="another-id"))
+    partition.records.append((key, value, headers))
+    await partition.drain()
+
+    assert undone == ["stock"]
+    assert ended == ["COMPENSATED"]
+
+
+async def test_starting_the_same_saga_twice_at_once_is_refused(postgres_url: str) -> None:
+    service = Service(
+        "order",
+        engine=create_engine(postgres_url),
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
+        codec=codec(),
+    )
+    ended_log(service)
+    await service.create_tables()
+
+    async def attempt() -> str:
+        try:
+            async with AsyncSession(service.engine) as session, session.begin():
+                await service.start_saga(
+                    session, "trip", saga_id="same", event_type="ex.Start", data={"id": "same"}
+                )
+                await asyncio.sleep(0.2)  # both transactions open at once
+        except ConfigurationError as exc:
+            return str(exc)
+        return "started"
+
+    results = await asyncio.gather(attempt(), attempt())
+    await service.engine.dispose()
+    assert sorted(results) == ["saga same was already started", "started"]
