@@ -46,6 +46,7 @@ GAMMA_CRASHES = 3  # gamma's handler raises a bug, every attempt
 BETA_SILENT = 4  # beta's handler neither emits nor fails
 BETA_UNDO_FLAKY = 5  # beta's compensation fails twice with a transient error
 BETA_STALLS = 6  # beta waits for an answer due in an hour (and there is no deadline)
+GAMMA_ALWAYS_FLAKY = 7  # gamma raises a retriable error on every attempt
 
 
 class Flaky(Exception):
@@ -179,6 +180,8 @@ async def harness(tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterato
         count(f"gamma {ctx.saga_id}")
         if ctx.data["n"] == GAMMA_CRASHES:
             raise ZeroDivisionError("a bug in gamma")
+        if ctx.data["n"] == GAMMA_ALWAYS_FLAKY:
+            raise Flaky("the warehouse API times out, again")
         ctx.fail("gamma refuses")
 
     for service in services.values():
@@ -286,3 +289,18 @@ async def test_a_stalled_saga_is_detected(harness: Harness) -> None:
     assert await harness.ended_as(finished) == "COMPENSATED"
     stuck = await starter.stuck_sagas(older_than=timedelta(0))
     assert finished not in {s.saga_id for s in stuck}
+
+
+async def test_retriable_error_that_never_clears_fails_the_step_and_unblocks(
+    harness: Harness,
+) -> None:
+    stuck = await harness.start(GAMMA_ALWAYS_FLAKY)
+    behind = await harness.start(GAMMA_REFUSES)  # later saga, possibly same partition
+
+    assert await harness.ended_as(stuck) == "COMPENSATED"
+    assert await harness.ended_as(behind) == "COMPENSATED"
+    assert harness.attempts[f"gamma {stuck}"] == 3  # the policy's attempts, then give up
+    stamp = await harness.services["starter"].saga_state(stuck)
+    assert stamp is not None
+    assert stamp.reason is not None
+    assert "Flaky" in stamp.reason
