@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -140,9 +139,7 @@ async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
     say(options, f"  placed {len(orders)} orders in {time.monotonic() - started:.2f} s")
     try:
         async with asyncio.timeout(options.timeout):
-            statuses = await shop.wait_terminal(
-                len(orders), progress=not options.json and sys.stdout.isatty()
-            )
+            statuses = await shop.wait_terminal(len(orders), progress=not options.json)
     except TimeoutError:
         raise SagaError(
             f"not every saga ended within {options.timeout:.0f} s: {await shop.statuses()}"

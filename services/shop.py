@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,19 +113,30 @@ class Shop:
     ) -> dict[str, tuple[str, str | None]]:
         """Wait until ``count`` orders reached a terminal status, then until all is quiet.
 
-        Bound it with ``asyncio.timeout``.
+        Bound it with ``asyncio.timeout``. With ``progress``, show the counts
+        as they change: rewritten in place on a terminal, a line at most every
+        two seconds otherwise (logs, CI).
         """
+        terminal = sys.stdout.isatty()
+        shown_at = 0.0
+        last = ""
         while True:
             statuses = await self.statuses()
             done = sum(1 for status, _ in statuses.values() if status in TERMINAL)
             if progress:
                 counts = Counter(status for status, _ in statuses.values())
                 shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                print(f"\r  waiting: {done}/{count} sagas ended ({shown})   ", end="", flush=True)
+                line = f"  waiting: {done}/{count} sagas ended ({shown})"
+                now = time.monotonic()
+                if terminal:
+                    print(f"\r{line}   ", end="", flush=True)
+                elif line != last and (now - shown_at >= 2 or done >= count):
+                    print(line, flush=True)
+                    shown_at, last = now, line
             if done >= count:
                 break
             await asyncio.sleep(0.25)
-        if progress:
+        if progress and terminal:
             print()
         await self.wait_quiet()
         return await self.statuses()
