@@ -383,19 +383,7 @@ class SqlOutboxStore(OutboxStore):
         params = {"shards": sorted(shards), "limit": limit}
         async with self._begin("could not read the outbox") as conn:
             result = await conn.execute(self._fetch, params)
-            return [
-                StoredMessage(
-                    id=row.id,
-                    message_id=row.message_id,
-                    topic=row.topic,
-                    key=row.key,
-                    value=row.value,
-                    headers=decode_headers(row.headers),
-                    shard=row.shard,
-                    attempts=row.attempts,
-                )
-                for row in result
-            ]
+            return [_stored(row) for row in result]
 
     async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
         if not shards:
@@ -440,16 +428,7 @@ class SqlOutboxStore(OutboxStore):
             rows = (await conn.execute(query)).all()
         return [
             ParkedMessage(
-                message=StoredMessage(
-                    id=row.id,
-                    message_id=row.message_id,
-                    topic=row.topic,
-                    key=row.key,
-                    value=row.value,
-                    headers=decode_headers(row.headers),
-                    shard=row.shard,
-                    attempts=row.attempts,
-                ),
+                message=_stored(row),
                 error=row.last_error or "",
                 parked_at=datetime.fromtimestamp(row.parked_at_ms / 1000, tz=UTC),
             )
@@ -493,3 +472,17 @@ class SqlOutboxStore(OutboxStore):
         async with self._begin("could not count outbox rows") as conn:
             pending, scheduled, parked, published = (await conn.execute(query)).one()
         return OutboxStats(pending=pending, scheduled=scheduled, parked=parked, published=published)
+
+
+def _stored(row: Any) -> StoredMessage:
+    """A stored message from an outbox row."""
+    return StoredMessage(
+        id=row.id,
+        message_id=row.message_id,
+        topic=row.topic,
+        key=row.key,
+        value=row.value,
+        headers=decode_headers(row.headers),
+        shard=row.shard,
+        attempts=row.attempts,
+    )

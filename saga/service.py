@@ -1,37 +1,26 @@
-"""The service runtime: consume, handle in one transaction, relay the outbox.
+"""The service: what users build, register handlers on, and run.
 
-For every record of a subscribed topic the runtime
-
-1. decodes the envelope (an undecodable record is logged with its raw bytes,
-   base64, and skipped: it never blocks the partition);
-2. opens a database transaction and records the message id in the inbox (a
-   duplicate ends here, changing nothing);
-3. runs the handler registered for the event type, which changes the
-   service's state through ``ctx.session`` and emits events;
-4. writes the emitted events to the outbox, in the same transaction;
-5. commits, and only then lets the consumer commit the Kafka offset.
-
-Transient failures (lost connection, deadlock, serialization failure, or any
-error with ``retriable = True``) roll back and retry the whole transaction
-with the handler's retry policy. A relay in the same process publishes the
-outbox; it is woken by each commit.
+A :class:`Service` owns its database tables (outbox, inbox, saga views), a
+relay that publishes its outbox, and a consumer that feeds every record of
+its topics through the pipeline in :mod:`saga.processing`. Handlers are
+registered explicitly on the service (decorators register and return the
+function unchanged); sagas start from application code inside the caller's
+own transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
-from aiokafka import ConsumerRecord
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
     InboxSettings,
@@ -46,7 +35,6 @@ from outbox import (
     SqlInboxStore,
     SqlOutboxStore,
     Transaction,
-    is_transient_db_error,
 )
 from outbox.tables import create_tables
 from saga.choreography import (
@@ -59,25 +47,16 @@ from saga.choreography import (
 )
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
-from saga.context import MessageContext, RecordInfo, SagaContext, outgoing
+from saga.context import outgoing
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import ConfigurationError, DecodeError, HandlerError
+from saga.errors import ConfigurationError
+from saga.processing import H, Processor, ServiceStats, Subscription
 from saga.stamp import SagaStatus, Stamp
 from saga.state import SagaStates
-from saga.tracecontext import use_trace_headers
 
-__all__ = ["Handler", "Service", "ServiceSettings", "ServiceStats"]
+__all__ = ["Service", "ServiceSettings", "ServiceStats"]
 
 log = logging.getLogger(__name__)
-
-
-class Handler(Protocol):
-    """A message handler: an async function of the context."""
-
-    def __call__(self, ctx: MessageContext, /) -> Awaitable[None]: ...
-
-
-H = Callable[[MessageContext], Awaitable[None]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,54 +96,10 @@ class ServiceSettings:
             raise ConfigurationError("max_buffered_records must be positive")
 
 
-@dataclass
-class ServiceStats:
-    """Counters of one running service."""
-
-    processed: int = 0
-    """Messages handled and committed."""
-
-    duplicates: int = 0
-    """Redelivered messages recognised by the inbox and skipped."""
-
-    ignored: int = 0
-    """Messages of types this service has no handler for."""
-
-    undecodable: int = 0
-    """Records that could not be decoded (logged with their bytes)."""
-
-    failed: int = 0
-    """Messages whose handler failed for good (logged with their bytes)."""
-
-
 class _State(enum.Enum):
     UNOPENED = "unopened"
     RUNNING = "running"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class _Subscription:
-    handler: H
-    retry: RetryPolicy | None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth another attempt with the handler's retry policy."""
-    return is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """The database is unavailable: retry without end rather than give up on the message.
-
-    A handler's own retriable errors are not outages: once its retry policy is
-    spent, the message is given up on (a step fails, a compensation is
-    recorded as failed) so that one message cannot block its partition.
-    """
-    if isinstance(exc, OutboxError):
-        return exc.retriable
-    cause = exc.__cause__ if isinstance(exc, HandlerError) else exc
-    return cause is not None and is_transient_db_error(cause)
 
 
 class Service:
@@ -217,8 +152,22 @@ class Service:
             service=name, source=self.source, states=self.states, codec=self.envelopes
         )
         self.stats = ServiceStats()
-        self._subscriptions: dict[tuple[str, str], _Subscription] = {}
+        self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._sagas: dict[str, Participation] = {}
+        self.processor = Processor(
+            name=name,
+            engine=engine,
+            envelopes=self.envelopes,
+            inbox=self.inbox,
+            outbox=self.outbox,
+            choreography=self.choreography,
+            source=self.source,
+            retry=self.settings.retry,
+            stats=self.stats,
+            subscriptions=self._subscriptions,
+            sagas=self._sagas,
+        )
+        """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
         self._consumer: PartitionedConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = _State.UNOPENED
@@ -250,7 +199,7 @@ class Service:
         self.envelopes.codec.registry.latest(event_type)  # fail now on an unknown schema
         if (topic, event_type) in self._subscriptions:
             raise ConfigurationError(f"{self.name} already handles {event_type} on {topic}")
-        self._subscriptions[(topic, event_type)] = _Subscription(handler, retry)
+        self._subscriptions[(topic, event_type)] = Subscription(handler, retry)
 
     def saga_topic(self, saga: str) -> str:
         """The topic that carries the events of ``saga``."""
@@ -430,7 +379,7 @@ class Service:
                 group_id=self.settings.group_prefix + self.name,
                 topics=self.topics,
                 settings=self.kafka,
-                process=self._process,
+                process=self.processor.process,
                 max_buffered=self.settings.max_buffered_records,
             )
             try:
@@ -492,175 +441,6 @@ class Service:
         """An envelope from this service, starting a new correlation."""
         envelope = Envelope(type=event_type, data=data, source=self.source, key=key)
         return replace(envelope, correlation_id=envelope.id)
-
-    # -- processing ---------------------------------------------------------------------
-
-    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            envelope = self.envelopes.decode(record.key, record.value, record.headers)
-        except DecodeError as exc:
-            self.stats.undecodable += 1
-            log.error(
-                "%s skipped an undecodable record %s[%d]@%d: %s; key=%s value(base64)=%s",
-                self.name,
-                record.topic,
-                record.partition,
-                record.offset,
-                exc,
-                record.key,
-                base64.b64encode(exc.raw or b"").decode(),
-            )
-            return
-        info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
-        part = self._saga_topics.get(record.topic)
-        if part is not None:
-            await self._process_saga(record, part, envelope, info)
-            return
-        subscription = self._subscriptions.get((record.topic, envelope.type))
-        if subscription is None:
-            self.stats.ignored += 1
-            return
-        policy = subscription.retry or self.settings.retry
-        try:
-            processed = await self._retrying(
-                policy, lambda: self._transaction(subscription.handler, envelope, info)
-            )
-        except Exception as exc:
-            if _is_outage(exc):
-                raise  # an outage, not bad input: the consumer retries the record
-            self._failed(record, envelope, exc)
-            return
-        self._count(processed)
-
-    async def _process_saga(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        part: Participation,
-        envelope: Envelope,
-        info: RecordInfo,
-    ) -> None:
-        if envelope.stamp is None:
-            self.stats.ignored += 1
-            log.warning(
-                "%s ignored %s on saga topic %s: it carries no stamp",
-                self.name,
-                envelope.id,
-                record.topic,
-            )
-            return
-        if not part.concerns(envelope):
-            self.stats.ignored += 1
-            return
-        registered = part.handler_for(envelope)
-        policy = (registered.retry if registered else None) or self.settings.retry
-        try:
-            processed = await self._retrying(
-                policy, lambda: self._saga_transaction(part, envelope, info, None)
-            )
-        except Exception as exc:
-            if _is_outage(exc):
-                raise
-            # The handler gave up: fail the step (or record the compensation
-            # as failed) in a fresh transaction, so that the saga still ends.
-            log.error(
-                "%s: %s handling %s (%s) of saga %s; failing it",
-                self.name,
-                exc.__class__.__name__,
-                envelope.id,
-                envelope.type,
-                envelope.stamp.saga_id,
-                exc_info=exc,
-            )
-            broken = exc
-            try:
-                processed = await self._retrying(
-                    self.settings.retry,
-                    lambda: self._saga_transaction(part, envelope, info, broken),
-                )
-            except Exception as again:
-                if _is_outage(again):
-                    raise
-                self._failed(record, envelope, again)
-                return
-        self._count(processed)
-
-    async def _retrying(
-        self, policy: RetryPolicy, attempt_once: Callable[[], Awaitable[bool]]
-    ) -> bool:
-        async for attempt in policy.retrying(retry_on=_is_transient):
-            with attempt:
-                return await attempt_once()
-        raise AssertionError("unreachable: tenacity re-raises the last error")
-
-    def _count(self, processed: bool) -> None:
-        if processed:
-            self.stats.processed += 1
-        else:
-            self.stats.duplicates += 1
-
-    async def _saga_transaction(
-        self,
-        part: Participation,
-        envelope: Envelope,
-        info: RecordInfo,
-        broken: BaseException | None,
-    ) -> bool:
-        assert envelope.stamp is not None
-        async with (
-            AsyncSession(self.engine, expire_on_commit=False) as session,
-            session.begin(),
-        ):
-            if not await self.inbox.record(session, self.name, envelope.id):
-                return False
-            ctx = SagaContext(
-                session=session,
-                envelope=envelope,
-                record=info,
-                source=self.source,
-                stamp=envelope.stamp,
-                step=None,
-                topic=part.topic,
-            )
-            with use_trace_headers(envelope.traceparent, envelope.tracestate):
-                messages = await self.choreography.handle(ctx, part, broken=broken)
-            await self.outbox.add(session, messages)
-        return True
-
-    async def _transaction(self, handler: H, envelope: Envelope, info: RecordInfo) -> bool:
-        async with (
-            AsyncSession(self.engine, expire_on_commit=False) as session,
-            session.begin(),
-        ):
-            if not await self.inbox.record(session, self.name, envelope.id):
-                return False
-            ctx = MessageContext(
-                session=session,
-                envelope=envelope,
-                record=info,
-                source=self.source,
-            )
-            with use_trace_headers(envelope.traceparent, envelope.tracestate):
-                await handler(ctx)
-            messages = [m for _, m in ctx.envelopes(self.envelopes, envelope.stamp)]
-            await self.outbox.add(session, messages)
-        return True
-
-    def _failed(
-        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, exc: BaseException
-    ) -> None:
-        self.stats.failed += 1
-        log.error(
-            "%s gave up on message %s (%s) from %s[%d]@%d: %r; value(base64)=%s",
-            self.name,
-            envelope.id,
-            envelope.type,
-            record.topic,
-            record.partition,
-            record.offset,
-            exc,
-            base64.b64encode(record.value or b"").decode(),
-            exc_info=exc,
-        )
 
     async def _purge_inbox_loop(self) -> None:
         settings = self.settings.inbox

@@ -97,7 +97,7 @@ class Partition:
                 serialized_value_size=len(value),
                 headers=headers,
             )
-            await service._process(record)  # the consumer's entry point
+            await service.processor.process(record)  # what the consumer calls
             await self.collect(service)
 
     async def drain(self) -> None:
