@@ -17,6 +17,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
 
 from outbox import (
     KafkaPublisher,
@@ -29,7 +32,7 @@ from outbox import (
     create_engine,
 )
 from saga.errors import SagaError
-from saga.schemas import SchemaRegistry, check_directory, default_schema_directory
+from saga.schemas import SchemaRegistry, check_directory
 
 __all__ = ["main"]
 
@@ -182,9 +185,16 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--outbox-table", default="outbox", help="outbox table name")
 
 
-async def _run_outbox(args: argparse.Namespace) -> int:
-    if not args.database_url:
+def _existing_database(database_url: str | None) -> str:
+    if not database_url:
         raise SagaError("give --database-url or set DATABASE_URL")
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise SagaError(f"no SQLite database at {url.database}")
+    return database_url
+
+
+async def _run_outbox(args: argparse.Namespace) -> int:
     engine = create_engine(args.database_url)
     store = SqlOutboxStore(engine, OutboxTables(outbox=args.outbox_table))
     try:
@@ -195,7 +205,10 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                 f"parked {stats.parked}, published {stats.published}"
             )
         elif args.action == "parked":
-            for parked in await store.parked(limit=1000):
+            rows = await store.parked(limit=1000)
+            if not rows:
+                print("no parked rows")
+            for parked in rows:
                 message = parked.message
                 print(
                     f"{message.message_id}  topic={message.topic} key={message.key!r} "
@@ -216,19 +229,23 @@ def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     check = actions.add_parser(
         "check",
         help="fail if a schema is invalid or a new version breaks earlier ones",
-        description="Load every .avsc file under DIRECTORY (default: the project's "
-        "schemas/) and check that each new version of a record can read data written "
+        description="Load every .avsc file under DIRECTORY (default: ./schemas) and check "
+        "that each new version of a record can read data written "
         "with every earlier version (and, with --full, the other way round). Prints one "
         "line per problem and exits 1 if there is any: run it in CI.",
     )
-    check.add_argument("directory", nargs="?", default=None, help="schemas directory")
+    check.add_argument(
+        "directory", nargs="?", default="schemas", help="schemas directory (default: ./schemas)"
+    )
     check.add_argument(
         "--full", action="store_true", help="also require old readers to read new data"
     )
 
 
 def _run_schemas(args: argparse.Namespace) -> int:
-    directory = args.directory or str(default_schema_directory())
+    directory = args.directory
+    if not Path(directory).is_dir():
+        raise SagaError(f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY")
     problems = check_directory(directory, full=args.full)
     for problem in problems:
         print(problem)
@@ -242,7 +259,11 @@ def _run_schemas(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command."""
-    parser = argparse.ArgumentParser(prog="saga", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="saga",
+        description="choreosaga: choreographed sagas over Kafka.",
+        epilog="Run 'saga COMMAND --help' for the options of a command.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
@@ -267,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schemas":
             return _run_schemas(args)
         if args.command == "outbox":
+            args.database_url = _existing_database(args.database_url)
             return asyncio.run(_run_outbox(args))
     except (SagaError, OutboxError) as exc:
         print(f"saga {args.command}: {exc}", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -194,18 +193,19 @@ class SchemaRegistry:
 
 
 def default_schema_directory() -> Path:
-    """The project's ``schemas/`` directory (source tree, or packaged copy).
+    """The project's schemas: inside the installed package, or the source tree.
+
+    A regular install ships them as ``saga/_schemas``; an editable install
+    (``pip install -e .``) reads ``schemas/`` at the top of the source tree.
 
     Raises:
         SchemaError: Neither location exists.
     """
-    source_tree = Path(__file__).resolve().parent.parent / "schemas"
-    if source_tree.is_dir():
-        return source_tree
-    packaged = resources.files("saga") / "_schemas"
-    if isinstance(packaged, Path) and packaged.is_dir():
-        return packaged
-    raise SchemaError(f"no schemas directory at {source_tree} nor in saga/_schemas")
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_schemas", here.parent / "schemas"):
+        if candidate.is_dir():
+            return candidate
+    raise SchemaError(f"no schemas directory at {here / '_schemas'} nor {here.parent / 'schemas'}")
 
 
 def check_directory(path: str | Path, *, full: bool = False) -> list[str]:

@@ -21,9 +21,22 @@ def saga(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_schemas_check_passes_on_the_project_schemas() -> None:
-    result = saga("schemas", "check")
+    result = saga("schemas", "check", str(SCHEMAS.parent.parent / "schemas"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every version reads the earlier ones" in result.stdout
+
+
+def test_schemas_check_without_a_directory_says_so(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "saga", "schemas", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "no schemas directory" in result.stderr
 
 
 def test_schemas_check_fails_on_an_incompatible_change() -> None:
