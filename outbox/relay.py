@@ -45,6 +45,9 @@ __all__ = ["Relay", "RelayStats"]
 
 log = logging.getLogger(__name__)
 
+_STOP_GRACE = 15.0
+"""Seconds stop() waits for the loops to reach a safe point before cancelling them."""
+
 
 class _State(enum.Enum):
     UNOPENED = "unopened"
@@ -108,6 +111,8 @@ class Relay:
         self._lease_valid_until = 0.0
         self._rebalance_due = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._published = 0
         self._parked = 0
         self._failed = 0
@@ -137,19 +142,32 @@ class Relay:
             asyncio.create_task(self._leases_loop(), name=f"relay-leases-{self.name}"),
             asyncio.create_task(self._publish_loop(), name=f"relay-publish-{self.name}"),
             asyncio.create_task(self._cleanup_loop(), name=f"relay-cleanup-{self.name}"),
-            asyncio.create_task(self.store.watch_commits(self.wake), name="relay-watch"),
         ]
+        self._watch = asyncio.create_task(self.store.watch_commits(self.wake), name="relay-watch")
 
     async def stop(self) -> None:
-        """Stop after the current batch, give back the shards, close the publisher."""
+        """Stop after the current batch, give back the shards, close the publisher.
+
+        The loops stop at their next safe point rather than being cancelled in
+        the middle of a database transaction (which, on SQLite, could leave the
+        file locked behind a connection that is being thrown away). Only a loop
+        still busy after a grace period (a publish stuck on an unreachable
+        broker) is cancelled.
+        """
         if self._state is not _State.RUNNING:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
-        async with self._publishing:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping.set()
+        self.wake()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        _, busy = await asyncio.wait(self._tasks, timeout=_STOP_GRACE)
+        for task in busy:
+            log.warning("relay %s cancels %s after %.0fs", self.name, task.get_name(), _STOP_GRACE)
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._shards = frozenset()
         try:
             await self.store.release_shards(self.name)
@@ -164,6 +182,12 @@ class Relay:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the relay is stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
     # -- leases ------------------------------------------------------------------
 
     async def _claim(self, *, rebalance: bool) -> None:
@@ -176,7 +200,7 @@ class Relay:
     async def _leases_loop(self) -> None:
         period = self.settings.lease_ttl.total_seconds() / 4
         attempt = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 if self._publishing.locked():
                     # A batch is in flight: renew and take free shards, but give
@@ -188,7 +212,7 @@ class Relay:
                         await self._claim(rebalance=True)
                 attempt = 0
                 self.wake()
-                await asyncio.sleep(period)
+                await self._pause(period)
             except Exception as exc:
                 attempt += 1
                 log.warning(
@@ -197,7 +221,7 @@ class Relay:
                     exc,
                     exc_info=not isinstance(exc, OutboxError),
                 )
-                await asyncio.sleep(min(self.settings.backoff.delay(attempt), period))
+                await self._pause(min(self.settings.backoff.delay(attempt), period))
 
     def _held_shards(self) -> frozenset[int]:
         if asyncio.get_running_loop().time() >= self._lease_valid_until:
@@ -291,15 +315,16 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
-        self._wake.clear()
+        self._wake.clear()  # stop() sets it too, so a stopping relay does not wait
 
     async def _publish_loop(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             # Every error is retried: a relay that stops publishing while it
             # keeps renewing its leases would hold its shards hostage.
             retrying = self.settings.backoff.retrying(
-                retry_on=lambda exc: isinstance(exc, Exception),
+                retry_on=lambda exc: isinstance(exc, Exception) and not self._stopping.is_set(),
                 before_sleep=self._log_retry,
+                sleep=self._pause,
             )
             async for attempt in retrying:
                 with attempt:
@@ -322,8 +347,10 @@ class Relay:
 
     async def _cleanup_loop(self) -> None:
         settings = self.settings
-        while True:
-            await asyncio.sleep(settings.cleanup_interval.total_seconds())
+        while not self._stopping.is_set():
+            await self._pause(settings.cleanup_interval.total_seconds())
+            if self._stopping.is_set():
+                return
             try:
                 await self.purge_published()
             except Exception as exc:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from tenacity import (
     AsyncRetrying,
@@ -67,12 +68,16 @@ class RetryPolicy:
         *,
         retry_on: Callable[[BaseException], bool] = is_retriable,
         before_sleep: Callable[[RetryCallState], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> AsyncRetrying:
         """Build the tenacity controller for this policy.
 
         Errors for which ``retry_on`` is false are raised at once; when the
         attempts run out the last error is raised as it was (``reraise``).
+        ``sleep`` replaces ``asyncio.sleep`` between attempts (to make the
+        waits interruptible).
         """
+        extra: dict[str, Any] = {} if sleep is None else {"sleep": sleep}
         return AsyncRetrying(
             retry=retry_if_exception(retry_on),
             stop=(
@@ -90,4 +95,5 @@ class RetryPolicy:
             + wait_random(0, self.jitter.total_seconds()),
             before_sleep=before_sleep,
             reraise=True,
+            **extra,
         )

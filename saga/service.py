@@ -170,6 +170,7 @@ class Service:
         """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
         self._consumer: PartitionedConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._state = _State.UNOPENED
 
     # -- registration -------------------------------------------------------------
@@ -396,8 +397,7 @@ class Service:
         self._state = _State.CLOSED
         if self._consumer is not None:
             await self._consumer.stop()
-        for task in self._tasks:
-            task.cancel()
+        self._stopping.set()  # the purge loop stops between statements, not inside one
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.relay.stop()
 
@@ -444,9 +444,11 @@ class Service:
 
     async def _purge_inbox_loop(self) -> None:
         settings = self.settings.inbox
-        while True:
-            await asyncio.sleep(settings.purge_interval.total_seconds())
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.purge_interval.total_seconds()):
+                    await self._stopping.wait()
             with contextlib.suppress(OutboxError):
                 deleted = settings.purge_batch_size
-                while deleted == settings.purge_batch_size:
+                while deleted == settings.purge_batch_size and not self._stopping.is_set():
                     deleted = await self.inbox.purge(settings.retention, deleted)
