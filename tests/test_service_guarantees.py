@@ -258,3 +258,28 @@ async def test_bad_records_are_logged_and_skipped_without_blocking(
     logged = caplog.text
     for value in bad_values.values():
         assert base64.b64encode(value).decode() in logged
+
+
+async def test_application_code_publishes_through_the_outbox_in_its_own_transaction(
+    harness: Harness,
+) -> None:
+    h = harness
+    service = h.service(bind_out(h))
+    kept = service.new_envelope(ITEM, {"key": "app", "seq": 1, "note": ""}, key=b"app")
+    dropped = service.new_envelope(ITEM, {"key": "app", "seq": 2, "note": ""}, key=b"app")
+    async with service:
+        async with h.engine.begin() as conn:
+            await conn.execute(sa.insert(h.seen).values(key="app", seq=1))
+            await service.publish(conn, kept, topic=h.topic_out)
+        with pytest.raises(RuntimeError):
+            async with h.engine.begin() as conn:
+                await conn.execute(sa.insert(h.seen).values(key="app", seq=2))
+                await service.publish(conn, dropped, topic=h.topic_out)
+                raise RuntimeError("the request failed after writing")
+        (record,) = await read_topic(h.kafka, h.topic_out, 1)
+
+    received = h.envelopes.decode(record.key, record.value, record.headers)
+    assert received.id == kept.id
+    assert received.correlation_id == kept.id  # a new correlation starts here
+    assert received.traceparent is not None
+    assert [tuple(r) for r in await h.rows(h.seen)] == [("app", 1)]
