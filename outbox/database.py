@@ -9,9 +9,11 @@ write lock when they begin (``BEGIN IMMEDIATE``) instead of failing with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import BigInteger, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -28,6 +30,7 @@ __all__ = [
     "dialect_of",
     "is_transient_db_error",
     "translate_db_error",
+    "upsert_insert",
 ]
 
 SUPPORTED = ("postgresql", "sqlite")
@@ -59,6 +62,11 @@ def _now_other(element: db_now_ms, compiler: SQLCompiler, **kw: Any) -> str:
     raise ConfigurationError(
         f"database dialect {compiler.dialect.name!r} is not supported; use one of {SUPPORTED}"
     )
+
+
+def upsert_insert(dialect: str) -> Callable[..., Any]:
+    """The dialect's ``insert`` construct, which offers ``ON CONFLICT`` clauses."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def dialect_of(engine: AsyncEngine) -> str:

@@ -13,11 +13,10 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 
 from sqlalchemy import delete, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.database import db_now_ms, require_configured, translate_db_error, upsert_insert
 from outbox.errors import ConfigurationError
 from outbox.store import Transaction
 from outbox.tables import OutboxTables
@@ -68,13 +67,12 @@ class SqlInboxStore(InboxStore):
         self.engine = engine
         self.tables = tables
         dialect = require_configured(engine)
-        module = postgresql if dialect == "postgresql" else sqlite
         # ON CONFLICT DO NOTHING rather than catching IntegrityError: on
         # PostgreSQL a failed statement would poison the caller's transaction.
         # A concurrent insert of the same key waits for the other transaction
         # and then reports the conflict, so two consumers never both "win".
         self._insert = (
-            module.insert(tables.inbox)
+            upsert_insert(dialect)(tables.inbox)
             .values(received_at_ms=db_now_ms())
             .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
             .returning(tables.inbox.c.message_id)

@@ -18,17 +18,36 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Table, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.database import db_now_ms, require_configured, translate_db_error, upsert_insert
 from outbox.errors import ConfigurationError
 from outbox.tables import OutboxTables
 
-__all__ = ["ShardLeases"]
+__all__ = ["ShardLeases", "check_shard_count"]
+
+
+async def check_shard_count(tx: AsyncConnection | AsyncSession, leases: Table, shards: int) -> bool:
+    """Refuse a shard count other than the one the outbox was set up with.
+
+    Writers and relays must agree, or one key's rows could land in two shards
+    published by two relays at once. The lease rows record the count; returns
+    whether they exist yet.
+
+    Raises:
+        ConfigurationError: The lease rows record another count.
+    """
+    existing = (await tx.execute(select(func.count()).select_from(leases))).scalar_one()
+    if existing and existing != shards:
+        raise ConfigurationError(
+            f"this outbox is split into {existing} shards, not {shards}: every "
+            "writer and relay of one outbox must use the same shard count"
+        )
+    return bool(existing)
 
 
 class ShardLeases:
@@ -60,21 +79,14 @@ class ShardLeases:
         self._dialect = require_configured(engine)
         self._created = False
 
-    def _upsert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
-        if self._dialect == "postgresql":
-            return postgresql.insert(table)
-        return sqlite.insert(table)
+    def _upsert(self, table: Table) -> Any:
+        return upsert_insert(self._dialect)(table)
 
     async def _ensure_rows(self, conn: AsyncConnection) -> None:
         if self._created:
             return
         leases = self.tables.leases
-        existing = (await conn.execute(select(func.count()).select_from(leases))).scalar_one()
-        if existing and existing != self.shards:
-            raise ConfigurationError(
-                f"this outbox is split into {existing} shards, not {self.shards}: every "
-                "writer and relay of one outbox must use the same shard count"
-            )
+        await check_shard_count(conn, leases, self.shards)
         statement = (
             self._upsert(leases)
             .values([{"shard": s, "owner": None, "expires_at_ms": 0} for s in range(self.shards)])

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox.database import db_now_ms, require_configured, translate_db_error
 from outbox.errors import ConfigurationError
-from outbox.lease import ShardLeases
+from outbox.lease import ShardLeases, check_shard_count
 from outbox.message import (
     OutboxMessage,
     ParkedMessage,
@@ -211,7 +211,8 @@ class SqlOutboxStore(OutboxStore):
             return
         try:
             if not self._shards_checked:
-                await self._check_shards(tx)
+                tables = self.tables
+                self._shards_checked = await check_shard_count(tx, tables.leases, self.shards)
             await tx.execute(self._insert, rows)
             if self.dialect == "postgresql":
                 await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
@@ -219,19 +220,6 @@ class SqlOutboxStore(OutboxStore):
             raise translate_db_error(exc, "could not add outbox rows") from exc
         if self._callbacks:
             self._after_commit(tx)
-
-    async def _check_shards(self, tx: Transaction) -> None:
-        # Writers and relays must agree on the shard count, or one key's rows
-        # could land in two shards published by two relays at once. The
-        # relays' lease rows record the count the outbox was set up with.
-        leases = self.tables.leases
-        existing = (await tx.execute(select(func.count()).select_from(leases))).scalar_one()
-        if existing and existing != self.shards:
-            raise ConfigurationError(
-                f"this outbox is split into {existing} shards, not {self.shards}: every "
-                "writer and relay of one outbox must use the same shard count"
-            )
-        self._shards_checked = bool(existing)
 
     def _row(self, message: OutboxMessage) -> dict[str, Any]:
         delay_ms = None

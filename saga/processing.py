@@ -113,7 +113,7 @@ class Processor:
         retry: Default retry policy.
         stats: Counters to update.
         subscriptions: Plain handlers by (topic, event type).
-        sagas: The service's sagas by name.
+        sagas: The service's sagas by the topic that carries their events.
     """
 
     def __init__(
@@ -143,9 +143,6 @@ class Processor:
         self._subscriptions = subscriptions
         self._sagas = sagas
 
-    def _saga_topics(self) -> dict[str, Participation]:
-        return {part.topic: part for part in self._sagas.values()}
-
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Handle one consumed record (the consumer's callback)."""
         try:
@@ -164,7 +161,7 @@ class Processor:
             )
             return
         info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
-        part = self._saga_topics().get(record.topic)
+        part = self._sagas.get(record.topic)
         if part is not None:
             await self._process_saga(record, part, envelope, info)
             return

@@ -154,6 +154,7 @@ class Service:
         self.stats = ServiceStats()
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._sagas: dict[str, Participation] = {}
+        self._saga_topics: dict[str, Participation] = {}
         self.processor = Processor(
             name=name,
             engine=engine,
@@ -165,7 +166,7 @@ class Service:
             retry=self.settings.retry,
             stats=self.stats,
             subscriptions=self._subscriptions,
-            sagas=self._sagas,
+            sagas=self._saga_topics,
         )
         """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
         self._consumer: PartitionedConsumer | None = None
@@ -213,6 +214,7 @@ class Service:
         part = self._sagas.get(saga)
         if part is None:
             part = self._sagas[saga] = Participation(saga=saga, topic=self.saga_topic(saga))
+            self._saga_topics[part.topic] = part
         return part
 
     def step(
@@ -343,10 +345,6 @@ class Service:
         """Sagas still running or compensating here whose view has not moved for
         ``older_than``: candidates for a deadline, an alert, or a person."""
         return await self.states.stuck(self.engine, older_than)
-
-    @property
-    def _saga_topics(self) -> dict[str, Participation]:
-        return {part.topic: part for part in self._sagas.values()}
 
     @property
     def topics(self) -> frozenset[str]:

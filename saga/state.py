@@ -29,11 +29,10 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Transaction
-from outbox.database import db_now_ms
+from outbox.database import db_now_ms, upsert_insert
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
 from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome
@@ -115,7 +114,7 @@ class SagaStates:
         validate_identifier("saga state table", name)
         self.codec = codec
         self._dialect = dialect
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._insert = upsert_insert(dialect)
         existing = metadata.tables.get(name)
         self.table = existing if existing is not None else self._define(metadata, name)
         self._statements()
