@@ -8,12 +8,14 @@ the handler's transaction. This package knows nothing about sagas.
 
 from outbox.database import configure_sqlite, create_engine, is_transient_db_error
 from outbox.errors import (
+    ChoreosagaError,
     ConfigurationError,
     MessageTooLargeError,
     OutboxError,
     PublishError,
     StoreError,
 )
+from outbox.failures import ErrorKind, classify
 from outbox.inbox import InboxStore, SqlInboxStore
 from outbox.kafka import KafkaPublisher, ensure_topics
 from outbox.message import Header, OutboxMessage, ParkedMessage, StoredMessage
@@ -25,7 +27,9 @@ from outbox.store import OutboxStats, OutboxStore, SqlOutboxStore, Transaction
 from outbox.tables import OutboxTables
 
 __all__ = [
+    "ChoreosagaError",
     "ConfigurationError",
+    "ErrorKind",
     "Header",
     "InboxSettings",
     "InboxStore",
@@ -51,6 +55,7 @@ __all__ = [
     "StoreError",
     "StoredMessage",
     "Transaction",
+    "classify",
     "configure_sqlite",
     "create_engine",
     "ensure_topics",

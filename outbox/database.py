@@ -15,13 +15,14 @@ from typing import Any
 from sqlalchemy import BigInteger, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from outbox.errors import ConfigurationError, StoreError
+from outbox.failures import classify
 
 __all__ = [
     "configure_sqlite",
@@ -166,51 +167,18 @@ def require_configured(engine: AsyncEngine) -> str:
     return dialect
 
 
-# SQLSTATE classes PostgreSQL uses for "try the transaction again":
-# 40001 serialization_failure, 40P01 deadlock_detected, 08* connection errors,
-# 57P01..03 admin shutdown / crash shutdown / cannot connect now.
-# 53* insufficient resources (too many connections, disk full), 55P03
-# lock_not_available, 57014 query_canceled (statement or lock timeout).
-_TRANSIENT_SQLSTATES = (
-    "40001",
-    "40P01",
-    "08",
-    "53",
-    "55P03",
-    "57014",
-    "57P01",
-    "57P02",
-    "57P03",
-)
-# SQLite reports contention and I/O trouble only through its messages.
-_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "busy", "disk i/o error")
-
-
 def is_transient_db_error(exc: BaseException) -> bool:
     """Whether a database error may go away if the transaction is tried again.
 
-    True for lost connections, deadlocks, serialization failures, lock and
-    statement timeouts, resource exhaustion and SQLite's "database is
-    locked"; false for constraint violations and SQL mistakes (which SQLite
-    also reports as OperationalError).
+    True for outages (lost connections, pool timeouts, a server shutting
+    down) and transient failures (deadlocks, serialization failures, lock
+    and statement timeouts, SQLite's "database is locked"); false for
+    constraint violations and SQL mistakes. See :mod:`outbox.failures`.
     """
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, InterfaceError):
-        return True
-    orig = getattr(exc, "orig", None)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if isinstance(sqlstate, str):
-        return sqlstate.startswith(_TRANSIENT_SQLSTATES)
-    if isinstance(exc, OperationalError):
-        if type(orig).__module__.startswith("sqlite3"):
-            message = str(orig).lower()
-            return any(marker in message for marker in _TRANSIENT_SQLITE)
-        return True
-    return False
+    return classify(exc).retriable
 
 
 def translate_db_error(exc: SQLAlchemyError, what: str) -> StoreError:
     """Map a SQLAlchemy error to a :class:`StoreError` that says what failed."""
     detail = getattr(exc, "orig", None) or exc
-    return StoreError(f"{what}: {detail}", retriable=is_transient_db_error(exc))
+    return StoreError(f"{what}: {detail}", kind=classify(exc))

@@ -1,22 +1,30 @@
 """Errors raised by the ``outbox`` package.
 
-Every error raised on purpose by this package derives from :class:`OutboxError`::
+Every error raised on purpose by this package derives from :class:`OutboxError`,
+itself a :class:`ChoreosagaError`, the root shared with ``saga``::
 
-    OutboxError
-    ├── ConfigurationError        bad settings or table names (also a ValueError)
-    ├── StoreError                the database refused or lost a statement
-    └── PublishError              a record could not be published
-        └── MessageTooLargeError  the record exceeds what the broker accepts
+    ChoreosagaError                 root of everything choreosaga raises on purpose
+    ├── OutboxError (this package)
+    │   ├── ConfigurationError        bad settings or table names (also a ValueError)
+    │   ├── StoreError                the database refused or lost a statement
+    │   └── PublishError              a record could not be published
+    │       └── MessageTooLargeError  the record exceeds what the broker accepts
+    └── SagaError (``saga.errors``)
 
-Retryability is data, not a class: ``error.retriable`` says whether trying the
-same thing again later can succeed (a broker outage) or not (a record that is
-too large). Errors from aiokafka and SQLAlchemy are translated at one boundary
-each (``outbox.kafka`` and ``outbox.store``) and chained with ``from``.
+What an error means is data, not a class: ``error.kind`` is an
+:class:`~outbox.failures.ErrorKind` (an outage, a transient failure, or a
+permanent one) and ``error.retriable`` says whether trying again later can
+succeed. Errors from aiokafka and SQLAlchemy are translated at one boundary
+each (``outbox.kafka`` and ``outbox.database``), classified by
+:func:`outbox.failures.classify`, and chained with ``from``.
 """
 
 from __future__ import annotations
 
+from outbox.failures import ErrorKind
+
 __all__ = [
+    "ChoreosagaError",
     "ConfigurationError",
     "MessageTooLargeError",
     "OutboxError",
@@ -25,11 +33,20 @@ __all__ = [
 ]
 
 
-class OutboxError(Exception):
-    """Root of the errors raised by ``outbox``."""
+class ChoreosagaError(Exception):
+    """Root of every error choreosaga raises on purpose (``outbox`` and ``saga``)."""
 
-    retriable: bool = False
-    """Whether the same operation may succeed if tried again later."""
+    kind: ErrorKind = ErrorKind.PERMANENT
+    """What the failure means: an outage, a transient failure, or a permanent one."""
+
+    @property
+    def retriable(self) -> bool:
+        """Whether the same operation may succeed if tried again later."""
+        return self.kind.retriable
+
+
+class OutboxError(ChoreosagaError):
+    """Root of the errors raised by ``outbox``."""
 
 
 class ConfigurationError(OutboxError, ValueError):
@@ -39,17 +56,21 @@ class ConfigurationError(OutboxError, ValueError):
 class StoreError(OutboxError):
     """The outbox or inbox tables could not be read or written."""
 
-    def __init__(self, message: str, *, retriable: bool = False) -> None:
+    def __init__(self, message: str, *, kind: ErrorKind = ErrorKind.PERMANENT) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.kind = kind
 
 
 class PublishError(OutboxError):
     """A record could not be published to the broker."""
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    def __init__(self, message: str, *, retriable: bool, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        if kind is None:
+            kind = ErrorKind.TRANSIENT if retriable else ErrorKind.PERMANENT
+        elif kind.retriable is not retriable:
+            raise ValueError(f"a {kind.value} error cannot have retriable={retriable}")
+        self.kind = kind
 
 
 class MessageTooLargeError(PublishError):

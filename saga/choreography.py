@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from outbox import OutboxMessage, RetryPolicy, is_transient_db_error
+from outbox import OutboxMessage, RetryPolicy, classify
 from saga.context import SagaContext, outgoing
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import ConfigurationError, HandlerError
@@ -176,10 +176,9 @@ class Choreography:
             exc.role = exc.role or role
             raise
         except Exception as exc:
-            retriable = is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
             raise HandlerError(
                 f"{role} handler {registered.step or 'end'!s} of {self.service} raised {exc!r}",
-                retriable=retriable,
+                kind=classify(exc),
                 role=role,
             ) from exc
 

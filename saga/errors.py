@@ -1,27 +1,42 @@
 """Errors raised by ``saga``.
 
-Every error raised on purpose by this package derives from :class:`SagaError`::
+Every error raised on purpose by choreosaga derives from one root,
+:class:`ChoreosagaError`::
 
-    SagaError
-    ├── ConfigurationError          bad settings or arguments (also a ValueError)
-    ├── SchemaError                 a schema is missing, invalid or refused
-    │   └── IncompatibleSchemaError a schema change breaks readers or writers
-    ├── EncodeError                 a payload does not fit its schema
-    ├── DecodeError                 bytes from the wire cannot be read; keeps them
-    ├── BrokerError                 the Kafka broker is unreachable or refused a call
-    └── HandlerError                a message handler failed
+    ChoreosagaError
+    ├── OutboxError                     the storage layer (see ``outbox.errors``)
+    │   ├── ConfigurationError
+    │   ├── StoreError                  the database refused or lost a statement
+    │   └── PublishError                a record could not be published
+    │       └── MessageTooLargeError
+    └── SagaError                       this package
+        ├── ConfigurationError          bad settings or arguments (also a ValueError)
+        ├── SchemaError                 a schema is missing, invalid or refused
+        │   └── IncompatibleSchemaError a schema change breaks readers or writers
+        ├── EncodeError                 a payload does not fit its schema
+        ├── DecodeError                 bytes from the wire cannot be read; keeps them
+        ├── BrokerError                 the Kafka broker is unreachable or refused a call
+        └── HandlerError                a handler failed (a bug, not a business outcome)
 
-Retryability is data, not a class: ``error.retriable`` says whether the same
-operation may succeed if tried again later. Errors from aiokafka, SQLAlchemy and
-fastavro are translated where they are caught and chained with ``from``;
-``outbox`` keeps its own root (:class:`outbox.OutboxError`) because it knows
-nothing about sagas.
+What an error means is data, not a class: ``error.kind`` is an
+:class:`~outbox.failures.ErrorKind` (``OUTAGE``: wait as long as it lasts;
+``TRANSIENT``: retry per policy; ``PERMANENT``: stop the message) and
+``error.retriable`` says whether trying again may succeed. Errors from
+aiokafka, SQLAlchemy and fastavro are translated where they are caught and
+chained with ``from``; :func:`outbox.failures.classify` decides what a
+foreign error means. A business failure (``ctx.fail``, or an exception type a
+step declares with ``business_errors=``) is an outcome, not an error: the
+step fails and the saga is compensated.
 """
 
 from __future__ import annotations
 
+from outbox.errors import ChoreosagaError
+from outbox.failures import ErrorKind
+
 __all__ = [
     "BrokerError",
+    "ChoreosagaError",
     "ConfigurationError",
     "DecodeError",
     "EncodeError",
@@ -32,11 +47,8 @@ __all__ = [
 ]
 
 
-class SagaError(Exception):
+class SagaError(ChoreosagaError):
     """Root of the errors raised by ``saga``."""
-
-    retriable: bool = False
-    """Whether the same operation may succeed if tried again later."""
 
 
 class ConfigurationError(SagaError, ValueError):
@@ -73,14 +85,20 @@ class BrokerError(SagaError):
 
     def __init__(self, message: str, *, retriable: bool = True) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.kind = ErrorKind.OUTAGE if retriable else ErrorKind.PERMANENT
 
 
 class HandlerError(SagaError):
-    """A message handler raised; the original exception is the ``__cause__``."""
+    """A message handler failed: a bug (or the event it emitted does not fit).
 
-    def __init__(self, message: str, *, retriable: bool = False, role: str | None = None) -> None:
+    The original exception, if any, is the ``__cause__``; the error's kind is
+    that of the cause (a lost connection inside a handler is still an outage).
+    """
+
+    def __init__(
+        self, message: str, *, kind: ErrorKind = ErrorKind.PERMANENT, role: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.kind = kind
         self.role = role
         """Which handler failed: ``"step"``, ``"compensation"`` or ``"end"``."""

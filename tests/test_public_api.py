@@ -45,7 +45,9 @@ SAGA_API = [
 ]
 
 OUTBOX_API = [
+    "ChoreosagaError",
     "ConfigurationError",
+    "ErrorKind",
     "Header",
     "InboxSettings",
     "InboxStore",
@@ -71,6 +73,7 @@ OUTBOX_API = [
     "StoreError",
     "StoredMessage",
     "Transaction",
+    "classify",
     "configure_sqlite",
     "create_engine",
     "ensure_topics",

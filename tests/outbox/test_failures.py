@@ -1,0 +1,124 @@
+"""The error model classifies real database errors as a user would expect.
+
+An outage must wait, a transient failure must be retried a bounded number of
+times, and anything else must stop the message: each case is produced here
+against the real servers, not built by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from outbox import ErrorKind, StoreError, classify, create_engine
+from outbox.database import translate_db_error
+
+
+async def _error_of(engine, statement: str) -> SQLAlchemyError:
+    with pytest.raises(SQLAlchemyError) as caught:
+        async with engine.begin() as conn:
+            await conn.execute(text(statement))
+    return caught.value
+
+
+async def test_pool_timeout_is_an_outage(postgres_url: str) -> None:
+    """A momentary pool exhaustion must never fail a step (it is not the message's fault)."""
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    try:
+        async with engine.connect():
+            with pytest.raises(SQLAlchemyError) as caught:
+                async with engine.connect():
+                    pass
+        assert classify(caught.value) is ErrorKind.OUTAGE
+        assert translate_db_error(caught.value, "x").kind is ErrorKind.OUTAGE
+    finally:
+        await engine.dispose()
+
+
+async def test_unreachable_server_is_an_outage() -> None:
+    engine = create_engine("postgresql://postgres@127.0.0.1:1/none")
+    try:
+        with pytest.raises(SQLAlchemyError) as caught:
+            async with engine.connect():
+                pass
+        assert classify(caught.value) is ErrorKind.OUTAGE
+    finally:
+        await engine.dispose()
+
+
+async def test_statement_timeout_is_transient_not_an_outage(postgres_url: str) -> None:
+    """57014 must be bounded: a statement that always times out would block forever."""
+    engine = create_engine(postgres_url)
+    try:
+        error = await _error_of(engine, "SET LOCAL statement_timeout = 50; SELECT pg_sleep(1)")
+        assert classify(error) is ErrorKind.TRANSIENT
+    finally:
+        await engine.dispose()
+
+
+async def test_terminated_connection_is_an_outage(postgres_url: str) -> None:
+    engine = create_engine(postgres_url, pool_pre_ping=False)
+    try:
+        with pytest.raises(SQLAlchemyError) as caught:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        assert classify(caught.value) is ErrorKind.OUTAGE
+    finally:
+        await engine.dispose()
+
+
+async def test_sql_mistakes_and_constraints_are_permanent(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(postgres_url)
+    lite = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        assert classify(await _error_of(engine, "SELEC 1")) is ErrorKind.PERMANENT
+        error = await _error_of(
+            engine, "CREATE TEMP TABLE t (x int primary key); INSERT INTO t VALUES (1), (1)"
+        )
+        assert classify(error) is ErrorKind.PERMANENT
+        assert classify(await _error_of(lite, "SELEC 1")) is ErrorKind.PERMANENT
+    finally:
+        await engine.dispose()
+        await lite.dispose()
+
+
+async def test_sqlite_lock_contention_is_transient(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    first = create_engine(f"sqlite:///{path}")
+    second = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    try:
+        async with first.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x int)"))
+        async with first.begin() as conn:
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+            error = await _error_of(second, "INSERT INTO t VALUES (2)")
+        assert classify(error) is ErrorKind.TRANSIENT
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+def test_wrappers_keep_the_kind_of_their_cause() -> None:
+    """A handler that wraps a lost connection in its own error is still facing an outage."""
+
+    class Mine(Exception):
+        pass
+
+    wrapped = Mine("could not save")
+    wrapped.__cause__ = ConnectionResetError("peer reset")
+    assert classify(wrapped) is ErrorKind.OUTAGE
+    assert classify(KeyError("x")) is ErrorKind.PERMANENT
+    assert classify(asyncio.CancelledError()) is ErrorKind.PERMANENT
+
+    class Flaky(Exception):
+        retriable = True
+
+    assert classify(Flaky()) is ErrorKind.TRANSIENT
+    assert StoreError("x", kind=ErrorKind.OUTAGE).retriable
+    assert not StoreError("x").retriable
