@@ -108,8 +108,11 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
     aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`).
     Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
+    Statement parameters are left out of error messages and logs
+    (``hide_parameters``): they hold payloads, card tokens and the like.
     """
     parsed = _normalise(url)
+    engine_options.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         engine_options.setdefault("connect_args", {"timeout": 30})
         # SQLite runs one writer at a time. With one pooled connection, waiting

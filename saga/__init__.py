@@ -20,10 +20,14 @@ from outbox import (
 )
 from saga.codec import AvroCodec
 from saga.context import MessageContext, RecordInfo, SagaContext
+from saga.deadletter import DeadLetter
+from saga.dlq import DeadLetterSelection, read_dead_letters, replay
 from saga.embedded import EmbeddedBroker
 from saga.envelope import Envelope
 from saga.errors import (
     BrokerError,
+    BusinessFailure,
+    ChoreosagaError,
     ConfigurationError,
     DecodeError,
     EncodeError,
@@ -34,12 +38,16 @@ from saga.errors import (
 )
 from saga.schemas import SchemaRegistry
 from saga.service import Service, ServiceSettings, ServiceStats
-from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
+from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord, Suspension
 
 __all__ = [
     "AvroCodec",
     "BrokerError",
+    "BusinessFailure",
+    "ChoreosagaError",
     "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterSelection",
     "DecodeError",
     "EmbeddedBroker",
     "EncodeError",
@@ -64,6 +72,9 @@ __all__ = [
     "Stamp",
     "StepOutcome",
     "StepRecord",
+    "Suspension",
     "create_engine",
     "ensure_topics",
+    "read_dead_letters",
+    "replay",
 ]

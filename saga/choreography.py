@@ -6,34 +6,40 @@ stamp into its view of the saga (``saga.state``), and acts on the message:
 * a forward event for one of its steps runs the step, unless the saga is no
   longer running or its deadline has passed (a late event never resurrects
   a saga). The events the step emits carry the stamp with the step appended.
-  A step that fails the saga (a business outcome) starts compensation;
+  A step that fails the saga (a business outcome: ``ctx.fail``, or an
+  exception type declared with ``business_errors=``) starts compensation;
 * ``Compensate(step)`` for one of its steps undoes the step once, then asks
   for the next compensation, the most recent completed step first (LIFO,
-  read from the stamp), or announces ``SagaEnded`` when none is left. A
-  compensation that keeps failing is recorded as such; compensation goes on
-  with the other steps and the saga ends ``FAILED``, visibly;
+  read from the stamp), or announces ``SagaEnded`` when none is left;
 * the initiating service also owns the deadline (``DeadlineReached``, a
   scheduled message) and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
 
 Everything happens inside the handler's transaction: the view, the service's
 own changes, the inbox row and the outgoing messages commit together.
+
+A handler that fails in any other way (a bug: an unexpected exception, an
+emitted event that does not fit its schema, ``CancelledError``) is never a
+business outcome: once its retry policy is spent, the processor dead-letters
+the message and :meth:`Choreography.suspend` records where the saga stopped.
+Nothing is compensated; a fixed handler plus a replay continue the saga.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from outbox import OutboxMessage, RetryPolicy, classify
-from saga.context import SagaContext, outgoing
+from saga.context import MessageContext, SagaContext, outgoing
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import ConfigurationError, HandlerError
-from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
-from saga.state import SagaStates, SagaView, merge
+from saga.errors import BusinessFailure, ConfigurationError, HandlerError
+from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord, Suspension
+from saga.state import SagaStates, SagaView, merge, settle
 
 __all__ = [
     "COMPENSATE",
@@ -60,11 +66,53 @@ SagaHandler = Callable[[SagaContext], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Registered:
-    """A handler with its step name and retry policy."""
+    """A handler with its step name, retry policy and business errors."""
 
     handler: SagaHandler
     step: str | None
     retry: RetryPolicy | None
+    business_errors: tuple[type[Exception], ...] = ()
+
+
+async def invoke(
+    handler: Callable[[Any], Awaitable[None]],
+    ctx: MessageContext,
+    *,
+    role: str,
+    what: str,
+    business_errors: tuple[type[Exception], ...] = (),
+) -> None:
+    """Run a user handler; turn what it raises into the error model's terms.
+
+    A declared business error (or :class:`BusinessFailure`) raised by a step
+    becomes a :class:`BusinessFailure`; anything else becomes a
+    :class:`HandlerError` of the kind its cause has (a lost connection stays
+    an outage, a ``KeyError`` is a bug). ``CancelledError`` raised by the
+    handler itself is a bug too: only a cancellation of the running task
+    (a stop, a rebalance) propagates as such.
+    """
+    try:
+        await handler(ctx)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise HandlerError(f"{what} raised CancelledError", role=role) from exc
+    except BusinessFailure as exc:
+        if role != "step":
+            raise HandlerError(
+                f"{what} raised a business failure, which only a step may: {exc}", role=role
+            ) from exc
+        raise
+    except HandlerError as exc:
+        exc.role = exc.role or role
+        raise
+    except Exception as exc:
+        if role == "step" and business_errors and isinstance(exc, business_errors):
+            raise BusinessFailure(f"{type(exc).__name__}: {exc}") from exc
+        raise HandlerError(
+            f"{what} raised {type(exc).__name__}", kind=classify(exc), role=role
+        ) from exc
 
 
 @dataclass
@@ -98,6 +146,17 @@ class Participation:
         if self.initiator or envelope.type in (COMPENSATE, SAGA_ENDED):
             return True
         return envelope.type in self.steps
+
+    def role_of(self, envelope: Envelope) -> tuple[str, str | None]:
+        """Which handler a message runs here (role, step), for suspensions."""
+        if envelope.type == COMPENSATE:
+            return "compensation", str(envelope.data.get("step"))
+        if envelope.type == SAGA_ENDED:
+            return "end", None
+        if envelope.type == DEADLINE_REACHED:
+            return "deadline", None
+        registered = self.steps.get(envelope.type)
+        return "step", None if registered is None else registered.step
 
     def handler_for(self, envelope: Envelope) -> Registered | None:
         """The handler a message would run here, if any (for its retry policy)."""
@@ -135,13 +194,13 @@ class Choreography:
         ctx: SagaContext,
         part: Participation,
         *,
-        broken: BaseException | None = None,
+        business: BusinessFailure | None = None,
     ) -> list[OutboxMessage]:
         """Act on one saga message; return the outbox rows to write.
 
-        ``broken`` is the error that made the handler give up on earlier
-        attempts: instead of running it again, the step is failed (or the
-        compensation recorded as failed) so that the saga still ends.
+        ``business`` is the business failure an earlier attempt of this
+        message's step raised: the step is then recorded as failed (without
+        running it again) and compensation starts.
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
@@ -151,36 +210,58 @@ class Choreography:
         ctx.stamp = view
         out: list[OutboxMessage] = []
         kind = envelope.type
-        charged = _charged(broken, kind, part)
         if kind == COMPENSATE:
-            view = await self._compensate(ctx, part, view, out, broken, charged)
+            view = await self._compensate(ctx, part, view, out)
         elif kind == DEADLINE_REACHED:
             if part.initiator and view.status is SagaStatus.RUNNING:
                 log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
                 view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
                 view = self._next_compensation(ctx, view, out)
         elif kind in part.steps:
-            view = await self._step(ctx, part.steps[kind], view, out, broken, charged)
+            view = await self._step(ctx, part.steps[kind], view, out, business)
         if part.initiator and before is not None and kind not in (COMPENSATE, DEADLINE_REACHED):
             self._catch_up(ctx, before.stamp, view, out, redrive=kind == SAGA_ENDED)
         if part.on_end is not None and view.status.is_terminal and ended is not view.status:
-            ended = await self._end(ctx, part.on_end, view, out, broken, charged)
+            ended = await self._end(ctx, part.on_end, view, out)
+        if view.suspension is not None and view.suspension.message_id == envelope.id:
+            log.info(
+                "%s: saga %s resumes: %s was handled after its replay",
+                self.service,
+                view.saga_id,
+                envelope.id,
+            )
+            view = replace(view, suspension=None, version=view.version + 1)
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
         return out
 
+    async def suspend(self, ctx: SagaContext, suspension: Suspension) -> Stamp:
+        """Record that the saga stopped at a dead-lettered message (in ``ctx``'s transaction).
+
+        The saga is not compensated: it waits until the message is replayed.
+        The message's stamp is not merged into the view: the replay merges it
+        when it is really handled, and the initiator's catch-up must still
+        see then which steps are new.
+        """
+        envelope = ctx.envelope
+        assert envelope.stamp is not None
+        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        if before is None:
+            view, ended = settle(replace(envelope.stamp, suspension=None)), None
+        else:
+            view, ended = before.stamp, before.ended
+        view = replace(view, suspension=suspension, version=view.version + 1)
+        await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
+        return view
+
     async def _run(self, role: str, registered: Registered, ctx: SagaContext) -> None:
-        """Run a user handler; tag what it raises with its role in the saga."""
-        try:
-            await registered.handler(ctx)
-        except HandlerError as exc:
-            exc.role = exc.role or role
-            raise
-        except Exception as exc:
-            raise HandlerError(
-                f"{role} handler {registered.step or 'end'!s} of {self.service} raised {exc!r}",
-                kind=classify(exc),
-                role=role,
-            ) from exc
+        """Run a user handler in the error model's terms (see :func:`invoke`)."""
+        await invoke(
+            registered.handler,
+            ctx,
+            role=role,
+            what=f"{role} handler {registered.step or 'end'} of {self.service}",
+            business_errors=registered.business_errors,
+        )
 
     async def _end(
         self,
@@ -188,16 +269,11 @@ class Choreography:
         registered: Registered,
         view: Stamp,
         out: list[OutboxMessage],
-        broken: BaseException | None,
-        charged: str | None,
     ) -> SagaStatus:
         """Run the initiator's end handler, once per terminal status."""
         ctx.step = None
         ctx.stamp = view
-        if charged != "end":
-            await self._run("end", registered, ctx)
-        else:
-            log.error("%s: end handler of saga %s gave up: %r", self.service, view.saga_id, broken)
+        await self._run("end", registered, ctx)
         out += self._messages(ctx, view)
         return view.status
 
@@ -209,8 +285,7 @@ class Choreography:
         registered: Registered,
         view: Stamp,
         out: list[OutboxMessage],
-        broken: BaseException | None,
-        charged: str | None,
+        business: BusinessFailure | None,
     ) -> Stamp:
         name = registered.step
         assert name is not None
@@ -235,10 +310,10 @@ class Choreography:
             return view  # already performed (a second trigger of the same step)
         ctx.step = name
         ctx.stamp = view
-        if charged != "step":
+        if business is None:
             await self._run("step", registered, ctx)
         else:
-            ctx.failure = f"step {name} failed: {_cause(broken)!r}"[:500]
+            ctx.failure = f"step {name} failed: {business}"[:500]
         immediate = [e for e in ctx.emissions if e.delay is None and e.deliver_at is None]
         if ctx.failure is not None:
             view = view.with_step(self._record(name, StepOutcome.FAILED, ctx.results))
@@ -310,8 +385,6 @@ class Choreography:
         part: Participation,
         view: Stamp,
         out: list[OutboxMessage],
-        broken: BaseException | None,
-        charged: str | None,
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
         registered = part.compensations.get(name)
@@ -323,23 +396,9 @@ class Choreography:
         elif StepOutcome.DONE in outcomes:
             ctx.step = name
             ctx.stamp = view
-            outcome = StepOutcome.COMPENSATED
-            if registered is None:
-                pass  # a step with nothing to undo
-            elif charged != "compensation":
+            if registered is not None:  # else a step with nothing to undo
                 await self._run("compensation", registered, ctx)
-            else:
-                outcome = StepOutcome.COMPENSATION_FAILED
-                log.error(
-                    "%s: compensation of %s in saga %s failed for good: %r",
-                    self.service,
-                    name,
-                    view.saga_id,
-                    broken,
-                )
-                ctx.emissions.clear()
-                ctx.results["error"] = repr(_cause(broken))[:500]
-            view = view.with_step(self._record(name, outcome, ctx.results))
+            view = view.with_step(self._record(name, StepOutcome.COMPENSATED, ctx.results))
             out += self._messages(ctx, view)
         return self._next_compensation(ctx, view, out)
 
@@ -426,26 +485,3 @@ def check_step_name(name: str) -> str:
     if not name or len(name) > 100 or not name.isidentifier():
         raise ConfigurationError(f"{name!r} is not a valid step or saga name (an identifier)")
     return name
-
-
-def _charged(broken: BaseException | None, kind: str, part: Participation) -> str | None:
-    """Which handler the error that made this message's handling give up is charged to.
-
-    Errors raised by a handler carry its role; any other error (for example
-    events a step emitted that do not fit their schema) is charged to the
-    handler the message triggers.
-    """
-    if broken is None:
-        return None
-    role = getattr(broken, "role", None)
-    if isinstance(role, str):
-        return role
-    if kind == COMPENSATE:
-        return "compensation"
-    return "step" if kind in part.steps else "end"
-
-
-def _cause(broken: BaseException | None) -> BaseException:
-    """The user's own exception behind a handler failure."""
-    assert broken is not None
-    return broken.__cause__ or broken

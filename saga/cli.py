@@ -4,6 +4,7 @@
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
 ``saga outbox``         list parked outbox rows, or release them for another try
+``saga dlq``            list dead letters, or replay them once the cause is fixed
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
+from saga import dlq
 from saga.errors import SagaError
 from saga.schemas import SchemaRegistry, check_directory
 
@@ -270,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _relay_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
+    dlq.add_parser(sub)
     return parser
 
 
@@ -290,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "outbox":
             args.database_url = _existing_database(args.database_url)
             return asyncio.run(_run_outbox(args))
+        if args.command == "dlq":
+            return asyncio.run(dlq.run(args))
     except (SagaError, OutboxError) as exc:
         print(f"saga {args.command}: {exc}", file=sys.stderr)
         return 2

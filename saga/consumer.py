@@ -12,6 +12,14 @@ On a rebalance, revoked partitions finish the record in progress, commit
 their offset and stop; records already fetched for them are dropped and will
 be fetched again by the new owner. A partition whose worker falls behind is
 paused at the broker until its backlog drains, so memory stays bounded.
+
+Supervision: ``process`` deals with every failure of a record itself (the
+error model in :mod:`saga.processing`); should it raise anyway, the record is
+retried with backoff and logged, never skipped. The fetch task and the
+workers are watched: one that ends while the consumer runs (which is a bug)
+is logged and reported through :attr:`PartitionedConsumer.failure`, so that
+the service stops with an error instead of heartbeating while a partition
+stands still.
 """
 
 from __future__ import annotations
@@ -106,6 +114,8 @@ class PartitionedConsumer:
         self._state = _State.UNOPENED
         self.assigned = asyncio.Event()
         """Set once the group has assigned partitions to this consumer."""
+        self.failure: asyncio.Future[None] | None = None
+        """Fails with the error of a background task that died while consuming (set by start)."""
 
     @property
     def assignment(self) -> frozenset[TopicPartition]:
@@ -119,6 +129,7 @@ class PartitionedConsumer:
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a consumer that is {self._state.value}")
         self._state = _State.RUNNING
+        self.failure = asyncio.get_running_loop().create_future()
         consumer = AIOKafkaConsumer(**self.settings.consumer_kwargs(self.group_id))
         try:
             await consumer.start()
@@ -128,7 +139,7 @@ class PartitionedConsumer:
             raise BrokerError(f"could not connect the consumer: {exc}") from exc
         consumer.subscribe(self.topics, listener=_Listener(self))
         self._consumer = consumer
-        self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"consumer-{self.group_id}")
+        self._fetcher = self._supervised(self._fetch_loop(), f"consumer-{self.group_id}")
 
     async def stop(self) -> None:
         """Finish the records in progress, commit, and leave the group."""
@@ -143,6 +154,41 @@ class PartitionedConsumer:
         await self._retire(list(self._parts))
         if self._consumer is not None:
             await self._consumer.stop()
+
+    def _supervised(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        task.add_done_callback(self._watch)
+        return task
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        """Report a background task that ended on its own while the consumer runs."""
+        if task.cancelled():
+            if self._state is _State.RUNNING and not self._expected(task):
+                self._fail(task, RuntimeError(f"{task.get_name()} was cancelled"))
+            return
+        error = task.exception()
+        if error is not None:
+            self._fail(task, error)
+        elif self._state is _State.RUNNING and not self._expected(task):
+            self._fail(task, RuntimeError(f"{task.get_name()} ended while consuming"))
+
+    def _expected(self, task: asyncio.Task[None]) -> bool:
+        """A worker ends on its own only when its partition was revoked."""
+        return task is not self._fetcher and not any(
+            part.task is task for part in self._parts.values()
+        )
+
+    def _fail(self, task: asyncio.Task[None], error: BaseException) -> None:
+        log.critical(
+            "consumer %s: %s died: %r; the service must stop",
+            self.group_id,
+            task.get_name(),
+            error,
+            exc_info=error,
+        )
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_exception(error)
 
     # -- fetching -----------------------------------------------------------------
 
@@ -177,9 +223,7 @@ class PartitionedConsumer:
         part = self._parts.get(tp)
         if part is None:
             part = self._parts[tp] = _Partition(tp)
-            part.task = asyncio.create_task(
-                self._work(part), name=f"partition-{tp.topic}-{tp.partition}"
-            )
+            part.task = self._supervised(self._work(part), f"partition-{tp.topic}-{tp.partition}")
         part.queue.put_nowait(records)
         part.buffered += len(records)
         if part.buffered >= self._max_buffered and not part.paused:
@@ -212,10 +256,17 @@ class PartitionedConsumer:
                 await self._process(record)
                 return
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # Raised by ``process`` itself, not a cancellation of this
+                # worker: retried like any other error, never an end.
+                log.error("consumer %s: process raised CancelledError", self.group_id)
+                attempt += 1
+                await asyncio.sleep(_BACKOFF.delay(attempt))
             except Exception:
                 # ``process`` handles every expected failure itself; reaching
-                # here is a bug or an outage. Never skip the record: retry.
+                # here is a bug. Never skip the record: retry.
                 attempt += 1
                 delay = _BACKOFF.delay(attempt)
                 log.exception(

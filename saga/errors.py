@@ -16,7 +16,8 @@ Every error raised on purpose by choreosaga derives from one root,
         ├── EncodeError                 a payload does not fit its schema
         ├── DecodeError                 bytes from the wire cannot be read; keeps them
         ├── BrokerError                 the Kafka broker is unreachable or refused a call
-        └── HandlerError                a handler failed (a bug, not a business outcome)
+        ├── HandlerError                a handler failed (a bug, not a business outcome)
+        └── BusinessFailure             a step refused: the saga is compensated
 
 What an error means is data, not a class: ``error.kind`` is an
 :class:`~outbox.failures.ErrorKind` (``OUTAGE``: wait as long as it lasts;
@@ -36,6 +37,7 @@ from outbox.failures import ErrorKind
 
 __all__ = [
     "BrokerError",
+    "BusinessFailure",
     "ChoreosagaError",
     "ConfigurationError",
     "DecodeError",
@@ -102,3 +104,14 @@ class HandlerError(SagaError):
         self.kind = kind
         self.role = role
         """Which handler failed: ``"step"``, ``"compensation"`` or ``"end"``."""
+
+
+class BusinessFailure(SagaError):
+    """A step refused as a business outcome (out of stock, card declined).
+
+    Raise it from a step handler (or declare your own exception types with
+    ``business_errors=`` when registering the step): the step is recorded as
+    failed with this message as the reason, and the saga's completed steps are
+    compensated. It is the exception form of ``ctx.fail(reason)``; raised by a
+    compensation or an end handler it is a bug.
+    """

@@ -2,8 +2,8 @@
 
 For every record of a subscribed topic:
 
-1. decode the envelope (an undecodable record is logged with its raw bytes,
-   base64, and skipped: it never blocks the partition);
+1. decode the envelope; a record that cannot be decoded (bad input) is
+   dead-lettered at once and the partition moves on;
 2. open a database transaction and record the message id in the inbox (a
    duplicate ends here, changing nothing);
 3. run the handler registered for the event type (for saga topics, the
@@ -12,36 +12,54 @@ For every record of a subscribed topic:
 4. write the emitted events to the outbox, in the same transaction;
 5. commit; only then does the consumer commit the Kafka offset.
 
-Transient failures (lost connection, deadlock, serialization failure, or any
-error with ``retriable = True``) roll back and retry the whole transaction
-with the handler's retry policy. Once the policy is spent, a saga step fails
-(compensation follows), a compensation is recorded as failed, and a plain
-message is logged with its bytes and skipped. Only a database that stays
-unreachable makes a record wait, retried until the database is back.
+What a failure leads to is decided by the error model
+(:mod:`outbox.failures`), never by where it happened:
+
+* an **outage** (database unreachable, connection lost, pool timeout) rolls
+  back and waits, with backoff, for as long as it lasts, holding the
+  partition (nothing behind it could progress anyway). It costs no attempt;
+* a **business failure** (``ctx.fail``, a declared business error) rolls
+  back the handler's changes and records the step as failed in a new
+  transaction: compensation follows;
+* anything else (a **transient** error, a **bug**) is retried with the
+  handler's :class:`~outbox.RetryPolicy`; once the attempts are spent the
+  record goes, byte for byte, to the dead-letter topic (:mod:`saga.deadletter`)
+  and a saga is *suspended* at that step, in one transaction. The partition
+  moves on; a fix plus a replay continues the saga.
+
+Nothing is dropped silently: every record ends processed, a recognised
+duplicate, ignored (an event type this service does not handle: normal on a
+shared topic), or dead-lettered. Logs carry ids, sizes and a hash of the
+value, never the payload.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from aiokafka import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox import (
-    OutboxError,
+    ErrorKind,
     OutboxMessage,
     RetryPolicy,
     SqlInboxStore,
     SqlOutboxStore,
-    is_transient_db_error,
+    classify,
 )
-from saga.choreography import Choreography, Participation
+from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
+from saga.deadletter import Failure, dead_letter_message, dead_letter_topic
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import DecodeError, HandlerError
+from saga.errors import BusinessFailure, DecodeError
+from saga.stamp import Suspension
 from saga.tracecontext import use_trace_headers
 
 __all__ = ["Handler", "Processor", "ServiceStats", "Subscription"]
@@ -51,6 +69,15 @@ log = logging.getLogger(__name__)
 Handler = Callable[[MessageContext], Awaitable[None]]
 """A plain message handler: an async function of the context."""
 H = Handler
+T = TypeVar("T")
+C = TypeVar("C", bound=MessageContext)
+
+_OUTAGE_BACKOFF = RetryPolicy(
+    maximum_attempts=0,
+    initial_interval=timedelta(milliseconds=100),
+    maximum_interval=timedelta(seconds=5),
+)
+"""How an outage is waited out: without end, at most 5 s between attempts."""
 
 
 @dataclass
@@ -67,10 +94,19 @@ class ServiceStats:
     """Messages of types this service has no handler for."""
 
     undecodable: int = 0
-    """Records that could not be decoded (logged with their bytes)."""
+    """Records that could not be decoded (dead-lettered)."""
 
-    failed: int = 0
-    """Messages whose handler failed for good (logged with their bytes)."""
+    dead_lettered: int = 0
+    """Records sent to a dead-letter topic (undecodable ones included)."""
+
+    suspended: int = 0
+    """Sagas suspended at a dead-lettered message."""
+
+    retries: int = 0
+    """Attempts repeated after a transient error or a bug."""
+
+    outage_waits: int = 0
+    """Attempts repeated because the database was unavailable."""
 
 
 @dataclass(frozen=True)
@@ -81,22 +117,24 @@ class Subscription:
     retry: RetryPolicy | None
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Worth another attempt with the handler's retry policy."""
-    return is_transient_db_error(exc) or bool(getattr(exc, "retriable", False))
+class GaveUp(Exception):
+    """A record's retry policy is spent; carries the last failure."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.summary())
+        self.failure = failure
 
 
-def _is_outage(exc: BaseException) -> bool:
-    """The database is unavailable: retry without end rather than give up on the message.
+def _user_error(exc: BaseException) -> BaseException:
+    """The user's own exception behind our wrapper, when there is one."""
+    cause = exc.__cause__
+    return cause if cause is not None and not isinstance(exc, DecodeError) else exc
 
-    A handler's own retriable errors are not outages: once its retry policy is
-    spent, the message is given up on (a step fails, a compensation is
-    recorded as failed) so that one message cannot block its partition.
-    """
-    if isinstance(exc, OutboxError):
-        return exc.retriable
-    cause = exc.__cause__ if isinstance(exc, HandlerError) else exc
-    return cause is not None and is_transient_db_error(cause)
+
+def value_digest(value: bytes | None) -> str:
+    """Size and short hash of a record value: what logs show instead of the bytes."""
+    data = value or b""
+    return f"{len(data)} bytes sha256:{hashlib.sha256(data).hexdigest()[:12]}"
 
 
 class Processor:
@@ -104,6 +142,7 @@ class Processor:
 
     Args:
         name: Service name (inbox consumer name, log prefix).
+        group: Kafka consumer group (recorded in dead letters).
         engine: The service's database.
         envelopes: Codec of the records.
         inbox: The service's inbox.
@@ -111,6 +150,8 @@ class Processor:
         choreography: The service's part in its sagas.
         source: CloudEvents source of what handlers emit.
         retry: Default retry policy.
+        dead_letter_topic: Template of the dead-letter topic (``{topic}`` is
+            replaced by the record's topic).
         stats: Counters to update.
         subscriptions: Plain handlers by (topic, event type).
         sagas: The service's sagas by the topic that carries their events.
@@ -120,6 +161,7 @@ class Processor:
         self,
         *,
         name: str,
+        group: str,
         engine: AsyncEngine,
         envelopes: EnvelopeCodec,
         inbox: SqlInboxStore,
@@ -127,11 +169,13 @@ class Processor:
         choreography: Choreography,
         source: str,
         retry: RetryPolicy,
+        dead_letter_topic: str,
         stats: ServiceStats,
         subscriptions: Mapping[tuple[str, str], Subscription],
         sagas: Mapping[str, Participation],
     ) -> None:
         self.name = name
+        self.group = group
         self.engine = engine
         self.envelopes = envelopes
         self.inbox = inbox
@@ -139,28 +183,28 @@ class Processor:
         self.choreography = choreography
         self.source = source
         self.retry = retry
+        self.dead_letter_template = dead_letter_topic
         self.stats = stats
         self._subscriptions = subscriptions
         self._sagas = sagas
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Handle one consumed record (the consumer's callback)."""
+        """Handle one consumed record (the consumer's callback).
+
+        Returns once the record is processed, recognised as a duplicate,
+        ignored or dead-lettered; waits through outages. Raises only when
+        the task is cancelled.
+        """
         try:
             envelope = self.envelopes.decode(record.key, record.value, record.headers)
         except DecodeError as exc:
             self.stats.undecodable += 1
-            log.error(
-                "%s skipped an undecodable record %s[%d]@%d: %s; key=%s value(base64)=%s",
-                self.name,
-                record.topic,
-                record.partition,
-                record.offset,
-                exc,
-                record.key,
-                base64.b64encode(exc.raw or b"").decode(),
+            now = datetime.now(UTC)
+            await self._dead_letter(
+                record, None, None, Failure(error=exc, attempts=1, first=now, last=now)
             )
             return
-        info = RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)
+        info = _info(record)
         part = self._sagas.get(record.topic)
         if part is not None:
             await self._process_saga(record, part, envelope, info)
@@ -171,13 +215,11 @@ class Processor:
             return
         policy = subscription.retry or self.retry
         try:
-            processed = await self._retrying(
+            processed = await self._attempts(
                 policy, lambda: self._transaction(subscription.handler, envelope, info)
             )
-        except Exception as exc:
-            if _is_outage(exc):
-                raise  # an outage, not bad input: the consumer retries the record
-            self._failed(record, envelope, exc)
+        except GaveUp as gave_up:
+            await self._dead_letter(record, envelope, None, gave_up.failure)
             return
         self._count(processed)
 
@@ -203,43 +245,73 @@ class Processor:
         registered = part.handler_for(envelope)
         policy = (registered.retry if registered else None) or self.retry
         try:
-            processed = await self._retrying(
-                policy, lambda: self._saga_transaction(part, envelope, info, None)
-            )
-        except Exception as exc:
-            if _is_outage(exc):
-                raise
-            # The handler gave up: fail the step (or record the compensation
-            # as failed) in a fresh transaction, so that the saga still ends.
-            log.error(
-                "%s: %s handling %s (%s) of saga %s; failing it",
-                self.name,
-                exc.__class__.__name__,
-                envelope.id,
-                envelope.type,
-                envelope.stamp.saga_id,
-                exc_info=exc,
-            )
-            broken = exc
             try:
-                processed = await self._retrying(
-                    self.retry,
-                    lambda: self._saga_transaction(part, envelope, info, broken),
+                processed = await self._attempts(
+                    policy, lambda: self._saga_transaction(part, envelope, info, None)
                 )
-            except Exception as again:
-                if _is_outage(again):
-                    raise
-                self._failed(record, envelope, again)
-                return
+            except BusinessFailure as business:
+                # The step refused: its changes were rolled back; record the
+                # refusal (and start compensation) in a transaction of its own.
+                refusal = business
+                processed = await self._attempts(
+                    policy, lambda: self._saga_transaction(part, envelope, info, refusal)
+                )
+        except GaveUp as gave_up:
+            await self._dead_letter(record, envelope, part, gave_up.failure)
+            return
         self._count(processed)
 
-    async def _retrying(
-        self, policy: RetryPolicy, attempt_once: Callable[[], Awaitable[bool]]
-    ) -> bool:
-        async for attempt in policy.retrying(retry_on=_is_transient):
-            with attempt:
+    async def _attempts(self, policy: RetryPolicy, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt_once`` under the error model.
+
+        Outages are waited out without end and cost no attempt; a business
+        failure is raised at once; transient errors and bugs are retried per
+        ``policy`` and then raised as :class:`GaveUp`.
+        """
+        attempts = 0
+        outages = 0
+        first: datetime | None = None
+        while True:
+            try:
                 return await attempt_once()
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+            except BusinessFailure:
+                raise
+            except Exception as exc:
+                kind = classify(exc)
+                now = datetime.now(UTC)
+                if kind is ErrorKind.OUTAGE:
+                    outages += 1
+                    self.stats.outage_waits += 1
+                    delay = _OUTAGE_BACKOFF.delay(outages)
+                    log.warning(
+                        "%s: database unavailable (%s); retry %d in %.1fs",
+                        self.name,
+                        type(exc).__name__,
+                        outages,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                outages = 0
+                attempts += 1
+                first = first or now
+                limit = policy.maximum_attempts
+                if limit and attempts >= limit:
+                    raise GaveUp(
+                        Failure(error=_user_error(exc), attempts=attempts, first=first, last=now)
+                    ) from exc
+                self.stats.retries += 1
+                delay = policy.delay(attempts)
+                log.warning(
+                    "%s: attempt %d failed (%s, %s): %s; retry in %.1fs",
+                    self.name,
+                    attempts,
+                    kind.value,
+                    type(_user_error(exc)).__name__,
+                    str(exc)[:200],
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     def _count(self, processed: bool) -> None:
         if processed:
@@ -252,39 +324,49 @@ class Processor:
         part: Participation,
         envelope: Envelope,
         info: RecordInfo,
-        broken: BaseException | None,
+        business: BusinessFailure | None,
     ) -> bool:
-        stamp = envelope.stamp
-        assert stamp is not None
+        async def work(ctx: SagaContext) -> list[OutboxMessage]:
+            return await self.choreography.handle(ctx, part, business=business)
 
-        async def work(session: AsyncSession) -> list[OutboxMessage]:
-            ctx = SagaContext(
-                session=session,
-                envelope=envelope,
-                record=info,
-                source=self.source,
-                stamp=stamp,
-                step=None,
-                topic=part.topic,
-            )
-            return await self.choreography.handle(ctx, part, broken=broken)
+        def context(session: AsyncSession) -> SagaContext:
+            return self._saga_context(session, part, envelope, info)
 
-        return await self._in_transaction(envelope, work)
+        return await self._in_transaction(envelope, context, work)
+
+    def _saga_context(
+        self, session: AsyncSession, part: Participation, envelope: Envelope, info: RecordInfo
+    ) -> SagaContext:
+        assert envelope.stamp is not None
+        return SagaContext(
+            session=session,
+            envelope=envelope,
+            record=info,
+            source=self.source,
+            stamp=envelope.stamp,
+            step=None,
+            topic=part.topic,
+        )
 
     async def _transaction(self, handler: H, envelope: Envelope, info: RecordInfo) -> bool:
-        async def work(session: AsyncSession) -> list[OutboxMessage]:
-            ctx = MessageContext(
-                session=session, envelope=envelope, record=info, source=self.source
+        async def work(ctx: MessageContext) -> list[OutboxMessage]:
+            await invoke(
+                handler, ctx, role="handler", what=f"handler of {envelope.type} in {self.name}"
             )
-            await handler(ctx)
             return [m for _, m in ctx.envelopes(self.envelopes, envelope.stamp)]
 
-        return await self._in_transaction(envelope, work)
+        def context(session: AsyncSession) -> MessageContext:
+            return MessageContext(
+                session=session, envelope=envelope, record=info, source=self.source
+            )
+
+        return await self._in_transaction(envelope, context, work)
 
     async def _in_transaction(
         self,
         envelope: Envelope,
-        work: Callable[[AsyncSession], Awaitable[list[OutboxMessage]]],
+        context: Callable[[AsyncSession], C],
+        work: Callable[[C], Awaitable[list[OutboxMessage]]],
     ) -> bool:
         """Inbox row, ``work`` and its outbox rows in one transaction.
 
@@ -297,23 +379,125 @@ class Processor:
             if not await self.inbox.record(session, self.name, envelope.id):
                 return False
             with use_trace_headers(envelope.traceparent, envelope.tracestate):
-                messages = await work(session)
+                messages = await work(context(session))
             await self.outbox.add(session, messages)
         return True
 
-    def _failed(
-        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, exc: BaseException
+    # -- dead letters ------------------------------------------------------------------
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        envelope: Envelope | None,
+        part: Participation | None,
+        failure: Failure,
     ) -> None:
-        self.stats.failed += 1
+        """Send ``record`` to its dead-letter topic; suspend its saga (one transaction).
+
+        Waits through outages like any transaction. Should the suspension
+        itself fail for good (a view that cannot be read), the dead letter is
+        still written, without it: a record is never dropped.
+        """
+        topic = dead_letter_topic(self.dead_letter_template, record.topic)
+        role, step = ("decode", None) if envelope is None else ("handler", None)
+        stamp = None if envelope is None else envelope.stamp
+        if part is not None and envelope is not None and stamp is not None:
+            role, step = part.role_of(envelope)
+        message = dead_letter_message(
+            topic=topic,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            origin=(record.topic, record.partition, record.offset),
+            failure=failure,
+            service=self.name,
+            group=self.group,
+            role=role,
+            saga=None if stamp is None else (stamp.saga_name, stamp.saga_id),
+            step=step,
+        )
+        suspension = None
+        if part is not None and envelope is not None and stamp is not None:
+            suspension = Suspension(
+                service=self.name,
+                role=role,
+                step=step,
+                message_id=envelope.id,
+                event_type=envelope.type,
+                error=failure.summary(),
+                attempts=failure.attempts,
+                dead_letter_topic=topic,
+                at=failure.last,
+            )
         log.error(
-            "%s gave up on message %s (%s) from %s[%d]@%d: %r; value(base64)=%s",
+            "%s dead-lettered %s[%d]@%d to %s after %d attempt(s): %s (message %s, type %s, "
+            "saga %s, step %s, value %s)",
             self.name,
-            envelope.id,
-            envelope.type,
             record.topic,
             record.partition,
             record.offset,
-            exc,
-            base64.b64encode(record.value or b"").decode(),
-            exc_info=exc,
+            topic,
+            failure.attempts,
+            failure.summary(),
+            None if envelope is None else envelope.id,
+            None if envelope is None else envelope.type,
+            None if stamp is None else stamp.saga_id,
+            step,
+            value_digest(record.value),
         )
+        try:
+            written = await self._attempts(
+                _OUTAGE_BACKOFF_FOR_WRITES,
+                lambda: self._write_dead_letter(record, message, part, envelope, suspension),
+            )
+        except GaveUp as again:
+            log.error(
+                "%s could not suspend saga %s (%s); dead-lettering %s[%d]@%d without it",
+                self.name,
+                None if stamp is None else stamp.saga_id,
+                again.failure.summary(),
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            written = await self._attempts(
+                _OUTAGE_BACKOFF_FOR_WRITES,
+                lambda: self._write_dead_letter(record, message, None, None, None),
+            )
+        if written:
+            self.stats.dead_lettered += 1
+            if suspension is not None:
+                self.stats.suspended += 1
+
+    async def _write_dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        message: OutboxMessage,
+        part: Participation | None,
+        envelope: Envelope | None,
+        suspension: Suspension | None,
+    ) -> bool:
+        async with (
+            AsyncSession(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            # Keyed by the record's position, not its message id: the record
+            # itself must stay new to the inbox, so that its replay runs.
+            position = f"{record.topic}/{record.partition}/{record.offset}"
+            if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
+                return False
+            if part is not None and envelope is not None and suspension is not None:
+                ctx = self._saga_context(session, part, envelope, _info(record))
+                await self.choreography.suspend(ctx, suspension)
+            await self.outbox.add(session, [message])
+        return True
+
+
+_OUTAGE_BACKOFF_FOR_WRITES = RetryPolicy(
+    maximum_attempts=3, initial_interval=timedelta(milliseconds=100)
+)
+"""Writing a dead letter: outages are waited out; anything else is tried 3 times."""
+
+
+def _info(record: ConsumerRecord[bytes, bytes]) -> RecordInfo:
+    return RecordInfo(topic=record.topic, partition=record.partition, offset=record.offset)

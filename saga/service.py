@@ -48,6 +48,7 @@ from saga.choreography import (
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
 from saga.context import outgoing
+from saga.deadletter import check_template, dead_letter_topic
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import ConfigurationError
 from saga.processing import H, Processor, ServiceStats, Subscription
@@ -91,9 +92,15 @@ class ServiceSettings:
     """The consumer group is ``<prefix><service name>`` (to share one Kafka between
     several deployments or test runs)."""
 
+    dead_letter_topic: str = "{topic}.dlq"
+    """Where records that cannot be processed go: ``{topic}`` is replaced by the
+    record's topic (one dead-letter topic per topic by default; a name without
+    ``{topic}`` collects every topic's dead letters in one)."""
+
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
             raise ConfigurationError("max_buffered_records must be positive")
+        check_template(self.dead_letter_topic)
 
 
 class _State(enum.Enum):
@@ -157,6 +164,7 @@ class Service:
         self._saga_topics: dict[str, Participation] = {}
         self.processor = Processor(
             name=name,
+            group=self.settings.group_prefix + name,
             engine=engine,
             envelopes=self.envelopes,
             inbox=self.inbox,
@@ -164,6 +172,7 @@ class Service:
             choreography=self.choreography,
             source=self.source,
             retry=self.settings.retry,
+            dead_letter_topic=self.settings.dead_letter_topic,
             stats=self.stats,
             subscriptions=self._subscriptions,
             sagas=self._saga_topics,
@@ -224,6 +233,7 @@ class Service:
         saga: str,
         on: str | Sequence[str],
         retry: RetryPolicy | None = None,
+        business_errors: Sequence[type[Exception]] = (),
     ) -> Callable[[SagaHandler], SagaHandler]:
         """Register the decorated function as step ``name`` of ``saga``.
 
@@ -232,10 +242,20 @@ class Service:
         recorded as done in the stamp), schedule one for later (the step stays
         pending until a later trigger), complete the saga, or fail it. The
         function is returned unchanged.
+
+        ``business_errors`` are exception types that mean the step refused
+        (for example ``OutOfStock``): the step fails and the saga is
+        compensated, as with ``ctx.fail``. Any other exception is a bug: the
+        message is retried per ``retry``, then dead-lettered, and the saga is
+        suspended at this step, not compensated.
         """
         part = self._participation(saga)
         check_step_name(name)
         triggers = [on] if isinstance(on, str) else list(on)
+        business = tuple(business_errors)
+        for error in business:
+            if not (isinstance(error, type) and issubclass(error, Exception)):
+                raise ConfigurationError(f"business_errors takes exception classes, not {error!r}")
         for event_type in triggers:
             self.envelopes.codec.registry.latest(event_type)
             if event_type in part.steps:
@@ -243,7 +263,7 @@ class Service:
 
         def register(handler: SagaHandler) -> SagaHandler:
             for event_type in triggers:
-                part.steps[event_type] = Registered(handler, name, retry)
+                part.steps[event_type] = Registered(handler, name, retry, business)
             return handler
 
         return register
@@ -345,6 +365,24 @@ class Service:
         """Sagas still running or compensating here whose view has not moved for
         ``older_than``: candidates for a deadline, an alert, or a person."""
         return await self.states.stuck(self.engine, older_than)
+
+    @property
+    def dead_letter_topics(self) -> frozenset[str]:
+        """The dead-letter topics of this service's topics (create them with the others)."""
+        template = self.settings.dead_letter_topic
+        return frozenset(dead_letter_topic(template, topic) for topic in self.topics)
+
+    async def wait(self) -> None:
+        """Wait while the service runs; raise if one of its background tasks died.
+
+        Run a service with ``await service.wait()`` (or race it against your
+        own stop signal): a consumer whose fetch task or partition worker
+        died raises here, so the process can exit non-zero instead of
+        heartbeating while messages stand still.
+        """
+        if self._consumer is None or self._consumer.failure is None:
+            raise ConfigurationError("the service is not consuming (not started, or no handlers)")
+        await asyncio.shield(self._consumer.failure)
 
     @property
     def topics(self) -> frozenset[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from saga.errors import ConfigurationError
 
-__all__ = ["STAMP_SCHEMA", "SagaStatus", "Stamp", "StepOutcome", "StepRecord"]
+__all__ = ["STAMP_SCHEMA", "SagaStatus", "Stamp", "StepOutcome", "StepRecord", "Suspension"]
 
 STAMP_SCHEMA = "choreosaga.saga.Stamp"
 """Full name of the stamp's Avro schema."""
@@ -106,6 +106,66 @@ class StepRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Suspension:
+    """Where a saga stopped because a handler failed as a bug.
+
+    The message went to a dead-letter topic; the saga waits here (it is not
+    compensated) until the code is fixed and the message replayed, which
+    clears the suspension.
+    """
+
+    service: str
+    """Service whose handler failed."""
+
+    role: str
+    """Which handler: ``"step"``, ``"compensation"``, ``"end"`` or ``"deadline"``."""
+
+    step: str | None
+    """The step being performed or compensated, if any."""
+
+    message_id: str
+    """``ce_id`` of the dead-lettered message (its replay clears the suspension)."""
+
+    event_type: str
+    """``ce_type`` of the dead-lettered message."""
+
+    error: str
+    """Error type and message (never the payload)."""
+
+    attempts: int
+    """Attempts made before giving up."""
+
+    dead_letter_topic: str
+    """Where the message went."""
+
+    at: datetime
+    """When the saga was suspended (UTC, millisecond precision)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", _utc(self.at))
+        object.__setattr__(self, "error", self.error[:1000])
+
+    def to_avro(self) -> dict[str, Any]:
+        """The suspension as an Avro record."""
+        return {
+            "service": self.service,
+            "role": self.role,
+            "step": self.step,
+            "message_id": self.message_id,
+            "event_type": self.event_type,
+            "error": self.error,
+            "attempts": self.attempts,
+            "dead_letter_topic": self.dead_letter_topic,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_avro(cls, record: Mapping[str, Any]) -> Suspension:
+        """Build a suspension from its decoded Avro record."""
+        return cls(**record)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stamp:
     """The state of one saga, as of the message that carries it."""
 
@@ -135,6 +195,14 @@ class Stamp:
 
     version: int = 1
     """Revision of this state, incremented by every change."""
+
+    suspension: Suspension | None = None
+    """Set while the saga is suspended at a handler that failed as a bug."""
+
+    @property
+    def suspended(self) -> bool:
+        """Whether the saga waits at a dead-lettered message (see :class:`Suspension`)."""
+        return self.suspension is not None and not self.status.is_terminal
 
     def __post_init__(self) -> None:
         if not self.saga_name or not self.saga_id or not self.correlation_id:
@@ -197,6 +265,7 @@ class Stamp:
             "started_at": self.started_at,
             "deadline": self.deadline,
             "reason": self.reason,
+            "suspension": None if self.suspension is None else self.suspension.to_avro(),
         }
 
     @classmethod
@@ -221,4 +290,9 @@ class Stamp:
             started_at=record["started_at"],
             deadline=record["deadline"],
             reason=record["reason"],
+            suspension=(
+                None
+                if record.get("suspension") is None
+                else Suspension.from_avro(record["suspension"])
+            ),
         )

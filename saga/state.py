@@ -69,7 +69,9 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
     with a compensation that failed ends failed, whoever reported what.
     """
     if view is None:
-        return settle(incoming)
+        # A suspension is this service's own record of where it stopped: one
+        # carried in from another service's view is not ours.
+        return settle(replace(incoming, suspension=None))
     known = {(s.name, s.outcome) for s in view.steps}
     steps = view.steps + tuple(s for s in incoming.steps if (s.name, s.outcome) not in known)
     ahead = _RANK[incoming.status] > _RANK[view.status]

@@ -27,9 +27,11 @@ from saga import (
     AvroCodec,
     ConfigurationError,
     KafkaSettings,
+    RetryPolicy,
     SagaContext,
     SchemaRegistry,
     Service,
+    ServiceSettings,
     create_engine,
 )
 
@@ -65,7 +67,11 @@ class Partition:
         test decides where they land.
         """
         table = service.tables.outbox
-        query = sa.select(table).where(table.c.published_at_ms.is_(None)).order_by(table.c.id)
+        query = (
+            sa.select(table)
+            .where(table.c.published_at_ms.is_(None), table.c.topic == "saga.trip")
+            .order_by(table.c.id)
+        )
         if not scheduled:
             query = query.where(table.c.due_at_ms.is_(None))
         async with service.engine.begin() as conn:
@@ -113,7 +119,10 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[[str], Service]]:
 
     def factory(name: str) -> Service:
         engine = create_engine(f"sqlite:///{tmp_path / name}.db")
-        service = Service(name, engine=engine, kafka=kafka, codec=shared)
+        settings = ServiceSettings(
+            retry=RetryPolicy(initial_interval=timedelta(milliseconds=10), maximum_attempts=2)
+        )
+        service = Service(name, engine=engine, kafka=kafka, codec=shared, settings=settings)
         made.append(service)
         return service
 
@@ -189,7 +198,7 @@ async def test_completion_after_the_deadline_fired_is_undone(
     assert (await trips.saga_state("t1")).status.value == "COMPENSATED"
 
 
-async def test_refund_that_fails_for_good_ends_the_saga_failed(
+async def test_refund_that_fails_for_good_suspends_the_saga_at_the_refund(
     make: Callable[[str], Service],
 ) -> None:
     order, inventory, payment = make("order"), make("inventory"), make("payment")
@@ -226,13 +235,19 @@ async def test_refund_that_fails_for_good_ends_the_saga_failed(
     await partition.collect(order, scheduled=True)
     await partition.drain()
 
-    assert ended[-1] == "FAILED"
-    assert "COMPENSATED" not in ended  # never announced as cleanly undone
-    stamp = await order.saga_state("o1")
-    assert stamp is not None
-    assert stamp.status.value == "FAILED"
-    assert ("charge_payment", "COMPENSATION_FAILED") in await steps(order, "o1")
-    assert ("reserve_stock", "COMPENSATED") in await steps(order, "o1")
+    # A refund that raises is a bug, not an outcome: the saga is neither
+    # announced compensated nor failed; it waits, suspended at the refund,
+    # until the fixed refund is replayed. (The stock was released first here:
+    # the deadline compensated it before the late charge reported in.)
+    assert ended == []
+    held = await payment.saga_state("o1")
+    assert held is not None
+    assert held.suspension is not None
+    assert (held.suspension.role, held.suspension.step) == ("compensation", "charge_payment")
+    assert "card network refuses" in held.suspension.error
+    assert payment.stats.dead_lettered >= 1
+    assert ("charge_payment", "COMPENSATION_FAILED") not in await steps(order, "o1")
+    assert ("charge_payment", "COMPENSATED") not in await steps(order, "o1")
 
 
 async def test_a_branch_the_failing_service_never_saw_is_undone(

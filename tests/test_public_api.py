@@ -15,7 +15,11 @@ ROOT = Path(__file__).parent.parent
 SAGA_API = [
     "AvroCodec",
     "BrokerError",
+    "BusinessFailure",
+    "ChoreosagaError",
     "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterSelection",
     "DecodeError",
     "EmbeddedBroker",
     "EncodeError",
@@ -40,8 +44,11 @@ SAGA_API = [
     "Stamp",
     "StepOutcome",
     "StepRecord",
+    "Suspension",
     "create_engine",
     "ensure_topics",
+    "read_dead_letters",
+    "replay",
 ]
 
 OUTBOX_API = [

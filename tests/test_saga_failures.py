@@ -1,4 +1,4 @@
-"""Sagas whose handlers break: every saga still ends, and visibly so.
+"""Sagas whose handlers break: refusals compensate, bugs suspend the saga visibly.
 
 A small three-step saga (alpha -> beta -> gamma) with an initiator, each
 service on its own SQLite database, on the real broker. The failure modes are
@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from support import core_codec
 
 from saga import (
+    DeadLetter,
+    DeadLetterSelection,
     KafkaSettings,
     OutboxTables,
     RelaySettings,
@@ -30,9 +32,11 @@ from saga import (
     SagaStatus,
     Service,
     ServiceSettings,
+    Stamp,
     StepOutcome,
     create_engine,
     ensure_topics,
+    read_dead_letters,
 )
 
 SAGA = "test_saga"
@@ -40,7 +44,7 @@ STARTED = "choreosaga.test.Started"
 ALPHA_DONE = "choreosaga.test.AlphaDone"
 BETA_DONE = "choreosaga.test.BetaDone"
 
-BETA_UNDO_BREAKS = 1  # beta's compensation raises every time
+BETA_UNDO_BREAKS = 1  # beta's compensation raises every time (a bug)
 GAMMA_REFUSES = 2  # gamma fails the saga (a business outcome)
 GAMMA_CRASHES = 3  # gamma's handler raises a bug, every attempt
 BETA_SILENT = 4  # beta's handler neither emits nor fails
@@ -60,6 +64,8 @@ class Harness:
     log: sa.Table
     ended: sa.Table
     attempts: dict[str, int]
+    kafka: KafkaSettings
+    topic: str
 
     async def start(self, n: int) -> str:
         saga_id = f"saga-{n}-{uuid.uuid4().hex[:6]}"
@@ -84,6 +90,28 @@ class Harness:
             assert time.monotonic() < deadline, f"saga {saga_id} did not end"
             await asyncio.sleep(0.05)
 
+    async def suspended(self, service: str, saga_id: str, timeout: float = 30.0) -> Stamp:
+        deadline = time.monotonic() + timeout
+        while True:
+            stamp = await self.services[service].saga_state(saga_id)
+            if stamp is not None and stamp.suspension is not None:
+                return stamp
+            assert time.monotonic() < deadline, f"saga {saga_id} not suspended at {service}"
+            await asyncio.sleep(0.05)
+
+    async def dead_letters(self, saga_id: str, timeout: float = 30.0) -> list[DeadLetter]:
+        deadline = time.monotonic() + timeout
+        while True:
+            letters = await read_dead_letters(
+                self.kafka,
+                [self.topic + ".dlq"],
+                selection=DeadLetterSelection(saga_id=saga_id),
+            )
+            if letters:
+                return letters
+            assert time.monotonic() < deadline, f"no dead letter for {saga_id}"
+            await asyncio.sleep(0.2)
+
     async def undone(self, service: str, saga_id: str) -> list[str]:
         async with self.engines[service].connect() as conn:
             rows = await conn.execute(
@@ -95,7 +123,7 @@ class Harness:
 @pytest.fixture
 async def harness(tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[Harness]:
     prefix = f"f{uuid.uuid4().hex[:8]}."
-    await ensure_topics(kafka_settings, {prefix + SAGA: 2})
+    await ensure_topics(kafka_settings, {prefix + SAGA: 2, prefix + SAGA + ".dlq": 1})
     codec = core_codec()
     settings = ServiceSettings(
         saga_topic_prefix=prefix,
@@ -187,7 +215,15 @@ async def harness(tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterato
     for service in services.values():
         await service.start()
     await asyncio.gather(*(s.wait_assigned() for s in services.values()))
-    harness = Harness(services=services, engines=engines, log=log, ended=ended, attempts=attempts)
+    harness = Harness(
+        services=services,
+        engines=engines,
+        log=log,
+        ended=ended,
+        attempts=attempts,
+        kafka=kafka_settings,
+        topic=prefix + SAGA,
+    )
     try:
         yield harness
     finally:
@@ -215,19 +251,27 @@ async def test_business_failure_compensates_in_reverse_order(harness: Harness) -
     assert await harness.undone("alpha", saga_id) == ["alpha undone"]
 
 
-async def test_compensation_that_keeps_failing_ends_the_saga_failed(harness: Harness) -> None:
+async def test_compensation_that_keeps_failing_suspends_the_saga_at_that_compensation(
+    harness: Harness,
+) -> None:
+    """A compensation that raises is a bug: retried, dead-lettered, the saga suspended there.
+
+    It is never recorded as done, and the chain does not skip it: the other
+    compensations wait until the fixed handler is replayed.
+    """
     saga_id = await harness.start(BETA_UNDO_BREAKS)
 
-    assert await harness.ended_as(saga_id) == "FAILED"
-    stamp = await harness.services["starter"].saga_state(saga_id)
-    assert stamp is not None
-    assert stamp.status is SagaStatus.FAILED
-    beta = [s for s in stamp.steps if s.name == "beta"]
-    assert [s.outcome for s in beta] == [StepOutcome.DONE, StepOutcome.COMPENSATION_FAILED]
-    assert "refund gateway is gone" in beta[-1].data["error"]
-    # The other compensations still ran: nothing else is left half done.
-    assert await harness.undone("alpha", saga_id) == ["alpha undone"]
-    assert harness.attempts[f"undo beta {saga_id}"] == 1  # not transient: not retried
+    stamp = await harness.suspended("beta", saga_id)
+    assert not stamp.status.is_terminal
+    suspension = stamp.suspension
+    assert suspension is not None
+    assert (suspension.role, suspension.step, suspension.attempts) == ("compensation", "beta", 3)
+    assert "refund gateway is gone" in suspension.error
+    (letter,) = await harness.dead_letters(saga_id)
+    assert letter.info["role"] == "compensation"
+    assert letter.header("ce_type") == "choreosaga.saga.Compensate"
+    assert harness.attempts[f"undo beta {saga_id}"] == 3  # the policy's attempts
+    assert await harness.undone("alpha", saga_id) == []  # alpha waits behind beta
 
 
 async def test_transient_compensation_failure_is_retried(harness: Harness) -> None:
@@ -238,35 +282,29 @@ async def test_transient_compensation_failure_is_retried(harness: Harness) -> No
     assert await harness.undone("beta", saga_id) == ["beta undone"]
 
 
-async def test_step_that_crashes_fails_the_saga_instead_of_stalling_it(
+async def test_step_that_crashes_suspends_the_saga_instead_of_compensating_it(
     harness: Harness,
 ) -> None:
     saga_id = await harness.start(GAMMA_CRASHES)
 
-    assert await harness.ended_as(saga_id) == "COMPENSATED"
-    stamp = await harness.services["starter"].saga_state(saga_id)
-    assert stamp is not None
-    (gamma,) = [s for s in stamp.steps if s.name == "gamma"]
-    assert gamma.outcome is StepOutcome.FAILED
-    assert stamp.reason is not None
-    assert "ZeroDivisionError" in stamp.reason
-    assert harness.attempts[f"gamma {saga_id}"] == 1  # a bug is not retried
-    assert await harness.undone("alpha", saga_id) == ["alpha undone"]
+    stamp = await harness.suspended("gamma", saga_id)
+    assert stamp.status is SagaStatus.RUNNING
+    assert stamp.suspension is not None
+    assert "ZeroDivisionError" in stamp.suspension.error
+    assert not [s for s in stamp.steps if s.name == "gamma"]  # not recorded as failed
+    (letter,) = await harness.dead_letters(saga_id)
+    assert letter.error_type == "builtins.ZeroDivisionError"
+    assert harness.attempts[f"gamma {saga_id}"] == 3  # retried per policy, then stopped
+    assert await harness.undone("alpha", saga_id) == []  # nothing compensated
 
 
-async def test_step_that_emits_nothing_fails_the_saga(harness: Harness) -> None:
+async def test_step_that_emits_nothing_is_a_bug_and_suspends_the_saga(harness: Harness) -> None:
     saga_id = await harness.start(BETA_SILENT)
 
-    assert await harness.ended_as(saga_id) == "COMPENSATED"
-    stamp = await harness.services["starter"].saga_state(saga_id)
-    assert stamp is not None
-    assert [(s.name, s.outcome) for s in stamp.steps] == [
-        ("alpha", StepOutcome.DONE),
-        ("beta", StepOutcome.FAILED),
-        ("alpha", StepOutcome.COMPENSATED),
-    ]
-    assert stamp.reason is not None
-    assert "neither emitted" in stamp.reason
+    stamp = await harness.suspended("beta", saga_id)
+    assert stamp.suspension is not None
+    assert "neither emitted" in stamp.suspension.error
+    assert await harness.undone("alpha", saga_id) == []
 
 
 async def test_a_stalled_saga_is_detected(harness: Harness) -> None:
@@ -291,16 +329,16 @@ async def test_a_stalled_saga_is_detected(harness: Harness) -> None:
     assert finished not in {s.saga_id for s in stuck}
 
 
-async def test_retriable_error_that_never_clears_fails_the_step_and_unblocks(
+async def test_retriable_error_that_never_clears_is_dead_lettered_and_unblocks(
     harness: Harness,
 ) -> None:
     stuck = await harness.start(GAMMA_ALWAYS_FLAKY)
     behind = await harness.start(GAMMA_REFUSES)  # later saga, possibly same partition
 
-    assert await harness.ended_as(stuck) == "COMPENSATED"
     assert await harness.ended_as(behind) == "COMPENSATED"
+    (letter,) = await harness.dead_letters(stuck)
+    assert letter.error_type.endswith("Flaky")
     assert harness.attempts[f"gamma {stuck}"] == 3  # the policy's attempts, then give up
-    stamp = await harness.services["starter"].saga_state(stuck)
-    assert stamp is not None
-    assert stamp.reason is not None
-    assert "Flaky" in stamp.reason
+    stamp = await harness.suspended("gamma", stuck)
+    assert stamp.suspension is not None
+    assert "Flaky" in stamp.suspension.error

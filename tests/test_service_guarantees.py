@@ -12,6 +12,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from support import core_codec, read_topic
 
-from outbox import KafkaSettings, OutboxTables, create_engine
+from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine, ensure_topics
 from saga.context import MessageContext
+from saga.dlq import read_dead_letters
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.service import Service, ServiceSettings
 
@@ -71,7 +73,9 @@ class Harness:
             kafka=self.kafka,
             codec=self.codec,
             tables=self.tables,
-            settings=ServiceSettings(shards=4),
+            settings=ServiceSettings(
+                shards=4, retry=RetryPolicy(initial_interval=timedelta(milliseconds=20))
+            ),
         )
         service.add_handler(self.topic_in, ITEM, handler)
         self.services.append(service)
@@ -135,6 +139,7 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     topic_in = await new_topic(partitions=2)
     topic_out = await new_topic(partitions=2)
+    await ensure_topics(kafka_settings, {topic_in + ".dlq": 1})
     h = Harness(database_url, kafka_settings, topic_in, topic_out)
     await h.setup()
     yield h
@@ -164,14 +169,16 @@ async def test_failed_handler_leaves_neither_state_nor_outbox_rows(harness: Harn
     async with service:
         await h.send(h.item("a", 1), partition=0)
         await h.send(h.item("a", 2), partition=0)
-        await until(lambda: service.stats.processed + service.stats.failed == 2)
+        await until(lambda: service.stats.processed + service.stats.dead_lettered == 2)
 
-    assert service.stats.failed == 1
+    assert service.stats.dead_lettered == 1
     assert [tuple(r) for r in await h.rows(h.seen)] == [("a", 2)]
     outbox_rows = await h.rows(h.tables.outbox)
-    assert len(outbox_rows) == 1
+    assert sorted(r.topic for r in outbox_rows) == [h.topic_out, h.topic_in + ".dlq"]
     inbox_rows = await h.rows(h.tables.inbox)
-    assert len(inbox_rows) == 1  # only the message that committed
+    # The message that committed, and the dead letter's own entry (by position,
+    # so that a replay of the failed message still runs).
+    assert sorted(r.consumer for r in inbox_rows) == ["svc", "svc.dead-letters"]
     (published,) = await read_topic(h.kafka, h.topic_out, 1)
     assert h.envelopes.decode(published.key, published.value, published.headers).data["seq"] == 2
 
@@ -231,7 +238,7 @@ async def test_redelivered_messages_change_state_once(harness: Harness) -> None:
     assert len(await h.rows(h.tables.outbox)) == 4
 
 
-async def test_bad_records_are_logged_and_skipped_without_blocking(
+async def test_bad_records_are_dead_lettered_byte_for_byte_without_blocking(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = harness
@@ -244,7 +251,7 @@ async def test_bad_records_are_logged_and_skipped_without_blocking(
         "unknown-fingerprint": fingerprint_unknown,
     }
     service = h.service(bind_out(h))
-    caplog.set_level(logging.ERROR, logger="saga.service")
+    caplog.set_level(logging.INFO)
     async with service:
         await h.send(h.item("g", 1), partition=0)
         for value in bad_values.values():
@@ -252,12 +259,26 @@ async def test_bad_records_are_logged_and_skipped_without_blocking(
         await h.send_raw(good_value, [])  # valid value, no CloudEvents headers
         await h.send(h.item("g", 2), partition=0)
         await until(lambda: service.stats.processed == 2)
+        letters = await read_dead_letters(h.kafka, [h.topic_in + ".dlq"])
+        deadline = time.monotonic() + 30
+        while len(letters) < 5 and time.monotonic() < deadline:
+            letters = await read_dead_letters(h.kafka, [h.topic_in + ".dlq"])
 
     assert service.stats.undecodable == 5
+    assert service.stats.dead_lettered == 5
     assert sorted(tuple(r) for r in await h.rows(h.seen)) == [("g", 1), ("g", 2)]
+    # Every bad record is kept byte for byte, with where it came from and why.
+    assert sorted(d.value for d in letters) == sorted([*bad_values.values(), good_value])
+    for letter in letters:
+        assert letter.original_topic == h.topic_in
+        assert letter.info["role"] == "decode"
+        assert letter.error_type == "saga.errors.DecodeError"
+        assert letter.key == b"k"
+    # The logs say what happened, without the bytes.
     logged = caplog.text
+    assert logged.count("dead-lettered") >= 5
     for value in bad_values.values():
-        assert base64.b64encode(value).decode() in logged
+        assert base64.b64encode(value).decode() not in logged
 
 
 async def test_application_code_publishes_through_the_outbox_in_its_own_transaction(
