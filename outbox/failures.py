@@ -33,6 +33,9 @@ few cases are where they are:
 * psycopg reports "connection refused" as ``OperationalError`` without a
   SQLSTATE, and a connection lost mid-statement as one whose connection
   SQLAlchemy marks invalidated: both are outages.
+* A bare ``ConnectionError`` (from a handler's own HTTP client, say) is
+  TRANSIENT, not an outage of ours: waiting without end for a service that
+  may never answer at that address would block the partition for good.
 """
 
 from __future__ import annotations
@@ -129,7 +132,10 @@ def _classify_one(exc: BaseException) -> ErrorKind:
             return ErrorKind.OUTAGE
         return ErrorKind.TRANSIENT if getattr(exc, "retriable", False) else ErrorKind.PERMANENT
     if isinstance(exc, ConnectionError):
-        return ErrorKind.OUTAGE
+        # Raised by a handler's own client (an HTTP API, say), not by our
+        # database or broker, whose errors are classified above: bounded, or
+        # a wrong address would hold its partition forever.
+        return ErrorKind.TRANSIENT
     if getattr(exc, "retriable", False) is True:
         return ErrorKind.TRANSIENT
     return ErrorKind.PERMANENT

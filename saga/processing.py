@@ -484,6 +484,8 @@ class Processor:
             # Keyed by the record's position, not its message id: the record
             # itself must stay new to the inbox, so that its replay runs.
             position = f"{record.topic}/{record.partition}/{record.offset}"
+            if len(position) > 200:  # the inbox keeps ids of at most 200 characters
+                position = "sha256:" + hashlib.sha256(position.encode()).hexdigest()
             if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
                 return False
             if part is not None and envelope is not None and suspension is not None:

@@ -35,6 +35,7 @@ from outbox import (
     SqlInboxStore,
     SqlOutboxStore,
     Transaction,
+    classify,
 )
 from outbox.tables import create_tables
 from saga.choreography import (
@@ -484,7 +485,15 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.purge_interval.total_seconds()):
                     await self._stopping.wait()
-            with contextlib.suppress(OutboxError):
+            try:
                 deleted = settings.purge_batch_size
                 while deleted == settings.purge_batch_size and not self._stopping.is_set():
                     deleted = await self.inbox.purge(settings.retention, deleted)
+            except Exception as exc:  # an outage or a bug: try again next round, visibly
+                log.warning(
+                    "%s could not purge its inbox (%s): %s",
+                    self.name,
+                    classify(exc).value,
+                    exc,
+                    exc_info=not isinstance(exc, OutboxError),
+                )

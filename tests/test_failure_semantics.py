@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -421,3 +425,67 @@ async def test_logs_of_a_failing_run_carry_no_payload_and_no_password(
     assert base64.b64encode(letter.value).decode() not in text
     assert letter.value.hex() not in text
     assert secret not in text
+
+
+# -- the operator's path: saga dlq list / replay from the command line -------------------
+
+
+def _saga_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saga", *args],
+        # The test broker cannot do idempotent producers (see BROKER.md).
+        env={**os.environ, "KAFKA_ENABLE_IDEMPOTENCE": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_saga_dlq_lists_and_replays_a_suspended_saga_from_the_command_line(
+    shop: Shop,
+) -> None:
+    deployed = {"buggy": True}
+
+    async def charge(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            raise LookupError("no tariff for region EU-9")
+
+    shop.beta[9] = charge
+    saga_id = await shop.start(9)
+    await shop.dead_letters(saga_id)
+    common = [
+        "--dlq-topic",
+        shop.topic + ".dlq",
+        "--bootstrap-servers",
+        shop.kafka.bootstrap_servers,
+    ]
+
+    listed = await asyncio.to_thread(_saga_cli, "dlq", "list", "--saga", saga_id, *common)
+    assert listed.returncode == 0, listed.stderr
+    assert "LookupError: no tariff for region EU-9" in listed.stdout
+    assert f"saga pay/{saga_id}" in listed.stdout
+    assert "1 dead letter(s)" in listed.stdout
+    as_json = await asyncio.to_thread(
+        _saga_cli, "dlq", "list", "--error", "LookupError", "--json", *common
+    )
+    (entry,) = json.loads(as_json.stdout)
+    assert (entry["saga_id"], entry["step"], entry["attempts"]) == (saga_id, "beta", "3")
+    assert CARD not in as_json.stdout  # a listing shows sizes and hashes, not payloads
+
+    refused = await asyncio.to_thread(_saga_cli, "dlq", "replay", *common)
+    assert refused.returncode == 2
+    assert "say which dead letters" in refused.stderr
+    dry = await asyncio.to_thread(
+        _saga_cli, "dlq", "replay", "--saga", saga_id, "--dry-run", *common
+    )
+    assert "would replay 1 dead letter(s)" in dry.stdout
+    await asyncio.sleep(1.0)
+    assert (await shop.services["starter"].saga_state(saga_id)).status is SagaStatus.RUNNING
+
+    deployed["buggy"] = False
+    done = await asyncio.to_thread(_saga_cli, "dlq", "replay", "--saga", saga_id, *common)
+    assert done.returncode == 0, done.stderr
+    assert "replayed 1 dead letter(s)" in done.stdout
+    assert await shop.ended_as(saga_id) == "COMPLETED"
+    assert await shop.effects_of("beta", saga_id) == ["charged"]

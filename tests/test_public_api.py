@@ -98,9 +98,14 @@ def test_outbox_exports_exactly_its_public_api() -> None:
     assert all(getattr(outbox, name) is not None for name in OUTBOX_API)
 
 
-def test_every_saga_error_shares_one_root() -> None:
-    errors = [getattr(saga, n) for n in SAGA_API if n.endswith("Error")]
-    assert all(issubclass(e, saga.SagaError) for e in errors)
+def test_every_error_shares_one_root() -> None:
+    saga_errors = [getattr(saga, n) for n in SAGA_API if n.endswith("Error")]
+    outbox_errors = [getattr(outbox, n) for n in OUTBOX_API if n.endswith("Error")]
+    assert saga.ChoreosagaError is outbox.ChoreosagaError
+    assert all(issubclass(e, saga.ChoreosagaError) for e in saga_errors + outbox_errors)
+    assert all(
+        issubclass(e, saga.SagaError) for e in saga_errors if e is not saga.ChoreosagaError
+    )
     assert issubclass(saga.ConfigurationError, ValueError)
 
 

@@ -174,7 +174,7 @@ async def test_failed_handler_leaves_neither_state_nor_outbox_rows(harness: Harn
     assert service.stats.dead_lettered == 1
     assert [tuple(r) for r in await h.rows(h.seen)] == [("a", 2)]
     outbox_rows = await h.rows(h.tables.outbox)
-    assert sorted(r.topic for r in outbox_rows) == [h.topic_out, h.topic_in + ".dlq"]
+    assert sorted(r.topic for r in outbox_rows) == sorted([h.topic_out, h.topic_in + ".dlq"])
     inbox_rows = await h.rows(h.tables.inbox)
     # The message that committed, and the dead letter's own entry (by position,
     # so that a replay of the failed message still runs).

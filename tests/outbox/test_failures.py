@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from outbox import ErrorKind, StoreError, classify, create_engine
 from outbox.database import translate_db_error
@@ -111,8 +112,10 @@ def test_wrappers_keep_the_kind_of_their_cause() -> None:
         pass
 
     wrapped = Mine("could not save")
-    wrapped.__cause__ = ConnectionResetError("peer reset")
+    wrapped.__cause__ = PoolTimeoutError("QueuePool limit of size 1 overflow 0 reached")
     assert classify(wrapped) is ErrorKind.OUTAGE
+    # A handler's own client failing to connect is bounded, not an outage of ours.
+    assert classify(ConnectionRefusedError("api.example:443")) is ErrorKind.TRANSIENT
     assert classify(KeyError("x")) is ErrorKind.PERMANENT
     assert classify(asyncio.CancelledError()) is ErrorKind.PERMANENT
 
