@@ -67,11 +67,19 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
     return (n >> 1) ^ -(n & 1), pos
 
 
+# The scanners below read one-byte varints inline: most are, and a call per
+# varint doubles the cost of a scan.
+
+
 def _scan_long(data: bytes, pos: int, budget: Budget) -> int:
+    if data[pos] < 0x80:
+        return pos + 1
     return _long(data, pos)[1]
 
 
 def _scan_int(data: bytes, pos: int, budget: Budget) -> int:
+    if data[pos] < 0x80:
+        return pos + 1
     value, pos = _long(data, pos)
     if not -(2**31) <= value < 2**31:
         raise Malformed("an int is out of the 32-bit range")
@@ -79,7 +87,12 @@ def _scan_int(data: bytes, pos: int, budget: Budget) -> int:
 
 
 def _scan_length(data: bytes, pos: int, budget: Budget) -> int:
-    size, pos = _long(data, pos)
+    byte = data[pos]
+    if byte < 0x80:
+        size = (byte >> 1) ^ -(byte & 1)
+        pos += 1
+    else:
+        size, pos = _long(data, pos)
     if size < 0:
         raise Malformed(f"negative length {size}")
     if size > len(data) - pos:
@@ -168,7 +181,12 @@ def _compile(schema: Any, named: dict[str, _Node], flags: list[bool]) -> _Node:
 
 def _enum(symbols: int) -> Scan:
     def scan(data: bytes, pos: int, budget: Budget) -> int:
-        index, pos = _long(data, pos)
+        byte = data[pos]
+        if byte < 0x80:
+            index = (byte >> 1) ^ -(byte & 1)
+            pos += 1
+        else:
+            index, pos = _long(data, pos)
         if not 0 <= index < symbols:
             raise Malformed(f"enum index {index} is out of range")
         return pos
@@ -180,7 +198,12 @@ def _union(branches: list[_Node]) -> _Node:
     scans = [branch.scan for branch in branches]
 
     def scan(data: bytes, pos: int, budget: Budget) -> int:
-        index, pos = _long(data, pos)
+        byte = data[pos]
+        if byte < 0x80:
+            index = (byte >> 1) ^ -(byte & 1)
+            pos += 1
+        else:
+            index, pos = _long(data, pos)
         if not 0 <= index < len(scans):
             raise Malformed(f"union index {index} is out of range")
         return scans[index](data, pos, budget)
