@@ -169,13 +169,22 @@ class EnvelopeCodec:
             (H.TIME, envelope.time.astimezone(UTC).isoformat().encode()),
             (H.CONTENT_TYPE, CONTENT_TYPE.encode()),
         ]
-        optional = (
+        lineage = (
             (H.CORRELATION_ID, envelope.correlation_id),
             (H.CAUSATION_ID, envelope.causation_id),
-            (H.TRACEPARENT, envelope.traceparent),
-            (H.TRACESTATE, envelope.tracestate),
         )
-        headers.extend((name, self._header_text(name, text)) for name, text in optional if text)
+        headers.extend((name, self._header_text(name, text)) for name, text in lineage if text)
+        # Trace context is best effort: what readers would drop is not written,
+        # and never fails a message.
+        traceparent, tracestate = valid_trace_headers(
+            envelope.traceparent.encode() if envelope.traceparent else None,
+            envelope.tracestate.encode() if envelope.tracestate else None,
+            max_bytes=self.limits.max_header_bytes,
+        )
+        if traceparent:
+            headers.append((H.TRACEPARENT, traceparent.encode()))
+        if tracestate:
+            headers.append((H.TRACESTATE, tracestate.encode()))
         if envelope.stamp is not None:
             headers.append((H.SUBJECT, self._header_text(H.SUBJECT, envelope.stamp.saga_id)))
             headers.append((H.STAMP, base64.b64encode(self.encode_stamp(envelope.stamp))))
@@ -250,7 +259,7 @@ class EnvelopeCodec:
         declared = self._text(found, H.TYPE, raw)
         name, data = self.codec.decode(raw, expected=declared)
         traceparent, tracestate = valid_trace_headers(
-            found.get(H.TRACEPARENT), found.get(H.TRACESTATE)
+            found.get(H.TRACEPARENT), found.get(H.TRACESTATE), max_bytes=limits.max_header_bytes
         )
         return Envelope(
             type=name,

@@ -41,32 +41,31 @@ _TRACESTATE_KEY = (
 _TRACESTATE_VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 _TRACESTATE_MEMBER = re.compile(f"{_TRACESTATE_KEY}={_TRACESTATE_VALUE}", re.ASCII)
 _MAX_TRACESTATE_MEMBERS = 32
-_MAX_TRACE_HEADER_BYTES = 1024
 
 
 def valid_trace_headers(
-    traceparent: bytes | None, tracestate: bytes | None
+    traceparent: bytes | None, tracestate: bytes | None, *, max_bytes: int = 1024
 ) -> tuple[str | None, str | None]:
-    """Return the incoming ``(traceparent, tracestate)`` if valid W3C, else ``None`` for each.
+    """Return ``(traceparent, tracestate)`` if valid W3C, else ``None`` for each.
 
     A malformed ``traceparent`` (not ASCII, wrong shape, an all-zero id,
-    version ``ff``, over 1 KiB) drops both; a malformed ``tracestate`` drops
-    itself. Nothing is raised: a message with a bad trace header is still a
-    good message.
+    version ``ff``, over ``max_bytes``) drops both; a malformed or oversized
+    ``tracestate`` drops itself. Nothing is raised: a message with a bad trace
+    header is still a good message.
     """
-    parent = _ascii(traceparent)
+    parent = _ascii(traceparent, max_bytes)
     if parent is None or _TRACEPARENT.fullmatch(parent) is None:
         return None, None
     if parent.startswith("00") and len(parent) != 55:
         return None, None  # version 00 has exactly four fields
-    state = _ascii(tracestate)
+    state = _ascii(tracestate, max_bytes)
     if state is not None and not _valid_tracestate(state):
         state = None
     return parent, state
 
 
-def _ascii(value: bytes | None) -> str | None:
-    if not value or len(value) > _MAX_TRACE_HEADER_BYTES or not value.isascii():
+def _ascii(value: bytes | None, max_bytes: int) -> str | None:
+    if not value or len(value) > max_bytes or not value.isascii():
         return None
     return value.decode("ascii")
 

@@ -243,3 +243,14 @@ def test_any_damage_to_headers_or_stamp_gives_an_envelope_or_a_decode_error(
     else:
         assert outcome.type == FAREWELL
         assert outcome.data["text"] == MARKER
+
+
+def test_trace_context_that_readers_would_drop_is_not_written_and_fails_nothing() -> None:
+    codec = make_codec(DecodeLimits(max_header_bytes=64))
+    long_state = ",".join(f"k{i}=v" for i in range(20))  # valid W3C, over 64 bytes
+    _, _, headers = codec.encode(replace(farewell(), tracestate=long_state))
+    assert dict(headers)["traceparent"] == TP.encode()
+    assert "tracestate" not in dict(headers)
+    _, _, headers = codec.encode(replace(farewell(), traceparent="garbage"))
+    assert "traceparent" not in dict(headers)
+    assert "tracestate" not in dict(headers)
