@@ -12,9 +12,9 @@ malformed trace header: they decode, without trace context.
 The unit tests (``tests/test_bad_input.py``) run the catalogue against the
 codec; the same lists can be sent to a real broker, with the headers as
 given, to check that a service dead-letters every bad record and processes
-every tolerated one. The largest records (a stamp of 200,000 steps, 1 MiB of
-fill after a huge count) are about 2 MB: a producer needs a
-``max_request_size`` above that.
+every tolerated one. The largest records (a value over the default 8 MiB
+limit, a stamp of 200,000 steps) need a producer ``max_request_size`` of
+:data:`LARGEST_RECORD_BYTES` and a broker that takes records that large.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from saga.envelope import Envelope, EnvelopeCodec
 from saga.schemas import RegisteredSchema
 from saga.stamp import STAMP_SCHEMA
 
-__all__ = ["BadRecord", "bad_records", "tolerated_records", "zigzag"]
+__all__ = ["LARGEST_RECORD_BYTES", "BadRecord", "bad_records", "tolerated_records", "zigzag"]
+
+LARGEST_RECORD_BYTES = 10 * 1024 * 1024
+"""A producer ``max_request_size`` that fits every record of the catalogue."""
 
 Headers = list[tuple[str, bytes | None]]
 

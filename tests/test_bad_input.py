@@ -17,10 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from badinput import BadRecord, bad_records, tolerated_records
+from aiokafka import AIOKafkaProducer
+from badinput import LARGEST_RECORD_BYTES, BadRecord, bad_records, tolerated_records
+from conftest import NewTopicFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import read_topic
 
+from outbox import KafkaSettings
 from saga.codec import AvroCodec, DecodeLimits
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import DecodeError, EncodeError
@@ -254,3 +258,33 @@ def test_trace_context_that_readers_would_drop_is_not_written_and_fails_nothing(
     _, _, headers = codec.encode(replace(farewell(), traceparent="garbage"))
     assert "traceparent" not in dict(headers)
     assert "tracestate" not in dict(headers)
+
+
+async def test_every_bad_record_read_back_from_the_real_broker_is_a_decode_error(
+    kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    """The catalogue survives the broker byte for byte (aiokafka's header types and all),
+    and each record as a consumer receives it is refused, with the value it carried."""
+    topic = await new_topic(partitions=1)
+    records = [*CATALOGUE, *TOLERATED]
+    producer = AIOKafkaProducer(
+        **kafka_settings.producer_kwargs(), max_request_size=LARGEST_RECORD_BYTES
+    )
+    await producer.start()
+    try:
+        for record in records:
+            await producer.send_and_wait(
+                topic, record.value, key=record.key, headers=list(record.headers)
+            )
+    finally:
+        await producer.stop()
+    received = await read_topic(kafka_settings, topic, len(records))
+    assert len(received) == len(records)
+    for sent, got in zip(records, received, strict=True):
+        assert (got.key, got.value) == (sent.key, sent.value), sent.name
+        if sent in TOLERATED:
+            assert CODEC.decode(got.key, got.value, got.headers).id == "msg-1"
+            continue
+        with pytest.raises(DecodeError) as caught:
+            CODEC.decode(got.key, got.value, got.headers)
+        assert caught.value.raw == (sent.value or b""), sent.name
