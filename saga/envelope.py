@@ -306,7 +306,13 @@ class EnvelopeCodec:
             raise DecodeError(
                 f"stamp of {steps} steps, over the limit of {limits.max_stamp_steps}", raw=raw
             )
-        return Stamp.from_avro(record)
+        try:
+            return Stamp.from_avro(record)
+        except (ConfigurationError, ValueError, KeyError, TypeError) as exc:
+            # Its messages may quote step data: name the kind only.
+            raise DecodeError(
+                f"the stamp breaks an invariant of Stamp ({type(exc).__name__})", raw=raw
+            ) from exc
 
     def _optional(self, found: Mapping[str, bytes], name: str, raw: bytes) -> str | None:
         value = found.get(name)

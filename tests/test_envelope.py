@@ -624,3 +624,15 @@ def test_an_invalid_incoming_traceparent_starts_a_new_trace(bad: str) -> None:
         traceparent, tracestate = current_trace_headers()
     assert trace_id(traceparent) != trace_id(TP)
     assert tracestate is None
+
+
+def test_a_stamp_breaking_an_invariant_is_refused_without_quoting_its_data(
+    codec: EnvelopeCodec,
+) -> None:
+    key, value, headers = codec.encode(envelope())
+    data = {"k": "v" * 2000}
+    step_data = {"name": "s", "service": "x", "outcome": "DONE", "at": T0, "data": data}
+    broken = with_stamp(headers, foreign_stamp(steps=[step_data]), "base64")
+    with pytest.raises(DecodeError, match="invariant") as caught:
+        codec.decode(key, value, broken)
+    assert "vvvv" not in str(caught.value)
