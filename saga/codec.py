@@ -111,7 +111,7 @@ class AvroCodec:
         registry: The schemas to write and read with; schemas registered later
             are seen too.
         limits: Bounds on decoded input; the envelope codec built on this codec
-            uses them too. Default: :class:`DecodeLimits` ().
+            uses them too. Default: ``DecodeLimits()``.
     """
 
     def __init__(self, registry: SchemaRegistry, *, limits: DecodeLimits | None = None) -> None:
@@ -177,8 +177,9 @@ class AvroCodec:
         Args:
             data: The bytes exactly as received; they are not trusted.
             expected: If given, the full schema name the value must have.
-            max_bytes: Tighter bound than ``limits.max_value_bytes`` for this call.
-            max_items: Tighter bound than ``limits.max_items`` for this call.
+            max_bytes: Bound for this call instead of ``limits.max_value_bytes``
+                (the envelope codec reads stamps with ``max_stamp_bytes``).
+            max_items: Bound for this call instead of ``limits.max_items``.
 
         Returns:
             The full name of the record's schema and the record, read with the

@@ -257,7 +257,12 @@ class EnvelopeCodec:
         if specversion != SPECVERSION:
             raise DecodeError(f"header {H.SPECVERSION} is not {SPECVERSION}", raw=raw)
         declared = self._text(found, H.TYPE, raw)
-        name, data = self.codec.decode(raw, expected=declared)
+        name, data = self.codec.decode(
+            raw,
+            expected=declared,
+            max_bytes=limits.max_value_bytes,
+            max_items=limits.max_items,
+        )
         traceparent, tracestate = valid_trace_headers(
             found.get(H.TRACEPARENT), found.get(H.TRACESTATE), max_bytes=limits.max_header_bytes
         )

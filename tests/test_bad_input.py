@@ -288,3 +288,13 @@ async def test_every_bad_record_read_back_from_the_real_broker_is_a_decode_error
         with pytest.raises(DecodeError) as caught:
             CODEC.decode(got.key, got.value, got.headers)
         assert caught.value.raw == (sent.value or b""), sent.name
+
+
+def test_limits_given_to_the_envelope_codec_bound_the_value_too() -> None:
+    key, value, headers = CODEC.encode(farewell())
+    tight = EnvelopeCodec(CODEC.codec, limits=DecodeLimits(max_value_bytes=len(value) - 1))
+    with pytest.raises(DecodeError, match="limit"):
+        tight.decode(key, value, headers)
+    few = EnvelopeCodec(CODEC.codec, limits=DecodeLimits(max_items=2))
+    with pytest.raises(DecodeError, match="too many array items"):
+        few.decode(key, value, headers)
