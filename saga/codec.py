@@ -10,10 +10,10 @@ Decoding takes untrusted bytes: every way they can fail surfaces as one
 :class:`~saga.errors.DecodeError` that keeps the bytes, with a short message
 that never quotes them.
 
-Before fastavro reads a record whose schema has arrays or maps, the bytes
-are walked by :mod:`saga.prescan`, which checks every length and count
-against the bytes left and bounds the number of items; see there why.
-All bounds are in :class:`DecodeLimits`.
+Before fastavro reads a record, the bytes are walked by :mod:`saga.prescan`,
+which checks every length, count and index against the schema and the bytes
+left and bounds the number of items; see there why. All bounds are in
+:class:`DecodeLimits`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class AvroCodec:
             raise ConfigurationError(f"limits must be DecodeLimits, not {type(limits).__name__}")
         self._registry = registry
         self._limits = limits or DecodeLimits()
-        self._scanners: dict[int, Scan | None] = {}
+        self._scanners: dict[int, Scan] = {}
 
     @property
     def registry(self) -> SchemaRegistry:
@@ -207,23 +207,21 @@ class AvroCodec:
             raise DecodeError(f"unknown writer schema {fingerprint:#018x}", raw=data) from None
         if expected is not None and writer.name != expected:
             raise DecodeError(f"expected a {_excerpt(expected)}, got a {writer.name}", raw=data)
-        scan = self._scanner(writer)
-        if scan is not None:
-            budget = Budget(self._limits.max_items if max_items is None else max_items)
-            try:
-                end = scan(data, offset, budget)
-            except Malformed as exc:
-                raise DecodeError(f"cannot read {writer.name}: {exc}", raw=data) from None
-            except IndexError:
-                raise DecodeError(f"cannot read {writer.name}: truncated", raw=data) from None
-            if end != len(data):
-                raise DecodeError(
-                    f"{len(data) - end} trailing bytes after the {writer.name} record", raw=data
-                )
+        budget = Budget(self._limits.max_items if max_items is None else max_items)
+        try:
+            end = self._scanner(writer)(data, offset, budget)
+        except Malformed as exc:
+            raise DecodeError(f"cannot read {writer.name}: {exc}", raw=data) from None
+        except IndexError:
+            raise DecodeError(f"cannot read {writer.name}: truncated", raw=data) from None
+        if end != len(data):
+            raise DecodeError(
+                f"{len(data) - end} trailing bytes after the {writer.name} record", raw=data
+            )
         reader = self._registry.latest(writer.name)
         return writer.name, _read_body(data, offset, writer, reader)
 
-    def _scanner(self, writer: RegisteredSchema) -> Scan | None:
+    def _scanner(self, writer: RegisteredSchema) -> Scan:
         try:
             return self._scanners[writer.fingerprint]
         except KeyError:

@@ -5,18 +5,18 @@ arrays and maps: it appends items until the count is reached or the bytes
 run out, and reads and ignores the byte size that follows a negative count.
 A value of 1 MiB of zero bytes under a count of ``2**62`` makes it build a
 million Python objects before it fails (measured under tracemalloc: 5 s and
-60 MB for the ``steps`` of a stamp). It also indexes unions with whatever
-index it reads, so a negative one silently picks a branch from the end.
-Bytes and strings are safe: it reads them from an in-memory buffer, which
-never returns more than what is left.
+60 MB for the ``steps`` of a stamp). It also indexes unions and enum symbols
+with whatever index it reads, so a negative one silently picks a branch or a
+symbol from the end. Bytes and strings are safe: it reads them from an
+in-memory buffer, which never returns more than what is left.
 
-So a writer schema that contains an array or a map is first walked over the
-bytes without building anything: every length and block count is checked
-against the bytes left (an item takes at least one byte: the registry refuses
-arrays of items that encode to nothing), the byte size of a negative-count
-block must match its items, enum and union indexes must be in range, and the
-total number of items is bounded. Only then does fastavro read the record.
-Errors say what is wrong in sizes and counts, never quoting the bytes.
+So every value is first walked over the bytes without building anything:
+every length and block count is checked against the bytes left (an item
+takes at least one byte: the registry refuses arrays of items that encode to
+nothing), the byte size of a negative-count block must match its items, enum
+and union indexes must be in range, and the total number of items is
+bounded. Only then does fastavro read the record. Errors say what is wrong
+in sizes and counts, never quoting the bytes.
 """
 
 from __future__ import annotations
@@ -128,30 +128,23 @@ class _Node:
     size: int | None
 
 
-def compile_scanner(schema: Any) -> Scan | None:
-    """A scanner for a writer schema, or None when fastavro alone is safe on it.
-
-    Only arrays and maps let a few bytes claim many objects; without them
-    fastavro's work and memory are proportional to the bytes it reads.
-    """
-    named: dict[str, _Node] = {}
-    has_collections = [False]
-    node = _compile(schema, named, has_collections)
-    return node.scan if has_collections[0] else None
+def compile_scanner(schema: Any) -> Scan:
+    """A scanner for a parsed writer schema (acyclic, as the registry ensures)."""
+    return _compile(schema, {}).scan
 
 
-def _compile(schema: Any, named: dict[str, _Node], flags: list[bool]) -> _Node:
+def _compile(schema: Any, named: dict[str, _Node]) -> _Node:
     if isinstance(schema, str):
         if schema in named:
             return named[schema]
         kind: Any = schema
         schema = {"type": schema}
     elif isinstance(schema, list):
-        return _union([_compile(branch, named, flags) for branch in schema])
+        return _union([_compile(branch, named) for branch in schema])
     else:
         kind = schema["type"]
         if isinstance(kind, (dict, list)):
-            return _compile(kind, named, flags)
+            return _compile(kind, named)
     if kind in _FIXED_SIZES:
         size = _FIXED_SIZES[kind]
         return _Node(_scan_nothing if size == 0 else _skip(size), size, size)
@@ -169,15 +162,13 @@ def _compile(schema: Any, named: dict[str, _Node], flags: list[bool]) -> _Node:
         named[schema["name"]] = node = _Node(_enum(len(schema["symbols"])), 1, None)
         return node
     if kind in ("record", "error"):
-        fields = [_compile(fld["type"], named, flags) for fld in schema["fields"]]
+        fields = [_compile(fld["type"], named) for fld in schema["fields"]]
         named[schema["name"]] = node = _record(fields)
         return node
     if kind == "array":
-        flags[0] = True
-        return _blocks(_compile(schema["items"], named, flags), key=False)
+        return _blocks(_compile(schema["items"], named), key=False)
     if kind == "map":
-        flags[0] = True
-        return _blocks(_compile(schema["values"], named, flags), key=True)
+        return _blocks(_compile(schema["values"], named), key=True)
     raise SchemaError(f"cannot scan Avro type {kind!r}")
 
 
