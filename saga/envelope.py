@@ -7,16 +7,30 @@ Layout of a record (see the message contract in the design):
 * headers, CloudEvents Kafka binding in binary mode: ``ce_specversion``,
   ``ce_id``, ``ce_type`` (the Avro full name), ``ce_source``, ``ce_time``,
   ``content-type``, and ``ce_subject`` (the saga id) when stamped; the
-  CloudEvents extensions ``ce_correlationid`` and ``ce_causationid``; W3C
-  ``traceparent`` and ``tracestate``; and ``saga_stamp``, the state stamp,
-  Avro single-object encoded.
+  CloudEvents extensions ``ce_correlationid``, ``ce_causationid`` and
+  ``ce_sagastamp`` (the state stamp: base64 of its Avro single-object
+  encoding); W3C ``traceparent`` and ``tracestate``.
+
+Every header value is UTF-8 text, so that the CloudEvents SDKs (which decode
+every Kafka header as UTF-8) and the usual Kafka tools read the records.
+Records written before the stamp became text carry it as raw Avro bytes in a
+``saga_stamp`` header; that header is still read.
 
 Any Kafka tool can read such a record, and any Avro library can decode the
 value and the stamp given the schemas in ``schemas/``.
+
+Decoding takes untrusted records: :meth:`EnvelopeCodec.decode` raises
+:class:`~saga.errors.DecodeError` for anything it cannot vouch for (missing,
+non-UTF-8 or oversized headers, a ``ce_type`` other than the value's schema,
+a stamp over its bounds...), each bound checked before the bytes it guards
+are parsed (:class:`~saga.codec.DecodeLimits`). Malformed trace headers are
+the exception: they are dropped and the envelope has no trace context.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +38,10 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from saga.codec import AvroCodec
-from saga.errors import ConfigurationError, DecodeError
-from saga.stamp import STAMP_SCHEMA, Stamp
+from saga.codec import AvroCodec, DecodeLimits
+from saga.errors import ConfigurationError, DecodeError, EncodeError
+from saga.stamp import MAX_STEP_DATA_ITEMS, STAMP_SCHEMA, Stamp
+from saga.tracecontext import valid_trace_headers
 
 __all__ = ["CONTENT_TYPE", "Envelope", "EnvelopeCodec", "Headers"]
 
@@ -52,7 +67,14 @@ class H:
     CAUSATION_ID = "ce_causationid"
     TRACEPARENT = "traceparent"
     TRACESTATE = "tracestate"
-    STAMP = "saga_stamp"
+    STAMP = "ce_sagastamp"
+    """The state stamp, base64 (RFC 4648, padded) of its Avro single-object encoding.
+
+    A CloudEvents extension attribute (``sagastamp``), so SDKs expose it.
+    """
+    LEGACY_STAMP = "saga_stamp"
+    """The state stamp as raw Avro single-object bytes, as written before
+    :attr:`STAMP`; read, never written."""
 
 
 def new_id() -> str:
@@ -114,38 +136,87 @@ def _header_map(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, bytes]
     return {name: value or b"" for name, value in headers}
 
 
+def _base64_size(size: int) -> int:
+    return 4 * ((size + 2) // 3)
+
+
 class EnvelopeCodec:
     """Turns envelopes into Kafka records and back.
 
     Args:
         codec: The Avro codec for values and stamps.
+        limits: Bounds on decoded records; by default those of ``codec``.
+            Encoding refuses what decoding with them would refuse.
     """
 
-    def __init__(self, codec: AvroCodec) -> None:
+    def __init__(self, codec: AvroCodec, *, limits: DecodeLimits | None = None) -> None:
         self.codec = codec
+        self.limits = limits or codec.limits
 
     def encode(self, envelope: Envelope) -> tuple[bytes | None, bytes, Headers]:
-        """Return ``(key, value, headers)`` for ``envelope``."""
+        """Return ``(key, value, headers)`` for ``envelope``.
+
+        Raises:
+            EncodeError: The payload does not fit its schema, or a header or
+                the stamp is over :attr:`limits` (a reader would refuse it).
+        """
         value = self.codec.encode(envelope.type, envelope.data)
         headers: Headers = [
             (H.SPECVERSION, SPECVERSION.encode()),
-            (H.ID, envelope.id.encode()),
-            (H.TYPE, envelope.type.encode()),
-            (H.SOURCE, envelope.source.encode()),
+            (H.ID, self._header_text(H.ID, envelope.id)),
+            (H.TYPE, self._header_text(H.TYPE, envelope.type)),
+            (H.SOURCE, self._header_text(H.SOURCE, envelope.source)),
             (H.TIME, envelope.time.astimezone(UTC).isoformat().encode()),
             (H.CONTENT_TYPE, CONTENT_TYPE.encode()),
         ]
-        optional = (
+        lineage = (
             (H.CORRELATION_ID, envelope.correlation_id),
             (H.CAUSATION_ID, envelope.causation_id),
-            (H.TRACEPARENT, envelope.traceparent),
-            (H.TRACESTATE, envelope.tracestate),
         )
-        headers.extend((name, text.encode()) for name, text in optional if text)
+        headers.extend((name, self._header_text(name, text)) for name, text in lineage if text)
+        # Trace context is best effort: what readers would drop is not written,
+        # and never fails a message.
+        traceparent, tracestate = valid_trace_headers(
+            envelope.traceparent.encode() if envelope.traceparent else None,
+            envelope.tracestate.encode() if envelope.tracestate else None,
+            max_bytes=self.limits.max_header_bytes,
+        )
+        if traceparent:
+            headers.append((H.TRACEPARENT, traceparent.encode()))
+        if tracestate:
+            headers.append((H.TRACESTATE, tracestate.encode()))
         if envelope.stamp is not None:
-            headers.append((H.SUBJECT, envelope.stamp.saga_id.encode()))
-            headers.append((H.STAMP, self.codec.encode(STAMP_SCHEMA, envelope.stamp.to_avro())))
+            headers.append((H.SUBJECT, self._header_text(H.SUBJECT, envelope.stamp.saga_id)))
+            headers.append((H.STAMP, base64.b64encode(self.encode_stamp(envelope.stamp))))
         return envelope.key, value, headers
+
+    def encode_stamp(self, stamp: Stamp) -> bytes:
+        """The stamp in Avro single-object encoding (what :attr:`H.STAMP` carries in base64).
+
+        Raises:
+            EncodeError: The stamp has more steps or bytes than :attr:`limits` allow.
+        """
+        if len(stamp.steps) > self.limits.max_stamp_steps:
+            raise EncodeError(
+                f"stamp of saga {stamp.saga_id} has {len(stamp.steps)} steps, "
+                f"over the limit of {self.limits.max_stamp_steps}"
+            )
+        data = self.codec.encode(STAMP_SCHEMA, stamp.to_avro())
+        if len(data) > self.limits.max_stamp_bytes:
+            raise EncodeError(
+                f"stamp of saga {stamp.saga_id} takes {len(data)} bytes, "
+                f"over the limit of {self.limits.max_stamp_bytes}"
+            )
+        return data
+
+    def _header_text(self, name: str, text: str) -> bytes:
+        data = text.encode()
+        if len(data) > self.limits.max_header_bytes:
+            raise EncodeError(
+                f"header {name} would take {len(data)} bytes, "
+                f"over the limit of {self.limits.max_header_bytes}"
+            )
+        return data
 
     def decode(
         self,
@@ -156,59 +227,125 @@ class EnvelopeCodec:
         """Read an envelope from a record.
 
         Raises:
-            DecodeError: The record is not a valid envelope; ``raw`` holds the
-                value exactly as received.
+            DecodeError: The record is not a valid envelope, and this is the
+                only exception raised; ``raw`` holds the value exactly as
+                received, the message says what is wrong without quoting it.
         """
-        raw = value if value is not None else b""
-        found = _header_map(headers)
+        raw = value if isinstance(value, bytes) else b""
         try:
-            declared = self._text(found, H.TYPE, raw)
-            name, data = self.codec.decode(raw, expected=declared)
-            stamp = None
-            if H.STAMP in found:
-                _, stamp_record = self.codec.decode(found[H.STAMP], expected=STAMP_SCHEMA)
-                stamp = Stamp.from_avro(stamp_record)
-            return Envelope(
-                type=name,
-                data=data,
-                source=self._text(found, H.SOURCE, raw),
-                key=key,
-                id=self._text(found, H.ID, raw),
-                time=self._time(found, raw),
-                correlation_id=self._optional(found, H.CORRELATION_ID, raw),
-                causation_id=self._optional(found, H.CAUSATION_ID, raw),
-                traceparent=self._optional(found, H.TRACEPARENT, raw),
-                tracestate=self._optional(found, H.TRACESTATE, raw),
-                stamp=stamp,
-            )
+            return self._decode(key, raw, headers)
         except DecodeError as exc:
             if exc.raw is raw:
                 raise
             raise DecodeError(str(exc), raw=raw) from exc
-        except (ConfigurationError, KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise DecodeError(f"invalid envelope: {exc}", raw=raw) from exc
+        except Exception as exc:
+            # The record is untrusted: whatever it makes fail (a stamp that
+            # breaks an invariant, an odd header list...) is bad input to be
+            # dead-lettered, never a crash of the consumer.
+            raise DecodeError(f"invalid envelope: {type(exc).__name__}", raw=raw) from exc
 
-    @staticmethod
-    def _optional(found: Mapping[str, bytes], name: str, raw: bytes) -> str | None:
+    def _decode(
+        self, key: bytes | None, raw: bytes, headers: Sequence[tuple[str, bytes | None]]
+    ) -> Envelope:
+        limits = self.limits
+        if len(headers) > limits.max_headers:
+            raise DecodeError(
+                f"{len(headers)} headers, over the limit of {limits.max_headers}", raw=raw
+            )
+        found = _header_map(headers)
+        specversion = self._text(found, H.SPECVERSION, raw)
+        if specversion != SPECVERSION:
+            raise DecodeError(f"header {H.SPECVERSION} is not {SPECVERSION}", raw=raw)
+        declared = self._text(found, H.TYPE, raw)
+        name, data = self.codec.decode(
+            raw,
+            expected=declared,
+            max_bytes=limits.max_value_bytes,
+            max_items=limits.max_items,
+        )
+        traceparent, tracestate = valid_trace_headers(
+            found.get(H.TRACEPARENT), found.get(H.TRACESTATE), max_bytes=limits.max_header_bytes
+        )
+        return Envelope(
+            type=name,
+            data=data,
+            source=self._text(found, H.SOURCE, raw),
+            key=key,
+            id=self._text(found, H.ID, raw),
+            time=self._time(found, raw),
+            correlation_id=self._optional(found, H.CORRELATION_ID, raw),
+            causation_id=self._optional(found, H.CAUSATION_ID, raw),
+            traceparent=traceparent,
+            tracestate=tracestate,
+            stamp=self._stamp(found, raw),
+        )
+
+    def _stamp(self, found: Mapping[str, bytes], raw: bytes) -> Stamp | None:
+        limits = self.limits
+        if H.STAMP in found:
+            text = found[H.STAMP]
+            if len(text) > _base64_size(limits.max_stamp_bytes):
+                raise DecodeError(
+                    f"header {H.STAMP} of {len(text)} bytes is over the "
+                    f"{limits.max_stamp_bytes}-byte stamp limit",
+                    raw=raw,
+                )
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise DecodeError(f"header {H.STAMP} is not base64", raw=raw) from None
+        elif H.LEGACY_STAMP in found:
+            data = found[H.LEGACY_STAMP]
+        else:
+            return None
+        _, record = self.codec.decode(
+            data,
+            expected=STAMP_SCHEMA,
+            max_bytes=limits.max_stamp_bytes,
+            # Steps and their data entries, so that the check below runs on a
+            # record whose size is already bounded.
+            max_items=limits.max_stamp_steps * (1 + MAX_STEP_DATA_ITEMS),
+        )
+        steps = len(record["steps"])
+        if steps > limits.max_stamp_steps:
+            raise DecodeError(
+                f"stamp of {steps} steps, over the limit of {limits.max_stamp_steps}", raw=raw
+            )
+        try:
+            return Stamp.from_avro(record)
+        except (ConfigurationError, ValueError, KeyError, TypeError) as exc:
+            # Its messages may quote step data: name the kind only.
+            raise DecodeError(
+                f"the stamp breaks an invariant of Stamp ({type(exc).__name__})", raw=raw
+            ) from exc
+
+    def _optional(self, found: Mapping[str, bytes], name: str, raw: bytes) -> str | None:
         value = found.get(name)
         if not value:
             return None
+        if len(value) > self.limits.max_header_bytes:
+            raise DecodeError(
+                f"header {name} of {len(value)} bytes is over the "
+                f"{self.limits.max_header_bytes}-byte limit",
+                raw=raw,
+            )
         try:
             return value.decode()
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"header {name} is not UTF-8", raw=raw) from exc
+        except UnicodeDecodeError:
+            raise DecodeError(f"header {name} is not UTF-8", raw=raw) from None
 
-    @classmethod
-    def _text(cls, found: Mapping[str, bytes], name: str, raw: bytes) -> str:
-        text = cls._optional(found, name, raw)
+    def _text(self, found: Mapping[str, bytes], name: str, raw: bytes) -> str:
+        text = self._optional(found, name, raw)
         if text is None:
             raise DecodeError(f"missing header {name}", raw=raw)
         return text
 
-    @classmethod
-    def _time(cls, found: Mapping[str, bytes], raw: bytes) -> datetime:
-        text = cls._text(found, H.TIME, raw)
-        moment = datetime.fromisoformat(text)
+    def _time(self, found: Mapping[str, bytes], raw: bytes) -> datetime:
+        text = self._text(found, H.TIME, raw)
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise DecodeError(f"header {H.TIME} is not an RFC 3339 time", raw=raw) from None
         if moment.tzinfo is None:
-            raise DecodeError(f"header {H.TIME} has no time zone: {text!r}", raw=raw)
+            raise DecodeError(f"header {H.TIME} has no time zone", raw=raw)
         return moment

@@ -18,12 +18,21 @@ from typing import Any
 
 from saga.errors import ConfigurationError
 
-__all__ = ["STAMP_SCHEMA", "SagaStatus", "Stamp", "StepOutcome", "StepRecord", "Suspension"]
+__all__ = [
+    "MAX_STEP_DATA_ITEMS",
+    "STAMP_SCHEMA",
+    "SagaStatus",
+    "Stamp",
+    "StepOutcome",
+    "StepRecord",
+    "Suspension",
+]
 
 STAMP_SCHEMA = "choreosaga.saga.Stamp"
 """Full name of the stamp's Avro schema."""
 
-_MAX_DATA_ITEMS = 32
+MAX_STEP_DATA_ITEMS = 32
+"""Most result data items one step may carry."""
 _MAX_DATA_VALUE = 1024
 
 
@@ -92,8 +101,8 @@ class StepRecord:
         if not self.name or not self.service:
             raise ConfigurationError("a step needs a name and a service")
         object.__setattr__(self, "at", _utc(self.at))
-        if len(self.data) > _MAX_DATA_ITEMS:
-            raise ConfigurationError(f"step data holds at most {_MAX_DATA_ITEMS} items")
+        if len(self.data) > MAX_STEP_DATA_ITEMS:
+            raise ConfigurationError(f"step data holds at most {MAX_STEP_DATA_ITEMS} items")
         for key, value in self.data.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ConfigurationError(f"step data must map str to str, not {key!r}: {value!r}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from fastavro import schemaless_reader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saga.codec import AvroCodec
+from saga.codec import AvroCodec, DecodeLimits
 from saga.errors import ConfigurationError, DecodeError, EncodeError, SchemaError
 from saga.schemas import RegisteredSchema, SchemaRegistry
 
@@ -142,9 +144,32 @@ def test_encode_of_an_unknown_name_is_an_encode_error_caused_by_a_schema_error(
     assert isinstance(info.value.__cause__, SchemaError)
 
 
-def test_max_message_bytes_must_hold_a_header() -> None:
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"max_value_bytes": 9},
+        {"max_stamp_bytes": 9},
+        {"max_items": 0},
+        {"max_header_bytes": -1},
+        {"max_headers": 0},
+        {"max_stamp_steps": 0},
+        {"max_items": 1.5},
+        {"max_stamp_steps": True},
+    ],
+    ids=str,
+)
+def test_decode_limits_refuse_bounds_that_make_no_sense(bounds: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
-        AvroCodec(SchemaRegistry(), max_message_bytes=9)
+        DecodeLimits(**bounds)
+
+
+def test_decode_limits_are_frozen_keyword_only_with_documented_defaults() -> None:
+    limits = DecodeLimits()
+    assert (limits.max_stamp_steps, limits.max_stamp_bytes) == (256, 64 * 1024)
+    with pytest.raises(TypeError):
+        DecodeLimits(1024)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        limits.max_items = 1  # type: ignore[misc]
 
 
 # --- decode failures: every one is a DecodeError keeping the raw bytes ---------
@@ -190,7 +215,7 @@ def test_decode_failures_are_decode_errors_keeping_the_raw_bytes(
 def test_a_tiny_message_claiming_an_enormous_string_fails_fast(codec: AvroCodec) -> None:
     data = header(codec.registry.latest(GREETING)) + zigzag(2**60) + b"abc"
     started = time.perf_counter()
-    with pytest.raises(DecodeError, match="EOFError") as info:
+    with pytest.raises(DecodeError, match="more than the 3 bytes left") as info:
         codec.decode(data)
     assert time.perf_counter() - started < 1.0
     assert info.value.raw is data
@@ -198,7 +223,7 @@ def test_a_tiny_message_claiming_an_enormous_string_fails_fast(codec: AvroCodec)
 
 def test_decode_refuses_messages_over_the_size_limit_before_reading_them() -> None:
     registry = registry_of("Greeting.avsc")
-    small = AvroCodec(registry, max_message_bytes=16)
+    small = AvroCodec(registry, limits=DecodeLimits(max_value_bytes=16))
     data = AvroCodec(registry).encode(GREETING, {"text": "x" * 10, "count": 1})
     with pytest.raises(DecodeError, match="limit") as info:
         small.decode(data)
@@ -257,3 +282,170 @@ def test_greetings_round_trip(record: dict[str, Any]) -> None:
 @given(_FAREWELLS)
 def test_farewells_round_trip(record: dict[str, Any]) -> None:
     assert _CODEC.decode(_CODEC.encode(FAREWELL, record)) == (FAREWELL, record)
+
+
+# --- bounds checked before reading: lengths, block counts, items -------------------
+
+
+def farewell_body(tags: bytes, scores: bytes = b"\x00") -> bytes:
+    """A Farewell ("hi", SAD, tags, scores, no digest, empty payload) around raw blocks."""
+    return zigzag(2) + b"hi" + zigzag(1) + tags + scores + zigzag(0) + zigzag(0)
+
+
+def test_blocks_with_a_negative_count_and_the_right_byte_size_are_read(codec: AvroCodec) -> None:
+    # Writers may emit a block as -count then its size in bytes (Avro spec), so
+    # that readers can skip it; the pre-scan must accept the well-formed ones.
+    items = zigzag(1) + b"a" + zigzag(2) + b"bc"
+    tags = zigzag(-2) + zigzag(len(items)) + items + zigzag(1) + zigzag(1) + b"d" + zigzag(0)
+    entry = zigzag(1) + b"k" + struct.pack("<d", 1.0)
+    scores = zigzag(-1) + zigzag(len(entry)) + entry + zigzag(0)
+    data = header(codec.registry.latest(FAREWELL)) + farewell_body(tags, scores)
+    assert codec.decode(data) == (
+        FAREWELL,
+        {
+            "text": "hi",
+            "mood": "SAD",
+            "tags": ["a", "bc", "d"],
+            "scores": {"k": 1.0},
+            "digest": None,
+            "payload": b"",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("tags", "problem"),
+    [
+        (zigzag(-1) + zigzag(5) + zigzag(1) + b"a" + zigzag(0), "declared byte size"),
+        (zigzag(-1) + zigzag(-2) + zigzag(1) + b"a" + zigzag(0), "block size of -2"),
+        (zigzag(-(2**63)) + zigzag(2) + zigzag(1) + b"a" + zigzag(0), "cannot fit"),
+        (zigzag(2**31) + zigzag(1) + b"a" + zigzag(0), "cannot fit"),
+        (zigzag(1) + zigzag(2**62) + b"a" + zigzag(0), "length of 4611686018427387904"),
+        (zigzag(1) + zigzag(-3) + b"a" + zigzag(0), "negative length"),
+        (b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+        (b"\xff" * 9 + b"\x7f", "64-bit range"),
+    ],
+    ids=[
+        "size-mismatch",
+        "negative-size",
+        "count-minus-2**63",
+        "count-2**31",
+        "string-2**62",
+        "string-negative",
+        "11-byte-varint",
+        "70-bit-varint",
+    ],
+)
+def test_block_counts_and_lengths_that_cannot_fit_are_refused_before_reading(
+    codec: AvroCodec, tags: bytes, problem: str
+) -> None:
+    data = header(codec.registry.latest(FAREWELL)) + farewell_body(tags)
+    with pytest.raises(DecodeError, match=problem) as info:
+        codec.decode(data)
+    assert info.value.raw is data
+
+
+def test_a_huge_count_over_a_mebibyte_of_items_fails_without_building_them(
+    codec: AvroCodec,
+) -> None:
+    # fastavro alone builds a million empty strings here before it runs out.
+    data = header(codec.registry.latest(FAREWELL)) + farewell_body(zigzag(2**62) + bytes(2**20))
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DecodeError, match="cannot fit"):
+            codec.decode(data)
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.1
+    assert peak < 256 * 1024
+
+
+def test_items_are_bounded_by_the_limits_and_values_within_them_decode() -> None:
+    registry = registry_of("Greeting.avsc", "Greeting.v2.avsc", "Farewell.avsc")
+    record = {
+        "text": "x",
+        "mood": "HAPPY",
+        "tags": [""] * 900,
+        "scores": {str(i): 0.5 for i in range(100)},
+        "digest": None,
+        "payload": b"",
+    }
+    data = AvroCodec(registry).encode(FAREWELL, record)
+    assert AvroCodec(registry, limits=DecodeLimits(max_items=1000)).decode(data)[1] == record
+    with pytest.raises(DecodeError, match="too many array items and map entries"):
+        AvroCodec(registry, limits=DecodeLimits(max_items=999)).decode(data)
+
+
+def test_a_value_of_many_items_within_the_default_bound_decodes_in_reasonable_time(
+    codec: AvroCodec,
+) -> None:
+    record = {
+        "text": "x",
+        "mood": "HAPPY",
+        "tags": ["tag"] * 50_000,
+        "scores": {},
+        "digest": None,
+        "payload": b"",
+    }
+    data = codec.encode(FAREWELL, record)
+    started = time.perf_counter()
+    assert codec.decode(data) == (FAREWELL, record)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_decode_error_messages_do_not_quote_the_bytes(codec: AvroCodec) -> None:
+    secret = "card-4111111111111111"
+    valid = codec.encode(FAREWELL, {"text": secret, "mood": "SAD", "payload": b""})
+    broken = valid.replace(secret.encode(), b"\xff" + secret.encode()[1:])
+    with pytest.raises(DecodeError) as info:
+        codec.decode(broken)
+    assert "UTF-8" in str(info.value)
+    assert "4111" not in str(info.value)
+
+
+def string_blocks(items: list[str], splits: list[int], sized: bool) -> bytes:
+    """``items`` as an Avro array of strings written in blocks, with byte sizes if ``sized``."""
+    out = b""
+    start = 0
+    for stop in [*sorted({min(s, len(items)) for s in splits}), len(items)]:
+        block = items[start:stop]
+        if block:
+            data = b"".join(zigzag(len(t.encode())) + t.encode() for t in block)
+            if sized:
+                out += zigzag(-len(block)) + zigzag(len(data)) + data
+            else:
+                out += zigzag(len(block)) + data
+        start = stop
+    return out + zigzag(0)
+
+
+@given(
+    tags=st.lists(st.text(max_size=5), max_size=12),
+    splits=st.lists(st.integers(min_value=0, max_value=12), max_size=4),
+    sized=st.booleans(),
+)
+def test_arrays_written_in_any_blocks_are_read(
+    tags: list[str], splits: list[int], sized: bool
+) -> None:
+    data = header(_CODEC.registry.latest(FAREWELL)) + farewell_body(
+        string_blocks(tags, splits, sized)
+    )
+    _, record = _CODEC.decode(data)
+    assert record["tags"] == tags
+
+
+@pytest.mark.parametrize("index", [-1, -2, 2], ids=["minus-1", "minus-2", "past-the-end"])
+def test_a_union_or_enum_index_out_of_range_is_refused_not_read_from_the_end(
+    codec: AvroCodec, index: int
+) -> None:
+    # fastavro alone indexes the Python list: -1 silently reads the last branch.
+    v2 = header(codec.registry.latest(GREETING))
+    sender = v2 + zigzag(2) + b"hi" + zigzag(1) + zigzag(index) + zigzag(1) + b"x" + zigzag(0)
+    with pytest.raises(DecodeError, match=f"union index {index} is out of range"):
+        codec.decode(sender)
+    mood = header(codec.registry.latest(FAREWELL)) + zigzag(0) + zigzag(index) + bytes(4)
+    with pytest.raises(DecodeError, match=f"enum index {index} is out of range"):
+        codec.decode(mood)

@@ -8,6 +8,7 @@ reads given the ``.avsc`` files, lossless round trips, one ``DecodeError``
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -147,7 +148,7 @@ def test_headers_are_cloudevents_binary_mode_with_lineage_trace_and_stamp(
             "traceparent",
             "tracestate",
             "ce_subject",
-            "saga_stamp",
+            "ce_sagastamp",
         ]
     )
     found = dict(headers)
@@ -215,15 +216,26 @@ def test_default_time_is_now_and_rfc3339(codec: EnvelopeCodec) -> None:
     assert before <= datetime.fromisoformat(text) <= datetime.now(UTC)
 
 
-def test_header_values_are_utf8_text_except_the_binary_stamp(codec: EnvelopeCodec) -> None:
+def test_every_header_value_is_utf8_text_and_the_stamp_is_base64(codec: EnvelopeCodec) -> None:
     _, _, headers = codec.encode(envelope(source="urn:choreosaga:café", correlation_id="κόσμε"))
     found = dict(headers)
     assert found["ce_source"].decode("utf-8") == "urn:choreosaga:café"
     assert found["ce_correlationid"].decode("utf-8") == "κόσμε"
-    for name, value in headers:
-        if name != "saga_stamp":
-            value.decode("utf-8")  # raises if not UTF-8
-    assert found["saga_stamp"][:2] == b"\xc3\x01"
+    for _, value in headers:
+        value.decode("utf-8")  # raises if not UTF-8
+    assert re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", found["ce_sagastamp"])
+    assert base64.b64decode(found["ce_sagastamp"], validate=True)[:2] == b"\xc3\x01"
+
+
+def stamp_bytes_of(headers: list[tuple[str, bytes]]) -> bytes:
+    """The Avro single-object bytes of the stamp carried in ``ce_sagastamp``."""
+    return base64.b64decode(dict(headers)["ce_sagastamp"], validate=True)
+
+
+def as_legacy_record(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes | None]]:
+    """Headers as written before the stamp became text: raw Avro in ``saga_stamp``."""
+    legacy = replace_header(headers, "ce_sagastamp", None)
+    return [*legacy, ("saga_stamp", stamp_bytes_of(headers))]
 
 
 # --- value and stamp readable by any Avro library -----------------------------
@@ -242,7 +254,7 @@ def test_stamp_header_is_plain_avro_single_object_encoding_of_stamp_avsc(
     codec: EnvelopeCodec,
 ) -> None:
     _, _, headers = codec.encode(envelope())
-    record = read_single_object(dict(headers)["saga_stamp"], avsc(STAMP_AVSC))
+    record = read_single_object(stamp_bytes_of(headers), avsc(STAMP_AVSC))
     assert record == {
         "version": 3,
         "saga_name": "place_order",
@@ -365,7 +377,7 @@ def test_ce_type_not_matching_the_value_schema_is_a_decode_error(
 
 
 @pytest.mark.parametrize(
-    "name", ["ce_id", "ce_type", "ce_source", "ce_time", "ce_correlationid", "traceparent"]
+    "name", ["ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_correlationid"]
 )
 def test_non_utf8_header_is_a_decode_error(codec: EnvelopeCodec, name: str) -> None:
     key, value, headers = codec.encode(envelope())
@@ -398,7 +410,7 @@ def foreign_stamp(**overrides: Any) -> bytes:
 
 def corrupt_stamps() -> dict[str, bytes]:
     _, item_value, headers = envelope_codec().encode(envelope())
-    good = dict(headers)["saga_stamp"]
+    good = stamp_bytes_of(headers)
     long_value = {
         "name": "s",
         "service": "x",
@@ -419,21 +431,50 @@ def corrupt_stamps() -> dict[str, bytes]:
     }
 
 
+def with_stamp(
+    headers: list[tuple[str, bytes]], stamp_bytes: bytes, form: str
+) -> list[tuple[str, bytes | None]]:
+    """Headers carrying ``stamp_bytes`` as today (base64 text) or as before (raw bytes)."""
+    if form == "base64":
+        return replace_header(headers, "ce_sagastamp", base64.b64encode(stamp_bytes))
+    return [*replace_header(headers, "ce_sagastamp", None), ("saga_stamp", stamp_bytes)]
+
+
+@pytest.mark.parametrize("form", ["base64", "legacy-binary"])
 @pytest.mark.parametrize("stamp_bytes", corrupt_stamps().values(), ids=corrupt_stamps().keys())
 def test_corrupt_stamp_header_is_a_decode_error_keeping_the_value(
-    codec: EnvelopeCodec, stamp_bytes: bytes
+    codec: EnvelopeCodec, stamp_bytes: bytes, form: str
 ) -> None:
     key, value, headers = codec.encode(envelope())
     with pytest.raises(DecodeError) as caught:
-        codec.decode(key, value, replace_header(headers, "saga_stamp", stamp_bytes))
+        codec.decode(key, value, with_stamp(headers, stamp_bytes, form))
     assert caught.value.raw == value
 
 
-def test_a_valid_foreign_stamp_is_accepted(codec: EnvelopeCodec) -> None:
+@pytest.mark.parametrize("form", ["base64", "legacy-binary"])
+def test_a_valid_foreign_stamp_is_accepted(codec: EnvelopeCodec, form: str) -> None:
     key, value, headers = codec.encode(envelope())
     written = foreign_stamp(reason=None, version=9)
-    received = codec.decode(key, value, replace_header(headers, "saga_stamp", written))
+    received = codec.decode(key, value, with_stamp(headers, written, form))
     assert received.stamp == stamp(reason=None, version=9)
+
+
+def test_a_record_written_with_the_binary_stamp_header_is_still_read(
+    codec: EnvelopeCodec,
+) -> None:
+    sent = envelope()
+    key, value, headers = codec.encode(sent)
+    legacy = as_legacy_record(headers)
+    assert "ce_sagastamp" not in dict(legacy)
+    assert dict(legacy)["saga_stamp"][:2] == b"\xc3\x01"
+    assert codec.decode(key, value, legacy) == sent
+
+
+def test_the_text_stamp_wins_over_a_binary_one_on_the_same_record(codec: EnvelopeCodec) -> None:
+    key, value, headers = codec.encode(envelope())
+    stale = foreign_stamp(version=1)
+    received = codec.decode(key, value, [*headers, ("saga_stamp", stale)])
+    assert received.stamp == stamp()
 
 
 # --- stamp semantics -------------------------------------------------------------
@@ -583,3 +624,15 @@ def test_an_invalid_incoming_traceparent_starts_a_new_trace(bad: str) -> None:
         traceparent, tracestate = current_trace_headers()
     assert trace_id(traceparent) != trace_id(TP)
     assert tracestate is None
+
+
+def test_a_stamp_breaking_an_invariant_is_refused_without_quoting_its_data(
+    codec: EnvelopeCodec,
+) -> None:
+    key, value, headers = codec.encode(envelope())
+    data = {"k": "v" * 2000}
+    step_data = {"name": "s", "service": "x", "outcome": "DONE", "at": T0, "data": data}
+    broken = with_stamp(headers, foreign_stamp(steps=[step_data]), "base64")
+    with pytest.raises(DecodeError, match="invariant") as caught:
+        codec.decode(key, value, broken)
+    assert "vvvv" not in str(caught.value)
