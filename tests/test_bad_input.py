@@ -9,7 +9,9 @@ and move on.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import time
 import tracemalloc
 from dataclasses import replace
@@ -24,11 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import read_topic
 
-from outbox import KafkaSettings
+from outbox import KafkaSettings, create_engine, ensure_topics
 from saga.codec import AvroCodec, DecodeLimits
+from saga.context import MessageContext
+from saga.dlq import read_dead_letters
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import DecodeError, EncodeError
 from saga.schemas import SchemaRegistry
+from saga.service import Service
 from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
 
 TESTS = Path(__file__).parent
@@ -298,3 +303,76 @@ def test_limits_given_to_the_envelope_codec_bound_the_value_too() -> None:
     few = EnvelopeCodec(CODEC.codec, limits=DecodeLimits(max_items=2))
     with pytest.raises(DecodeError, match="too many array items"):
         few.decode(key, value, headers)
+
+
+async def test_a_running_service_dead_letters_every_bad_record_and_keeps_going(
+    kafka_settings: KafkaSettings,
+    new_topic: NewTopicFactory,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The whole catalogue through a live service on the real broker and PostgreSQL.
+
+    Every bad record lands on the dead-letter topic byte for byte, every
+    tolerated one is handled, the records after them are handled in order,
+    and the logs quote none of the payloads.
+    """
+    caplog.set_level(logging.INFO)
+    topic = await new_topic(partitions=1)
+    await ensure_topics(kafka_settings, {topic + ".dlq": 1})
+    # The relay must be able to publish the largest dead letters too.
+    kafka = replace(
+        kafka_settings,
+        producer_options={
+            **kafka_settings.producer_options,
+            "max_request_size": LARGEST_RECORD_BYTES,
+        },
+    )
+    engine = create_engine(postgres_url)
+    service = Service("catalogue", engine=engine, kafka=kafka, codec=CODEC.codec)
+    seen: list[str] = []
+
+    @service.subscribe(topic, FAREWELL)
+    async def handle(ctx: MessageContext) -> None:
+        seen.append(ctx.envelope.id)
+
+    good = [replace(farewell(), id=f"good-{i}") for i in range(2)]
+    producer = AIOKafkaProducer(
+        **kafka_settings.producer_kwargs(), max_request_size=LARGEST_RECORD_BYTES
+    )
+    await service.create_tables()
+    await producer.start()
+    try:
+        async with service:
+            await service.wait_assigned()
+            first = CODEC.encode(good[0])
+            await producer.send_and_wait(topic, first[1], key=first[0], headers=first[2])
+            for record in [*CATALOGUE, *TOLERATED]:
+                await producer.send_and_wait(
+                    topic, record.value, key=record.key, headers=list(record.headers)
+                )
+            last = CODEC.encode(good[1])
+            await producer.send_and_wait(topic, last[1], key=last[0], headers=last[2])
+            deadline = time.monotonic() + 90
+            while "good-1" not in seen or service.stats.dead_lettered < len(CATALOGUE):
+                assert time.monotonic() < deadline, (seen, service.stats)
+                await asyncio.sleep(0.1)
+            letters = await read_dead_letters(kafka_settings, [topic + ".dlq"])
+            while len(letters) < len(CATALOGUE):
+                assert time.monotonic() < deadline, f"{len(letters)} dead letters published"
+                await asyncio.sleep(0.5)
+                letters = await read_dead_letters(kafka_settings, [topic + ".dlq"])
+    finally:
+        await producer.stop()
+        await engine.dispose()
+
+    # Handled in order: the first good record, the tolerated ones (one id, so
+    # once), the last good record. Nothing bad was handled.
+    assert seen == ["good-0", "msg-1", "good-1"]
+    assert service.stats.undecodable == len(CATALOGUE)
+    assert sorted(d.value or b"" for d in letters) == sorted(r.value or b"" for r in CATALOGUE)
+    for letter in letters:
+        assert letter.error_type == "saga.errors.DecodeError"
+        assert letter.info["role"] == "decode"
+        assert letter.original_topic == topic
+    assert MARKER not in caplog.text

@@ -103,9 +103,7 @@ def test_every_error_shares_one_root() -> None:
     outbox_errors = [getattr(outbox, n) for n in OUTBOX_API if n.endswith("Error")]
     assert saga.ChoreosagaError is outbox.ChoreosagaError
     assert all(issubclass(e, saga.ChoreosagaError) for e in saga_errors + outbox_errors)
-    assert all(
-        issubclass(e, saga.SagaError) for e in saga_errors if e is not saga.ChoreosagaError
-    )
+    assert all(issubclass(e, saga.SagaError) for e in saga_errors if e is not saga.ChoreosagaError)
     assert issubclass(saga.ConfigurationError, ValueError)
 
 
