@@ -18,7 +18,7 @@ from outbox import (
     create_engine,
     ensure_topics,
 )
-from saga.codec import AvroCodec
+from saga.codec import AvroCodec, DecodeLimits
 from saga.context import MessageContext, RecordInfo, SagaContext
 from saga.deadletter import DeadLetter
 from saga.dlq import DeadLetterSelection, read_dead_letters, replay
@@ -49,6 +49,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterSelection",
     "DecodeError",
+    "DecodeLimits",
     "EmbeddedBroker",
     "EncodeError",
     "Envelope",

@@ -21,6 +21,7 @@ SAGA_API = [
     "DeadLetter",
     "DeadLetterSelection",
     "DecodeError",
+    "DecodeLimits",
     "EmbeddedBroker",
     "EncodeError",
     "Envelope",
