@@ -15,23 +15,32 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
-    OutboxError,
     OutboxTables,
     Relay,
     RelaySettings,
     SqlOutboxStore,
     create_engine,
 )
-from saga.errors import SagaError
+from saga.commands import (
+    EXIT_INTERRUPTED,
+    DefaultsHelpFormatter,
+    describe,
+    exit_status,
+    load_plugins,
+    package_version,
+)
+from saga.errors import ConfigurationError, SagaError
 from saga.schemas import SchemaRegistry, check_directory
 
 __all__ = ["main"]
@@ -72,7 +81,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 async def _run_relay(args: argparse.Namespace) -> int:
     if not args.database_url:
-        raise SagaError("give --database-url or set DATABASE_URL")
+        raise ConfigurationError("give --database-url or set DATABASE_URL")
     kafka = KafkaSettings.from_env(
         **({"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {})
     )
@@ -146,9 +155,9 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _run_demo(args: argparse.Namespace) -> int:
     if args.orders < 1:
-        raise SagaError("--orders must be at least 1")
+        raise ConfigurationError("--orders must be at least 1")
     if args.deadline <= 0:
-        raise SagaError("--deadline must be positive")
+        raise ConfigurationError("--deadline must be positive")
     from services.demo import DemoOptions
     from services.demo import main as demo_main
 
@@ -187,10 +196,13 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _existing_database(database_url: str | None) -> str:
     if not database_url:
-        raise SagaError("give --database-url or set DATABASE_URL")
-    url = make_url(database_url)
+        raise ConfigurationError("give --database-url or set DATABASE_URL")
+    try:
+        url = make_url(database_url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {database_url!r}") from exc
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        raise SagaError(f"no SQLite database at {url.database}")
+        raise ConfigurationError(f"no SQLite database at {url.database}")
     return database_url
 
 
@@ -216,11 +228,23 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                     f"{parked.error}"
                 )
         else:
+            await _refuse_unknown_parked(store, args.message_ids)
             count = await store.retry_parked(args.message_ids or None)
             print(f"released {count} parked row(s) for another try")
     finally:
         await engine.dispose()
     return 0
+
+
+async def _refuse_unknown_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> None:
+    if not message_ids:
+        return
+    parked = await store.parked(limit=max(1, (await store.stats()).parked))
+    unknown = sorted(set(message_ids) - {row.message.message_id for row in parked})
+    if unknown:
+        raise SagaError(
+            f"no parked row {', '.join(unknown)} (see 'saga outbox parked'); nothing released"
+        )
 
 
 def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -245,7 +269,9 @@ def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run_schemas(args: argparse.Namespace) -> int:
     directory = args.directory
     if not Path(directory).is_dir():
-        raise SagaError(f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY")
+        raise ConfigurationError(
+            f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY"
+        )
     problems = check_directory(directory, full=args.full)
     for problem in problems:
         print(problem)
@@ -262,35 +288,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saga",
         description="choreosaga: choreographed sagas over Kafka.",
-        epilog="Run 'saga COMMAND --help' for the options of a command.",
+        epilog="Run 'saga COMMAND --help' for the options of a command. Exit status: "
+        "0 done, 1 runtime failure, 2 usage error, 130 interrupted.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log more; show the traceback of a failure"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _relay_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
+    load_plugins(sub)
+    _finish_subcommands(sub)
     return parser
 
 
+def _finish_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Every sub-command shows its defaults and also takes -v (``saga demo -v``)."""
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more"
+            )
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _finish_subcommands(action)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``saga`` command; return its exit status."""
+    """Run the ``saga`` command; return its exit status.
+
+    The one error boundary of every command (see :mod:`saga.commands`): a
+    failure prints one line on stderr, with the traceback before it under
+    ``--verbose``, and the exit status says what kind of failure it was.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "relay":
-            return asyncio.run(_run_relay(args))
-        if args.command == "demo":
-            return _run_demo(args)
-        if args.command == "schemas":
-            return _run_schemas(args)
-        if args.command == "outbox":
-            args.database_url = _existing_database(args.database_url)
-            return asyncio.run(_run_outbox(args))
-    except (SagaError, OutboxError) as exc:
-        print(f"saga {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return 2
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"saga {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        status = exit_status(exc)
+        if status is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"saga {args.command}: {describe(exc)}", file=sys.stderr)
+        return status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "relay":
+        return asyncio.run(_run_relay(args))
+    if args.command == "demo":
+        return _run_demo(args)
+    if args.command == "schemas":
+        return _run_schemas(args)
+    if args.command == "outbox":
+        args.database_url = _existing_database(args.database_url)
+        return asyncio.run(_run_outbox(args))
+    run: Callable[[argparse.Namespace], int] = args.run  # a command added by a plug-in
+    return run(args)
