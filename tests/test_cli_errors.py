@@ -166,7 +166,7 @@ def test_demo_refuses_to_drop_a_database_it_did_not_create(stem: str) -> None:
 def test_demo_runs_again_on_the_databases_it_created(stem: str) -> None:
     url = SERVER.set(database=stem).render_as_string(hide_password=False)
     for _ in range(2):
-        result = saga("demo", "--orders", "10", "--deadline", "2", "--database-url", url)
+        result = saga("demo", "--orders", "10", "--database-url", url)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "all checks passed" in result.stdout
     with psycopg.connect(SERVER.render_as_string(hide_password=False)) as conn:
@@ -179,3 +179,41 @@ def test_demo_runs_again_on_the_databases_it_created(stem: str) -> None:
         f"{stem}_{s}" for s in ("inventory", "order", "payment", "shipping")
     ]
     assert {mark for _, mark in marks} == {"made by saga demo, which may drop it"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_cleans_up_and_exits_130() -> None:
+    import re
+    import signal
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "saga", "demo", "--orders", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert demo.stdout is not None
+    first = demo.stdout.readline()
+    scratch = re.search(r"SQLite in (\S+)", first)
+    assert scratch, first
+    for line in demo.stdout:
+        if "placed 20 orders" in line:
+            break
+    demo.send_signal(signal.SIGINT)
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode == 130
+    assert err.strip() == "saga demo: interrupted"
+    assert not Path(scratch.group(1)).exists(), "the temporary directory was left behind"
+
+
+def test_relay_names_a_bad_kafka_variable() -> None:
+    env = {"PATH": "/usr/bin:/bin", "KAFKA_SESSION_TIMEOUT_MS": "ten"}
+    result = subprocess.run(
+        [sys.executable, "-m", "saga", "relay", "--database-url", "sqlite:////nonexistent/x.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert_one_line(result, 2, "KAFKA_SESSION_TIMEOUT_MS", "'ten'")
