@@ -272,6 +272,10 @@ def _run_schemas(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY"
         )
+    if not any(file.is_file() for file in Path(directory).rglob("*.avsc")):
+        raise ConfigurationError(
+            f"no .avsc files under {Path(directory).resolve()}: nothing checked"
+        )
     problems = check_directory(directory, full=args.full)
     for problem in problems:
         print(problem)
@@ -279,7 +283,10 @@ def _run_schemas(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) in {directory}", file=sys.stderr)
         return 1
     names = SchemaRegistry.from_directory(directory).names()
-    print(f"{len(names)} schemas in {directory}: every version reads the earlier ones")
+    print(
+        f"{len(names)} schemas in {directory}: every version reads the earlier ones"
+        + (" and is read by them (--full)" if args.full else "")
+    )
     return 0
 
 
