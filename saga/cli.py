@@ -1,9 +1,11 @@
 """The ``saga`` command line.
 
-``saga demo``           run the reference shop saga end to end and check it
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
 ``saga outbox``         list parked outbox rows, or release them for another try
+
+Installed packages add commands through the ``choreosaga.commands`` entry
+points (see :mod:`saga.commands`): the reference shop adds ``saga demo``.
 """
 
 from __future__ import annotations
@@ -121,57 +123,6 @@ async def _run_relay(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
-
-
-def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="place orders through the reference services and check the outcome",
-        description="Start a local Kafka-protocol broker (unless --bootstrap-servers), "
-        "one database per service (SQLite unless --database-url), the order, inventory, "
-        "payment and shipping services with their relays; place orders with a mix of "
-        "outcomes, wait until every saga ended, print a summary and check the services "
-        "against each other. Exits 1 if a check fails.",
-    )
-    p.add_argument("--orders", type=int, default=100, help="orders to place (default 100)")
-    p.add_argument(
-        "--database-url",
-        default=None,
-        help="PostgreSQL URL; each service gets the database <name>_<service> "
-        "(dropped and re-created). Default: SQLite files in a temporary directory",
-    )
-    p.add_argument(
-        "--bootstrap-servers", default=None, help="use this Kafka instead of an embedded broker"
-    )
-    p.add_argument("--directory", default=None, help="keep the SQLite files in this directory")
-    p.add_argument(
-        "--deadline", type=float, default=10.0, help="saga deadline in seconds (default 10)"
-    )
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="give up waiting after this many seconds"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    if args.orders < 1:
-        raise ConfigurationError("--orders must be at least 1")
-    if args.deadline <= 0:
-        raise ConfigurationError("--deadline must be positive")
-    from services.demo import DemoOptions
-    from services.demo import main as demo_main
-
-    return demo_main(
-        DemoOptions(
-            orders=args.orders,
-            database_url=args.database_url,
-            bootstrap_servers=args.bootstrap_servers,
-            directory=args.directory,
-            deadline=args.deadline,
-            timeout=args.timeout,
-            json=args.json,
-        )
-    )
 
 
 def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -303,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
     _relay_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
@@ -355,8 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "relay":
         return asyncio.run(_run_relay(args))
-    if args.command == "demo":
-        return _run_demo(args)
     if args.command == "schemas":
         return _run_schemas(args)
     if args.command == "outbox":

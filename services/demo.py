@@ -36,9 +36,10 @@ from saga import (
     ServiceSettings,
     ensure_topics,
 )
-from services import SAGA
-from services.scenarios import OrderRequest, Scenario, order_for, scenario_of
-from services.shop import SERVICES, TERMINAL, Shop, describe
+
+from . import SAGA
+from .scenarios import OrderRequest, Scenario, order_for, scenario_of
+from .shop import SERVICES, TERMINAL, Shop, describe
 
 
 @dataclass(frozen=True, kw_only=True)
