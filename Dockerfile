@@ -1,25 +1,35 @@
 # The reference services and the `saga` command, as used by docker-compose.yml:
 #   docker build -t choreosaga .
 #   docker run --rm choreosaga                      # python -m services --help
-FROM python:3.11-slim
+#
+# The base image is a build argument so that a deployment can pin it by digest:
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest> .
+# (`docker buildx imagetools inspect python:3.11-slim` shows the digest.)
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_CONSTRAINT=/app/deploy/constraints.txt
 
 WORKDIR /app
 
-# Dependencies first, in their own layer: editing the code does not reinstall them.
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer, pinned by the constraints file: editing
+# the code or the README does not reinstall them. The constraints also pin the
+# build backend of the install below (PIP_CONSTRAINT reaches its isolated build).
+COPY pyproject.toml ./
+COPY deploy/constraints.txt ./deploy/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# An editable install: SchemaRegistry.default() reads schemas/ next to the saga
-# package, which a plain `pip install .` would leave behind.
+# An editable install, so that `saga` and `python -m services` (run from /app)
+# use the same code.
+COPY README.md LICENSE ./
 COPY schemas ./schemas
 COPY outbox ./outbox
 COPY saga ./saga

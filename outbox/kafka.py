@@ -117,8 +117,14 @@ async def ensure_topics(
     Existing topics are left as they are.
     """
     admin = AIOKafkaAdminClient(**settings.admin_kwargs())
-    await admin.start()
     try:
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            raise PublishError(
+                f"no Kafka broker answered at {settings.bootstrap_servers} ({type(exc).__name__})",
+                retriable=True,
+            ) from exc
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)

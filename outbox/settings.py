@@ -133,14 +133,7 @@ class KafkaSettings:
             )
         if self.acks not in ("all", 1, 0):
             raise ConfigurationError(f"acks must be 'all', 1 or 0, not {self.acks!r}")
-        for name in (
-            "linger_ms",
-            "request_timeout_ms",
-            "session_timeout_ms",
-            "heartbeat_interval_ms",
-            "fetch_max_wait_ms",
-            "max_poll_records",
-        ):
+        for name in _TUNING:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{name} must be a non-negative integer, not {value!r}")
@@ -174,9 +167,17 @@ class KafkaSettings:
         Recognised: ``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_CLIENT_ID``,
         ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_MECHANISM``,
         ``KAFKA_SASL_USERNAME``, ``KAFKA_SASL_PASSWORD``, ``KAFKA_SSL_CAFILE``,
-        ``KAFKA_SSL_CERTFILE``, ``KAFKA_SSL_KEYFILE`` and
-        ``KAFKA_ENABLE_IDEMPOTENCE`` (``true``/``false``). Keyword arguments
-        override the environment.
+        ``KAFKA_SSL_CERTFILE``, ``KAFKA_SSL_KEYFILE``,
+        ``KAFKA_ENABLE_IDEMPOTENCE`` (``true``/``false``), ``KAFKA_ACKS``
+        (``all``, ``1`` or ``0``) and the tuning in milliseconds or counts:
+        ``KAFKA_LINGER_MS``, ``KAFKA_REQUEST_TIMEOUT_MS``,
+        ``KAFKA_SESSION_TIMEOUT_MS``, ``KAFKA_HEARTBEAT_INTERVAL_MS``,
+        ``KAFKA_FETCH_MAX_WAIT_MS`` and ``KAFKA_MAX_POLL_RECORDS``. Keyword
+        arguments override the environment.
+
+        Raises:
+            ConfigurationError: A variable has a value that cannot be used;
+                the message names the variable.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -197,6 +198,15 @@ class KafkaSettings:
         idempotence = env.get("KAFKA_ENABLE_IDEMPOTENCE")
         if idempotence:
             values["enable_idempotence"] = parse_bool("KAFKA_ENABLE_IDEMPOTENCE", idempotence)
+        acks = env.get("KAFKA_ACKS", "").strip().lower()
+        if acks:
+            if acks not in ("all", "1", "0"):
+                raise ConfigurationError(f"KAFKA_ACKS must be all, 1 or 0, not {acks!r}")
+            values["acks"] = "all" if acks == "all" else int(acks)
+        for name in _TUNING:
+            raw = env.get(f"KAFKA_{name.upper()}", "").strip()
+            if raw:
+                values[name] = _parse_count(f"KAFKA_{name.upper()}", raw)
         values.update(overrides)
         return cls(**values)
 
@@ -255,6 +265,27 @@ class KafkaSettings:
     def admin_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``aiokafka.admin.AIOKafkaAdminClient``."""
         return self._common()
+
+
+_TUNING = (
+    "linger_ms",
+    "request_timeout_ms",
+    "session_timeout_ms",
+    "heartbeat_interval_ms",
+    "fetch_max_wait_ms",
+    "max_poll_records",
+)
+"""The integer fields of KafkaSettings that ``from_env`` reads as ``KAFKA_<NAME>``."""
+
+
+def _parse_count(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative integer, not {raw!r}")
+    return value
 
 
 def parse_bool(name: str, raw: str) -> bool:

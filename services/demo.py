@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from saga import (
+    ConfigurationError,
     EmbeddedBroker,
     KafkaSettings,
     RelaySettings,
@@ -33,9 +36,10 @@ from saga import (
     ServiceSettings,
     ensure_topics,
 )
-from services import SAGA
-from services.scenarios import OrderRequest, Scenario, order_for, scenario_of
-from services.shop import SERVICES, Shop, describe
+
+from . import SAGA
+from .scenarios import OrderRequest, Scenario, order_for, scenario_of
+from .shop import SERVICES, TERMINAL, Shop, describe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,27 +55,91 @@ class DemoOptions:
     json: bool = False
 
 
+DEMO_MARK = "made by saga demo, which may drop it"
+"""The comment on every PostgreSQL database the demo creates: only these does it drop."""
+
+
 def database_urls(options: DemoOptions, directory: Path) -> dict[str, str]:
-    """One database per service: SQLite files, or PostgreSQL databases made from one URL."""
+    """One database per service: SQLite files, or PostgreSQL databases made from one URL.
+
+    PostgreSQL databases are named ``<name>_<service>`` after the URL's
+    database name. The demo drops and re-creates only the databases that it
+    created itself, which it marks with :data:`DEMO_MARK`; it refuses to touch
+    any other.
+
+    Raises:
+        ConfigurationError: The URL is not a PostgreSQL URL with a database
+            name, or a database of that name exists and the demo did not make it.
+        SagaError: The PostgreSQL server cannot be reached or refuses the demo.
+    """
     if options.database_url is None:
         return {name: f"sqlite+aiosqlite:///{directory / name}.db" for name in SERVICES}
-    base = make_url(options.database_url)
-    if base.get_backend_name() != "postgresql":
-        raise ValueError("--database-url must be a PostgreSQL URL (SQLite is the default)")
-    stem = base.database or "choreosaga"
-    urls = {}
+    base = postgresql_url(options.database_url)
+    names = {service: f"{base.database}_{service}" for service in SERVICES}
     admin = base.set(drivername="postgresql", database="postgres")
-    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
-        for name in SERVICES:
-            database = f"{stem}_{name}"
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-            )
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-            urls[name] = base.set(
-                drivername="postgresql+psycopg", database=database
-            ).render_as_string(hide_password=False)
-    return urls
+    try:
+        with psycopg.connect(
+            admin.render_as_string(hide_password=False), autocommit=True, connect_timeout=10
+        ) as conn:
+            _refuse_foreign_databases(conn, list(names.values()))
+            for database in names.values():
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(database)
+                    )
+                )
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+                conn.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                        sql.Identifier(database), sql.Literal(DEMO_MARK)
+                    )
+                )
+    except psycopg.Error as exc:
+        where = f"{base.host or 'localhost'}:{base.port or 5432}"
+        raise SagaError(f"PostgreSQL at {where}: {exc}") from exc
+    return {
+        service: base.set(drivername="postgresql+psycopg", database=database).render_as_string(
+            hide_password=False
+        )
+        for service, database in names.items()
+    }
+
+
+def postgresql_url(text: str) -> URL:
+    """The demo's ``--database-url``: a PostgreSQL URL that names a database.
+
+    Raises:
+        ConfigurationError: It is not a URL, not PostgreSQL, or names no database.
+    """
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"--database-url is not a database URL: {text!r}") from exc
+    if url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"--database-url must be a PostgreSQL URL, not {url.get_backend_name()} "
+            "(leave it out for SQLite files)"
+        )
+    if not url.database:
+        raise ConfigurationError(
+            "--database-url names no database: give one, e.g. postgresql://user@host/demo; "
+            "the services get the databases demo_order, demo_inventory, ..."
+        )
+    return url
+
+
+def _refuse_foreign_databases(conn: psycopg.Connection[Any], names: list[str]) -> None:
+    rows = conn.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+        "WHERE datname = ANY(%s)",
+        (names,),
+    ).fetchall()
+    foreign = sorted(name for name, comment in rows if comment != DEMO_MARK)
+    if foreign:
+        raise ConfigurationError(
+            f"refusing to drop {', '.join(foreign)}: saga demo did not create "
+            f"{'it' if len(foreign) == 1 else 'them'}; give --database-url another database name"
+        )
 
 
 @contextlib.asynccontextmanager
@@ -101,6 +169,7 @@ async def run(options: DemoOptions) -> dict[str, Any]:
         urls = await asyncio.to_thread(database_urls, options, directory)
         storage = (
             f"SQLite in {directory}"
+            + ("" if options.directory else " (removed at the end; keep it with --directory)")
             if options.database_url is None
             else "PostgreSQL databases "
             + ", ".join(make_url(u).database or "" for u in urls.values())
@@ -111,7 +180,8 @@ async def run(options: DemoOptions) -> dict[str, Any]:
                 relay=RelaySettings(poll_interval=timedelta(milliseconds=500)),
                 saga_topic_prefix="saga.",
             )
-            await ensure_topics(kafka, {settings.saga_topic_prefix + SAGA: 4})
+            with _quiet_first_contact():
+                await ensure_topics(kafka, {settings.saga_topic_prefix + SAGA: 4})
             shop = Shop(
                 urls=urls,
                 kafka=kafka,
@@ -123,6 +193,19 @@ async def run(options: DemoOptions) -> dict[str, Any]:
                 return await _run_shop(shop, options)
             finally:
                 await shop.stop()
+
+
+@contextlib.contextmanager
+def _quiet_first_contact() -> Iterator[None]:
+    """Leave an unreachable broker to the one-line error, not aiokafka's log (unless -v)."""
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        kafka_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
 
 
 async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
@@ -141,9 +224,7 @@ async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
         async with asyncio.timeout(options.timeout):
             statuses = await shop.wait_terminal(len(orders), progress=not options.json)
     except TimeoutError:
-        raise SagaError(
-            f"not every saga ended within {options.timeout:.0f} s: {await shop.statuses()}"
-        ) from None
+        raise SagaError(not_ended(await shop.statuses(), options.timeout)) from None
     elapsed = time.monotonic() - started
     checks = await shop.check(orders)
     stamps = await shop.order.service.states.all(shop.order.engine, SAGA)
@@ -180,6 +261,16 @@ async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
     return result
 
 
+def not_ended(statuses: Mapping[str, tuple[str, str | None]], timeout: float) -> str:
+    """One line on the orders whose saga had not ended when the demo gave up."""
+    open_orders = Counter(status for status, _ in statuses.values() if status not in TERMINAL)
+    counts = ", ".join(f"{status} {count}" for status, count in sorted(open_orders.items()))
+    return (
+        f"{sum(open_orders.values())} of {len(statuses)} sagas had not ended after "
+        f"{timeout:g} s ({counts or 'none open'}); give a longer --timeout"
+    )
+
+
 def _label(reason: str | None) -> str:
     for scenario in Scenario:
         if scenario.value in (reason or ""):
@@ -198,9 +289,15 @@ async def _print_report(shop: Shop, result: Mapping[str, Any]) -> None:
         f"(each took {result['saga_seconds_p50']:.2f} s at the median, "
         f"{result['saga_seconds_max']:.2f} s at most)"
     )
+    at_deadline = result["outcomes"].get(f"rejected: {Scenario.DEADLINE_PASSED.value}", 0)
     print(
-        f"  all {result['orders']} ended in {result['seconds']:.2f} s, including those "
-        f"compensated at their {result['deadline_seconds']:g} s deadline"
+        f"  all {result['orders']} ended in {result['seconds']:.2f} s"
+        + (
+            f", including {at_deadline} compensated at their "
+            f"{result['deadline_seconds']:g} s deadline"
+            if at_deadline
+            else ""
+        )
     )
     stamps = await shop.order.service.states.all(shop.order.engine, SAGA)
     compensated = [s for s in stamps if s.status is SagaStatus.COMPENSATED]

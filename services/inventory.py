@@ -9,8 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import AvroCodec, KafkaSettings, SagaContext, ServiceSettings
-from services import ORDER_PLACED, SAGA, STOCK_RESERVED
-from services.base import ShopService
+
+from . import ORDER_PLACED, SAGA, STOCK_RESERVED
+from .base import ShopService
 
 
 class InventoryService(ShopService):

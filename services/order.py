@@ -8,9 +8,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from saga import AvroCodec, KafkaSettings, SagaContext, SagaStatus, ServiceSettings
-from services import ORDER_PLACED, SAGA, SHIPMENT_CREATED
-from services.base import ShopService
-from services.scenarios import OrderRequest
+
+from . import ORDER_PLACED, SAGA, SHIPMENT_CREATED
+from .base import ShopService
+from .scenarios import OrderRequest
 
 
 class OrderService(ShopService):

@@ -9,9 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import AvroCodec, KafkaSettings, SagaContext, ServiceSettings
-from services import PAYMENT_AUTHORIZED, PAYMENT_CHARGED, SAGA, STOCK_RESERVED
-from services.base import ShopService
-from services.scenarios import DECLINED_CARD, SLOW_CARD
+
+from . import PAYMENT_AUTHORIZED, PAYMENT_CHARGED, SAGA, STOCK_RESERVED
+from .base import ShopService
+from .scenarios import DECLINED_CARD, SLOW_CARD
 
 
 class PaymentService(ShopService):

@@ -8,8 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import AvroCodec, KafkaSettings, SagaContext, ServiceSettings
-from services import PAYMENT_CHARGED, SAGA, SHIPMENT_CREATED
-from services.base import ShopService
+
+from . import PAYMENT_CHARGED, SAGA, SHIPMENT_CREATED
+from .base import ShopService
 
 UNSERVED = ("atlantis",)
 """Places no carrier delivers to."""

@@ -21,12 +21,13 @@ from saga import (
     StepOutcome,
     create_engine,
 )
-from services import SAGA
-from services.inventory import InventoryService
-from services.order import OrderService
-from services.payment import PaymentService
-from services.scenarios import STOCK, OrderRequest, Scenario
-from services.shipping import ShippingService
+
+from . import SAGA
+from .inventory import InventoryService
+from .order import OrderService
+from .payment import PaymentService
+from .scenarios import STOCK, OrderRequest, Scenario
+from .shipping import ShippingService
 
 SERVICES = ("order", "inventory", "payment", "shipping")
 TERMINAL = ("completed", "rejected", "failed")

@@ -39,6 +39,14 @@ def test_schemas_check_without_a_directory_says_so(tmp_path: Path) -> None:
     assert "no schemas directory" in result.stderr
 
 
+def test_schemas_check_fails_where_there_is_nothing_to_check(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("schemas go here")
+    result = saga("schemas", "check", str(tmp_path))
+    assert result.returncode == 2
+    assert "no .avsc files" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_schemas_check_fails_on_an_incompatible_change() -> None:
     result = saga("schemas", "check", str(SCHEMAS / "broken"))
     assert result.returncode == 1
@@ -51,7 +59,10 @@ def test_schemas_check_full_also_checks_old_readers(tmp_path: Path) -> None:
     backward_only = saga("schemas", "check", str(SCHEMAS / "evolution"))
     full = saga("schemas", "check", "--full", str(SCHEMAS / "evolution"))
     assert backward_only.returncode == 0, backward_only.stdout
+    assert "(--full)" not in backward_only.stdout
     assert full.returncode == 1
+    project = saga("schemas", "check", "--full", str(SCHEMAS.parent.parent / "schemas"))
+    assert "every version reads the earlier ones and is read by them" in project.stdout
     assert "int cannot read long" in full.stdout
 
 

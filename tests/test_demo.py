@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,29 @@ def test_saga_demo_json_on_the_embedded_default() -> None:
     }
     assert [c["ok"] for c in report["checks"]] == [True] * 6
     assert report["sagas_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_saga_demo_keeps_its_directory_and_mentions_deadlines_only_when_reached(
+    tmp_path: Path,
+) -> None:
+    kept = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "saga", "demo", "--orders", "9", "--directory", str(kept)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert f"SQLite in {kept}" in lines[0]
+    assert "removed" not in lines[0]
+    (closing,) = [line for line in lines if line.strip().startswith("all 9 ended in")]
+    assert "deadline" not in closing  # none of the nine orders waits for its deadline
+    assert sorted(p.name for p in kept.glob("*.db")) == [
+        "inventory.db",
+        "order.db",
+        "payment.db",
+        "shipping.db",
+    ]

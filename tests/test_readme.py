@@ -33,3 +33,19 @@ def test_quick_start_commands_are_the_ones_ci_runs() -> None:
     assert tests_command.endswith("&& pytest")
     assert "README.md" in ci  # .ci/run reads the command from here, not a copy
     assert "saga demo" in block("## Quick start", "sh")
+
+
+def test_testing_section_example_is_a_passing_test(tmp_path: Path) -> None:
+    test_file = tmp_path / "test_trips.py"
+    test_file.write_text(block("## Testing your sagas", "python"))
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        [*pytest, "-o", "asyncio_mode=auto", "--rootdir", str(tmp_path), str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout

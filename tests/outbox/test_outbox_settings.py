@@ -130,6 +130,38 @@ def test_from_env_keyword_arguments_override_the_environment() -> None:
     assert settings.bootstrap_servers == "from-code:9092"
 
 
+def test_from_env_reads_the_consumer_and_producer_tuning() -> None:
+    env = {
+        "KAFKA_FETCH_MAX_WAIT_MS": "25",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+        "KAFKA_MAX_POLL_RECORDS": "50",
+        "KAFKA_REQUEST_TIMEOUT_MS": "9000",
+        "KAFKA_LINGER_MS": "0",
+        "KAFKA_ACKS": "1",
+    }
+
+    settings = KafkaSettings.from_env(env)
+
+    consumer = settings.consumer_kwargs("payments")
+    assert consumer["fetch_max_wait_ms"] == 25
+    assert consumer["session_timeout_ms"] == 6000
+    assert consumer["heartbeat_interval_ms"] == 1000
+    assert consumer["max_poll_records"] == 50
+    assert consumer["request_timeout_ms"] == 9000
+    producer = settings.producer_kwargs()
+    assert (producer["linger_ms"], producer["acks"]) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [("KAFKA_SESSION_TIMEOUT_MS", "ten"), ("KAFKA_FETCH_MAX_WAIT_MS", "-1"), ("KAFKA_ACKS", "2")],
+)
+def test_from_env_names_the_variable_with_a_bad_value(variable: str, raw: str) -> None:
+    with pytest.raises(ConfigurationError, match=variable):
+        KafkaSettings.from_env({variable: raw})
+
+
 def test_from_env_refuses_an_ambiguous_boolean() -> None:
     with pytest.raises(ConfigurationError, match="KAFKA_ENABLE_IDEMPOTENCE"):
         KafkaSettings.from_env({"KAFKA_ENABLE_IDEMPOTENCE": "maybe"})

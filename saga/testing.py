@@ -1,0 +1,424 @@
+"""A test harness for your own sagas: in memory in milliseconds, or on real servers.
+
+Register services and handlers as in production, start a saga, and wait for
+it to end::
+
+    async with SagaHarness(codec) as harness:
+        flights = harness.service("flights")
+        ...                                   # @flights.step(...), as in production
+        await harness.start()
+        await harness.start_saga("trips", "book_trip", saga_id="trip-1", ...)
+        run = await harness.run_until_ended("trip-1")
+        assert run.status is SagaStatus.COMPLETED
+        assert run.stamps["hotels"].step("book_room").data == {"room": "301"}
+        assert harness.published("example.trips.SeatBooked")
+
+By default the harness runs without a broker: each service's relay publishes
+to an in-memory log (:class:`InMemoryBroker`) and the harness delivers every
+record, in order, to the services that subscribe to its topic, through the
+same per-record pipeline as the Kafka consumer (``Service.processor``). The
+databases are SQLite files in a temporary directory. Give ``kafka=`` (and,
+for PostgreSQL, ``database_url=``) and the very same test runs on a real
+broker and real databases, with each service's own Kafka consumer.
+
+:meth:`SagaHarness.fail_step` makes a step raise, so that tests can check
+retries and compensations without writing failing handlers.
+
+What the in-memory transport does not model: partitions (a topic is one
+ordered log per consuming service), rebalances and redelivery after a crash.
+Those stay the business of the tests against real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox import KafkaPublisher, KafkaSettings, Publisher, RelaySettings, ensure_topics
+from outbox.message import StoredMessage
+from saga.choreography import SagaHandler
+from saga.codec import AvroCodec
+from saga.context import SagaContext
+from saga.envelope import Envelope, EnvelopeCodec
+from saga.errors import ConfigurationError, SagaError
+from saga.service import Service, ServiceSettings
+from saga.stamp import SagaStatus, Stamp
+
+__all__ = ["InMemoryBroker", "SagaHarness", "SagaRun"]
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.005
+"""Seconds between looks at the databases while waiting (in memory)."""
+
+
+@dataclass(frozen=True)
+class _Record:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+class InMemoryBroker(Publisher):
+    """A publisher that appends records to in-memory topic logs.
+
+    Every consumer reads a topic from its own cursor, in publish order. The
+    harness uses it as every service's publisher in place of Kafka.
+    """
+
+    def __init__(self) -> None:
+        self.topics: dict[str, list[_Record]] = defaultdict(list)
+        self.changed = asyncio.Event()
+
+    async def send(self, message: StoredMessage) -> Awaitable[None]:
+        headers = tuple((name, value or b"") for name, value in message.headers)
+        self.topics[message.topic].append(
+            _Record(message.topic, message.key, message.value, headers)
+        )
+        self.changed.set()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class _Recording(Publisher):
+    """Passes records on to Kafka and keeps a copy of those acknowledged."""
+
+    def __init__(self, inner: Publisher, log: list[_Record]) -> None:
+        self.inner = inner
+        self.log = log
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def send(self, message: StoredMessage) -> Awaitable[None]:
+        ack = await self.inner.send(message)
+        record = _Record(
+            message.topic,
+            message.key,
+            message.value,
+            tuple((name, value or b"") for name, value in message.headers),
+        )
+
+        async def recorded() -> None:
+            await ack
+            self.log.append(record)
+
+        return recorded()
+
+
+@dataclass(frozen=True)
+class SagaRun:
+    """How a saga ended, as every service that took part saw it."""
+
+    saga_id: str
+    """The saga."""
+
+    status: SagaStatus
+    """Its terminal status (as the initiator recorded it)."""
+
+    stamps: Mapping[str, Stamp]
+    """Each participant's final view of the saga, by service name."""
+
+
+@dataclass
+class _Delivery:
+    service: Service
+    cursors: dict[str, int] = field(default_factory=dict)
+
+
+class SagaHarness:
+    """Services, their databases and a transport, for tests of your own sagas.
+
+    Args:
+        codec: The codec with every schema the services read and write.
+        kafka: Run on this Kafka (real consumers and producers). Default:
+            the in-memory transport.
+        database_url: The database of each service, from its name. Default:
+            SQLite files in a temporary directory, removed on exit.
+        settings: Settings of every service. The default polls fast, and on
+            Kafka prefixes topics and groups with a per-harness id, so that
+            runs never see each other's records.
+    """
+
+    def __init__(
+        self,
+        codec: AvroCodec,
+        *,
+        kafka: KafkaSettings | None = None,
+        database_url: Callable[[str], str] | None = None,
+        settings: ServiceSettings | None = None,
+    ) -> None:
+        self.codec = codec
+        self.kafka = kafka
+        self.envelopes = EnvelopeCodec(codec)
+        run = uuid.uuid4().hex[:8]
+        self.settings = settings or ServiceSettings(
+            relay=RelaySettings(poll_interval=timedelta(milliseconds=20)),
+            saga_topic_prefix=f"saga.{run}." if kafka else "saga.",
+            group_prefix=f"{run}." if kafka else "",
+        )
+        self._database_url = database_url
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._services: dict[str, Service] = {}
+        self._broker = InMemoryBroker()
+        self._published: list[_Record] = []
+        self._deliveries: list[_Delivery] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._busy = 0
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether records travel through the in-memory transport (no Kafka)."""
+        return self.kafka is None
+
+    # -- setting up ---------------------------------------------------------------------
+
+    def service(self, name: str) -> Service:
+        """A new service named ``name``, with its own database; register handlers on it."""
+        if self._started:
+            raise ConfigurationError("add services before the harness starts")
+        if name in self._services:
+            raise ConfigurationError(f"the harness already has a service {name!r}")
+        from outbox import create_engine
+
+        engine = create_engine(self._url(name))
+        publisher: Publisher = (
+            self._broker
+            if self.kafka is None
+            else _Recording(KafkaPublisher(self.kafka), self._published)
+        )
+        service = Service(
+            name,
+            engine=engine,
+            kafka=self.kafka or KafkaSettings(),
+            codec=self.codec,
+            settings=self.settings,
+            publisher=publisher,
+        )
+        self._services[name] = service
+        return service
+
+    def _url(self, name: str) -> str:
+        if self._database_url is not None:
+            return self._database_url(name)
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="choreosaga-test-")
+        return f"sqlite:///{self._folder.name}/{name}.db"
+
+    def fail_step(
+        self, service: str, saga: str, step: str, error: BaseException, *, times: int = 1
+    ) -> None:
+        """Make ``step`` of ``saga`` in ``service`` raise ``error`` its next ``times`` runs.
+
+        A retriable error (``error.retriable = True``, a lost connection...)
+        is retried by the service as in production; any other fails the step,
+        and the saga compensates. Register the step first.
+        """
+        target = self._services.get(service)
+        if target is None:
+            raise ConfigurationError(f"the harness has no service {service!r}")
+        # Reaches into the service's registrations: a test-only seam, kept here.
+        part = target._sagas.get(saga)
+        found = False
+        for event_type, registered in list(part.steps.items()) if part else []:
+            if registered.step == step:
+                part.steps[event_type] = replace(  # type: ignore[union-attr]
+                    registered, handler=_failing(registered.handler, error, times)
+                )
+                found = True
+        if not found:
+            raise ConfigurationError(f"{service} has no step {step!r} in {saga}")
+
+    # -- running --------------------------------------------------------------------
+
+    async def __aenter__(self) -> SagaHarness:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Create every service's tables and start them (and, on Kafka, their topics)."""
+        if self._started:
+            raise ConfigurationError("the harness has already started")
+        self._started = True
+        for service in self._services.values():
+            await service.create_tables()
+        if self.kafka is not None:
+            topics = {t: 2 for s in self._services.values() for t in s.topics}
+            if topics:
+                await ensure_topics(self.kafka, topics)
+            for service in self._services.values():
+                await service.start()
+            for service in self._services.values():
+                if service.topics:
+                    await service.wait_assigned()
+            return
+        for service in self._services.values():
+            await service.relay.start()
+            if service.topics:
+                delivery = _Delivery(service)
+                self._deliveries.append(delivery)
+                self._tasks.append(
+                    asyncio.create_task(self._deliver(delivery), name=f"deliver-{service.name}")
+                )
+
+    async def stop(self) -> None:
+        """Stop the services and remove the temporary databases."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for service in self._services.values():
+            if self.kafka is not None:
+                await service.stop()
+            else:
+                await service.relay.stop()
+            await service.engine.dispose()
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+    async def start_saga(
+        self,
+        service: str,
+        saga: str,
+        *,
+        saga_id: str,
+        event_type: str,
+        data: Mapping[str, Any],
+        deadline: timedelta | None = None,
+    ) -> Stamp:
+        """Start ``saga`` from ``service`` (its initiator), in a transaction of its own."""
+        initiator = self._services[service]
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            return await initiator.start_saga(
+                session, saga, saga_id=saga_id, event_type=event_type, data=data, deadline=deadline
+            )
+
+    async def run_until_ended(self, saga_id: str, *, within: float = 30.0) -> SagaRun:
+        """Wait until ``saga_id`` has ended and every service has seen the end.
+
+        Raises:
+            TimeoutError: It did not end within ``within`` seconds.
+        """
+        async with asyncio.timeout(within):
+            while True:
+                stamps = await self.stamps(saga_id)
+                ended = [s for s in stamps.values() if s.status.is_terminal]
+                if ended and await self._quiet():
+                    stamps = await self.stamps(saga_id)
+                    return SagaRun(saga_id=saga_id, status=ended[0].status, stamps=stamps)
+                await asyncio.sleep(_POLL if self.kafka is None else 0.05)
+
+    async def stamps(self, saga_id: str) -> dict[str, Stamp]:
+        """Each service's current view of ``saga_id`` (services that never saw it are left out)."""
+        views = {}
+        for name, service in self._services.items():
+            stamp = await service.saga_state(saga_id)
+            if stamp is not None:
+                views[name] = stamp
+        return views
+
+    def published(self, event_type: str | None = None) -> list[Envelope]:
+        """Every event published so far (of ``event_type``), decoded, in publish order."""
+        records = (
+            [r for log in self._broker.topics.values() for r in log]
+            if self.kafka is None
+            else list(self._published)
+        )
+        envelopes = [self.envelopes.decode(r.key, r.value, r.headers) for r in records]
+        return [e for e in envelopes if event_type is None or e.type == event_type]
+
+    # -- inside ---------------------------------------------------------------------
+
+    async def _quiet(self) -> bool:
+        """No outbox row waits to be published and no record waits to be handled."""
+        for service in self._services.values():
+            if (await service.outbox.stats()).pending:
+                return False
+        if self.kafka is not None:
+            await asyncio.sleep(0.2)  # the consumers' fetch wait: let the last records land
+            return True
+        if self._busy:
+            return False
+        return all(
+            d.cursors.get(topic, 0) >= len(self._broker.topics.get(topic, ()))
+            for d in self._deliveries
+            for topic in d.service.topics
+        )
+
+    async def _deliver(self, delivery: _Delivery) -> None:
+        """Hand every record of the service's topics to its pipeline, in order."""
+        service = delivery.service
+        offsets: dict[str, int] = delivery.cursors
+        while True:
+            self._broker.changed.clear()
+            moved = False
+            for topic in service.topics:
+                log_ = self._broker.topics.get(topic, [])
+                while offsets.get(topic, 0) < len(log_):
+                    offset = offsets.get(topic, 0)
+                    record = log_[offset]
+                    self._busy += 1
+                    try:
+                        await self._process(service, record, offset)
+                    finally:
+                        self._busy -= 1
+                    offsets[topic] = offset + 1
+                    moved = True
+            if not moved:
+                await self._broker.changed.wait()
+
+    async def _process(self, service: Service, record: _Record, offset: int) -> None:
+        consumed: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+            topic=record.topic,
+            partition=0,
+            offset=offset,
+            timestamp=int(time.time() * 1000),
+            timestamp_type=0,
+            key=record.key,
+            value=record.value,
+            checksum=None,
+            serialized_key_size=len(record.key or b""),
+            serialized_value_size=len(record.value or b""),
+            headers=record.headers,
+        )
+        while True:  # as the Kafka consumer does: a record that raised comes again
+            try:
+                await service.processor.process(consumed)
+                return
+            except (SagaError, OSError) as exc:
+                log.warning(
+                    "%s: record %s@%d raised, again: %s", service.name, record.topic, offset, exc
+                )
+                await asyncio.sleep(0.05)
+
+
+def _failing(handler: SagaHandler, error: BaseException, times: int) -> SagaHandler:
+    remaining = [times]
+
+    async def failing(ctx: SagaContext) -> None:
+        if remaining[0] > 0:
+            remaining[0] -= 1
+            raise error
+        await handler(ctx)
+
+    return failing

@@ -1,0 +1,219 @@
+"""Bad input to the ``saga`` command: one line on stderr, the right exit status, no traceback.
+
+Each command runs as a real process, as a user would type it: exit 2 for a
+usage error, 1 for a runtime failure (a server that does not answer, a
+directory that cannot be made). The demo never drops a database it did not
+create.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from tests.conftest import DEFAULT_POSTGRES_URL
+
+SERVER = make_url(os.environ.get("TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)).set(
+    drivername="postgresql"
+)
+
+
+def saga(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saga", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], status: int, *needles: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.returncode == status, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["demo", "--database-url", "notaurl"], 2, "not a database URL"),
+        (["demo", "--database-url", "mysql://shop@127.0.0.1/shop"], 2, "must be a PostgreSQL URL"),
+        (
+            ["demo", "--database-url", SERVER._replace(database=None).render_as_string()],
+            2,
+            "names no",
+        ),
+        (["demo", "--database-url", "postgresql://postgres@127.0.0.1:1/x"], 1, "refused"),
+        (["outbox", "stats", "--database-url", "notaurl"], 2, "not a database URL"),
+        (["outbox", "retry", "--database-url", "postgresql://u@127.0.0.1:1/x"], 1, "refused"),
+    ],
+    ids=["not-a-url", "mysql", "no-database", "unreachable-postgres", "outbox-url", "outbox-down"],
+)
+def test_bad_database_urls_get_one_line(args: list[str], status: int, needle: str) -> None:
+    assert_one_line(saga(*args), status, f"saga {args[0]}: ", needle)
+
+
+def test_demo_with_an_unknown_role_says_so() -> None:
+    role = f"nobody_{uuid.uuid4().hex[:8]}"
+    url = SERVER.set(username=role, database="demo").render_as_string(hide_password=False)
+    assert_one_line(saga("demo", "--database-url", url), 1, f'role "{role}" does not exist')
+
+
+def test_demo_with_an_unreachable_broker_says_so() -> None:
+    result = saga("demo", "--orders", "2", "--bootstrap-servers", "127.0.0.1:1")
+    assert_one_line(result, 1, "saga demo: ", "127.0.0.1")
+
+
+def test_demo_directory_under_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    result = saga("demo", "--orders", "2", "--directory", str(tmp_path / "file" / "demo"))
+    assert_one_line(result, 1, "Not a directory", str(tmp_path / "file"))
+
+
+def test_verbose_keeps_the_traceback() -> None:
+    result = saga("-v", "outbox", "stats", "--database-url", "postgresql://u@127.0.0.1:1/x")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("saga outbox: ")
+    after = saga("outbox", "stats", "-v", "--database-url", "postgresql://u@127.0.0.1:1/x")
+    assert "Traceback" in after.stderr
+
+
+def test_version_names_the_installed_release() -> None:
+    from importlib.metadata import version
+
+    result = saga("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"saga {version('choreosaga')}"
+
+
+def test_help_shows_the_defaults() -> None:
+    relay = saga("relay", "--help").stdout
+    assert "(default: 500)" in " ".join(relay.split())  # --batch-size
+    assert "(default: 16)" in relay  # --shards
+    demo = " ".join(saga("demo", "--help").stdout.split())
+    assert "(default: 120.0)" in demo  # --timeout
+
+
+def test_outbox_retry_of_an_unknown_id_says_no_such_row(tmp_path: Path) -> None:
+    import asyncio
+
+    from outbox import OutboxTables, create_engine
+
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+
+    async def create() -> None:
+        engine = create_engine(url)
+        await OutboxTables().create_all(engine)
+        await engine.dispose()
+
+    asyncio.run(create())
+    result = saga("outbox", "retry", "123", "--database-url", url)
+    assert_one_line(result, 1, "no parked row 123")
+
+
+@pytest.fixture
+def stem() -> Iterator[str]:
+    """A fresh database name for the demo; its ``<stem>_<service>`` databases go afterwards."""
+    stem = f"cstest_{uuid.uuid4().hex[:12]}"
+    yield stem
+    with psycopg.connect(SERVER.render_as_string(hide_password=False), autocommit=True) as conn:
+        for service in ("order", "inventory", "payment", "shipping"):
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(f"{stem}_{service}")
+                )
+            )
+
+
+def test_demo_refuses_to_drop_a_database_it_did_not_create(stem: str) -> None:
+    server = SERVER.render_as_string(hide_password=False)
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"{stem}_order")))
+    mine = SERVER.set(database=f"{stem}_order").render_as_string(hide_password=False)
+    with psycopg.connect(mine, autocommit=True) as conn:
+        conn.execute("CREATE TABLE precious (id int)")
+        conn.execute("INSERT INTO precious VALUES (42)")
+
+    url = SERVER.set(database=stem).render_as_string(hide_password=False)
+    result = saga("demo", "--orders", "2", "--database-url", url)
+
+    assert_one_line(result, 2, f"refusing to drop {stem}_order")
+    with psycopg.connect(mine) as conn:
+        assert conn.execute("SELECT id FROM precious").fetchall() == [(42,)]
+    with psycopg.connect(server) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{stem}%",)
+        ).fetchall()
+    assert names == [(f"{stem}_order",)], "the demo created databases before refusing"
+
+
+@pytest.mark.slow
+def test_demo_runs_again_on_the_databases_it_created(stem: str) -> None:
+    url = SERVER.set(database=stem).render_as_string(hide_password=False)
+    for _ in range(2):
+        result = saga("demo", "--orders", "10", "--database-url", url)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "all checks passed" in result.stdout
+    with psycopg.connect(SERVER.render_as_string(hide_password=False)) as conn:
+        marks = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE datname LIKE %s ORDER BY datname",
+            (f"{stem}%",),
+        ).fetchall()
+    assert [name for name, _ in marks] == [
+        f"{stem}_{s}" for s in ("inventory", "order", "payment", "shipping")
+    ]
+    assert {mark for _, mark in marks} == {"made by saga demo, which may drop it"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_cleans_up_and_exits_130() -> None:
+    import re
+    import signal
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "saga", "demo", "--orders", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert demo.stdout is not None
+    first = demo.stdout.readline()
+    scratch = re.search(r"SQLite in (\S+)", first)
+    assert scratch, first
+    for line in demo.stdout:
+        if "placed 20 orders" in line:
+            break
+    demo.send_signal(signal.SIGINT)
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode == 130
+    assert err.strip() == "saga demo: interrupted"
+    assert not Path(scratch.group(1)).exists(), "the temporary directory was left behind"
+
+
+def test_relay_names_a_bad_kafka_variable() -> None:
+    env = {"PATH": "/usr/bin:/bin", "KAFKA_SESSION_TIMEOUT_MS": "ten"}
+    result = subprocess.run(
+        [sys.executable, "-m", "saga", "relay", "--database-url", "sqlite:////nonexistent/x.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert_one_line(result, 2, "KAFKA_SESSION_TIMEOUT_MS", "'ten'")

@@ -1,0 +1,155 @@
+"""saga.testing: the README's trips saga as a harness test, in memory and on real servers.
+
+The same test body runs on the in-memory transport with SQLite (where it must
+take well under a second) and on the session's Kafka broker with PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from outbox import KafkaSettings
+from saga import AvroCodec, HandlerError, SagaContext, SagaStatus, SchemaRegistry, StepOutcome
+from saga.testing import SagaHarness
+from tests.conftest import PostgresDatabases
+
+
+def event(name: str) -> dict[str, Any]:
+    return {
+        "type": "record",
+        "name": name,
+        "namespace": "example.trips",
+        "fields": [{"name": "trip_id", "type": "string"}],
+    }
+
+
+@pytest.fixture(scope="module")
+def codec() -> AvroCodec:
+    registry = SchemaRegistry.default()
+    for name in ("TripRequested", "SeatBooked"):
+        registry.register(event(name))
+    return AvroCodec(registry)
+
+
+@pytest.fixture(params=["memory", "kafka"])
+async def harness(
+    request: pytest.FixtureRequest, codec: AvroCodec, postgres_databases: PostgresDatabases
+) -> AsyncIterator[SagaHarness]:
+    if request.param == "memory":
+        made = SagaHarness(codec)
+    else:
+        kafka: KafkaSettings = request.getfixturevalue("kafka_settings")
+        urls: dict[str, str] = {}
+
+        def database(name: str) -> str:
+            urls[name] = postgres_databases.new()
+            return urls[name]
+
+        made = SagaHarness(codec, kafka=kafka, database_url=database)
+    async with made:
+        book_trips(made)
+        yield made
+
+
+def book_trips(harness: SagaHarness) -> None:
+    """The README's saga: flights books a seat, hotels a room (or has none)."""
+    trips, flights, hotels = (harness.service(n) for n in ("trips", "flights", "hotels"))
+
+    @flights.step("book_seat", saga="book_trip", on="example.trips.TripRequested")
+    async def book_seat(ctx: SagaContext) -> None:
+        ctx.record_result(seat="12A")
+        ctx.emit("example.trips.SeatBooked", {"trip_id": ctx.saga_id})
+
+    @flights.compensation("book_seat", saga="book_trip")
+    async def cancel_seat(ctx: SagaContext) -> None:
+        ctx.record_result(cancelled=ctx.stamp.step("book_seat").data["seat"])
+
+    @hotels.step("book_room", saga="book_trip", on="example.trips.SeatBooked")
+    async def book_room(ctx: SagaContext) -> None:
+        if ctx.data["trip_id"].startswith("full-"):
+            ctx.fail("no room left")
+        else:
+            ctx.record_result(room="301")
+            ctx.complete()
+
+    @trips.on_saga_end("book_trip")
+    async def trip_ended(ctx: SagaContext) -> None:
+        pass
+
+
+async def book(harness: SagaHarness, trip: str) -> None:
+    await harness.start_saga(
+        "trips",
+        "book_trip",
+        saga_id=trip,
+        event_type="example.trips.TripRequested",
+        data={"trip_id": trip},
+    )
+
+
+def outcomes(stamp: Any) -> list[tuple[str, str, StepOutcome]]:
+    return [(s.service, s.name, s.outcome) for s in stamp.steps]
+
+
+async def test_a_trip_with_a_room_completes(harness: SagaHarness) -> None:
+    await harness.start()
+    started = time.monotonic()
+    await book(harness, "trip-1")
+    run = await harness.run_until_ended("trip-1")
+    elapsed = time.monotonic() - started
+
+    assert run.status is SagaStatus.COMPLETED
+    assert set(run.stamps) == {"trips", "flights", "hotels"}
+    assert all(stamp.status is SagaStatus.COMPLETED for stamp in run.stamps.values())
+    assert outcomes(run.stamps["trips"]) == [
+        ("flights", "book_seat", StepOutcome.DONE),
+        ("hotels", "book_room", StepOutcome.DONE),
+    ]
+    assert run.stamps["hotels"].step("book_room").data == {"room": "301"}
+    assert [e.data for e in harness.published("example.trips.SeatBooked")] == [
+        {"trip_id": "trip-1"}
+    ]
+    if harness.in_memory:
+        assert elapsed < 0.2, f"{elapsed:.3f} s in memory"
+
+
+async def test_a_trip_without_a_room_is_compensated(harness: SagaHarness) -> None:
+    await harness.start()
+    await book(harness, "full-1")
+    run = await harness.run_until_ended("full-1")
+
+    assert run.status is SagaStatus.COMPENSATED
+    assert run.stamps["trips"].reason == "no room left"
+    assert outcomes(run.stamps["trips"]) == [
+        ("flights", "book_seat", StepOutcome.DONE),
+        ("hotels", "book_room", StepOutcome.FAILED),
+        ("flights", "book_seat", StepOutcome.COMPENSATED),
+    ]
+    assert run.stamps["flights"].status is SagaStatus.COMPENSATED
+
+
+async def test_an_injected_failure_fails_the_step_and_compensates(harness: SagaHarness) -> None:
+    harness.fail_step("hotels", "book_trip", "book_room", RuntimeError("hotel system down"))
+    await harness.start()
+    await book(harness, "trip-2")
+    run = await harness.run_until_ended("trip-2")
+
+    assert run.status is SagaStatus.COMPENSATED
+    assert outcomes(run.stamps["trips"])[-1] == ("flights", "book_seat", StepOutcome.COMPENSATED)
+    # The next trip finds the hotel back: the failure was injected once.
+    await book(harness, "trip-3")
+    assert (await harness.run_until_ended("trip-3")).status is SagaStatus.COMPLETED
+
+
+async def test_a_retriable_injected_failure_is_retried(harness: SagaHarness) -> None:
+    harness.fail_step(
+        "hotels", "book_trip", "book_room", HandlerError("flaky", retriable=True), times=2
+    )
+    await harness.start()
+    await book(harness, "trip-4")
+
+    assert (await harness.run_until_ended("trip-4")).status is SagaStatus.COMPLETED
