@@ -266,9 +266,17 @@ async def run(args: argparse.Namespace) -> int:
 def _describe(letter: DeadLetter) -> str:
     info = letter.info
     saga = f"saga {info['saga_name']}/{info['saga_id']}" if "saga_id" in info else "no saga"
-    step = f" step {info['step']}" if "step" in info else ""
+    role, step = info.get("role", "?"), info.get("step")
+    if role == "step" and step:
+        what = f"step {step}"
+    elif role == "compensation" and step:
+        what = f"compensation of {step}"
+    elif role == "decode":
+        what = "undecodable record"
+    else:
+        what = f"{role} handler"
     return (
-        f"{info.get('role', '?')}{step} of {info.get('service', '?')}, {saga}: "
+        f"{what} in {info.get('service', '?')}, {saga}: "
         f"{letter.error_type.rsplit('.', 1)[-1]}: {info.get('error_message', '')}"
     )
 

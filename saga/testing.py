@@ -227,9 +227,12 @@ class SagaHarness:
     ) -> None:
         """Make ``step`` of ``saga`` in ``service`` raise ``error`` its next ``times`` runs.
 
-        A retriable error (``error.retriable = True``, a lost connection...)
-        is retried by the service as in production; any other fails the step,
-        and the saga compensates. Register the step first.
+        The service treats ``error`` as in production: a
+        :class:`~saga.BusinessFailure` (or a type the step declares as a
+        business error) fails the step and the saga compensates; a retriable
+        error (``error.retriable = True``) is retried; anything else is a bug:
+        retried per policy, then dead-lettered, and the saga is suspended.
+        Register the step first.
         """
         target = self._services.get(service)
         if target is None:

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from outbox import KafkaSettings
-from saga import AvroCodec, HandlerError, SagaContext, SagaStatus, SchemaRegistry, StepOutcome
+from saga import (
+    AvroCodec,
+    BusinessFailure,
+    SagaContext,
+    SagaStatus,
+    SchemaRegistry,
+    StepOutcome,
+)
 from saga.testing import SagaHarness
 from tests.conftest import PostgresDatabases
 
@@ -133,7 +140,7 @@ async def test_a_trip_without_a_room_is_compensated(harness: SagaHarness) -> Non
 
 
 async def test_an_injected_failure_fails_the_step_and_compensates(harness: SagaHarness) -> None:
-    harness.fail_step("hotels", "book_trip", "book_room", RuntimeError("hotel system down"))
+    harness.fail_step("hotels", "book_trip", "book_room", BusinessFailure("hotel system down"))
     await harness.start()
     await book(harness, "trip-2")
     run = await harness.run_until_ended("trip-2")
@@ -145,10 +152,12 @@ async def test_an_injected_failure_fails_the_step_and_compensates(harness: SagaH
     assert (await harness.run_until_ended("trip-3")).status is SagaStatus.COMPLETED
 
 
+class Flaky(Exception):
+    retriable = True
+
+
 async def test_a_retriable_injected_failure_is_retried(harness: SagaHarness) -> None:
-    harness.fail_step(
-        "hotels", "book_trip", "book_room", HandlerError("flaky", retriable=True), times=2
-    )
+    harness.fail_step("hotels", "book_trip", "book_room", Flaky("connection reset"), times=2)
     await harness.start()
     await book(harness, "trip-4")
 
