@@ -367,7 +367,7 @@ class Choreography:
 
     def _messages(self, ctx: SagaContext, stamp: Stamp) -> list[OutboxMessage]:
         """Encode what the handler emitted so far, with ``stamp``; each only once."""
-        messages = [message for _, message in ctx.envelopes(self.codec, stamp)]
+        messages = [message for _, message in ctx.envelopes(self.codec, stamp.next_hop())]
         ctx.emissions.clear()
         return messages
 
@@ -382,7 +382,7 @@ class Choreography:
             key=stamp.saga_id.encode(),
             correlation_id=stamp.correlation_id,
             causation_id=incoming.id,
-            stamp=stamp,
+            stamp=stamp.next_hop(),
         )
         _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
         return [message]

@@ -5,6 +5,24 @@ steps done so far with their outcome, time and small result data, plus the
 correlation id and a version that grows with every change. The framework
 updates it; handlers read it. Its Avro schema is
 ``schemas/choreosaga/saga/Stamp.avsc``.
+
+Hops: each message's stamp also says where that message stands in its saga,
+so that a trace can tell whether messages are missing. The rule:
+
+* the messages that start a saga (the first event and its deadline message)
+  have hop 0;
+* every other message has hop ``h + 1``, where ``h`` is the highest hop the
+  emitting service has seen for the saga: the merge of the incoming stamp
+  with the service's view (``saga.state.merge`` keeps the maximum). Messages
+  written in one transaction share their hop.
+
+Branches running in parallel therefore share hop numbers, and a service that
+has seen more of the saga jumps ahead of the message that woke it. What
+holds in every case: a message of hop ``k > 0`` exists only if a message of
+hop ``k - 1`` was consumed before it, so in a complete trace the hops are
+``0..n`` with no gap. A gap names a missing hop; a ``causation_id`` that
+points at no message of the trace names a missing message, even when a
+sibling of the same hop is present.
 """
 
 from __future__ import annotations
@@ -136,6 +154,9 @@ class Stamp:
     version: int = 1
     """Revision of this state, incremented by every change."""
 
+    hop: int = 0
+    """Position of the message carrying this stamp in the saga (see the module docstring)."""
+
     def __post_init__(self) -> None:
         if not self.saga_name or not self.saga_id or not self.correlation_id:
             raise ConfigurationError("a stamp needs a saga name, a saga id and a correlation id")
@@ -145,6 +166,8 @@ class Stamp:
             object.__setattr__(self, "deadline", _utc(self.deadline))
         if self.version < 1:
             raise ConfigurationError("stamp version starts at 1")
+        if self.hop < 0:
+            raise ConfigurationError("stamp hop starts at 0")
 
     def with_step(self, step: StepRecord) -> Stamp:
         """Return a new revision with ``step`` appended."""
@@ -158,6 +181,10 @@ class Stamp:
             reason=self.reason if reason is None else reason,
             version=self.version + 1,
         )
+
+    def next_hop(self) -> Stamp:
+        """This stamp as carried by a message emitted after it (``hop + 1``)."""
+        return replace(self, hop=self.hop + 1)
 
     def to_compensate(self) -> list[StepRecord]:
         """Steps done and not yet compensated, most recent first (LIFO)."""
@@ -197,6 +224,7 @@ class Stamp:
             "started_at": self.started_at,
             "deadline": self.deadline,
             "reason": self.reason,
+            "hop": self.hop,
         }
 
     @classmethod
@@ -221,4 +249,5 @@ class Stamp:
             started_at=record["started_at"],
             deadline=record["deadline"],
             reason=record["reason"],
+            hop=record.get("hop", 0),
         )

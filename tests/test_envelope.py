@@ -268,6 +268,7 @@ def test_stamp_header_is_plain_avro_single_object_encoding_of_stamp_avsc(
         "started_at": datetime(2024, 5, 17, 9, 29, 15, 123000, tzinfo=UTC),
         "deadline": datetime(2024, 5, 17, 10, 30, 15, 123000, tzinfo=UTC),
         "reason": "card declined",
+        "hop": 0,
     }
 
 
