@@ -4,6 +4,7 @@
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
 ``saga outbox``         list parked outbox rows, or release them for another try
+``saga observe``, ``saga trace``, ``saga status``: see :mod:`saga.observe.cli`
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from outbox import (
     create_engine,
 )
 from saga.errors import SagaError
+from saga.observe import cli as observe_cli
 from saga.schemas import SchemaRegistry, check_directory
 
 __all__ = ["main"]
@@ -270,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _relay_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
+    observe_cli.register(sub)
     return parser
 
 
@@ -287,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "schemas":
             return _run_schemas(args)
+        if args.command in observe_cli.COMMANDS:
+            return observe_cli.run(args)
         if args.command == "outbox":
             args.database_url = _existing_database(args.database_url)
             return asyncio.run(_run_outbox(args))
