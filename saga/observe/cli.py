@@ -40,7 +40,6 @@ __all__ = ["COMMANDS", "register", "run"]
 COMMANDS = ("observe", "trace", "status")
 """Commands this module adds to ``saga``."""
 
-Sub = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _common(p: argparse.ArgumentParser, *, database_help: str) -> None:
@@ -67,7 +66,7 @@ def _kafka_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: Sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the commands of this module to the ``saga`` parser."""
     p = sub.add_parser(
         "observe",
