@@ -307,3 +307,19 @@ async def test_a_saga_waiting_for_a_stopped_service_is_stuck_until_it_completes(
             await asyncio.sleep(0.2)
     report_after = await saga_status(run.observer.engine, stuck_after=threshold)
     assert ("place_order", "COMPLETED", 2) in report_after.counts
+
+
+async def test_the_order_service_answers_where_is_my_order(run: Run) -> None:
+    order = run.orders[Scenario.PAYMENT_DECLINED]
+    answer = await run.shop.order.order_status(order.order_id)
+    assert answer is not None
+    assert answer["status"] == "rejected"
+    assert answer["saga"] == "COMPENSATED: step charge_payment (payment) failed: payment declined"
+    timeline = answer["timeline"]
+    assert isinstance(timeline, list)
+    assert [(e["service"], e["step"], e["outcome"]) for e in timeline] == [
+        ("inventory", "reserve_stock", "DONE"),
+        ("payment", "charge_payment", "FAILED"),
+        ("inventory", "reserve_stock", "COMPENSATED"),
+    ]
+    assert await run.shop.order.order_status("order-unknown") is None

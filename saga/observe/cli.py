@@ -41,7 +41,6 @@ COMMANDS = ("observe", "trace", "status")
 """Commands this module adds to ``saga``."""
 
 
-
 def _common(p: argparse.ArgumentParser, *, database_help: str) -> None:
     p.add_argument(
         "--database-url",

@@ -217,7 +217,8 @@ def build_trace(
         unique.setdefault(message.message_id, message)
     if not unique:
         return None
-    ordered = sorted(unique.values(), key=lambda m: (m.time, m.hop, m.message_id))
+    # Ties (same millisecond) go by position in the topic: the order of publication.
+    ordered = sorted(unique.values(), key=lambda m: (m.time, m.hop, m.topic, m.partition, m.offset))
     saga_id = ordered[0].saga_id
     ordered = [m for m in ordered if m.saga_id == saga_id]
     stamp: Stamp | None = None
