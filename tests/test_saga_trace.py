@@ -19,6 +19,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -323,3 +325,32 @@ async def test_the_order_service_answers_where_is_my_order(run: Run) -> None:
         ("inventory", "reserve_stock", "COMPENSATED"),
     ]
     assert await run.shop.order.order_status("order-unknown") is None
+
+
+async def test_the_readme_lines_answer_where_is_my_order(
+    run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("### Where is my order, in Python")
+    match = re.compile(r"```python\n(.*?)```", re.DOTALL).search(readme, start)
+    assert match is not None
+    lines = match.group(1).strip().splitlines()
+    assert len([line for line in lines if line.strip()]) == 5
+    order = run.orders[Scenario.SHIPMENT_IMPOSSIBLE]
+    await settled_traces(run, order.order_id)
+    body = "\n".join("    " + line for line in lines).replace("order-00008", order.order_id)
+    namespace: dict[str, Any] = {}
+    exec(f"async def example(engine):\n{body}\n", namespace)  # the README's own lines
+    await namespace["example"](run.observer.engine)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(
+        "COMPENSATED: step create_shipment (shipping) failed: shipment impossible"
+    )
+    assert [line.split(" ", 1)[1] for line in printed[1:] if "DeadlineReached" not in line] == [
+        "order OrderPlaced",
+        "inventory StockReserved reserve_stock DONE",
+        "payment PaymentCharged charge_payment DONE",
+        "shipping Compensate(step=charge_payment) create_shipment FAILED",
+        "payment Compensate(step=reserve_stock) charge_payment COMPENSATED",
+        "inventory SagaEnded(status=COMPENSATED) reserve_stock COMPENSATED",
+    ]
