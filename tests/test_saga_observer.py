@@ -165,6 +165,7 @@ def test_the_public_surface_of_saga_observe_is_pinned() -> None:
 
     assert saga.observe.__all__ == [
         "FORMATS",
+        "Graph",
         "ObservedMessage",
         "ObserverSettings",
         "ObserverStats",
@@ -176,6 +177,8 @@ def test_the_public_surface_of_saga_observe_is_pinned() -> None:
         "TraceEntry",
         "Waiting",
         "build_trace",
+        "observed_graph",
+        "render_graph",
         "render_trace",
         "saga_status",
         "trace_from_kafka",

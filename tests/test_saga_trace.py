@@ -354,3 +354,49 @@ async def test_the_readme_lines_answer_where_is_my_order(
         "payment Compensate(step=reserve_stock) charge_payment COMPENSATED",
         "inventory SagaEnded(status=COMPENSATED) reserve_stock COMPENSATED",
     ]
+
+
+async def test_graph_draws_the_observed_choreography_and_a_valid_asyncapi_document(
+    run: Run,
+) -> None:
+    import jsonschema
+
+    for scenario in (Scenario.COMPLETED, Scenario.SHIPMENT_IMPOSSIBLE):
+        await settled_traces(run, run.orders[scenario].order_id)
+    mermaid = saga_cli("graph", "--database-url", run.log_url, "--saga", SAGA)
+    assert mermaid.returncode == 0, mermaid.stderr
+    lines = mermaid.stdout.strip().splitlines()
+    assert lines[0] == "flowchart LR"
+    edges = {
+        (m.group(1), m.group(2), m.group(3))
+        for line in lines[1:]
+        if (m := re.fullmatch(r'    svc_(\w+) -->\|"(\w+) x\d+, p50 \d+ ms"\| svc_(\w+)', line))
+    }
+    assert edges >= {
+        ("order", "OrderPlaced", "inventory"),
+        ("inventory", "StockReserved", "payment"),
+        ("payment", "PaymentCharged", "shipping"),
+        ("shipping", "ShipmentCreated", "order"),
+        ("shipping", "Compensate", "payment"),
+        ("payment", "Compensate", "inventory"),
+    }
+    # Only consumption counts: the order service writes its deadline message with the
+    # first event, it does not consume OrderPlaced to do so.
+    assert ("order", "OrderPlaced", "order") not in edges
+    dot = saga_cli("graph", "--database-url", run.log_url, "--format", "dot")
+    assert dot.stdout.startswith("digraph choreography {")
+    assert '"order" -> "inventory" [label="OrderPlaced x' in dot.stdout
+
+    result = saga_cli("graph", "--database-url", run.log_url, "--format", "asyncapi")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    schema_path = Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.schema.json"
+    jsonschema.Draft7Validator(json.loads(schema_path.read_text())).validate(document)
+    channel = document["channels"][re.sub(r"\W", "_", run.prefix + SAGA)]
+    assert channel["address"] == run.prefix + SAGA
+    placed = document["components"]["messages"]["choreosaga_shop_OrderPlaced"]
+    assert placed["payload"]["schema"]["name"] == "OrderPlaced"
+    assert "order_id" in {f["name"] for f in placed["payload"]["schema"]["fields"]}
+    receive = document["operations"]["inventory_receives_choreosaga_shop_OrderPlaced"]
+    assert receive["action"] == "receive"
+    assert "order_sends_choreosaga_shop_OrderPlaced" in document["operations"]

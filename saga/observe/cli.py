@@ -4,6 +4,7 @@
 ``saga trace``    one saga's timeline: from the saga log, the topics, or a
                   service's own database
 ``saga status``   sagas per name and status; stuck and failed ones
+``saga graph``    the choreography as observed: Mermaid, DOT or AsyncAPI 3.0
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from outbox import KafkaSettings, create_engine
 from saga.codec import AvroCodec
 from saga.errors import SagaError
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
+from saga.observe.graph import GRAPH_FORMATS, observed_graph, render_graph
 from saga.observe.log import SagaLog
 from saga.observe.observer import ObserverSettings, SagaObserver
 from saga.observe.render import FORMATS, render_trace
@@ -37,7 +39,7 @@ from saga.schemas import SchemaRegistry
 
 __all__ = ["COMMANDS", "register", "run"]
 
-COMMANDS = ("observe", "trace", "status")
+COMMANDS = ("observe", "trace", "status", "graph")
 """Commands this module adds to ``saga``."""
 
 
@@ -114,6 +116,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds without a message after which a running saga is stuck (300)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser(
+        "graph",
+        help="draw the choreography as observed: who emits and consumes what",
+        description="Read the saga log: services, event types, and who consumes what (a "
+        "message that caused another one), with counts and median latency per edge. "
+        "Mermaid (default), Graphviz DOT, or an AsyncAPI 3.0 document with the Avro schemas.",
+    )
+    _common(p, database_help="database of the saga log")
+    p.add_argument("--format", choices=GRAPH_FORMATS, default="mermaid", help="output format")
+    p.add_argument("--saga", default=None, help="only this saga name")
+    p.add_argument(
+        "--schemas", default=None, help="directory of extra .avsc files (AsyncAPI payloads)"
+    )
 
 
 def _codec(args: argparse.Namespace) -> AvroCodec:
@@ -230,7 +246,21 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _graph(args: argparse.Namespace) -> int:
+    engine = _engine(args.database_url, must_exist=True)
+    try:
+        graph = await observed_graph(engine, saga_name=args.saga)
+    finally:
+        await engine.dispose()
+    if not graph.edges:
+        print("saga graph: no saga message in the log", file=sys.stderr)
+        return 1
+    print(render_graph(graph, args.format, _codec(args).registry))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one of :data:`COMMANDS`."""
-    command = {"observe": _observe, "trace": _trace, "status": _status}[args.command]
+    commands = {"observe": _observe, "trace": _trace, "status": _status, "graph": _graph}
+    command = commands[args.command]
     return asyncio.run(command(args))
