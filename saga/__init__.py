@@ -32,6 +32,15 @@ from saga.errors import (
     SagaError,
     SchemaError,
 )
+from saga.observe import (
+    ObserverSettings,
+    SagaObserver,
+    Trace,
+    saga_status,
+    trace_from_kafka,
+    trace_from_log,
+    trace_from_service,
+)
 from saga.schemas import SchemaRegistry
 from saga.service import Service, ServiceSettings, ServiceStats
 from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
@@ -49,12 +58,14 @@ __all__ = [
     "IncompatibleSchemaError",
     "KafkaSettings",
     "MessageContext",
+    "ObserverSettings",
     "OutboxTables",
     "RecordInfo",
     "RelaySettings",
     "RetryPolicy",
     "SagaContext",
     "SagaError",
+    "SagaObserver",
     "SagaStatus",
     "SchemaError",
     "SchemaRegistry",
@@ -64,6 +75,11 @@ __all__ = [
     "Stamp",
     "StepOutcome",
     "StepRecord",
+    "Trace",
     "create_engine",
     "ensure_topics",
+    "saga_status",
+    "trace_from_kafka",
+    "trace_from_log",
+    "trace_from_service",
 ]

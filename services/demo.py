@@ -27,14 +27,17 @@ from sqlalchemy.engine import make_url
 from saga import (
     EmbeddedBroker,
     KafkaSettings,
+    ObserverSettings,
     RelaySettings,
     SagaError,
+    SagaObserver,
     SagaStatus,
     ServiceSettings,
     create_engine,
     ensure_topics,
+    saga_status,
+    trace_from_log,
 )
-from saga.observe import ObserverSettings, SagaObserver, saga_status, trace_from_log
 from services import SAGA
 from services.scenarios import OrderRequest, Scenario, order_for, scenario_of
 from services.shop import SERVICES, Shop, describe

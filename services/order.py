@@ -7,8 +7,15 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from saga import AvroCodec, KafkaSettings, SagaContext, SagaStatus, ServiceSettings
-from saga.observe import Trace, trace_from_service
+from saga import (
+    AvroCodec,
+    KafkaSettings,
+    SagaContext,
+    SagaStatus,
+    ServiceSettings,
+    Trace,
+    trace_from_service,
+)
 from services import ORDER_PLACED, SAGA, SHIPMENT_CREATED
 from services.base import ShopService
 from services.scenarios import OrderRequest

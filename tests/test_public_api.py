@@ -25,12 +25,14 @@ SAGA_API = [
     "IncompatibleSchemaError",
     "KafkaSettings",
     "MessageContext",
+    "ObserverSettings",
     "OutboxTables",
     "RecordInfo",
     "RelaySettings",
     "RetryPolicy",
     "SagaContext",
     "SagaError",
+    "SagaObserver",
     "SagaStatus",
     "SchemaError",
     "SchemaRegistry",
@@ -40,8 +42,13 @@ SAGA_API = [
     "Stamp",
     "StepOutcome",
     "StepRecord",
+    "Trace",
     "create_engine",
     "ensure_topics",
+    "saga_status",
+    "trace_from_kafka",
+    "trace_from_log",
+    "trace_from_service",
 ]
 
 OUTBOX_API = [
