@@ -44,6 +44,7 @@ from saga.observe import (
 from saga.schemas import SchemaRegistry
 from saga.service import Service, ServiceSettings, ServiceStats
 from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
+from saga.telemetry import configure_from_env, instrument
 
 __all__ = [
     "AvroCodec",
@@ -76,8 +77,10 @@ __all__ = [
     "StepOutcome",
     "StepRecord",
     "Trace",
+    "configure_from_env",
     "create_engine",
     "ensure_topics",
+    "instrument",
     "saga_status",
     "trace_from_kafka",
     "trace_from_log",

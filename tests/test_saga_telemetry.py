@@ -236,3 +236,49 @@ async def test_metrics_count_handlers_sagas_duplicates_and_the_relay(run: Run) -
     assert published == len(records) - 1  # all but the record sent again by hand
     backlog = {attrs(p)["service"]: p.value for p in points["outbox.backlog"]}
     assert backlog == {"order": 0, "inventory": 0, "payment": 0, "shipping": 0}
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [b"00-not-a-trace-context", b"00-" + b"f" * 600 + b"-01"],
+    ids=["malformed", "oversized"],
+)
+async def test_a_broken_incoming_context_is_ignored_and_the_message_processed(
+    run: Run, traceparent: bytes
+) -> None:
+    shop = run.shop
+    order = run.orders[Scenario.COMPLETED]
+    (record, *_) = [
+        r
+        for r in await read_topic(shop.kafka, run.prefix + SAGA, 1)
+        if dict(r.headers).get("ce_type") == b"choreosaga.saga.SagaEnded"
+        and r.key == order.order_id.encode()
+    ] or [None]
+    assert record is not None
+    # The same end announced again under a new id, with a broken trace context.
+    headers = [
+        (name, uuid.uuid4().hex.encode() if name == "ce_id" else value)
+        for name, value in record.headers
+        if name != "traceparent"
+    ] + [("traceparent", traceparent)]
+    processed = shop.order.service.stats.processed
+    producer = AIOKafkaProducer(**shop.kafka.producer_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(record.topic, record.value, key=record.key, headers=headers)
+    finally:
+        await producer.stop()
+    async with asyncio.timeout(20):
+        while shop.order.service.stats.processed == processed:
+            await asyncio.sleep(0.05)
+    new_id = dict(headers)["ce_id"].decode()
+    (span,) = [
+        s
+        for s in run.spans.get_finished_spans()
+        if (s.attributes or {}).get("messaging.message.id") == new_id
+        and "order" in str((s.attributes or {}).get("messaging.consumer.group.name"))
+    ]
+    assert span.parent is None  # a new trace: the broken context was not used
+    assert span.context is not None
+    assert span.context.trace_id != 0
+    assert (span.attributes or {})["saga.outcome"] == "processed"
