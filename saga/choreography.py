@@ -13,7 +13,8 @@ stamp into its view of the saga (``saga.state``), and acts on the message:
   compensation that keeps failing is recorded as such; compensation goes on
   with the other steps and the saga ends ``FAILED``, visibly;
 * the initiating service also owns the deadline (``DeadlineReached``, a
-  scheduled message) and compensates steps that report in after compensation
+  scheduled message) and acts on ``AbortRequested`` (``saga abort``) the same
+  way while the saga runs, and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
 
 Everything happens inside the handler's transaction: the view, the service's
@@ -52,7 +53,9 @@ SAGA_ENDED = "choreosaga.saga.SagaEnded"
 """Event announcing a terminal status."""
 DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
 """Scheduled event that fires a saga's deadline at the initiator."""
-FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED})
+ABORT_REQUESTED = "choreosaga.saga.AbortRequested"
+"""Event asking the initiator to compensate a saga that has not ended (``saga abort``)."""
+FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED})
 
 SagaHandler = Callable[[SagaContext], Awaitable[None]]
 """A saga step, compensation or end handler."""
@@ -146,6 +149,8 @@ class Choreography:
         envelope = ctx.envelope
         assert envelope.stamp is not None
         before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        if envelope.type == ABORT_REQUESTED and (before is None or not part.initiator):
+            return []  # not this service's to abort, or a saga it never started
         view = merge(before.stamp if before else None, envelope.stamp)
         ended = before.ended if before else None
         ctx.stamp = view
@@ -158,6 +163,12 @@ class Choreography:
             if part.initiator and view.status is SagaStatus.RUNNING:
                 log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
                 view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+                view = self._next_compensation(ctx, view, out)
+        elif kind == ABORT_REQUESTED:
+            if view.status is SagaStatus.RUNNING:
+                reason = str(envelope.data.get("reason") or "aborted")
+                log.warning("%s: saga %s aborted: %s", self.service, view.saga_id, reason)
+                view = view.with_status(SagaStatus.COMPENSATING, reason)
                 view = self._next_compensation(ctx, view, out)
         elif kind in part.steps:
             view = await self._step(ctx, part.steps[kind], view, out, broken, charged)

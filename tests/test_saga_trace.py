@@ -115,6 +115,7 @@ def saga_cli(*args: str, kafka: str | None = None) -> subprocess.CompletedProces
     env = dict(os.environ)
     if kafka is not None:
         env["KAFKA_BOOTSTRAP_SERVERS"] = kafka
+        env.setdefault("KAFKA_ENABLE_IDEMPOTENCE", "false")  # the test broker has no producer ids
     return subprocess.run(
         [sys.executable, "-m", "saga", *args],
         capture_output=True,
@@ -400,3 +401,69 @@ async def test_graph_draws_the_observed_choreography_and_a_valid_asyncapi_docume
     receive = document["operations"]["inventory_receives_choreosaga_shop_OrderPlaced"]
     assert receive["action"] == "receive"
     assert "order_sends_choreosaga_shop_OrderPlaced" in document["operations"]
+
+
+async def test_saga_abort_compensates_a_running_saga_once_even_when_asked_twice(
+    run: Run,
+) -> None:
+    shop = run.shop
+    order = order_for(Scenario.DEADLINE_PASSED, 300)  # waits for a slow card
+    await shop.order.place(order)
+
+    async def reserved() -> bool:
+        trace = await trace_from_log(run.observer.engine, order.order_id)
+        return trace is not None and any(e.step == "reserve_stock" for e in trace.entries)
+
+    async with asyncio.timeout(30):
+        while not await reserved():
+            await asyncio.sleep(0.1)
+    bootstrap = run.kafka.bootstrap_servers
+    first = saga_cli(
+        "abort", order.order_id, "--reason", "customer cancelled",
+        "--database-url", run.log_url, kafka=bootstrap,
+    )  # fmt: skip
+    again = saga_cli(
+        "abort", order.order_id, "--reason", "customer cancelled twice",
+        "--saga", SAGA, "--topic-prefix", run.prefix, kafka=bootstrap,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    async with asyncio.timeout(30):
+        while (await shop.statuses())[order.order_id] != ("rejected", "customer cancelled"):
+            await asyncio.sleep(0.1)
+    (reservation,) = [
+        r
+        for r in await shop.inventory.rows(shop.inventory.reservations)
+        if r.order_id == order.order_id
+    ]
+    assert reservation.status == "released"
+
+    async def ended() -> Trace:
+        while True:
+            trace = await trace_from_log(run.observer.engine, order.order_id)
+            if trace is not None and trace.status.is_terminal:
+                return trace
+            await asyncio.sleep(0.1)
+
+    async with asyncio.timeout(30):
+        trace = await ended()
+    assert trace.explanation() == "COMPENSATED: compensation began: customer cancelled"
+    events = [(e.service, e.event) for e in trace.entries if e.event != "DeadlineReached"]
+    assert events == [
+        ("order", "OrderPlaced"),
+        ("inventory", "StockReserved"),
+        ("saga-abort", "AbortRequested"),
+        ("order", "Compensate(step=reserve_stock)"),  # compensated once
+        ("inventory", "SagaEnded(status=COMPENSATED)"),
+    ]
+    # Both requests are on the topic, under one id: the second changed nothing.
+    records = await scan_kafka(run.kafka, run.codec, order.order_id, patterns=(run.prefix + "*",))
+    requests = [m for m in records if m.event_type.endswith("AbortRequested")]
+    assert len(requests) == 2
+    assert len({m.message_id for m in requests}) == 1
+    assert trace.complete
+    later = saga_cli(
+        "abort", order.order_id, "--reason", "x", "--database-url", run.log_url, kafka=bootstrap
+    )
+    assert later.returncode == 0, later.stderr
+    assert "already ended COMPENSATED: nothing to abort" in later.stdout

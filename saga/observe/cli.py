@@ -5,6 +5,7 @@
                   service's own database
 ``saga status``   sagas per name and status; stuck and failed ones
 ``saga graph``    the choreography as observed: Mermaid, DOT or AsyncAPI 3.0
+``saga abort``    ask a running saga's initiator to compensate it
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import KafkaSettings, create_engine
 from saga.codec import AvroCodec
 from saga.errors import SagaError
+from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
 from saga.observe.graph import GRAPH_FORMATS, observed_graph, render_graph
 from saga.observe.log import SagaLog
@@ -39,7 +41,7 @@ from saga.schemas import SchemaRegistry
 
 __all__ = ["COMMANDS", "register", "run"]
 
-COMMANDS = ("observe", "trace", "status", "graph")
+COMMANDS = ("observe", "trace", "status", "graph", "abort")
 """Commands this module adds to ``saga``."""
 
 
@@ -116,6 +118,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds without a message after which a running saga is stuck (300)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser(
+        "abort",
+        help="ask the initiator to compensate a running saga (idempotent)",
+        description="Publish an AbortRequested event on the saga's topic. The initiating "
+        "service compensates the saga's completed steps, most recent first, if the saga is "
+        "still running, and records REASON. Running it twice is harmless. The saga's name "
+        "and topic come from the saga log (--database-url), or from --saga and "
+        "--topic-prefix.",
+    )
+    p.add_argument("saga_id", help="id of the saga to abort")
+    p.add_argument("--reason", required=True, help="why (becomes the saga's reason)")
+    p.add_argument("--saga", default=None, help="saga name (default: from the saga log)")
+    p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix (saga.)")
+    p.add_argument("--requested-by", default=os.environ.get("USER"), help="who asks ($USER)")
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("SAGA_LOG_URL"),
+        help="saga log to read the saga from (default: $SAGA_LOG_URL)",
+    )
+    p.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
+    )
 
     p = sub.add_parser(
         "graph",
@@ -259,8 +286,44 @@ async def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _abort(args: argparse.Namespace) -> int:
+    saga_name, topic, known = args.saga, None, None
+    if args.database_url:
+        engine = _engine(args.database_url, must_exist=True)
+        try:
+            trace = await trace_from_log(engine, args.saga_id)
+        finally:
+            await engine.dispose()
+        if trace is not None and trace.saga_id == args.saga_id:
+            saga_name, known = trace.saga_name, trace.stamp
+            topic = trace.topic
+            if trace.status.is_terminal:
+                print(f"saga {args.saga_id} already ended {trace.status.value}: nothing to abort")
+                return 0
+    if saga_name is None:
+        raise SagaError(f"saga {args.saga_id} is not in the saga log: give --saga NAME")
+    sent = await request_abort(
+        _kafka(args),
+        _codec(args),
+        topic=topic or f"{args.topic_prefix}{saga_name}",
+        saga_name=saga_name,
+        saga_id=args.saga_id,
+        reason=args.reason,
+        requested_by=args.requested_by,
+        known=known,
+    )
+    print(f"asked the initiator of {saga_name} {args.saga_id} to compensate it ({sent.id})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one of :data:`COMMANDS`."""
-    commands = {"observe": _observe, "trace": _trace, "status": _status, "graph": _graph}
+    commands = {
+        "observe": _observe,
+        "trace": _trace,
+        "status": _status,
+        "graph": _graph,
+        "abort": _abort,
+    }
     command = commands[args.command]
     return asyncio.run(command(args))

@@ -136,6 +136,8 @@ class Trace:
     """Where it waits, if it has not ended."""
     source: str = "saga log"
     """Where the trace was read from (not part of its JSON)."""
+    topic: str | None = None
+    """Topic of the saga's messages (``None`` in a stamp-only trace)."""
 
     @property
     def status(self) -> SagaStatus:
@@ -273,6 +275,7 @@ def build_trace(
         missing_causes=missing_causes,
         waiting=waiting,
         source=source,
+        topic=ordered[0].topic,
     )
 
 
