@@ -22,6 +22,8 @@ def configure_from_env(service_name: str, environ: Mapping[str, str] | None = No
 
     Does nothing (and returns ``False``) unless an ``OTEL_EXPORTER_OTLP_*``
     endpoint is set; the exporter reads the other standard variables itself.
+    ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_METRICS_EXPORTER=none`` turn one
+    signal off (Jaeger, for one, takes no metrics).
 
     Raises:
         ImportError: An endpoint is set but the ``otel`` extra is not installed.
@@ -43,11 +45,18 @@ def configure_from_env(service_name: str, environ: Mapping[str, str] | None = No
             "OTEL_EXPORTER_OTLP_* is set but the OpenTelemetry SDK is missing: "
             "pip install 'choreosaga[otel]'"
         ) from exc
+    if env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") not in ("http/protobuf", ""):
+        raise ImportError(
+            "only OTLP over HTTP is set up here: set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf "
+            "(port 4318 on most collectors)"
+        )
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or service_name})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(tracer_provider)
-    reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
-    log.info("exporting traces and metrics by OTLP as %s", service_name)
+    if env.get("OTEL_TRACES_EXPORTER", "otlp") != "none":
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+    if env.get("OTEL_METRICS_EXPORTER", "otlp") != "none":
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+    log.info("exporting telemetry by OTLP as %s", service_name)
     return True
