@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +31,7 @@ from saga import (
 )
 from saga.envelope import EnvelopeCodec
 from saga.observe import ObserverSettings, SagaObserver, trace_from_log
+from saga.observe.topics import matching_topics
 
 SAGA_ENDED = "choreosaga.saga.SagaEnded"
 COMPENSATE = "choreosaga.saga.Compensate"
@@ -71,10 +76,11 @@ async def publish(kafka: KafkaSettings, topic: str, records: list[Record]) -> No
         await producer.stop()
 
 
-@pytest.fixture
-async def observed(
-    database_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
-) -> AsyncIterator[tuple[SagaObserver, str, list[Envelope]]]:
+async def publish_saga_records(
+    kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> tuple[str, list[Envelope], int]:
+    """Publish three saga messages, a duplicate, a record without stamp and one with a
+    broken stamp; return the topic prefix, the three messages and the record count."""
     prefix = f"saga{uuid.uuid4().hex[:8]}."
     topic = await new_topic(2, prefix=prefix)
     codec = EnvelopeCodec(CODEC)
@@ -92,6 +98,15 @@ async def observed(
     broken = [(n, v if n != "saga_stamp" else b"\xc3\x01garbage") for n, v in headers]
     records.append((key, value, broken))  # unreadable stamp
     await publish(kafka_settings, topic, records)
+    return prefix, [first, second, old], len(records)
+
+
+@pytest.fixture
+async def observed(
+    database_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> AsyncIterator[tuple[SagaObserver, str, list[Envelope]]]:
+    prefix, messages, count = await publish_saga_records(kafka_settings, new_topic)
+    topic = await _only_topic(kafka_settings, prefix)
     engine = create_engine(database_url)
     observer = SagaObserver(
         engine=engine,
@@ -108,10 +123,10 @@ async def observed(
     async with observer:
         deadline = time.monotonic() + 30
         stats = observer.stats
-        while stats.stored + stats.duplicates + stats.skipped < len(records):
+        while stats.stored + stats.duplicates + stats.skipped < count:
             assert time.monotonic() < deadline, f"observer stuck at {stats}"
             await asyncio.sleep(0.05)
-        yield observer, topic, [first, second, old]
+        yield observer, topic, messages
     await engine.dispose()
 
 
@@ -158,6 +173,47 @@ async def test_retention_forgets_sagas_idle_longer_than_it(
     assert kept is not None
     assert kept.entries[0].message_id == first.id
     assert [s.saga_id for s in await observer.log.summaries(observer.engine)] == ["order-1"]
+
+
+async def _only_topic(kafka: KafkaSettings, prefix: str) -> str:
+    (topic,) = await matching_topics(kafka, (prefix + "*",))
+    return topic
+
+
+@pytest.mark.slow
+async def test_saga_observe_runs_as_a_process_and_stops_cleanly(
+    sqlite_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    prefix, (first, second, _), _ = await publish_saga_records(kafka_settings, new_topic)
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_settings.bootstrap_servers)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "saga", "observe", "--database-url", sqlite_url,
+        "--topics", prefix + "*", "--group", prefix + "cli",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    engine = create_engine(sqlite_url)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                trace = None
+                with contextlib.suppress(Exception):  # tables not created yet
+                    trace = await trace_from_log(engine, "order-1")
+                if trace is not None and len(trace.entries) == 2:
+                    break
+                await asyncio.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await engine.dispose()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith(f"observing {prefix}")
+    assert lines[-1] == "stored 3, duplicates 1, skipped 2"
+    assert [e.message_id for e in trace.entries] == [first.id, second.id]
 
 
 def test_the_public_surface_of_saga_observe_is_pinned() -> None:
