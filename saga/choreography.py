@@ -12,7 +12,8 @@ stamp into its view of the saga (``saga.state``), and acts on the message:
   for the next compensation, the most recent completed step first (LIFO,
   read from the stamp), or announces ``SagaEnded`` when none is left;
 * the initiating service also owns the deadline (``DeadlineReached``, a
-  scheduled message) and compensates steps that report in after compensation
+  scheduled message) and acts on ``AbortRequested`` (``saga abort``) the same
+  way while the saga runs, and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
 
 Everything happens inside the handler's transaction: the view, the service's
@@ -58,7 +59,9 @@ SAGA_ENDED = "choreosaga.saga.SagaEnded"
 """Event announcing a terminal status."""
 DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
 """Scheduled event that fires a saga's deadline at the initiator."""
-FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED})
+ABORT_REQUESTED = "choreosaga.saga.AbortRequested"
+"""Event asking the initiator to compensate a saga that has not ended (``saga abort``)."""
+FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED})
 
 SagaHandler = Callable[[SagaContext], Awaitable[None]]
 """A saga step, compensation or end handler."""
@@ -205,6 +208,8 @@ class Choreography:
         envelope = ctx.envelope
         assert envelope.stamp is not None
         before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        if envelope.type == ABORT_REQUESTED and (before is None or not part.initiator):
+            return []  # not this service's to abort, or a saga it never started
         view = merge(before.stamp if before else None, envelope.stamp)
         ended = before.ended if before else None
         ctx.stamp = view
@@ -216,6 +221,12 @@ class Choreography:
             if part.initiator and view.status is SagaStatus.RUNNING:
                 log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
                 view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+                view = self._next_compensation(ctx, view, out)
+        elif kind == ABORT_REQUESTED:
+            if view.status is SagaStatus.RUNNING:
+                reason = str(envelope.data.get("reason") or "aborted")
+                log.warning("%s: saga %s aborted: %s", self.service, view.saga_id, reason)
+                view = view.with_status(SagaStatus.COMPENSATING, reason)
                 view = self._next_compensation(ctx, view, out)
         elif kind in part.steps:
             view = await self._step(ctx, part.steps[kind], view, out, business)
@@ -425,7 +436,7 @@ class Choreography:
 
     def _messages(self, ctx: SagaContext, stamp: Stamp) -> list[OutboxMessage]:
         """Encode what the handler emitted so far, with ``stamp``; each only once."""
-        messages = [message for _, message in ctx.envelopes(self.codec, stamp)]
+        messages = [message for _, message in ctx.envelopes(self.codec, stamp.next_hop())]
         ctx.emissions.clear()
         return messages
 
@@ -440,7 +451,7 @@ class Choreography:
             key=stamp.saga_id.encode(),
             correlation_id=stamp.correlation_id,
             causation_id=incoming.id,
-            stamp=stamp,
+            stamp=stamp.next_hop(),
         )
         _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
         return [message]

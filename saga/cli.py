@@ -4,6 +4,7 @@
 ``saga schemas check``  check that every schema version can read the earlier ones
 ``saga outbox``         list parked outbox rows, or release them for another try
 ``saga dlq``            list dead letters, or replay them once the cause is fixed
+``saga observe``, ``saga trace``, ``saga status``: see :mod:`saga.observe.cli`
 
 Installed packages add commands through the ``choreosaga.commands`` entry
 points (see :mod:`saga.commands`): the reference shop adds ``saga demo``.
@@ -45,6 +46,7 @@ from saga.commands import (
     package_version,
 )
 from saga.errors import ConfigurationError, SagaError
+from saga.observe import cli as observe_cli
 from saga.schemas import SchemaRegistry, check_directory
 
 __all__ = ["main"]
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _schemas_parser(sub)
     _outbox_parser(sub)
     dlq.add_parser(sub)
+    observe_cli.register(sub)
     load_plugins(sub)
     _finish_subcommands(sub)
     return parser
@@ -315,5 +318,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_run_outbox(args))
     if args.command == "dlq":
         return asyncio.run(dlq.run(args))
+    if args.command in observe_cli.COMMANDS:
+        return observe_cli.run(args)
     run: Callable[[argparse.Namespace], int] = args.run  # a command added by a plug-in
     return run(args)

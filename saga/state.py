@@ -85,6 +85,7 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
             steps=steps,
             deadline=view.deadline or incoming.deadline,
             version=max(view.version, incoming.version),
+            hop=max(view.hop, incoming.hop),
         )
     )
 

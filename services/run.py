@@ -37,8 +37,10 @@ from saga import (
     KafkaSettings,
     SchemaRegistry,
     ServiceSettings,
+    configure_from_env,
     create_engine,
     ensure_topics,
+    instrument,
 )
 from services import SAGA
 from services.base import ShopService
@@ -230,6 +232,8 @@ async def serve(name: str, env: Environment) -> None:
     engine = env.engine()
     try:
         shop = build_service(name, env, engine)
+        if configure_from_env(f"choreosaga-{name}"):  # OTEL_EXPORTER_OTLP_* is set
+            instrument(shop.service)
         await set_up(shop)
         topic = shop.service.saga_topic(SAGA)
         await ensure_topics(env.kafka, {topic: env.partitions})

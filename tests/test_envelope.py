@@ -281,6 +281,7 @@ def test_stamp_header_is_plain_avro_single_object_encoding_of_stamp_avsc(
         "deadline": datetime(2024, 5, 17, 10, 30, 15, 123000, tzinfo=UTC),
         "reason": "card declined",
         "suspension": None,
+        "hop": 0,
     }
 
 

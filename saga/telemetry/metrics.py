@@ -1,0 +1,91 @@
+"""Metrics of an instrumented service, through the OpenTelemetry metrics API.
+
+Instruments (meter ``choreosaga``), each with the ``service`` attribute:
+
+* ``saga.handler.duration`` (histogram, s): one record through the
+  pipeline, by ``saga.step`` (or event type) and ``saga.outcome``
+  (``processed``, ``duplicate``, ``failed``, ``ignored``);
+* ``saga.inbox.duplicates`` (counter): redeliveries the inbox caught;
+* ``saga.handler.failures`` (counter): messages whose handler failed for good;
+* ``saga.duration`` (histogram, s): start to end of a saga, by ``saga.name``
+  and ``saga.status``, recorded at the initiator when it learns the end;
+* ``outbox.relay.published`` (counter) and ``outbox.relay.batch_size``
+  (histogram): what the relay published;
+* ``outbox.backlog`` and ``outbox.oldest_pending_age`` (gauges, rows and
+  s): set by :meth:`SagaMetrics.refresh_backlog`, which reads the outbox
+  (call it periodically; an observable callback cannot await a database).
+"""
+
+from __future__ import annotations
+
+from opentelemetry import metrics
+from opentelemetry.metrics import MeterProvider
+from sqlalchemy import func, select
+
+from outbox.database import db_now_ms
+from saga.service import Service
+
+__all__ = ["SagaMetrics"]
+
+
+class SagaMetrics:
+    """The instruments of one service."""
+
+    def __init__(self, service: Service, *, meter_provider: MeterProvider | None = None) -> None:
+        self.service = service
+        meter = metrics.get_meter("choreosaga", meter_provider=meter_provider)
+        self._base = {"service": service.name}
+        self.handler_duration = meter.create_histogram(
+            "saga.handler.duration", unit="s", description="Time to process one record"
+        )
+        self.duplicates = meter.create_counter(
+            "saga.inbox.duplicates", description="Redelivered messages caught by the inbox"
+        )
+        self.failures = meter.create_counter(
+            "saga.handler.failures", description="Messages whose handler failed for good"
+        )
+        self.saga_duration = meter.create_histogram(
+            "saga.duration", unit="s", description="Time from a saga's start to its end"
+        )
+        self.relay_published = meter.create_counter(
+            "outbox.relay.published", description="Records the relay published"
+        )
+        self.relay_batch = meter.create_histogram(
+            "outbox.relay.batch_size", description="Records per relay publish round"
+        )
+        self.backlog = meter.create_gauge("outbox.backlog", description="Rows due to publish")
+        self.oldest_pending_age = meter.create_gauge(
+            "outbox.oldest_pending_age", unit="s", description="Age of the oldest row due"
+        )
+
+    def handled(self, *, step: str, outcome: str, seconds: float) -> None:
+        """Record one record through the pipeline."""
+        attributes = {**self._base, "saga.step": step, "saga.outcome": outcome}
+        self.handler_duration.record(seconds, attributes)
+        if outcome == "duplicate":
+            self.duplicates.add(1, self._base)
+        elif outcome == "failed":
+            self.failures.add(1, {**self._base, "saga.step": step})
+
+    def saga_ended(self, *, saga: str, status: str, seconds: float) -> None:
+        """Record a saga's time to its end."""
+        self.saga_duration.record(seconds, {**self._base, "saga.name": saga, "saga.status": status})
+
+    def published(self, *, batch: int, published: int) -> None:
+        """Record one relay round."""
+        self.relay_batch.record(batch, self._base)
+        self.relay_published.add(published, self._base)
+
+    async def refresh_backlog(self) -> tuple[int, float]:
+        """Read the outbox backlog (rows due) and its oldest row's age, for the gauges."""
+        outbox = self.service.tables.outbox
+        c = outbox.c
+        due = (c.published_at_ms.is_(None)) & (c.parked_at_ms.is_(None))
+        due = due & ((c.due_at_ms.is_(None)) | (c.due_at_ms <= db_now_ms()))
+        query = select(func.count(), func.min(c.created_at_ms), db_now_ms()).where(due)
+        async with self.service.engine.connect() as conn:
+            count, oldest, now = (await conn.execute(query)).one()
+        age = 0.0 if oldest is None else max(0.0, (now - oldest) / 1000)
+        self.backlog.set(int(count), self._base)
+        self.oldest_pending_age.set(age, self._base)
+        return int(count), age
