@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -39,7 +40,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from outbox import KafkaSettings, RetryPolicy
 from saga.errors import BrokerError, ConfigurationError
 
-__all__ = ["PartitionedConsumer", "Process"]
+__all__ = ["Consumer", "ConsumerFactory", "PartitionedConsumer", "Process"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,32 @@ Process = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
 """Handles one record; must deal with its own errors (it is retried if it raises)."""
 
 _BACKOFF = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
+
+
+class Consumer(ABC):
+    """The consumer side of a transport: hands every record of its topics to ``process``.
+
+    :class:`PartitionedConsumer` is the Kafka one; ``saga.testing`` has one
+    in memory. A service builds its consumer through a :data:`ConsumerFactory`.
+    """
+
+    assigned: asyncio.Event
+    """Set once records can arrive (for Kafka: the group assigned partitions)."""
+
+    failure: asyncio.Future[None] | None
+    """Fails with the error of a background task that died while consuming (set by start)."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start consuming in the background."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Finish the record in progress and stop."""
+
+
+ConsumerFactory = Callable[[str, frozenset[str], "Process"], Consumer]
+"""Builds a service's consumer from its group id, its topics and its ``process``."""
 
 
 class _State(enum.Enum):
@@ -73,7 +100,7 @@ class _Partition:
         return self.revoked
 
 
-class PartitionedConsumer:
+class PartitionedConsumer(Consumer):
     """Consumes topics in a group, calling ``process`` for every record.
 
     Args:

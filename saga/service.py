@@ -47,7 +47,7 @@ from saga.choreography import (
     start_messages,
 )
 from saga.codec import AvroCodec
-from saga.consumer import PartitionedConsumer
+from saga.consumer import Consumer, ConsumerFactory, PartitionedConsumer, Process
 from saga.context import outgoing
 from saga.deadletter import check_template, dead_letter_topic
 from saga.envelope import Envelope, EnvelopeCodec
@@ -125,6 +125,10 @@ class Service:
         tables: Outbox and inbox tables (defaults to the standard names on a
             fresh ``MetaData``).
         publisher: Where the relay publishes (defaults to Kafka).
+        consumer: Builds the consumer that feeds the service its records, from
+            its group id, topics and per-record callback (defaults to a Kafka
+            :class:`~saga.consumer.PartitionedConsumer`; ``saga.testing``
+            passes an in-memory one).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class Service:
         settings: ServiceSettings | None = None,
         tables: OutboxTables | None = None,
         publisher: Publisher | None = None,
+        consumer: ConsumerFactory | None = None,
     ) -> None:
         if not name or len(name) > 100:
             raise ConfigurationError("service name must be 1-100 characters")
@@ -179,7 +184,8 @@ class Service:
             sagas=self._saga_topics,
         )
         """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
-        self._consumer: PartitionedConsumer | None = None
+        self._consumer_factory = consumer or self._kafka_consumer
+        self._consumer: Consumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._state = _State.UNOPENED
@@ -413,18 +419,23 @@ class Service:
             await self.relay.start()
         self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
         if self.topics:
-            self._consumer = PartitionedConsumer(
-                group_id=self.settings.group_prefix + self.name,
-                topics=self.topics,
-                settings=self.kafka,
-                process=self.processor.process,
-                max_buffered=self.settings.max_buffered_records,
+            self._consumer = self._consumer_factory(
+                self.settings.group_prefix + self.name, self.topics, self.processor.process
             )
             try:
                 await self._consumer.start()
             except BaseException:
                 await self.stop()
                 raise
+
+    def _kafka_consumer(self, group: str, topics: frozenset[str], process: Process) -> Consumer:
+        return PartitionedConsumer(
+            group_id=group,
+            topics=topics,
+            settings=self.kafka,
+            process=process,
+            max_buffered=self.settings.max_buffered_records,
+        )
 
     async def stop(self) -> None:
         """Finish in-flight messages, leave the group, stop the relay."""
