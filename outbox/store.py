@@ -97,8 +97,9 @@ class OutboxStore(ABC):
     async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
         """Return up to ``limit`` committed, due, unparked rows of ``shards`` in id order.
 
-        A row whose key has an earlier parked row is held back, so that a
-        key's messages are never published out of order.
+        A row with an earlier parked row of the same topic and key is held
+        back, so that a key's messages on a topic are never published out of
+        order; other topics and keys go on.
         """
 
     @abstractmethod
@@ -120,6 +121,15 @@ class OutboxStore(ABC):
     @abstractmethod
     async def retry_parked(self, message_ids: Collection[str] | None = None) -> int:
         """Unpark rows (all of them, or those ids) so the relay tries again."""
+
+    @abstractmethod
+    async def discard_parked(self, message_ids: Collection[str]) -> int:
+        """Delete these parked rows for good; return how many were deleted.
+
+        Only parked rows are deleted: an id that names a pending or
+        published row (or nothing) is ignored. The rows held back behind a
+        discarded row go on.
+        """
 
     @abstractmethod
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
@@ -323,13 +333,14 @@ class SqlOutboxStore(OutboxStore):
         return and_(t.c.published_at_ms.is_(None), t.c.parked_at_ms.is_(None))
 
     def _held_back(self) -> Any:
-        """Rows with an earlier parked row of the same key (kept back for order)."""
+        """Rows with an earlier parked row of the same topic and key (kept back for order)."""
         t = self.tables.outbox
         earlier = t.alias("earlier")
         return exists().where(
             earlier.c.parked_at_ms.is_not(None),
             earlier.c.published_at_ms.is_(None),
             earlier.c.key == t.c.key,
+            earlier.c.topic == t.c.topic,
             earlier.c.id < t.c.id,
         )
 
@@ -432,6 +443,19 @@ class SqlOutboxStore(OutboxStore):
             statement = statement.where(t.c.message_id.in_(list(message_ids)))
         async with self._begin("could not unpark rows") as conn:
             result = await conn.execute(statement.values(parked_at_ms=None, attempts=0))
+            return int(result.rowcount)
+
+    async def discard_parked(self, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
+        t = self.tables.outbox
+        statement = delete(t).where(
+            t.c.parked_at_ms.is_not(None),
+            t.c.published_at_ms.is_(None),
+            t.c.message_id.in_(list(message_ids)),
+        )
+        async with self._begin("could not discard parked rows") as conn:
+            result = await conn.execute(statement)
             return int(result.rowcount)
 
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
