@@ -107,9 +107,13 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
 
     ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
     aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`).
+    Errors never quote statement parameters (``hide_parameters=True``).
     Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
     """
     parsed = _normalise(url)
+    # A database error's text would otherwise quote the statement's parameters
+    # (payloads, card tokens) into every traceback that is logged.
+    engine_options.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         engine_options.setdefault("connect_args", {"timeout": 30})
         # SQLite runs one writer at a time. With one pooled connection, waiting

@@ -58,7 +58,7 @@ from outbox.message import (
     shard_of,
 )
 from outbox.notify import PostgresCommitListener
-from outbox.tables import OutboxTables
+from outbox.tables import OutboxTables, check_tables
 
 __all__ = ["OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
 
@@ -152,6 +152,14 @@ class OutboxStore(ABC):
     @abstractmethod
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after a transaction in this process that added rows commits."""
+
+    async def check_ready(self) -> None:  # noqa: B027 - optional hook
+        """Refuse, at start, a store that cannot work (a missing database or table).
+
+        Raises:
+            ConfigurationError: A misconfiguration that waiting will not fix.
+            StoreError: The database could not be reached (see ``kind``).
+        """
 
     async def watch_commits(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever rows may have been committed; run until cancelled.
@@ -248,6 +256,10 @@ class SqlOutboxStore(OutboxStore):
             "delay_ms": delay_ms,
             "due_abs_ms": due_abs_ms,
         }
+
+    async def check_ready(self) -> None:
+        t = self.tables
+        await check_tables(self.engine, [t.outbox, t.leases, t.relays])
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         if callback not in self._callbacks:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).parent.parent
 SAGA_API = [
     "AvroCodec",
     "BrokerError",
+    "ChoreosagaError",
     "ConfigurationError",
     "DecodeError",
     "EmbeddedBroker",
@@ -93,7 +94,9 @@ def test_outbox_exports_exactly_its_public_api() -> None:
 
 def test_every_saga_error_shares_one_root() -> None:
     errors = [getattr(saga, n) for n in SAGA_API if n.endswith("Error")]
-    assert all(issubclass(e, saga.SagaError) for e in errors)
+    assert all(issubclass(e, saga.ChoreosagaError) for e in errors)
+    saga_errors = [e for e in errors if e is not saga.ChoreosagaError]
+    assert all(issubclass(e, saga.SagaError) for e in saga_errors)
     assert issubclass(saga.ConfigurationError, ValueError)
 
 
