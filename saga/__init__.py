@@ -24,6 +24,7 @@ from saga.embedded import EmbeddedBroker
 from saga.envelope import Envelope
 from saga.errors import (
     BrokerError,
+    ChoreosagaError,
     ConfigurationError,
     DecodeError,
     EncodeError,
@@ -39,6 +40,7 @@ from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
 __all__ = [
     "AvroCodec",
     "BrokerError",
+    "ChoreosagaError",
     "ConfigurationError",
     "DecodeError",
     "EmbeddedBroker",

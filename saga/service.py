@@ -36,7 +36,7 @@ from outbox import (
     SqlOutboxStore,
     Transaction,
 )
-from outbox.tables import create_tables
+from outbox.tables import check_tables, create_tables
 from saga.choreography import (
     Choreography,
     Participation,
@@ -363,12 +363,20 @@ class Service:
         await create_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
 
     async def start(self) -> None:
-        """Start the relay, then join the consumer group."""
+        """Check the tables, start the relay, then join the consumer group.
+
+        Raises:
+            outbox.ConfigurationError: The database or some of the service's
+                tables are missing (call :meth:`create_tables`).
+            outbox.OutboxError: The relay could not start (see ``Relay.start``).
+        """
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a service that is {self._state.value}")
         clash = self._saga_topics.keys() & {topic for topic, _ in self._subscriptions}
         if clash:
             raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
+        t = self.tables
+        await check_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
         self._state = _State.RUNNING
         if self.settings.run_relay:
             await self.relay.start()

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import (
     AvroCodec,
+    ChoreosagaError,
     ConfigurationError,
     KafkaSettings,
     SchemaRegistry,
@@ -371,6 +372,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigurationError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except ChoreosagaError as exc:  # the database, tables or broker refused to start
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except DBAPIError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         print(f"{prog}: database error: {first}", file=sys.stderr)
