@@ -376,7 +376,8 @@ class Service:
         if clash:
             raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
         t = self.tables
-        await check_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
+        needed = [t.outbox, t.inbox, t.leases, t.relays]
+        await check_tables(self.engine, [*needed, self.states.table] if self._sagas else needed)
         self._state = _State.RUNNING
         if self.settings.run_relay:
             await self.relay.start()
