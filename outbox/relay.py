@@ -441,20 +441,21 @@ class Relay:
         Kafka) then fails them too; without it, the order of that key is
         broken, and this says so rather than staying silent.
         """
-        failed: set[bytes] = set()
+        failed: set[tuple[str, bytes]] = set()
         for message, error in zip(batch, outcomes, strict=True):
             if message.key is None or isinstance(error, HeldBackError):
                 continue
             if error is not None:
-                failed.add(message.key)
-            elif message.key in failed:
+                failed.add((message.topic, message.key))
+            elif (message.topic, message.key) in failed:
                 log.error(
-                    "relay %s: message %s of key %r was published after an earlier message "
-                    "of the same key failed: that key is now out of order (enable the "
-                    "idempotent producer to prevent this)",
+                    "relay %s: message %s of key %r on %r was published after an earlier "
+                    "message of the same key failed: that key is now out of order (enable "
+                    "the idempotent producer to prevent this)",
                     self.name,
                     message.message_id,
                     message.key,
+                    message.topic,
                 )
 
     async def _idle_wait(self) -> None:
