@@ -36,6 +36,10 @@ few cases are where they are:
 * A bare ``ConnectionError`` (from a handler's own HTTP client, say) is
   TRANSIENT, not an outage of ours: waiting without end for a service that
   may never answer at that address would block the partition for good.
+* psycopg also reports a server that refuses the connection for good (the
+  database or role does not exist, the password is wrong) without a
+  SQLSTATE; only the server's ``FATAL`` message tells it apart from an
+  outage, and waiting will not make the database appear: PERMANENT.
 """
 
 from __future__ import annotations
@@ -76,6 +80,13 @@ _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03", "57014")
 # SQLite reports contention only through its messages.
 _TRANSIENT_SQLITE = ("database is locked", "database table is locked", "busy")
 _OUTAGE_SQLITE = ("disk i/o error", "unable to open database file")
+# What a PostgreSQL server says (FATAL, no SQLSTATE through psycopg's connect)
+# when it refuses a connection for a reason waiting will not fix.
+_REFUSED_FOR_GOOD = (
+    "does not exist",  # database or role
+    "password authentication failed",
+    "no pg_hba.conf entry",
+)
 
 # aiokafka errors that mean the broker (or the route to it) is unavailable.
 _KAFKA_OUTAGE_NAMES = frozenset(
@@ -160,5 +171,8 @@ def _classify_db(exc: DBAPIError) -> ErrorKind:
             if any(marker in message for marker in _OUTAGE_SQLITE):
                 return ErrorKind.OUTAGE
             return ErrorKind.PERMANENT  # SQLite reports SQL mistakes as OperationalError too
+        message = str(orig)
+        if "FATAL" in message and any(marker in message for marker in _REFUSED_FOR_GOOD):
+            return ErrorKind.PERMANENT
         return ErrorKind.OUTAGE  # psycopg: connection refused, server gone, no SQLSTATE
     return ErrorKind.PERMANENT

@@ -37,7 +37,7 @@ from outbox import (
     Transaction,
     classify,
 )
-from outbox.tables import create_tables
+from outbox.tables import check_tables, create_tables
 from saga.choreography import (
     Choreography,
     Participation,
@@ -380,16 +380,32 @@ class Service:
         return frozenset(dead_letter_topic(template, topic) for topic in self.topics)
 
     async def wait(self) -> None:
-        """Wait while the service runs; raise if one of its background tasks died.
+        """Wait while the service runs; raise as soon as one of its parts died.
 
         Run a service with ``await service.wait()`` (or race it against your
         own stop signal): a consumer whose fetch task or partition worker
-        died raises here, so the process can exit non-zero instead of
-        heartbeating while messages stand still.
+        died, or a relay stopped by an error it cannot retry, raises here, so
+        the process can exit non-zero instead of heartbeating while messages
+        stand still. Returns when the service is stopped.
         """
-        if self._consumer is None or self._consumer.failure is None:
-            raise ConfigurationError("the service is not consuming (not started, or no handlers)")
-        await asyncio.shield(self._consumer.failure)
+        if self._state is not _State.RUNNING:
+            raise ConfigurationError(f"cannot wait on a service that is {self._state.value}")
+        watched: list[asyncio.Future[None]] = []
+        if self._consumer is not None and self._consumer.failure is not None:
+            watched.append(asyncio.ensure_future(asyncio.shield(self._consumer.failure)))
+        if self.settings.run_relay:
+            watched.append(asyncio.ensure_future(self.relay.join()))
+        if not watched:
+            await self._stopping.wait()
+            return
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in watched:
+                future.cancel()
+            await asyncio.gather(*watched, return_exceptions=True)
+        for future in done:
+            future.result()  # raises the failure
 
     @property
     def topics(self) -> frozenset[str]:
@@ -408,12 +424,21 @@ class Service:
         await create_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
 
     async def start(self) -> None:
-        """Start the relay, then join the consumer group."""
+        """Check the tables, start the relay, then join the consumer group.
+
+        Raises:
+            outbox.ConfigurationError: The database or some of the service's
+                tables are missing (call :meth:`create_tables`).
+            outbox.OutboxError: The relay could not start (see ``Relay.start``).
+        """
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a service that is {self._state.value}")
         clash = self._saga_topics.keys() & {topic for topic, _ in self._subscriptions}
         if clash:
             raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
+        t = self.tables
+        needed = [t.outbox, t.inbox, t.leases, t.relays]
+        await check_tables(self.engine, [*needed, self.states.table] if self._sagas else needed)
         self._state = _State.RUNNING
         if self.settings.run_relay:
             await self.relay.start()

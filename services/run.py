@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import (
     AvroCodec,
+    ChoreosagaError,
     ConfigurationError,
     KafkaSettings,
     SchemaRegistry,
@@ -42,14 +43,15 @@ from saga import (
     ensure_topics,
     instrument,
 )
-from services import SAGA
-from services.base import ShopService
-from services.inventory import InventoryService
-from services.order import OrderService
-from services.payment import PaymentService
-from services.scenarios import STOCK, order_for, scenario_of
-from services.shipping import ShippingService
-from services.shop import SERVICES
+
+from . import SAGA
+from .base import ShopService
+from .inventory import InventoryService
+from .order import OrderService
+from .payment import PaymentService
+from .scenarios import STOCK, order_for, scenario_of
+from .shipping import ShippingService
+from .shop import SERVICES
 
 __all__ = ["Environment", "main"]
 
@@ -247,7 +249,15 @@ async def serve(name: str, env: Environment) -> None:
             )
             if env.ready_file is not None:
                 env.ready_file.touch()
-            await stop.wait()
+            # Stop on a signal, or fail as soon as a part of the service died
+            # (a consumer task, the relay): never run on while nothing moves.
+            stopped = asyncio.ensure_future(stop.wait())
+            running = asyncio.ensure_future(shop.service.wait())
+            await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if running.done():
+                running.result()
+            running.cancel()
             log.info("%s stopping", name)
     finally:
         if env.ready_file is not None:
@@ -375,6 +385,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigurationError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except ChoreosagaError as exc:  # the database, tables or broker refused to start
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except DBAPIError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         print(f"{prog}: database error: {first}", file=sys.stderr)

@@ -51,6 +51,21 @@ async def test_unreachable_server_is_an_outage() -> None:
         await engine.dispose()
 
 
+async def test_missing_database_is_permanent_not_an_outage(postgres_url: str) -> None:
+    """A database that does not exist will not appear by waiting: say so at once."""
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(postgres_url).set(database="cstest_does_not_exist")
+    engine = create_engine(missing)
+    try:
+        with pytest.raises(SQLAlchemyError) as caught:
+            async with engine.connect():
+                pass
+        assert classify(caught.value) is ErrorKind.PERMANENT
+    finally:
+        await engine.dispose()
+
+
 async def test_statement_timeout_is_transient_not_an_outage(postgres_url: str) -> None:
     """57014 must be bounded: a statement that always times out would block forever."""
     engine = create_engine(postgres_url)
