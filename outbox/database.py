@@ -22,7 +22,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from outbox.errors import ConfigurationError, StoreError
-from outbox.failures import classify
+from outbox.failures import classify, describe
 
 __all__ = [
     "configure_sqlite",
@@ -186,5 +186,4 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 def translate_db_error(exc: SQLAlchemyError, what: str) -> StoreError:
     """Map a SQLAlchemy error to a :class:`StoreError` that says what failed."""
-    detail = getattr(exc, "orig", None) or exc
-    return StoreError(f"{what}: {detail}", kind=classify(exc))
+    return StoreError(f"{what}: {describe(exc)}", kind=classify(exc))

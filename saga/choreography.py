@@ -260,7 +260,10 @@ class Choreography:
             view, ended = settle(replace(envelope.stamp, suspension=None)), None
         else:
             view, ended = before.stamp, before.ended
-        view = replace(view, suspension=suspension, version=view.version + 1)
+        if view.suspension is None:
+            view = replace(view, suspension=suspension, version=view.version + 1)
+        # else: the saga stays suspended where it first stopped; that message's
+        # replay is the one that resumes it (a later one's only adds its effect).
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
         return view
 

@@ -101,7 +101,22 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
             raise ConfigurationError("max_buffered_records must be positive")
+        bounded(self.retry)
         check_template(self.dead_letter_topic)
+
+
+def bounded(policy: RetryPolicy | None) -> RetryPolicy | None:
+    """Refuse a handler retry policy without a limit: a bug would hold its partition forever.
+
+    (Outages are waited out without end anyway; a handler's policy only
+    bounds transient errors and bugs.)
+    """
+    if policy is not None and policy.maximum_attempts == 0:
+        raise ConfigurationError(
+            "a handler's retry policy needs maximum_attempts >= 1: without a limit, a "
+            "message that always fails would hold its partition forever"
+        )
+    return policy
 
 
 class _State(enum.Enum):
@@ -217,7 +232,7 @@ class Service:
         self.envelopes.codec.registry.latest(event_type)  # fail now on an unknown schema
         if (topic, event_type) in self._subscriptions:
             raise ConfigurationError(f"{self.name} already handles {event_type} on {topic}")
-        self._subscriptions[(topic, event_type)] = Subscription(handler, retry)
+        self._subscriptions[(topic, event_type)] = Subscription(handler, bounded(retry))
 
     def saga_topic(self, saga: str) -> str:
         """The topic that carries the events of ``saga``."""
@@ -270,7 +285,7 @@ class Service:
 
         def register(handler: SagaHandler) -> SagaHandler:
             for event_type in triggers:
-                part.steps[event_type] = Registered(handler, name, retry, business)
+                part.steps[event_type] = Registered(handler, name, bounded(retry), business)
             return handler
 
         return register
@@ -289,7 +304,7 @@ class Service:
             raise ConfigurationError(f"{self.name} already compensates {step} of {saga}")
 
         def register(handler: SagaHandler) -> SagaHandler:
-            part.compensations[step] = Registered(handler, step, retry)
+            part.compensations[step] = Registered(handler, step, bounded(retry))
             return handler
 
         return register
@@ -307,7 +322,7 @@ class Service:
             raise ConfigurationError(f"{self.name} already has an end handler for {saga}")
 
         def register(handler: SagaHandler) -> SagaHandler:
-            part.on_end = Registered(handler, None, retry)
+            part.on_end = Registered(handler, None, bounded(retry))
             part.initiator = True
             return handler
 
