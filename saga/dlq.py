@@ -5,8 +5,9 @@ byte. Replaying sends the original key, value and headers back to the
 original topic, with a ``dlq_replay`` header naming the dead letter and a
 ``dlq_replay_group`` header naming the consumer group that failed (the other
 groups reading that topic skip it), once a person has fixed what made it
-fail. Replays are sent one at a time, in dead-letter order, each acknowledged before the next: a key's records go
-back in the order they failed. The consumer's inbox makes a replay apply at
+fail. Replays are sent one at a time, in dead-letter order, each
+acknowledged before the next: a key's records go back in the order they
+failed. The consumer's inbox makes a replay apply at
 most once (replaying the same dead letter twice changes nothing the second
 time), and a suspended saga whose message is replayed continues from the
 step where it stopped.
