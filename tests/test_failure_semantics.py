@@ -290,9 +290,14 @@ async def test_handler_bug_is_dead_lettered_and_suspends_the_saga_instead_of_com
 
     # The fix is deployed; the dead letter is replayed; the saga completes.
     deployed["buggy"] = False
+    starter = shop.services["starter"]
+    ignored = starter.stats.ignored
     sent = await replay(shop.kafka, [letter])
     assert [d.ref for d in sent] == [letter.ref]
     assert await shop.ended_as(saga_id) == "COMPLETED"
+    # The replay was meant for beta's group: the initiator, which handled the
+    # message before, skipped it without even looking it up in its inbox.
+    assert starter.stats.ignored == ignored + 1
     assert await shop.effects_of("beta", saga_id) == ["charged"]
     assert await shop.effects_of("alpha", saga_id) == ["reserved"]
     resumed = await shop.services["beta"].saga_state(saga_id)
@@ -489,3 +494,133 @@ async def test_saga_dlq_lists_and_replays_a_suspended_saga_from_the_command_line
     assert "replayed 1 dead letter(s)" in done.stdout
     assert await shop.ended_as(saga_id) == "COMPLETED"
     assert await shop.effects_of("beta", saga_id) == ["charged"]
+
+
+# -- what the review of the error model found ---------------------------------------------
+
+
+async def test_database_error_detail_stays_out_of_logs_and_the_suspension(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL quotes the failing row in DETAIL: neither logs nor stamps may carry it."""
+    caplog.set_level(logging.INFO)
+    async with shop.engines["beta"].begin() as conn:
+        await conn.execute(
+            sa.text("ALTER TABLE effects ADD CONSTRAINT no_tokens CHECK (entry NOT LIKE 'tok%')")
+        )
+
+    async def charge(ctx: SagaContext) -> None:
+        await ctx.session.execute(sa.insert(shop.effects).values(saga_id=ctx.saga_id, entry=CARD))
+
+    shop.beta[10] = charge
+    saga_id = await shop.start(10)
+    (letter,) = await shop.dead_letters(saga_id)
+    stamp = await shop.suspended("beta", saga_id)
+    assert "CheckViolation [23514]" in stamp.suspension.error
+    assert CARD not in stamp.suspension.error
+    assert CARD not in caplog.text
+    assert letter.error_type.endswith("CheckViolation")
+
+
+async def test_a_statement_the_driver_refuses_before_sending_is_bounded_not_an_outage(
+    shop: Shop,
+) -> None:
+    """psycopg reports it without a SQLSTATE; it is not about the connection."""
+
+    async def charge(ctx: SagaContext) -> None:
+        ids = [str(i) for i in range(70_000)]  # more bind parameters than PostgreSQL takes
+        await ctx.session.execute(sa.select(shop.effects).where(shop.effects.c.entry.in_(ids)))
+
+    shop.beta[11] = charge
+    stuck = await shop.start(11)
+    behind = await shop.start(0)
+    assert await shop.ended_as(behind) == "COMPLETED"
+    (letter,) = await shop.dead_letters(stuck)
+    assert letter.info["attempts"] == "3"
+    assert shop.services["beta"].stats.outage_waits == 0
+
+
+async def test_a_stampless_message_a_saga_service_would_act_on_is_dead_lettered(
+    shop: Shop,
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from saga.envelope import Envelope
+
+    beta = shop.services["beta"]
+    unstamped = Envelope(type=ALPHA_DONE, data={"n": 12}, source="/forged", key=b"x")
+    key, value, headers = beta.envelopes.encode(unstamped)
+    producer = AIOKafkaProducer(**shop.kafka.producer_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(shop.topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+    later = await shop.start(0)
+    assert await shop.ended_as(later) == "COMPLETED"
+    deadline = time.monotonic() + 30
+    while True:
+        letters = await read_dead_letters(shop.kafka, [shop.topic + ".dlq"])
+        mine = [d for d in letters if d.header("ce_id") == unstamped.id]
+        if mine:
+            break
+        assert time.monotonic() < deadline, "the stamp-less message was not dead-lettered"
+        await asyncio.sleep(0.2)
+    assert mine[0].info["role"] == "decode"
+    assert "carries no stamp" in mine[0].info["error_message"]
+
+
+async def test_a_different_record_at_a_reused_position_is_dead_lettered_too(
+    postgres_url: str,
+) -> None:
+    """Offsets start again when a topic is created again: position alone is not an identity."""
+    from aiokafka import ConsumerRecord
+
+    from saga import MessageContext
+
+    engine = create_engine(postgres_url)
+    service = Service(
+        "svc",
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted
+        codec=core_codec(),
+    )
+
+    @service.subscribe("orders", ORDER)
+    async def handle(ctx: MessageContext) -> None:
+        pass
+
+    def record(value: bytes) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(
+            topic="orders",
+            partition=0,
+            offset=7,
+            timestamp=0,
+            timestamp_type=0,
+            key=b"k",
+            value=value,
+            checksum=None,
+            serialized_key_size=1,
+            serialized_value_size=len(value),
+            headers=[],
+        )
+
+    try:
+        await service.create_tables()
+        await service.processor.process(record(b"garbage one"))
+        await service.processor.process(record(b"garbage one"))  # a redelivery: once
+        await service.processor.process(record(b"another record at the same position"))
+        async with engine.connect() as conn:
+            table = service.tables.outbox
+            values = (await conn.execute(sa.select(table.c.value))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert sorted(values) == [b"another record at the same position", b"garbage one"]
+    assert service.stats.dead_lettered == 2
+
+
+def test_a_handler_retry_policy_without_a_limit_is_refused() -> None:
+    from saga import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="maximum_attempts"):
+        ServiceSettings(retry=RetryPolicy(maximum_attempts=0))
