@@ -4,8 +4,9 @@ There is no orchestrator. Each service reads its sagas' topics, merges every
 stamp into its view of the saga (``saga.state``), and acts on the message:
 
 * a forward event for one of its steps runs the step, unless the saga is no
-  longer running or its deadline has passed (a late event never resurrects
-  a saga). The events the step emits carry the stamp with the step appended.
+  longer running (a late event never resurrects a saga; participants do not
+  judge the deadline by their own clocks, the initiator's deadline message
+  does). The events the step emits carry the stamp with the step appended.
   A step that fails the saga (a business outcome: ``ctx.fail``, or an
   exception type declared with ``business_errors=``) starts compensation;
 * ``Compensate(step)`` for one of its steps undoes the step once, then asks
@@ -24,6 +25,15 @@ emitted event that does not fit its schema, ``CancelledError``) is never a
 business outcome: once its retry policy is spent, the processor dead-letters
 the message and :meth:`Choreography.suspend` records where the saga stopped.
 Nothing is compensated; a fixed handler plus a replay continue the saga.
+
+A suspension also announces itself (``SagaSuspended``) to the initiator,
+which then holds the deadline: a bug must not spend the saga's time and
+turn into a compensation. When the replayed message is handled, the service
+announces ``SagaResumed`` and the initiator moves the deadline by as long as
+the saga was suspended (a new ``DeadlineReached`` is scheduled; the old one is
+recognised as superseded by its ``deadline`` value). Both times come from the
+services' clocks, so clock skew between them shifts the new deadline by as
+much.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from outbox import OutboxMessage, RetryPolicy, classify
@@ -61,7 +71,13 @@ DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
 """Scheduled event that fires a saga's deadline at the initiator."""
 ABORT_REQUESTED = "choreosaga.saga.AbortRequested"
 """Event asking the initiator to compensate a saga that has not ended (``saga abort``)."""
-FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED})
+SAGA_SUSPENDED = "choreosaga.saga.SagaSuspended"
+"""Event announcing that a service dead-lettered a message of the saga."""
+SAGA_RESUMED = "choreosaga.saga.SagaResumed"
+"""Event announcing that the dead-lettered message was replayed and handled."""
+FRAMEWORK_EVENTS = frozenset(
+    {COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED, SAGA_SUSPENDED, SAGA_RESUMED}
+)
 
 SagaHandler = Callable[[SagaContext], Awaitable[None]]
 """A saga step, compensation or end handler."""
@@ -156,8 +172,8 @@ class Participation:
             return "compensation", str(envelope.data.get("step"))
         if envelope.type == SAGA_ENDED:
             return "end", None
-        if envelope.type == DEADLINE_REACHED:
-            return "deadline", None
+        if envelope.type in (DEADLINE_REACHED, SAGA_SUSPENDED, SAGA_RESUMED, ABORT_REQUESTED):
+            return "initiator", None
         registered = self.steps.get(envelope.type)
         return "step", None if registered is None else registered.step
 
@@ -219,9 +235,23 @@ class Choreography:
             view = await self._compensate(ctx, part, view, out)
         elif kind == DEADLINE_REACHED:
             if part.initiator and view.status is SagaStatus.RUNNING:
-                log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
-                view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
-                view = self._next_compensation(ctx, view, out)
+                view = self._deadline(ctx, view, out)
+        elif kind == SAGA_SUSPENDED:
+            if part.initiator and view.suspension is None:
+                elsewhere = Suspension.from_avro(envelope.data)
+                log.warning(
+                    "%s: saga %s is suspended at %s (%s): its deadline is held",
+                    self.service,
+                    view.saga_id,
+                    elsewhere.service,
+                    elsewhere.error,
+                )
+                view = replace(view, suspension=elsewhere, version=view.version + 1)
+        elif kind == SAGA_RESUMED:
+            waiting = view.suspension
+            resumed = envelope.data["message_id"]
+            if part.initiator and waiting is not None and waiting.message_id == resumed:
+                view = self._resume(ctx, view, waiting, envelope.data["at"], out)
         elif kind == ABORT_REQUESTED:
             if view.status is SagaStatus.RUNNING:
                 reason = str(envelope.data.get("reason") or "aborted")
@@ -234,24 +264,92 @@ class Choreography:
             self._catch_up(ctx, before.stamp, view, out, redrive=kind == SAGA_ENDED)
         if part.on_end is not None and view.status.is_terminal and ended is not view.status:
             ended = await self._end(ctx, part.on_end, view, out)
-        if view.suspension is not None and view.suspension.message_id == envelope.id:
+        own = view.suspension
+        if own is not None and own.message_id == envelope.id and own.service == self.service:
             log.info(
                 "%s: saga %s resumes: %s was handled after its replay",
                 self.service,
                 view.saga_id,
                 envelope.id,
             )
-            view = replace(view, suspension=None, version=view.version + 1)
+            now = _now()
+            if part.initiator:
+                view = self._resume(ctx, view, own, now, out)
+            else:
+                view = replace(view, suspension=None, version=view.version + 1)
+            out += self._framework(
+                ctx,
+                view,
+                SAGA_RESUMED,
+                {"service": self.service, "message_id": envelope.id, "at": now},
+            )
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
         return out
 
-    async def suspend(self, ctx: SagaContext, suspension: Suspension) -> Stamp:
+    def _deadline(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
+        """At the initiator: the saga's deadline message arrived; compensate, unless held."""
+        due = ctx.envelope.data.get("deadline")
+        if view.deadline is not None and due is not None and due != view.deadline:
+            return view  # superseded: the deadline moved while the saga was suspended
+        if view.suspension is not None:
+            log.warning(
+                "%s: saga %s passed its deadline while suspended at %s: held until it resumes",
+                self.service,
+                view.saga_id,
+                view.suspension.service,
+            )
+            return view
+        log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
+        view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+        return self._next_compensation(ctx, view, out)
+
+    def _resume(
+        self,
+        ctx: SagaContext,
+        view: Stamp,
+        held: Suspension,
+        at: datetime,
+        out: list[OutboxMessage],
+    ) -> Stamp:
+        """At the initiator: the saga resumes; move its deadline by the time it was held.
+
+        A bug must not spend the saga's time: the deadline moves by as long as
+        the saga was suspended, and a new deadline message is scheduled (the
+        old one, when it comes, is recognised as superseded).
+        """
+        view = replace(view, suspension=None, version=view.version + 1)
+        if view.deadline is None or view.status is not SagaStatus.RUNNING:
+            return view
+        paused = max(at - held.at, timedelta(0))
+        deadline = view.deadline + paused
+        log.info(
+            "%s: saga %s resumed after %.1fs suspended; deadline moved to %s",
+            self.service,
+            view.saga_id,
+            paused.total_seconds(),
+            deadline.isoformat(),
+        )
+        view = replace(view, deadline=deadline)
+        message = Envelope(
+            type=DEADLINE_REACHED,
+            data={"deadline": view.deadline},
+            source=self.source,
+            key=view.saga_id.encode(),
+            correlation_id=view.correlation_id,
+            causation_id=ctx.envelope.id,
+            stamp=view,
+        )
+        out.append(outgoing(self.codec, message, topic=ctx.saga_topic, deliver_at=view.deadline)[1])
+        return view
+
+    async def suspend(self, ctx: SagaContext, suspension: Suspension) -> list[OutboxMessage]:
         """Record that the saga stopped at a dead-lettered message (in ``ctx``'s transaction).
 
         The saga is not compensated: it waits until the message is replayed.
         The message's stamp is not merged into the view: the replay merges it
         when it is really handled, and the initiator's catch-up must still
-        see then which steps are new.
+        see then which steps are new. Returns the ``SagaSuspended`` event that
+        tells the initiator to hold the deadline.
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
@@ -260,12 +358,13 @@ class Choreography:
             view, ended = settle(replace(envelope.stamp, suspension=None)), None
         else:
             view, ended = before.stamp, before.ended
-        if view.suspension is None:
-            view = replace(view, suspension=suspension, version=view.version + 1)
-        # else: the saga stays suspended where it first stopped; that message's
-        # replay is the one that resumes it (a later one's only adds its effect).
+        if view.suspension is not None:
+            # The saga stays suspended where it first stopped; that message's
+            # replay is the one that resumes it (a later one's only adds its effect).
+            return []
+        view = replace(view, suspension=suspension, version=view.version + 1)
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
-        return view
+        return self._framework(ctx, view, SAGA_SUSPENDED, suspension.to_avro())
 
     async def _run(self, role: str, registered: Registered, ctx: SagaContext) -> None:
         """Run a user handler in the error model's terms (see :func:`invoke`)."""
@@ -312,14 +411,9 @@ class Choreography:
                 name,
             )
             return view
-        if view.deadline is not None and _now() >= view.deadline:
-            log.info(
-                "%s: saga %s is past its deadline; step %s not performed",
-                self.service,
-                view.saga_id,
-                name,
-            )
-            return view
+        # No deadline check by this service's own clock: the initiator owns the
+        # deadline (its scheduled DeadlineReached, held while the saga is
+        # suspended); a step done after it fired is undone as a late step.
         if any(s.name == name and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
             return view  # already performed (a second trigger of the same step)
         ctx.step = name

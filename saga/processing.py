@@ -495,10 +495,11 @@ class Processor:
             position = _position_key(record)
             if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
                 return False
+            messages = [message]
             if part is not None and envelope is not None and suspension is not None:
                 ctx = self._saga_context(session, part, envelope, _info(record))
-                await self.choreography.suspend(ctx, suspension)
-            await self.outbox.add(session, [message])
+                messages += await self.choreography.suspend(ctx, suspension)
+            await self.outbox.add(session, messages)
         return True
 
 

@@ -145,7 +145,8 @@ class Suspension:
     """Service whose handler failed."""
 
     role: str
-    """Which handler: ``"step"``, ``"compensation"``, ``"end"`` or ``"deadline"``."""
+    """Which handler: ``"step"``, ``"compensation"``, ``"end"``, ``"handler"`` or
+    ``"initiator"`` (the initiator's own bookkeeping: deadline, abort, suspension)."""
 
     step: str | None
     """The step being performed or compensated, if any."""

@@ -66,12 +66,17 @@ class Shop:
     beta: dict[int, Callable[[SagaContext], Awaitable[None]]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
-    async def start(self, n: int) -> str:
+    async def start(self, n: int, deadline: timedelta | None = None) -> str:
         saga_id = f"order-{n}-{uuid.uuid4().hex[:6]}"
         starter = self.services["starter"]
         async with AsyncSession(self.engines["starter"]) as session, session.begin():
             await starter.start_saga(
-                session, SAGA, saga_id=saga_id, event_type=ORDER, data={"n": n, "card": CARD}
+                session,
+                SAGA,
+                saga_id=saga_id,
+                event_type=ORDER,
+                data={"n": n, "card": CARD},
+                deadline=deadline,
             )
         return saga_id
 
@@ -308,6 +313,41 @@ async def test_handler_bug_is_dead_lettered_and_suspends_the_saga_instead_of_com
     await asyncio.sleep(1.0)
     assert await shop.effects_of("beta", saga_id) == ["charged"]
     assert shop.calls[f"beta {saga_id}"] == 4
+
+
+async def test_a_deadline_is_held_while_the_saga_is_suspended_and_moved_when_it_resumes(
+    shop: Shop,
+) -> None:
+    """A bug must not spend the saga's time: past its deadline, a suspended saga is not
+    compensated; fixed and replayed, it completes."""
+    deployed = {"buggy": True}
+
+    async def charge(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            _ = ctx.data["amount"]
+
+    shop.beta[13] = charge
+    saga_id = await shop.start(13, deadline=timedelta(seconds=3))
+    (letter,) = await shop.dead_letters(saga_id)
+    starter = shop.services["starter"]
+    deadline = time.monotonic() + 20
+    while (held := await starter.saga_state(saga_id)) is None or held.suspension is None:
+        assert time.monotonic() < deadline, "the initiator never heard of the suspension"
+        await asyncio.sleep(0.05)
+    assert held.suspension.service == "beta"
+    assert held.suspension.step == "beta"
+    await asyncio.sleep(4.0)  # well past the deadline
+    assert (await starter.saga_state(saga_id)).status is SagaStatus.RUNNING
+    assert await shop.effects_of("alpha", saga_id) == ["reserved"]  # nothing undone
+
+    deployed["buggy"] = False
+    await replay(shop.kafka, [letter])
+    assert await shop.ended_as(saga_id) == "COMPLETED"
+    assert await shop.effects_of("beta", saga_id) == ["charged"]
+    assert await shop.effects_of("alpha", saga_id) == ["reserved"]
+    final = await starter.saga_state(saga_id)
+    assert final is not None
+    assert final.suspension is None
 
 
 async def test_emitting_an_unregistered_event_is_a_bug_not_a_business_failure(
