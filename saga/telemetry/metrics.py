@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from outbox.database import db_now_ms
 from saga.service import Service
 
-__all__ = ["SagaMetrics"]
+__all__ = ["RelayMetrics", "SagaMetrics"]
 
 
 class SagaMetrics:
@@ -89,3 +89,22 @@ class SagaMetrics:
         self.backlog.set(int(count), self._base)
         self.oldest_pending_age.set(age, self._base)
         return int(count), age
+
+
+class RelayMetrics:
+    """The relay instruments of a standalone relay (attribute ``relay``)."""
+
+    def __init__(self, name: str, *, meter_provider: MeterProvider | None = None) -> None:
+        meter = metrics.get_meter("choreosaga", meter_provider=meter_provider)
+        self._base = {"relay": name}
+        self.relay_published = meter.create_counter(
+            "outbox.relay.published", description="Records the relay published"
+        )
+        self.relay_batch = meter.create_histogram(
+            "outbox.relay.batch_size", description="Records per relay publish round"
+        )
+
+    def published(self, *, batch: int, published: int) -> None:
+        """Record one relay round."""
+        self.relay_batch.record(batch, self._base)
+        self.relay_published.add(published, self._base)
