@@ -253,6 +253,8 @@ async def test_mermaid_diagram_names_every_service_and_draws_each_message(run: R
     assert all(arrows), lines
     assert {a.group(1) for a in arrows if a} >= {"order", "inventory", "payment", "shipping"}
     assert {a.group(3) for a in arrows if a} <= set(participants)
+    # The deadline message is written with the first event, not caused by consuming it.
+    assert not [a.group(0) for a in arrows if a and a.group(1) == a.group(3)]
     # Every message is drawn; the compensation path is dashed.
     drawn = {a.group(5) for a in arrows if a}
     assert {
