@@ -50,6 +50,7 @@ from saga.commands import (
 from saga.errors import ConfigurationError
 from saga.observe import cli as observe_cli
 from saga.schemas import SchemaRegistry, check_directory
+from saga.telemetry import configure_from_env, instrument_relay
 
 __all__ = ["main"]
 
@@ -113,6 +114,8 @@ async def _run_relay(args: argparse.Namespace) -> int:
             await _create_tables(tables, engine)
         store = SqlOutboxStore(engine, tables, shards=args.shards)
         relay = Relay(store, KafkaPublisher(kafka), settings, name=args.name)
+        if configure_from_env("choreosaga-relay"):  # OTEL_EXPORTER_OTLP_* is set
+            instrument_relay(relay)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

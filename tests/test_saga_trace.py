@@ -253,6 +253,8 @@ async def test_mermaid_diagram_names_every_service_and_draws_each_message(run: R
     assert all(arrows), lines
     assert {a.group(1) for a in arrows if a} >= {"order", "inventory", "payment", "shipping"}
     assert {a.group(3) for a in arrows if a} <= set(participants)
+    # The deadline message is written with the first event, not caused by consuming it.
+    assert not [a.group(0) for a in arrows if a and a.group(1) == a.group(3)]
     # Every message is drawn; the compensation path is dashed.
     drawn = {a.group(5) for a in arrows if a}
     assert {
@@ -284,7 +286,9 @@ async def test_a_saga_waiting_for_a_stopped_service_is_stuck_until_it_completes(
     async with asyncio.timeout(30):
         while order.order_id not in await stuck_ids():
             await asyncio.sleep(0.2)
-    result = saga_cli("status", "--database-url", run.log_url, "--stuck-after", "1", "--json")
+    result = saga_cli(
+        "status", "--database-url", run.log_url, "--stuck-after", "1", "--json", "--metrics"
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     (stuck,) = [s for s in report["stuck"] if s["saga_id"] == order.order_id]
@@ -292,7 +296,14 @@ async def test_a_saga_waiting_for_a_stopped_service_is_stuck_until_it_completes(
     assert stuck["last_step"] == {"step": "charge_payment", "service": "payment", "outcome": "DONE"}
     assert stuck["idle_seconds"] >= 1
     assert report["counts"][SAGA]["COMPENSATED"] == 2
-    print(saga_cli("status", "--database-url", run.log_url, "--stuck-after", "1").stdout)
+    # Metrics read off the log: the saga waits after charge_payment; two were refunded.
+    assert report["metrics"]["in_flight"][SAGA]["charge_payment"] >= 1
+    refunded = report["metrics"]["time_to_end"][SAGA]["COMPENSATED"]
+    assert refunded["count"] == 2
+    assert 0 < refunded["p50_seconds"] <= refunded["max_seconds"]
+    print(
+        saga_cli("status", "--database-url", run.log_url, "--stuck-after", "1", "--metrics").stdout
+    )
 
     # The shipping service comes back: the saga completes and leaves the list.
     shipping = ShippingService(

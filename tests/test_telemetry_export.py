@@ -1,17 +1,29 @@
-"""With OTEL_EXPORTER_OTLP_ENDPOINT set, spans and metrics leave the process by OTLP/HTTP."""
+"""Telemetry outside a service: OTLP export from the environment, a standalone relay."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import ClassVar
 
 import pytest
+from conftest import NewTopicFactory
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from saga import configure_from_env
+from outbox import KafkaPublisher, OutboxMessage, OutboxTables, Relay, SqlOutboxStore
+from saga import KafkaSettings, RelaySettings, configure_from_env, create_engine
+from saga.telemetry import instrument_relay
+from saga.tracecontext import current_trace_headers
 
 SCRIPT = """
 from opentelemetry import metrics, trace
@@ -71,3 +83,60 @@ def test_spans_and_metrics_are_exported_to_the_otlp_endpoint(collector: str) -> 
     traces = b"".join(body for path, body in Receiver.received if path == "/v1/traces")
     assert b"place order-1" in traces
     assert b"choreosaga-test" in traces  # the service name, as a resource attribute
+
+
+async def test_a_standalone_relay_publishes_in_spans_linked_to_the_writer(
+    sqlite_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    topic = await new_topic(1)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    engine = create_engine(sqlite_url)
+    tables = OutboxTables()
+    await tables.create_all(engine)
+    store = SqlOutboxStore(engine, tables)
+    with provider.get_tracer("test").start_as_current_span("handler") as writer:
+        traceparent, _ = current_trace_headers()
+        async with engine.begin() as conn:
+            await store.add(
+                conn,
+                [
+                    OutboxMessage(
+                        topic=topic,
+                        key=b"k",
+                        value=b"v",
+                        headers=[("traceparent", traceparent.encode())],
+                    )
+                    for _ in range(3)
+                ],
+            )
+    relay = Relay(
+        store,
+        KafkaPublisher(kafka_settings),
+        RelaySettings(poll_interval=timedelta(milliseconds=100)),
+    )
+    instrument_relay(
+        relay, tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[reader])
+    )
+    async with relay:
+        async with asyncio.timeout(20):
+            while relay.stats.published < 3:
+                await asyncio.sleep(0.05)
+    await engine.dispose()
+    published = [s for s in spans.get_finished_spans() if s.name == f"{topic} publish"]
+    assert len(published) == 3
+    for span in published:
+        assert span.kind is SpanKind.PRODUCER
+        (link,) = span.links
+        assert link.context.span_id == writer.get_span_context().span_id
+        assert (span.attributes or {})["messaging.destination.name"] == topic
+    (metric,) = [
+        m
+        for r in reader.get_metrics_data().resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name == "outbox.relay.published"
+    ]
+    assert sum(p.value for p in metric.data.data_points) == 3

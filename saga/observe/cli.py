@@ -34,7 +34,7 @@ from saga.observe.log import SagaLog
 from saga.observe.observer import ObserverSettings, SagaObserver
 from saga.observe.render import FORMATS, render_trace
 from saga.observe.scan import terminal_or_none
-from saga.observe.status import saga_status
+from saga.observe.status import metrics_text, saga_metrics, saga_status
 from saga.observe.topics import DEFAULT_PATTERNS
 from saga.observe.trace import Trace
 from saga.schemas import SchemaRegistry
@@ -118,6 +118,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds without a message after which a running saga is stuck (300)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also print saga metrics read off the log: sagas in flight by step, "
+        "time to end by outcome",
+    )
 
     p = sub.add_parser(
         "abort",
@@ -267,9 +273,19 @@ async def _status(args: argparse.Namespace) -> int:
     engine = _engine(args.database_url, must_exist=True)
     try:
         report = await saga_status(engine, stuck_after=timedelta(seconds=args.stuck_after))
+        metrics = await saga_metrics(engine) if args.metrics else None
     finally:
         await engine.dispose()
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    if args.json:
+        document = report.to_dict()
+        if metrics is not None:
+            document["metrics"] = metrics
+        print(json.dumps(document, indent=2))
+    else:
+        print(report.to_text())
+        if metrics is not None:
+            print()
+            print(metrics_text(metrics))
     return 0
 
 

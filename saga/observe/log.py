@@ -11,7 +11,9 @@ Two tables on a ``MetaData`` you may share with Alembic:
 
 Rows are written by :class:`~saga.observe.observer.SagaObserver` inside the
 transaction that records the message in the inbox, so a redelivered message
-changes nothing. Times are the messages' own (CloudEvents time), so that a
+changes nothing. A saga's messages share a partition (the saga id is the key),
+so one observer writes a saga's row at a time; on PostgreSQL the row is also
+locked while it is merged. Times are the messages' own (CloudEvents time), so that a
 log filled late by a replay still tells how long a saga has been idle.
 """
 

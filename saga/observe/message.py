@@ -26,7 +26,7 @@ from saga.choreography import COMPENSATE, FRAMEWORK_EVENTS, SAGA_ENDED
 from saga.codec import AvroCodec
 from saga.envelope import Envelope, H
 from saga.errors import ConfigurationError, DecodeError
-from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome, StepRecord
+from saga.stamp import STAMP_SCHEMA, Stamp, StepOutcome, StepRecord
 
 __all__ = [
     "ObservedMessage",
@@ -299,11 +299,3 @@ def _observed(
         if payloads and data is not None
         else None,
     )
-
-
-def is_terminal(status: str) -> bool:
-    """Whether a stamp status (text) is terminal."""
-    try:
-        return SagaStatus(status).is_terminal
-    except ValueError:
-        return False

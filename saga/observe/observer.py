@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from aiokafka import ConsumerRecord
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import KafkaSettings, OutboxTables, SqlInboxStore
+from outbox import KafkaSettings, OutboxError, OutboxTables, SqlInboxStore
 from outbox.tables import create_tables
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
@@ -194,7 +195,11 @@ class SagaObserver:
             if self._consumer is not None and self._consumer.assigned.is_set():
                 self.ready.set()
             if loop.time() >= next_cleanup:
-                await self.cleanup()
+                try:
+                    await self.cleanup()
+                except (OutboxError, SQLAlchemyError) as exc:
+                    # Retention can wait for the next round; observing goes on.
+                    log.warning("observer could not apply retention: %s", exc)
                 next_cleanup = loop.time() + settings.cleanup_interval.total_seconds()
             wait = min(settings.topic_refresh, settings.cleanup_interval).total_seconds()
             if not self.ready.is_set():

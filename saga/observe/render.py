@@ -83,7 +83,15 @@ def trace_mermaid(trace: Trace) -> str:
     consumers: dict[str, list[str]] = {}
     for entry in trace.entries:
         cause = by_id.get(entry.causation_id or "")
-        if cause is not None and cause.message_id is not None:
+        # A message written in the same transaction as its cause (same hop, like a
+        # deadline with the first event) was not consumed from it.
+        same_transaction = (
+            cause is not None
+            and cause.hop is not None
+            and entry.hop is not None
+            and entry.hop <= cause.hop
+        )
+        if cause is not None and cause.message_id is not None and not same_transaction:
             targets = consumers.setdefault(cause.message_id, [])
             if entry.service not in targets:
                 targets.append(entry.service)

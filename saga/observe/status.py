@@ -12,16 +12,19 @@ own list in :class:`StatusReport`, which already has the slot.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga.observe.log import NOT_TERMINAL, SagaLog, SagaSummary
+from saga.observe.message import stamp_from_json
 from saga.stamp import SagaStatus
 
-__all__ = ["ATTENTION", "StatusReport", "attention_kind", "saga_status"]
+__all__ = ["ATTENTION", "StatusReport", "attention_kind", "saga_metrics", "saga_status"]
 
 ATTENTION = ("stuck", "suspended", "failed")
 """Kinds of sagas that need attention, in the order they are listed."""
@@ -139,3 +142,61 @@ async def saga_status(
         if kind is not None:
             attention[kind].append(summary)
     return StatusReport(at=now, stuck_after=stuck_after, counts=counts, attention=attention)
+
+
+async def saga_metrics(engine: AsyncEngine, *, log: SagaLog | None = None) -> dict[str, Any]:
+    """Current saga metrics read off the saga log, no collector needed.
+
+    ``in_flight``: sagas not ended, by saga name and last step
+    (``(started)`` before any); ``time_to_end``: count, median and maximum
+    seconds from start to last message of ended sagas, by saga name and
+    status.
+    """
+    log = log or SagaLog(dialect=engine.dialect.name)
+    c = log.sagas.c
+    query = select(c.saga_name, c.status, c.started_at_ms, c.last_message_ms, c.stamp)
+    in_flight: dict[str, dict[str, int]] = {}
+    durations: dict[str, dict[str, list[float]]] = {}
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    for row in rows:
+        if row.status in NOT_TERMINAL:
+            stamp = stamp_from_json(row.stamp)
+            step = stamp.steps[-1].name if stamp.steps else "(started)"
+            by_step = in_flight.setdefault(row.saga_name, {})
+            by_step[step] = by_step.get(step, 0) + 1
+        else:
+            seconds = max(0.0, (row.last_message_ms - row.started_at_ms) / 1000)
+            durations.setdefault(row.saga_name, {}).setdefault(row.status, []).append(seconds)
+    return {
+        "in_flight": in_flight,
+        "time_to_end": {
+            name: {
+                status: {
+                    "count": len(values),
+                    "p50_seconds": round(statistics.median(values), 3),
+                    "max_seconds": round(max(values), 3),
+                }
+                for status, values in sorted(by_status.items())
+            }
+            for name, by_status in sorted(durations.items())
+        },
+    }
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """:func:`saga_metrics` for a terminal."""
+    lines = ["in flight (by last step):"]
+    for name, by_step in sorted(metrics["in_flight"].items()):
+        for step, count in sorted(by_step.items()):
+            lines.append(f"  {name:<20} {step:<24} {count:>5}")
+    if not metrics["in_flight"]:
+        lines.append("  none")
+    lines.append("time to end:")
+    for name, by_status in metrics["time_to_end"].items():
+        for status, figures in by_status.items():
+            lines.append(
+                f"  {name:<20} {status:<12} {figures['count']:>5} sagas  "
+                f"p50 {figures['p50_seconds']:.3f} s  max {figures['max_seconds']:.3f} s"
+            )
+    return "\n".join(lines)

@@ -4,9 +4,15 @@ Instruments (meter ``choreosaga``), each with the ``service`` attribute:
 
 * ``saga.handler.duration`` (histogram, s): one record through the
   pipeline, by ``saga.step`` (or event type) and ``saga.outcome``
-  (``processed``, ``duplicate``, ``failed``, ``ignored``);
+  (``processed``, ``duplicate``, ``dead_lettered``, ``ignored``);
 * ``saga.inbox.duplicates`` (counter): redeliveries the inbox caught;
-* ``saga.handler.failures`` (counter): messages whose handler failed for good;
+* ``saga.dead_letters`` (counter): records sent to a dead-letter topic, by
+  ``saga.step`` (or event type; ``undecodable`` for bad input);
+* ``saga.handler.retries`` (counter) and ``saga.handler.retry_depth``
+  (histogram): attempts repeated after a transient error or a bug, and how
+  many one record needed (recorded for records that needed any);
+* ``saga.handler.outage_waits`` (counter): attempts repeated because the
+  database was unavailable;
 * ``saga.duration`` (histogram, s): start to end of a saga, by ``saga.name``
   and ``saga.status``, recorded at the initiator when it learns the end;
 * ``outbox.relay.published`` (counter) and ``outbox.relay.batch_size``
@@ -25,7 +31,7 @@ from sqlalchemy import func, select
 from outbox.database import db_now_ms
 from saga.service import Service
 
-__all__ = ["SagaMetrics"]
+__all__ = ["RelayMetrics", "SagaMetrics"]
 
 
 class SagaMetrics:
@@ -41,8 +47,17 @@ class SagaMetrics:
         self.duplicates = meter.create_counter(
             "saga.inbox.duplicates", description="Redelivered messages caught by the inbox"
         )
-        self.failures = meter.create_counter(
-            "saga.handler.failures", description="Messages whose handler failed for good"
+        self.dead_letters = meter.create_counter(
+            "saga.dead_letters", description="Records sent to a dead-letter topic"
+        )
+        self.retries = meter.create_counter(
+            "saga.handler.retries", description="Attempts repeated after a transient error or bug"
+        )
+        self.retry_depth = meter.create_histogram(
+            "saga.handler.retry_depth", description="Repeated attempts one record needed"
+        )
+        self.outage_waits = meter.create_counter(
+            "saga.handler.outage_waits", description="Attempts repeated during a database outage"
         )
         self.saga_duration = meter.create_histogram(
             "saga.duration", unit="s", description="Time from a saga's start to its end"
@@ -58,14 +73,21 @@ class SagaMetrics:
             "outbox.oldest_pending_age", unit="s", description="Age of the oldest row due"
         )
 
-    def handled(self, *, step: str, outcome: str, seconds: float) -> None:
+    def handled(
+        self, *, step: str, outcome: str, seconds: float, retries: int = 0, outages: int = 0
+    ) -> None:
         """Record one record through the pipeline."""
         attributes = {**self._base, "saga.step": step, "saga.outcome": outcome}
         self.handler_duration.record(seconds, attributes)
         if outcome == "duplicate":
             self.duplicates.add(1, self._base)
-        elif outcome == "failed":
-            self.failures.add(1, {**self._base, "saga.step": step})
+        elif outcome == "dead_lettered":
+            self.dead_letters.add(1, {**self._base, "saga.step": step})
+        if retries:
+            self.retries.add(retries, {**self._base, "saga.step": step})
+            self.retry_depth.record(retries, {**self._base, "saga.step": step})
+        if outages:
+            self.outage_waits.add(outages, self._base)
 
     def saga_ended(self, *, saga: str, status: str, seconds: float) -> None:
         """Record a saga's time to its end."""
@@ -89,3 +111,22 @@ class SagaMetrics:
         self.backlog.set(int(count), self._base)
         self.oldest_pending_age.set(age, self._base)
         return int(count), age
+
+
+class RelayMetrics:
+    """The relay instruments of a standalone relay (attribute ``relay``)."""
+
+    def __init__(self, name: str, *, meter_provider: MeterProvider | None = None) -> None:
+        meter = metrics.get_meter("choreosaga", meter_provider=meter_provider)
+        self._base = {"relay": name}
+        self.relay_published = meter.create_counter(
+            "outbox.relay.published", description="Records the relay published"
+        )
+        self.relay_batch = meter.create_histogram(
+            "outbox.relay.batch_size", description="Records per relay publish round"
+        )
+
+    def published(self, *, batch: int, published: int) -> None:
+        """Record one relay round."""
+        self.relay_batch.record(batch, self._base)
+        self.relay_published.add(published, self._base)

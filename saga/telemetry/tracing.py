@@ -37,15 +37,15 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from outbox import OutboxMessage, Publisher, PublishError, StoredMessage, Transaction
+from outbox import OutboxMessage, Publisher, PublishError, Relay, StoredMessage, Transaction
 from saga.choreography import COMPENSATE, SAGA_ENDED
 from saga.envelope import Envelope, H
 from saga.errors import DecodeError
 from saga.service import Service
 from saga.stamp import SagaStatus
-from saga.telemetry.metrics import SagaMetrics
+from saga.telemetry.metrics import RelayMetrics, SagaMetrics
 
-__all__ = ["ServiceTelemetry", "instrument"]
+__all__ = ["ServiceTelemetry", "TracingPublisher", "instrument", "instrument_relay"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MAX_HEADER = 512  # a larger traceparent/tracestate is not a trace context: ignore it
@@ -141,6 +141,7 @@ class ServiceTelemetry:
                     if step is not None:
                         attributes["saga.step"] = step
             before = (stats.processed, stats.duplicates, stats.dead_lettered)
+            retried, waited = stats.retries, stats.outage_waits
             started = time.perf_counter()
             with self.tracer.start_as_current_span(
                 f"{record.topic} process",
@@ -155,12 +156,17 @@ class ServiceTelemetry:
                     raise
                 outcome = _outcome(before, (stats.processed, stats.duplicates, stats.dead_lettered))
                 span.set_attribute("saga.outcome", outcome)
-                if outcome == "failed":
-                    span.set_status(Status(StatusCode.ERROR, "handler failed for good"))
+                if outcome == "dead_lettered":
+                    span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
+            # Deltas of the service's counters: exact while partitions are
+            # handled one record at a time, approximate when several partitions'
+            # records overlap (a retry elsewhere may be counted here).
             self.metrics.handled(
                 step=step or (envelope.type if envelope is not None else "undecodable"),
                 outcome=outcome,
                 seconds=time.perf_counter() - started,
+                retries=stats.retries - retried,
+                outages=stats.outage_waits - waited,
             )
             if envelope is not None and envelope.stamp is not None:
                 self._saga_ended(envelope, record.topic, outcome)
@@ -215,18 +221,27 @@ class ServiceTelemetry:
 def _outcome(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
     processed, duplicates, failed = (a - b for a, b in zip(after, before, strict=True))
     if failed:
-        return "failed"
+        return "dead_lettered"
     if duplicates:
         return "duplicate"
     return "processed" if processed else "ignored"
 
 
 class TracingPublisher(Publisher):
-    """A publisher that wraps another: one PRODUCER span per record, linked to its writer."""
+    """A publisher that wraps another: one PRODUCER span per record, linked to its writer.
 
-    def __init__(self, inner: Publisher, telemetry: ServiceTelemetry) -> None:
+    Args:
+        inner: The publisher that does the work.
+        tracer: Where spans go.
+        metrics: Counts rounds and records, if given.
+    """
+
+    def __init__(
+        self, inner: Publisher, tracer: trace.Tracer, metrics: SagaMetrics | RelayMetrics | None
+    ) -> None:
         self.inner = inner
-        self.telemetry = telemetry
+        self.tracer = tracer
+        self.metrics = metrics
 
     async def start(self) -> None:
         await self.inner.start()
@@ -238,7 +253,7 @@ class TracingPublisher(Publisher):
         return await self.inner.send(message)
 
     async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
-        tracer = self.telemetry.tracer
+        tracer = self.tracer
         spans = []
         for message in batch:
             written = trace.get_current_span(
@@ -278,9 +293,10 @@ class TracingPublisher(Publisher):
             if outcome is not None:
                 span.set_status(Status(StatusCode.ERROR, str(outcome)))
             span.end()
-        self.telemetry.metrics.published(
-            batch=len(batch), published=sum(1 for o in outcomes if o is None)
-        )
+        if self.metrics is not None:
+            self.metrics.published(
+                batch=len(batch), published=sum(1 for o in outcomes if o is None)
+            )
         return outcomes
 
 
@@ -302,5 +318,19 @@ def instrument(
     processor.process = telemetry.wrap_process(processor.process)  # type: ignore[method-assign,assignment]
     store = service.outbox
     store.add = telemetry.wrap_outbox_add(store.add)  # type: ignore[method-assign,assignment]
-    service.relay.publisher = TracingPublisher(service.relay.publisher, telemetry)
+    service.relay.publisher = TracingPublisher(
+        service.relay.publisher, telemetry.tracer, telemetry.metrics
+    )
     return telemetry
+
+
+def instrument_relay(
+    relay: Relay,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> None:
+    """Add publish spans and relay metrics to a standalone relay (``saga relay``)."""
+    tracer = trace.get_tracer("choreosaga", tracer_provider=tracer_provider)
+    metrics = RelayMetrics(relay.name, meter_provider=meter_provider)
+    relay.publisher = TracingPublisher(relay.publisher, tracer, metrics)
