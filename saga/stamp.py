@@ -4,7 +4,9 @@ A stamp names the saga (name and id), gives its status and the ordered list of
 steps done so far with their outcome, time and small result data, plus the
 correlation id and a version that grows with every change. The framework
 updates it; handlers read it. Its Avro schema is
-``schemas/choreosaga/saga/Stamp.avsc``.
+``schemas/choreosaga/saga/Stamp.v2.avsc`` (``Stamp.avsc`` is its first
+version, without the suspension and the hop: stamps written with it stay
+readable).
 
 Hops: each message's stamp also says where that message stands in its saga,
 so that a trace can tell whether messages are missing. The rule:
