@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from support import core_codec
 
 from saga import (
+    BrokerError,
     BusinessFailure,
     KafkaSettings,
     OutboxTables,
@@ -664,3 +665,38 @@ def test_a_handler_retry_policy_without_a_limit_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="maximum_attempts"):
         ServiceSettings(retry=RetryPolicy(maximum_attempts=0))
+
+
+_UNPARSABLE_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class Key(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfebad"  # a header key that is not UTF-8
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1], enable_idempotence=False)
+    await producer.start()
+    await producer.send_and_wait(sys.argv[2], b"x", key=b"k", headers=[(Key("ce_id"), b"1")])
+    await producer.stop()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_record_the_client_cannot_parse_stops_the_service_loudly(shop: Shop) -> None:
+    """aiokafka fails on a non-UTF-8 header key before we see the bytes: never a silent stall."""
+    produced = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _UNPARSABLE_PRODUCER, shop.kafka.bootstrap_servers, shop.topic],
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert produced.returncode == 0, produced.stderr
+    with pytest.raises(BrokerError, match="cannot read a record"):
+        async with asyncio.timeout(60):
+            await shop.services["beta"].wait()
