@@ -162,9 +162,12 @@ class OutboxTables:
             name,
             self.metadata,
             Column("consumer", String(200), nullable=False),
+            # Who assigned the id (a CloudEvents source, a topic): ids are
+            # unique only within their source.
+            Column("source", String(200), nullable=False),
             Column("message_id", String(200), nullable=False),
             Column("received_at_ms", BigInteger, nullable=False),
-            PrimaryKeyConstraint("consumer", "message_id", name=f"pk_{name}"),
+            PrimaryKeyConstraint("consumer", "source", "message_id", name=f"pk_{name}"),
             Index(f"ix_{name}_received", "received_at_ms"),
             schema=self.schema,
         )

@@ -376,7 +376,9 @@ class Processor:
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            if not await self.inbox.record(session, self.name, envelope.id):
+            # A message is its CloudEvents source + id: ids are unique per source only.
+            source = _inbox_text(envelope.source)
+            if not await self.inbox.record(session, self.name, envelope.id, source=source):
                 return False
             with use_trace_headers(envelope.traceparent, envelope.tracestate):
                 messages = await work(context(session))
@@ -483,10 +485,10 @@ class Processor:
         ):
             # Keyed by the record's position, not its message id: the record
             # itself must stay new to the inbox, so that its replay runs.
-            position = f"{record.topic}/{record.partition}/{record.offset}"
-            if len(position) > 200:  # the inbox keeps ids of at most 200 characters
-                position = "sha256:" + hashlib.sha256(position.encode()).hexdigest()
-            if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
+            position = _inbox_text(f"{record.partition}/{record.offset}")
+            consumer = f"{self.name}.dead-letters"
+            source = _inbox_text(record.topic)
+            if not await self.inbox.record(session, consumer, position, source=source):
                 return False
             if part is not None and envelope is not None and suspension is not None:
                 ctx = self._saga_context(session, part, envelope, _info(record))
@@ -499,6 +501,13 @@ _OUTAGE_BACKOFF_FOR_WRITES = RetryPolicy(
     maximum_attempts=3, initial_interval=timedelta(milliseconds=100)
 )
 """Writing a dead letter: outages are waited out; anything else is tried 3 times."""
+
+
+def _inbox_text(text: str) -> str:
+    """``text`` as the inbox stores it: at most 200 characters (a digest when longer)."""
+    if len(text) <= 200:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _info(record: ConsumerRecord[bytes, bytes]) -> RecordInfo:
