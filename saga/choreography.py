@@ -204,7 +204,8 @@ class Choreography:
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         view = merge(before.stamp if before else None, envelope.stamp)
         ended = before.ended if before else None
         ctx.stamp = view
@@ -244,7 +245,8 @@ class Choreography:
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         if before is None:
             view, ended = settle(replace(envelope.stamp, suspension=None)), None
         else:

@@ -346,7 +346,7 @@ class Service:
             deadline=deadline,
         )
         if not await self.states.create(tx, stamp):
-            raise ConfigurationError(f"saga {saga_id} was already started")
+            raise ConfigurationError(f"saga {saga} {saga_id} was already started")
         messages = start_messages(
             self.envelopes,
             source=self.source,
@@ -358,9 +358,17 @@ class Service:
         await self.outbox.add(tx, messages)
         return stamp
 
-    async def saga_state(self, saga_id: str) -> Stamp | None:
-        """This service's view of a saga (the merge of every stamp it saw)."""
-        return await self.states.get(self.engine, saga_id)
+    async def saga_state(self, saga_id: str, saga: str | None = None) -> Stamp | None:
+        """This service's view of a saga (the merge of every stamp it saw).
+
+        A saga is (name, id): ``saga`` may be left out while only one saga
+        this service knows has the id.
+
+        Raises:
+            ConfigurationError: ``saga`` is left out and sagas of several
+                names have this id here.
+        """
+        return await self.states.get(self.engine, saga_id, saga)
 
     async def stuck_sagas(self, older_than: timedelta) -> list[Stamp]:
         """Sagas still running or compensating here whose view has not moved for
