@@ -308,8 +308,9 @@ class Choreography:
                 name,
             )
             return view
-        if any(s.name == name and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
-            return view  # already performed (a second trigger of the same step)
+        mine = (self.service, name)
+        if any(s.key == mine and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
+            return view  # already performed here (a second trigger of the same step)
         ctx.step = name
         ctx.stamp = view
         if business is None:
@@ -359,9 +360,9 @@ class Choreography:
         if view.status is not SagaStatus.COMPENSATING:
             return
         pending = view.to_compensate()
-        done_before = {s.name for s in before.steps if s.outcome is StepOutcome.DONE}
+        done_before = {s.key for s in before.steps if s.outcome is StepOutcome.DONE}
         late = (
-            [s for s in pending if s.name not in done_before]
+            [s for s in pending if s.key not in done_before]
             if before.status is not SagaStatus.RUNNING
             else []
         )
@@ -375,9 +376,7 @@ class Choreography:
         if redrive and pending and not late:
             late = pending[:1]
         for step in late:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": step.name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(step, view))
 
     # -- backward --------------------------------------------------------------------
 
@@ -389,10 +388,16 @@ class Choreography:
         out: list[OutboxMessage],
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
+        # A step is (service, name). Requests from before Compensate v2 name
+        # the step only: its owner is then whoever the view says performed it.
+        owner = ctx.envelope.data.get("service") or _performer(view, name)
+        if owner is not None and owner != self.service:
+            return view  # another service's step, maybe of the same name
         registered = part.compensations.get(name)
         if registered is None and not part.performs(name):
-            return view  # another service's step
-        outcomes = {s.outcome for s in view.steps if s.name == name}
+            return view  # not a step of ours
+        mine = (self.service, name)
+        outcomes = {s.outcome for s in view.steps if s.key == mine}
         if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
             pass  # already undone: compensation runs once; the chain goes on
         elif StepOutcome.DONE in outcomes:
@@ -407,9 +412,7 @@ class Choreography:
     def _next_compensation(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
         todo = view.to_compensate()
         if todo:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": todo[0].name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(todo[0], view))
             return view
         failed = any(s.outcome is StepOutcome.COMPENSATION_FAILED for s in view.steps)
         final = SagaStatus.FAILED if failed else SagaStatus.COMPENSATED
@@ -446,6 +449,17 @@ class Choreography:
         )
         _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
         return [message]
+
+
+def _compensate_data(step: StepRecord, view: Stamp) -> dict[str, Any]:
+    """The ``Compensate`` request for ``step``: its name and the service that owns it."""
+    return {"step": step.name, "service": step.service, "reason": view.reason}
+
+
+def _performer(view: Stamp, name: str) -> str | None:
+    """The service that last did step ``name``, by the view (for unscoped requests)."""
+    record = view.step(name)
+    return None if record is None else record.service
 
 
 def start_messages(

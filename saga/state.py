@@ -76,8 +76,10 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
         # A suspension is this service's own record of where it stopped: one
         # carried in from another service's view is not ours.
         return settle(replace(incoming, suspension=None))
-    known = {(s.name, s.outcome) for s in view.steps}
-    steps = view.steps + tuple(s for s in incoming.steps if (s.name, s.outcome) not in known)
+    # A step is (service, name): another service's step of the same name is
+    # another step.
+    known = {(s.key, s.outcome) for s in view.steps}
+    steps = view.steps + tuple(s for s in incoming.steps if (s.key, s.outcome) not in known)
     ahead = _RANK[incoming.status] > _RANK[view.status]
     status = incoming.status if ahead else view.status
     reason = (incoming.reason or view.reason) if ahead else (view.reason or incoming.reason)
