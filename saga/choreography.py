@@ -4,8 +4,8 @@ There is no orchestrator. Each service reads its sagas' topics, merges every
 stamp into its view of the saga (``saga.state``), and acts on the message:
 
 * a forward event for one of its steps runs the step, unless the saga is no
-  longer running or its deadline has passed (a late event never resurrects
-  a saga). The events the step emits carry the stamp with the step appended.
+  longer running (a late event never resurrects a saga). The events the step
+  emits carry the stamp with the step appended.
   A step that fails the saga (a business outcome: ``ctx.fail``, or an
   exception type declared with ``business_errors=``) starts compensation;
 * ``Compensate(step)`` for one of its steps undoes the step once, then asks
@@ -14,6 +14,14 @@ stamp into its view of the saga (``saga.state``), and acts on the message:
 * the initiating service also owns the deadline (``DeadlineReached``, a
   scheduled message) and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
+
+One clock decides a deadline: the initiator's database clock. The deadline
+is computed from it when the saga starts, and the outbox (which keeps due
+times by the same clock) delivers ``DeadlineReached`` when it has passed.
+Participants never compare the deadline with their own clocks: a step whose
+trigger arrives runs while the saga is running, and a saga past its deadline
+is stopped by the initiator's message, which turns it to compensating; a step
+that reports in after that is undone.
 
 Everything happens inside the handler's transaction: the view, the service's
 own changes, the inbox row and the outgoing messages commit together.
@@ -297,14 +305,6 @@ class Choreography:
                 self.service,
                 view.saga_id,
                 view.status.value,
-                name,
-            )
-            return view
-        if view.deadline is not None and _now() >= view.deadline:
-            log.info(
-                "%s: saga %s is past its deadline; step %s not performed",
-                self.service,
-                view.saga_id,
                 name,
             )
             return view

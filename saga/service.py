@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
@@ -37,6 +38,7 @@ from outbox import (
     Transaction,
     classify,
 )
+from outbox.database import db_now_ms
 from outbox.tables import create_tables
 from saga.choreography import (
     Choreography,
@@ -323,7 +325,8 @@ class Service:
         The first event goes through the outbox like any other: it is
         published once ``tx`` commits, and never if it rolls back. With a
         ``deadline`` (a duration from now, or a time), the saga is compensated
-        if it has not completed by then.
+        if it has not completed by then. "Now" is the database's clock, the
+        one that fires the deadline.
 
         Raises:
             ConfigurationError: This service is not the saga's initiator, or
@@ -334,7 +337,10 @@ class Service:
             raise ConfigurationError(
                 f"{self.name} does not initiate {saga}: register @on_saga_end({saga!r})"
             )
-        now = datetime.now(UTC)
+        # The database clock, which also fires the deadline message: one clock
+        # decides whether the saga is late (see saga.choreography).
+        now_ms = (await tx.execute(select(db_now_ms()))).scalar_one()
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
         if isinstance(deadline, timedelta):
             deadline = now + deadline
         stamp = Stamp(
