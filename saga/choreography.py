@@ -23,6 +23,24 @@ trigger arrives runs while the saga is running, and a saga past its deadline
 is stopped by the initiator's message, which turns it to compensating; a step
 that reports in after that is undone.
 
+Compensation order (the rule):
+
+* steps are undone in the reverse of their order in the stamp, and a stamp
+  keeps causal order: a step comes after the steps whose events led to it.
+  Along one branch (a chain of steps, each triggered by the previous one's
+  event) the later step is therefore undone first;
+* parallel branches have no order between them. The failing step's chain
+  undoes the steps its stamp holds (its own branch, most recent first) and
+  announces the end; the initiator, which follows every message, then asks
+  for the steps the chain never saw, most recent first by its view;
+* a step that reports in after compensation began (it was running, or its
+  trigger came before any sign of the compensation) is undone as soon as the
+  initiator sees it: possibly after an earlier step of its own branch;
+* each step is undone at most once; a step is (service, name).
+
+So an undo handler must not rely on the undo of a step of another branch,
+or of a step that may still have been running, having run before it.
+
 Everything happens inside the handler's transaction: the view, the service's
 own changes, the inbox row and the outgoing messages commit together.
 

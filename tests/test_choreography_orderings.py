@@ -36,7 +36,7 @@ from saga import (
     create_engine,
 )
 
-EVENTS = ("Start", "A", "B")
+EVENTS = ("Start", "A", "B", "C", "D", "E")
 
 
 def codec() -> AvroCodec:
@@ -571,3 +571,113 @@ async def test_a_compensation_request_naming_no_service_goes_to_the_step_s_perfo
 
     assert undone == ["inventory"]
     assert ended == ["COMPENSATED"]
+
+
+async def test_parallel_branches_are_each_undone_most_recent_first_each_step_once(
+    make: Callable[[str], Service],
+) -> None:
+    """The compensation order with parallel branches (see saga.choreography).
+
+    Start forks: flights books a seat, then a taxi, then insurance refuses;
+    hotels books a room, then a massage. Both branches are done when the
+    refusal comes, in the order seat, room, taxi, massage. The failing
+    branch is undone by its chain, taxi before seat; the other branch by the
+    initiator, massage before room. There is no order between the branches.
+    """
+    trips, flights, taxis, insurer, hotels, spa = (
+        make("trips"),
+        make("flights"),
+        make("taxis"),
+        make("insurer"),
+        make("hotels"),
+        make("spa"),
+    )
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    def branch_step(service: Service, step: str, on: str, emits: str) -> None:
+        @service.step(step, saga="trip", on=on)
+        async def perform(ctx: SagaContext) -> None:
+            ctx.emit(emits, {"id": ctx.saga_id})
+
+        @service.compensation(step, saga="trip")
+        async def undo(ctx: SagaContext) -> None:
+            undone.append(step)
+
+    branch_step(flights, "seat", "ex.Start", "ex.A")
+    branch_step(taxis, "taxi", "ex.A", "ex.E")
+    branch_step(hotels, "room", "ex.Start", "ex.C")
+    branch_step(spa, "massage", "ex.C", "ex.D")
+
+    @insurer.step("insurance", saga="trip", on="ex.E")
+    async def insure(ctx: SagaContext) -> None:
+        ctx.fail("no cover for this trip")
+
+    every = [trips, flights, taxis, insurer, hotels, spa]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)
+    await partition.drain()
+
+    assert ended == ["COMPENSATED"]
+    assert sorted(undone) == ["massage", "room", "seat", "taxi"]  # each exactly once
+    assert undone.index("taxi") < undone.index("seat")
+    assert undone.index("massage") < undone.index("room")
+    assert undone[:2] == ["taxi", "seat"]  # the failing branch's chain goes first
+    done = [(s.name, s.outcome.value) for s in (await trips.saga_state("t1")).steps][:4]
+    assert done == [("seat", "DONE"), ("room", "DONE"), ("taxi", "DONE"), ("massage", "DONE")]
+
+
+async def test_a_branch_still_running_when_the_deadline_fired_is_undone_step_by_step(
+    make: Callable[[str], Service],
+) -> None:
+    """Late steps are undone as the initiator sees them, each exactly once.
+
+    The deadline fires before any step reported in: nothing to undo, the saga
+    is announced compensated. Then the room reports in (late: undone at once)
+    while the spa, which had not heard of it yet, books a massage on it (late
+    too: undone when it reports in). A step still running when compensation
+    began can thus be undone after an earlier step of its own branch: the
+    rule in saga.choreography's docstring.
+    """
+    trips, hotels, spa = make("trips"), make("hotels"), make("spa")
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    @hotels.step("room", saga="trip", on="ex.Start")
+    async def room(ctx: SagaContext) -> None:
+        ctx.emit("ex.C", {"id": ctx.saga_id})
+
+    @hotels.compensation("room", saga="trip")
+    async def cancel_room(ctx: SagaContext) -> None:
+        undone.append("room")
+
+    @spa.step("massage", saga="trip", on="ex.C")
+    async def massage(ctx: SagaContext) -> None:
+        ctx.emit("ex.D", {"id": ctx.saga_id})  # nobody acts on D: only the deadline ends it
+
+    @spa.compensation("massage", saga="trip")
+    async def cancel_massage(ctx: SagaContext) -> None:
+        undone.append("massage")
+
+    every = [trips, hotels, spa]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=1))
+    await partition.collect(trips)  # Start
+    await partition.collect(trips, scheduled=True)  # DeadlineReached, right behind it
+    await partition.drain()
+
+    # The room was undone before the massage reported in: no order could wait
+    # for a step nobody knew was running.
+    assert undone == ["room", "massage"]
+    assert ended == ["COMPENSATED"]
+    assert sorted(await steps(trips, "t1")) == [
+        ("massage", "COMPENSATED"),
+        ("massage", "DONE"),
+        ("room", "COMPENSATED"),
+        ("room", "DONE"),
+    ]
