@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     String,
     and_,
     any_,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy import event as sa_event
@@ -361,26 +363,55 @@ class SqlOutboxStore(OutboxStore):
         # skips SQLAlchemy's per-call construction and cache-key work.
         t = self.tables.outbox
         shards: Any = bindparam("shards", expanding=True)
-        self._fetch = (
-            select(
-                t.c.id,
-                t.c.message_id,
-                t.c.topic,
-                t.c.key,
-                t.c.value,
-                t.c.headers,
-                t.c.shard,
-                t.c.attempts,
-            )
+        limit = bindparam("limit", type_=Integer())
+        columns = (
+            t.c.id,
+            t.c.message_id,
+            t.c.topic,
+            t.c.key,
+            t.c.value,
+            t.c.headers,
+            t.c.shard,
+            t.c.attempts,
+        )
+        # Two halves, each served by its own partial index (see OutboxTables):
+        # ready rows in id order, and scheduled rows by due time up to now. A
+        # single "ready, or due by now" walk in id order would read past every
+        # row scheduled for later, and a busy saga service keeps many. The
+        # scheduled half is an index range up to now, walked in due order.
+        # "Now" is a scalar subquery, evaluated once: PostgreSQL's clock is
+        # volatile, and a volatile bound is checked on every row instead of
+        # ending the range. No planner can estimate how many rows are due by
+        # now, so only the due order keeps PostgreSQL on that index. When
+        # more rows are due than a batch holds, the earliest due go first; a
+        # batch is always in id order.
+        ready = (
+            select(*columns)
             .where(
                 t.c.shard.in_(shards),
                 self._pending(),
-                or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms()),
+                t.c.due_at_ms.is_(None),
                 ~self._held_back(),
             )
             .order_by(t.c.id)
-            .limit(bindparam("limit"))
+            .limit(limit)
+            .subquery("ready")
         )
+        due = (
+            select(*columns)
+            .where(
+                t.c.shard.in_(shards),
+                self._pending(),
+                t.c.due_at_ms.is_not(None),
+                t.c.due_at_ms <= select(db_now_ms()).scalar_subquery(),
+                ~self._held_back(),
+            )
+            .order_by(t.c.due_at_ms, t.c.id)
+            .limit(limit)
+            .subquery("due")
+        )
+        both = union_all(select(ready), select(due)).subquery("fetch")
+        self._fetch = select(both).order_by(both.c.id).limit(limit)
         self._next_due = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
             t.c.shard.in_(shards),
             self._pending(),

@@ -123,6 +123,8 @@ class OutboxTables:
 
     def _outbox(self, name: str) -> Table:
         pending = "published_at_ms IS NULL AND parked_at_ms IS NULL"
+        ready = f"{pending} AND due_at_ms IS NULL"
+        scheduled = f"{pending} AND due_at_ms IS NOT NULL"
         parked = "parked_at_ms IS NOT NULL AND published_at_ms IS NULL"
         return Table(
             name,
@@ -140,13 +142,21 @@ class OutboxTables:
             Column("parked_at_ms", BigInteger, nullable=True),
             Column("attempts", Integer, nullable=False, default=0),
             Column("last_error", Text, nullable=True),
-            # Pending rows in id order: the relay walks it, filters its shards
+            # Ready rows in id order: the relay walks it, filters its shards
             # and stops at the batch size, whatever the backlog or retention.
             Index(
-                f"ix_{name}_pending",
+                f"ix_{name}_ready",
                 "id",
-                postgresql_where=text(pending),
-                sqlite_where=text(pending),
+                postgresql_where=text(ready),
+                sqlite_where=text(ready),
+            ),
+            # Scheduled rows by due time: the relay reads only those due by
+            # now, so rows due later (saga deadlines) cost it nothing.
+            Index(
+                f"ix_{name}_scheduled",
+                "due_at_ms",
+                postgresql_where=text(scheduled),
+                sqlite_where=text(scheduled),
             ),
             Index(
                 f"ix_{name}_parked_key",
@@ -168,9 +178,12 @@ class OutboxTables:
             name,
             self.metadata,
             Column("consumer", String(200), nullable=False),
+            # Who assigned the id (a CloudEvents source, a topic): ids are
+            # unique only within their source.
+            Column("source", String(200), nullable=False),
             Column("message_id", String(200), nullable=False),
             Column("received_at_ms", BigInteger, nullable=False),
-            PrimaryKeyConstraint("consumer", "message_id", name=f"pk_{name}"),
+            PrimaryKeyConstraint("consumer", "source", "message_id", name=f"pk_{name}"),
             Index(f"ix_{name}_received", "received_at_ms"),
             schema=self.schema,
         )

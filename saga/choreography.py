@@ -17,6 +17,32 @@ stamp into its view of the saga (``saga.state``), and acts on the message:
   way while the saga runs, and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
 
+One clock decides a deadline: the initiator's database clock. The deadline
+is computed from it when the saga starts, and the outbox (which keeps due
+times by the same clock) delivers ``DeadlineReached`` when it has passed.
+Participants never compare the deadline with their own clocks: a step whose
+trigger arrives runs while the saga is running, and a saga past its deadline
+is stopped by the initiator's message, which turns it to compensating; a step
+that reports in after that is undone.
+
+Compensation order (the rule):
+
+* steps are undone in the reverse of their order in the stamp, and a stamp
+  keeps causal order: a step comes after the steps whose events led to it.
+  Along one branch (a chain of steps, each triggered by the previous one's
+  event) the later step is therefore undone first;
+* parallel branches have no order between them. The failing step's chain
+  undoes the steps its stamp holds (its own branch, most recent first) and
+  announces the end; the initiator, which follows every message, then asks
+  for the steps the chain never saw, most recent first by its view;
+* a step that reports in after compensation began (it was running, or its
+  trigger came before any sign of the compensation) is undone as soon as the
+  initiator sees it: possibly after an earlier step of its own branch;
+* each step is undone at most once; a step is (service, name).
+
+So an undo handler must not rely on the undo of a step of another branch,
+or of a step that may still have been running, having run before it.
+
 Everything happens inside the handler's transaction: the view, the service's
 own changes, the inbox row and the outgoing messages commit together.
 
@@ -223,7 +249,8 @@ class Choreography:
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         if envelope.type == ABORT_REQUESTED and (before is None or not part.initiator):
             return []  # not this service's to abort, or a saga it never started
         view = merge(before.stamp if before else None, envelope.stamp)
@@ -353,7 +380,8 @@ class Choreography:
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         if before is None:
             view, ended = settle(replace(envelope.stamp, suspension=None)), None
         else:
@@ -414,8 +442,9 @@ class Choreography:
         # No deadline check by this service's own clock: the initiator owns the
         # deadline (its scheduled DeadlineReached, held while the saga is
         # suspended); a step done after it fired is undone as a late step.
-        if any(s.name == name and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
-            return view  # already performed (a second trigger of the same step)
+        mine = (self.service, name)
+        if any(s.key == mine and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
+            return view  # already performed here (a second trigger of the same step)
         ctx.step = name
         ctx.stamp = view
         if business is None:
@@ -465,9 +494,9 @@ class Choreography:
         if view.status is not SagaStatus.COMPENSATING:
             return
         pending = view.to_compensate()
-        done_before = {s.name for s in before.steps if s.outcome is StepOutcome.DONE}
+        done_before = {s.key for s in before.steps if s.outcome is StepOutcome.DONE}
         late = (
-            [s for s in pending if s.name not in done_before]
+            [s for s in pending if s.key not in done_before]
             if before.status is not SagaStatus.RUNNING
             else []
         )
@@ -481,9 +510,7 @@ class Choreography:
         if redrive and pending and not late:
             late = pending[:1]
         for step in late:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": step.name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(step, view))
 
     # -- backward --------------------------------------------------------------------
 
@@ -495,10 +522,16 @@ class Choreography:
         out: list[OutboxMessage],
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
+        # A step is (service, name). Requests from before Compensate v2 name
+        # the step only: its owner is then whoever the view says performed it.
+        owner = ctx.envelope.data.get("service") or _performer(view, name)
+        if owner is not None and owner != self.service:
+            return view  # another service's step, maybe of the same name
         registered = part.compensations.get(name)
         if registered is None and not part.performs(name):
-            return view  # another service's step
-        outcomes = {s.outcome for s in view.steps if s.name == name}
+            return view  # not a step of ours
+        mine = (self.service, name)
+        outcomes = {s.outcome for s in view.steps if s.key == mine}
         if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
             pass  # already undone: compensation runs once; the chain goes on
         elif StepOutcome.DONE in outcomes:
@@ -513,9 +546,7 @@ class Choreography:
     def _next_compensation(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
         todo = view.to_compensate()
         if todo:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": todo[0].name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(todo[0], view))
             return view
         failed = any(s.outcome is StepOutcome.COMPENSATION_FAILED for s in view.steps)
         final = SagaStatus.FAILED if failed else SagaStatus.COMPENSATED
@@ -552,6 +583,17 @@ class Choreography:
         )
         _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
         return [message]
+
+
+def _compensate_data(step: StepRecord, view: Stamp) -> dict[str, Any]:
+    """The ``Compensate`` request for ``step``: its name and the service that owns it."""
+    return {"step": step.name, "service": step.service, "reason": view.reason}
+
+
+def _performer(view: Stamp, name: str) -> str | None:
+    """The service that last did step ``name``, by the view (for unscoped requests)."""
+    record = view.step(name)
+    return None if record is None else record.service
 
 
 def start_messages(

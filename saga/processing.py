@@ -383,7 +383,9 @@ class Processor:
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            if not await self.inbox.record(session, self.name, envelope.id):
+            # A message is its CloudEvents source + id: ids are unique per source only.
+            source = _inbox_text(envelope.source)
+            if not await self.inbox.record(session, self.name, envelope.id, source=source):
                 return False
             with use_trace_headers(envelope.traceparent, envelope.tracestate):
                 messages = await work(context(session))
@@ -493,7 +495,9 @@ class Processor:
             # runs; the content keeps a reused position (a topic created
             # again) from passing for the record dead-lettered there before.
             position = _position_key(record)
-            if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
+            consumer = f"{self.name}.dead-letters"
+            source = _inbox_text(record.topic)
+            if not await self.inbox.record(session, consumer, position, source=source):
                 return False
             messages = [message]
             if part is not None and envelope is not None and suspension is not None:
@@ -527,10 +531,14 @@ def _position_key(record: ConsumerRecord[bytes, bytes]) -> str:
         digest.update(len(raw).to_bytes(8, "big") + raw)
         digest.update(len(value or b"").to_bytes(8, "big") + (value or b""))
     content = digest.hexdigest()[:32]
-    where = f"{record.topic}/{record.partition}/{record.offset}"
-    if len(where) + 33 > 200:  # the inbox keeps ids of at most 200 characters
-        where = hashlib.sha256(where.encode()).hexdigest()[:64]
-    return f"{where}#{content}"
+    return f"{record.partition}/{record.offset}#{content}"
+
+
+def _inbox_text(text: str) -> str:
+    """``text`` as the inbox stores it: at most 200 characters (a digest when longer)."""
+    if len(text) <= 200:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _info(record: ConsumerRecord[bytes, bytes]) -> RecordInfo:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
@@ -37,6 +38,7 @@ from outbox import (
     Transaction,
     classify,
 )
+from outbox.database import db_now_ms
 from outbox.tables import check_tables, create_tables
 from saga.choreography import (
     Choreography,
@@ -344,7 +346,8 @@ class Service:
         The first event goes through the outbox like any other: it is
         published once ``tx`` commits, and never if it rolls back. With a
         ``deadline`` (a duration from now, or a time), the saga is compensated
-        if it has not completed by then.
+        if it has not completed by then. "Now" is the database's clock, the
+        one that fires the deadline.
 
         Raises:
             ConfigurationError: This service is not the saga's initiator, or
@@ -355,7 +358,10 @@ class Service:
             raise ConfigurationError(
                 f"{self.name} does not initiate {saga}: register @on_saga_end({saga!r})"
             )
-        now = datetime.now(UTC)
+        # The database clock, which also fires the deadline message: one clock
+        # decides whether the saga is late (see saga.choreography).
+        now_ms = (await tx.execute(select(db_now_ms()))).scalar_one()
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
         if isinstance(deadline, timedelta):
             deadline = now + deadline
         stamp = Stamp(
@@ -367,7 +373,7 @@ class Service:
             deadline=deadline,
         )
         if not await self.states.create(tx, stamp):
-            raise ConfigurationError(f"saga {saga_id} was already started")
+            raise ConfigurationError(f"saga {saga} {saga_id} was already started")
         messages = start_messages(
             self.envelopes,
             source=self.source,
@@ -379,9 +385,17 @@ class Service:
         await self.outbox.add(tx, messages)
         return stamp
 
-    async def saga_state(self, saga_id: str) -> Stamp | None:
-        """This service's view of a saga (the merge of every stamp it saw)."""
-        return await self.states.get(self.engine, saga_id)
+    async def saga_state(self, saga_id: str, saga: str | None = None) -> Stamp | None:
+        """This service's view of a saga (the merge of every stamp it saw).
+
+        A saga is (name, id): ``saga`` may be left out while only one saga
+        this service knows has the id.
+
+        Raises:
+            ConfigurationError: ``saga`` is left out and sagas of several
+                names have this id here.
+        """
+        return await self.states.get(self.engine, saga_id, saga)
 
     async def stuck_sagas(self, older_than: timedelta) -> list[Stamp]:
         """Sagas still running or compensating here whose view has not moved for

@@ -133,6 +133,11 @@ class StepRecord:
                 )
         object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The step's identity, (service, name): services may use the same step names."""
+        return (self.service, self.name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Suspension:
@@ -267,19 +272,23 @@ class Stamp:
         return replace(self, hop=self.hop + 1)
 
     def to_compensate(self) -> list[StepRecord]:
-        """Steps done and not yet compensated, most recent first (LIFO)."""
+        """Steps done and not yet compensated, most recent first (LIFO).
+
+        A step is (service, name): undoing one service's step leaves another
+        service's step of the same name to undo.
+        """
         undone = {
-            s.name
+            s.key
             for s in self.steps
             if s.outcome in (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
         }
-        done = [s for s in self.steps if s.outcome is StepOutcome.DONE and s.name not in undone]
+        done = [s for s in self.steps if s.outcome is StepOutcome.DONE and s.key not in undone]
         return list(reversed(done))
 
-    def step(self, name: str) -> StepRecord | None:
-        """The latest record of step ``name``, if any."""
+    def step(self, name: str, service: str | None = None) -> StepRecord | None:
+        """The latest record of step ``name`` (of ``service``, if given), if any."""
         for record in reversed(self.steps):
-            if record.name == name:
+            if record.name == name and service in (None, record.service):
                 return record
         return None
 

@@ -154,7 +154,10 @@ class SagaObserver:
             self.stats.skipped += 1
             return
         async with self.engine.begin() as conn:
-            if not await self.inbox.record(conn, self.settings.group_id, observed.message_id):
+            recorded = await self.inbox.record(
+                conn, self.settings.group_id, observed.message_id, source=observed.source[:200]
+            )
+            if not recorded:
                 self.stats.duplicates += 1
                 return
             await self.log.record(conn, observed)
