@@ -700,3 +700,54 @@ async def test_a_record_the_client_cannot_parse_stops_the_service_loudly(shop: S
     with pytest.raises(BrokerError, match="cannot read a record"):
         async with asyncio.timeout(60):
             await shop.services["beta"].wait()
+
+
+async def test_saga_status_lists_a_suspended_saga_until_its_replay_completes_it(
+    shop: Shop, tmp_path: Any
+) -> None:
+    """What a person sees: the saga log shows where a bug stopped the saga, and why."""
+    from saga import ObserverSettings, SagaObserver, saga_status
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
+    observer = SagaObserver(
+        engine=engine,
+        kafka=shop.kafka,
+        codec=core_codec(),
+        settings=ObserverSettings(
+            patterns=(shop.topic,), group_id=shop.topic + ".observer", retention=timedelta(days=1)
+        ),
+    )
+    deployed = {"buggy": True}
+
+    async def charge(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            raise LookupError("no tariff for region EU-9")
+
+    shop.beta[14] = charge
+
+    async def suspended_ids() -> list[str]:
+        report = await saga_status(engine, stuck_after=timedelta(minutes=5))
+        return [s.saga_id for s in report.attention["suspended"]]
+
+    await observer.create_tables()
+    try:
+        async with observer:
+            saga_id = await shop.start(14)
+            (letter,) = await shop.dead_letters(saga_id)
+            deadline = time.monotonic() + 30
+            while saga_id not in await suspended_ids():
+                assert time.monotonic() < deadline, "saga status never listed the suspension"
+                await asyncio.sleep(0.2)
+            report = await saga_status(engine)
+            text = report.to_text()
+            assert "LookupError: no tariff for region EU-9" in text
+            assert "beta" in text
+
+            deployed["buggy"] = False
+            await replay(shop.kafka, [letter])
+            assert await shop.ended_as(saga_id) == "COMPLETED"
+            while saga_id in await suspended_ids():
+                assert time.monotonic() < deadline + 30, "the resumed saga stayed listed"
+                await asyncio.sleep(0.2)
+    finally:
+        await engine.dispose()

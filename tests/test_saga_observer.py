@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -95,7 +96,8 @@ async def publish_saga_records(
     records.append(records[1])  # a duplicate publish
     records.append((b"x", b"not a saga message", [("ce_type", b"x")]))  # no stamp
     key, value, headers = codec.encode(first)
-    broken = [(n, v if n != "saga_stamp" else b"\xc3\x01garbage") for n, v in headers]
+    garbage = base64.b64encode(b"\xc3\x01garbage")
+    broken = [(n, v if n != "ce_sagastamp" else garbage) for n, v in headers]
     records.append((key, value, broken))  # unreadable stamp
     await publish(kafka_settings, topic, records)
     return prefix, [first, second, old], len(records)

@@ -203,7 +203,7 @@ _HEADERS = {
             "content-type",
             "traceparent",
             "tracestate",
-            "saga_stamp",
+            "ce_sagastamp",
         )
     },
 }

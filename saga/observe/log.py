@@ -20,7 +20,7 @@ log filled late by a replay still tells how long a saga has been idle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import Transaction
 from outbox.database import upsert_insert
 from outbox.tables import create_tables, validate_identifier
+from saga.choreography import SAGA_RESUMED, SAGA_SUSPENDED
 from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
 from saga.stamp import SagaStatus, Stamp
 from saga.state import merge
@@ -196,6 +197,7 @@ class SagaLog:
         else:
             merged = merge(stamp_from_json(row.stamp), incoming)
             last, count = max(row.last_message_ms, time_ms), row.messages + 1
+        merged = _suspension(merged, incoming, message)
         values = {
             "saga_id": merged.saga_id,
             "saga_name": merged.saga_name,
@@ -313,3 +315,17 @@ class SagaLog:
 
 NOT_TERMINAL = tuple(s.value for s in SagaStatus if not s.is_terminal)
 """Statuses of sagas that can still move."""
+
+
+def _suspension(merged: Stamp, incoming: Stamp, message: ObservedMessage) -> Stamp:
+    """Where the saga is suspended, as ``SagaSuspended`` and ``SagaResumed`` tell it.
+
+    A service's suspension is its own record, which merging leaves out; the
+    log follows the announcements instead.
+    """
+    held = merged.suspension
+    if message.event_type == SAGA_SUSPENDED and incoming.suspension is not None and held is None:
+        return replace(merged, suspension=incoming.suspension)
+    if message.event_type == SAGA_RESUMED and held is not None and held.service == message.service:
+        return replace(merged, suspension=None)
+    return merged

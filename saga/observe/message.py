@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from saga.choreography import COMPENSATE, FRAMEWORK_EVENTS, SAGA_ENDED
+from saga.choreography import COMPENSATE, FRAMEWORK_EVENTS, SAGA_ENDED, SAGA_SUSPENDED
 from saga.codec import AvroCodec
-from saga.envelope import Envelope, H
-from saga.errors import ConfigurationError, DecodeError
-from saga.stamp import STAMP_SCHEMA, Stamp, StepOutcome, StepRecord
+from saga.envelope import Envelope, EnvelopeCodec, H
+from saga.errors import DecodeError
+from saga.stamp import Stamp, StepOutcome, StepRecord
 
 __all__ = [
     "ObservedMessage",
@@ -146,6 +146,8 @@ def stamp_from_json(text: str) -> Stamp:
     record["started_at"] = datetime.fromisoformat(record["started_at"])
     if record["deadline"] is not None:
         record["deadline"] = datetime.fromisoformat(record["deadline"])
+    if record.get("suspension") is not None:
+        record["suspension"]["at"] = datetime.fromisoformat(record["suspension"]["at"])
     return Stamp.from_avro(record)
 
 
@@ -156,6 +158,10 @@ def _detail(event_type: str, data: Mapping[str, Any] | None) -> str | None:
         return f"step={data.get('step')}"
     if event_type == SAGA_ENDED:
         return f"status={data.get('status')}"
+    if event_type == SAGA_SUSPENDED:
+        return (
+            f"at {data.get('service')} {data.get('role')} {data.get('step')}: {data.get('error')}"
+        )
     return None
 
 
@@ -190,13 +196,9 @@ def observe_record(
         DecodeError: A header or the stamp is unreadable.
     """
     found = {name: raw or b"" for name, raw in headers}
-    if not found.get(H.STAMP):
+    stamp = EnvelopeCodec(codec).read_stamp(found)
+    if stamp is None:
         return None
-    _, record = codec.decode(found[H.STAMP], expected=STAMP_SCHEMA)
-    try:
-        stamp = Stamp.from_avro(record)
-    except (ConfigurationError, KeyError, ValueError, TypeError) as exc:
-        raise DecodeError(f"invalid stamp: {exc}", raw=found[H.STAMP]) from exc
     event_type = _header(found, H.TYPE)
     source = _header(found, H.SOURCE)
     message_id = _header(found, H.ID)

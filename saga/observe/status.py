@@ -2,12 +2,12 @@
 
 A saga needs attention when it is:
 
+* ``suspended``: a handler bug stopped it (``SagaSuspended``): its message is
+  on a dead-letter topic until the code is fixed and the message replayed;
 * ``stuck``: not terminal, and no message for longer than a threshold;
 * ``failed``: ended ``FAILED`` (a compensation could not be done).
 
-:func:`attention_kind` is the one place that decides; a saga stopped by a
-handler bug (suspended, once stamps say so) is to be added there, with its
-own list in :class:`StatusReport`, which already has the slot.
+:func:`attention_kind` is the one place that decides.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def attention_kind(summary: SagaSummary, *, stuck_after: timedelta, now: datetim
     status = SagaStatus(summary.status)
     if status is SagaStatus.FAILED:
         return "failed"
-    # A "suspended" saga (stopped by a handler bug) will be recognised here,
-    # before "stuck": it is idle too, but for a known reason.
+    # Suspended before stuck: it is idle too, but for a known reason.
+    if not status.is_terminal and summary.stamp.suspension is not None:
+        return "suspended"
     if not status.is_terminal and now - summary.last_message_at > stuck_after:
         return "stuck"
     return None
@@ -52,6 +53,15 @@ def _summary_dict(summary: SagaSummary, now: datetime) -> dict[str, Any]:
         "last_message_at": summary.last_message_at.isoformat(timespec="milliseconds"),
         "idle_seconds": round((now - summary.last_message_at).total_seconds(), 3),
         "messages": summary.messages,
+        "suspension": None
+        if summary.stamp.suspension is None
+        else {
+            "service": summary.stamp.suspension.service,
+            "role": summary.stamp.suspension.role,
+            "step": summary.stamp.suspension.step,
+            "error": summary.stamp.suspension.error,
+            "dead_letter_topic": summary.stamp.suspension.dead_letter_topic,
+        },
         "last_step": None
         if not summary.stamp.steps
         else {
@@ -101,7 +111,7 @@ class StatusReport:
             found = self.attention.get(kind, [])
             title = {
                 "stuck": f"stuck (no message for more than {self.stuck_after.total_seconds():g}s)",
-                "suspended": "suspended",
+                "suspended": "suspended (a message is dead-lettered: fix, then saga dlq replay)",
                 "failed": "failed",
             }[kind]
             lines.append("")
@@ -114,6 +124,9 @@ class StatusReport:
                     if last
                     else "no step yet"
                 )
+                held = s.stamp.suspension
+                if held is not None:
+                    where = f"at {held.role} {held.step or ''} of {held.service}: {held.error}"
                 lines.append(
                     f"  {s.saga_name} {s.saga_id}  {s.status}  idle {idle:.1f}s  {where}"
                     + (f"  reason: {s.reason}" if s.reason else "")
@@ -132,9 +145,7 @@ async def saga_status(
     log = log or SagaLog(dialect=engine.dialect.name)
     now = datetime.now(UTC)
     counts = await log.counts(engine)
-    candidates = await log.summaries(
-        engine, statuses=NOT_TERMINAL, idle_longer_than=stuck_after, limit=limit
-    )
+    candidates = await log.summaries(engine, statuses=NOT_TERMINAL, limit=limit)
     candidates += await log.summaries(engine, statuses=[SagaStatus.FAILED.value], limit=limit)
     attention: dict[str, list[SagaSummary]] = {kind: [] for kind in ATTENTION}
     for summary in candidates:
