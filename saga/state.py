@@ -257,6 +257,10 @@ class SagaStates:
         async with engine.connect() as conn:
             return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
 
+    def decode(self, raw: bytes) -> Stamp:
+        """A stamp as stored in the ``stamp`` column."""
+        return self._decode(raw)
+
     def _decode(self, raw: bytes) -> Stamp:
         _, record = self.codec.decode(raw, expected=STAMP_SCHEMA)
         return Stamp.from_avro(record)

@@ -205,6 +205,7 @@ async def test_metrics_count_handlers_sagas_duplicates_and_the_relay(run: Run) -
         await shop.wait_quiet()
     for telemetry in run.telemetry:
         assert await telemetry.metrics.refresh_backlog() == (0, 0.0)
+        assert await telemetry.metrics.refresh_in_flight() == {}  # every saga has ended
     data = run.reader.get_metrics_data()
     points: dict[str, list[Any]] = defaultdict(list)
     for resource in data.resource_metrics:

@@ -18,8 +18,15 @@ Instruments (meter ``choreosaga``), each with the ``service`` attribute:
 * ``outbox.relay.published`` (counter) and ``outbox.relay.batch_size``
   (histogram): what the relay published;
 * ``outbox.backlog`` and ``outbox.oldest_pending_age`` (gauges, rows and
-  s): set by :meth:`SagaMetrics.refresh_backlog`, which reads the outbox
-  (call it periodically; an observable callback cannot await a database).
+  s): set by :meth:`SagaMetrics.refresh_backlog`, which reads the outbox;
+* ``saga.in_flight`` (gauge): sagas this service takes part in that have not
+  ended, by ``saga.name`` and ``saga.step`` (the last step it knows of), set
+  by :meth:`SagaMetrics.refresh_in_flight`, which reads the saga views.
+
+The gauges are refreshed by :meth:`SagaMetrics.refresh`, which the
+interceptor calls at most every ``refresh_interval`` while records flow (an
+observable callback cannot await a database); call it yourself too if you
+want them fresh while the service is idle.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from sqlalchemy import func, select
 
 from outbox.database import db_now_ms
 from saga.service import Service
+from saga.stamp import SagaStatus
 
 __all__ = ["RelayMetrics", "SagaMetrics"]
 
@@ -68,6 +76,10 @@ class SagaMetrics:
         self.relay_batch = meter.create_histogram(
             "outbox.relay.batch_size", description="Records per relay publish round"
         )
+        self.in_flight = meter.create_gauge(
+            "saga.in_flight", description="Sagas not ended, by the last step known here"
+        )
+        self._in_flight_seen: set[tuple[str, str]] = set()
         self.backlog = meter.create_gauge("outbox.backlog", description="Rows due to publish")
         self.oldest_pending_age = meter.create_gauge(
             "outbox.oldest_pending_age", unit="s", description="Age of the oldest row due"
@@ -97,6 +109,41 @@ class SagaMetrics:
         """Record one relay round."""
         self.relay_batch.record(batch, self._base)
         self.relay_published.add(published, self._base)
+
+    async def refresh(self) -> None:
+        """Set every gauge from the database (backlog, oldest row, sagas in flight)."""
+        await self.refresh_backlog()
+        await self.refresh_in_flight()
+
+    async def refresh_in_flight(self, limit: int = 10_000) -> dict[tuple[str, str], int]:
+        """Count the sagas not ended here by saga name and last step; set the gauge.
+
+        Reads at most ``limit`` views (the most recently changed).
+        """
+        states = self.service.states
+        c = states.table.c
+        query = (
+            select(c.stamp)
+            .where(c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]))
+            .order_by(c.updated_at_ms.desc())
+            .limit(limit)
+        )
+        async with self.service.engine.connect() as conn:
+            raw = (await conn.execute(query)).scalars().all()
+        counts: dict[tuple[str, str], int] = {}
+        for value in raw:
+            stamp = states.decode(value)
+            step = stamp.steps[-1].name if stamp.steps else "(started)"
+            key = (stamp.saga_name, step)
+            counts[key] = counts.get(key, 0) + 1
+        # A step no saga is at any more goes back to zero rather than keep its last value.
+        for key in self._in_flight_seen | counts.keys():
+            saga, step = key
+            self.in_flight.set(
+                counts.get(key, 0), {**self._base, "saga.name": saga, "saga.step": step}
+            )
+        self._in_flight_seen |= counts.keys()
+        return counts
 
     async def refresh_backlog(self) -> tuple[int, float]:
         """Read the outbox backlog (rows due) and its oldest row's age, for the gauges."""

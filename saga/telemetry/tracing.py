@@ -26,6 +26,7 @@ random, unsampled trace id so that they can still be followed by id.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -46,6 +47,8 @@ from saga.stamp import SagaStatus
 from saga.telemetry.metrics import RelayMetrics, SagaMetrics
 
 __all__ = ["ServiceTelemetry", "TracingPublisher", "instrument", "instrument_relay"]
+
+log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MAX_HEADER = 512  # a larger traceparent/tracestate is not a trace context: ignore it
@@ -84,6 +87,20 @@ class ServiceTelemetry:
         self.metrics = SagaMetrics(service, meter_provider=meter_provider)
         # The saga topics the service takes part in (read, never changed).
         self._sagas = service._saga_topics
+        self._refreshed = float("-inf")
+
+    refresh_interval = 10.0
+    """Seconds between two refreshes of the gauges while records flow."""
+
+    async def _refresh_gauges(self) -> None:
+        now = time.monotonic()
+        if now - self._refreshed < self.refresh_interval:
+            return
+        self._refreshed = now
+        try:
+            await self.metrics.refresh()
+        except Exception as exc:  # metrics must never stop the pipeline; say so
+            log.warning("%s could not refresh its gauges: %s", self.service.name, exc)
 
     # -- consumer -----------------------------------------------------------------
 
@@ -168,6 +185,7 @@ class ServiceTelemetry:
                 retries=stats.retries - retried,
                 outages=stats.outage_waits - waited,
             )
+            await self._refresh_gauges()
             if envelope is not None and envelope.stamp is not None:
                 self._saga_ended(envelope, record.topic, outcome)
 
