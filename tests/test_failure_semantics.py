@@ -706,7 +706,7 @@ async def test_saga_status_lists_a_suspended_saga_until_its_replay_completes_it(
     shop: Shop, tmp_path: Any
 ) -> None:
     """What a person sees: the saga log shows where a bug stopped the saga, and why."""
-    from saga import ObserverSettings, SagaObserver, saga_status
+    from saga import ObserverSettings, SagaObserver, saga_status, trace_from_log
 
     engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
     observer = SagaObserver(
@@ -714,7 +714,9 @@ async def test_saga_status_lists_a_suspended_saga_until_its_replay_completes_it(
         kafka=shop.kafka,
         codec=core_codec(),
         settings=ObserverSettings(
-            patterns=(shop.topic,), group_id=shop.topic + ".observer", retention=timedelta(days=1)
+            patterns=(shop.topic, shop.topic + ".dlq"),
+            group_id=shop.topic + ".observer",
+            retention=timedelta(days=1),
         ),
     )
     deployed = {"buggy": True}
@@ -742,6 +744,17 @@ async def test_saga_status_lists_a_suspended_saga_until_its_replay_completes_it(
             text = report.to_text()
             assert "LookupError: no tariff for region EU-9" in text
             assert "beta" in text
+            # The dead letter is observed too: the trace shows where and why.
+            while True:
+                trace = await trace_from_log(engine, saga_id)
+                assert trace is not None
+                rows = [m for m in trace.to_dict()["timeline"] if m["outcome"] == "DEAD_LETTERED"]
+                if rows:
+                    break
+                assert time.monotonic() < deadline, "the dead letter never reached the saga log"
+                await asyncio.sleep(0.2)
+            assert rows[0]["service"] == "beta"
+            assert "LookupError" in rows[0]["detail"]
 
             deployed["buggy"] = False
             await replay(shop.kafka, [letter])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -217,7 +217,7 @@ def observe_record(
             _, data = codec.decode(value or b"", expected=event_type)
         except DecodeError:
             data = None
-    return _observed(
+    observed = _observed(
         stamp,
         event_type=event_type,
         source=source,
@@ -232,6 +232,29 @@ def observe_record(
         partition=partition,
         offset=offset,
     )
+    error_type = _header(found, "dlq_error_type")
+    if error_type is None:
+        return observed
+    # A dead letter: the original record with why it failed. Logged as a row
+    # of its own (its message id is the original's), so the trace shows it.
+    what = _header(found, "dlq_step") or _header(found, "dlq_role") or "?"
+    message = (_header(found, "dlq_error_message") or "")[:200]
+    return replace(
+        observed,
+        message_id=f"dlq:{topic}/{partition}/{offset}"[:200],
+        service=_header(found, "dlq_service") or observed.service,
+        outcome="DEAD_LETTERED",
+        detail=f"dead-lettered at {what}: {error_type.rsplit('.', 1)[-1]}: {message}",
+        time=_dead_letter_time(found) or observed.time,
+    )
+
+
+def _dead_letter_time(found: Mapping[str, bytes]) -> datetime | None:
+    text = _header(found, "dlq_last_failure")
+    try:
+        return None if text is None else datetime.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def observe_envelope(
