@@ -35,6 +35,7 @@ from datetime import timedelta
 
 from tenacity import RetryCallState
 
+from outbox.crashpoints import crash_point
 from outbox.errors import ConfigurationError, OutboxError, PublishError
 from outbox.message import StoredMessage
 from outbox.publisher import HeldBackError, Publisher
@@ -249,6 +250,7 @@ class Relay:
             if not batch:
                 return 0
             outcomes = await self.publisher.publish(batch)
+            crash_point("relay.after_publish")
             self._check_order(batch, outcomes)
             done = [m for m, error in zip(batch, outcomes, strict=True) if error is None]
             marked = await self.store.mark_published(done)
