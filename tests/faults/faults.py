@@ -195,7 +195,11 @@ class Injector:
         deadline = time.monotonic() + timeout
         while not proc.ready():
             if not proc.alive():
-                log.warning("%s exited while starting (%s); starting it again", proc.name, proc)
+                log.warning(
+                    "%s exited while starting (status %s); starting it again",
+                    proc.name,
+                    proc.process.returncode if proc.process else None,
+                )
                 proc.kill()
                 proc.start()
             if time.monotonic() > deadline:
