@@ -338,6 +338,9 @@ class Cluster:
         if self.broker_paused:
             self.resume_broker()
         statuses = {}
+        for proc in self.procs:
+            if proc.alive():
+                proc.signal(signal.SIGCONT)  # a zombie left stopped by an interrupted run
         for proc in sorted(self.procs, key=lambda p: p.kind != "relay"):
             statuses[proc.name] = proc.terminate()
         self.broker.stop()

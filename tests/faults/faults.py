@@ -148,6 +148,13 @@ class Injector:
         await asyncio.gather(*self._tasks)
         self._tasks.clear()
 
+    async def cancel(self) -> None:
+        """Stop injecting (an interrupted run); stopped processes are resumed by the cluster."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
     async def _inject(self, kind: str) -> None:
         action = getattr(self, f"_{kind}")
         try:

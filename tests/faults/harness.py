@@ -265,9 +265,14 @@ async def _exercise(
             pg_restart=options.pg_restart,
         )
     )
-    await placer()
-    placed = time.monotonic()
-    fault_log: FaultLog = await faults_task
+    try:
+        await placer()
+        placed = time.monotonic()
+        fault_log: FaultLog = await faults_task
+    finally:
+        if not faults_task.done():  # interrupted: stop breaking things before cleaning up
+            faults_task.cancel()
+            await injector.cancel()
     faults_end = max(fault_log.ended, placed)
 
     # Heal: every saga terminal and every due outbox row published.

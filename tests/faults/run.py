@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checks import Report
 from .harness import Options, run
 
 
@@ -69,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def _interruptible(options: Options) -> Report:
+    """The run, cancelled (and cleaned up: processes, databases) on SIGTERM or SIGINT.
+
+    Set here, not left to ``asyncio.run``: a run started in the background
+    by a shell ignores SIGINT.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    return await run(options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -90,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heal_bound=args.heal_bound,
         workdir=args.workdir,
     )
-    report = asyncio.run(run(options))
+    report = asyncio.run(_interruptible(options))
     print(report.table(), flush=True)
     print(f"logs: {report.workdir}")
     return 1 if report.violations else 0
