@@ -147,7 +147,6 @@ async def collect(
     options_seed: int,
     heal_seconds: float | None,
     heal_bound: float,
-    started: float,
 ) -> Report:
     """Read the databases, compare them with the wire, and judge the run."""
     topic = cluster.prefix + SAGA

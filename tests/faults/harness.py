@@ -300,6 +300,5 @@ async def _exercise(
             options_seed=options.seed,
             heal_seconds=None if healed_at is None else healed_at - faults_end,
             heal_bound=options.heal_bound,
-            started=started,
         )
     )
