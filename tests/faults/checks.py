@@ -59,6 +59,9 @@ class Report:
     late: dict[str, int]
     late_faults: dict[str, int]
     latency: dict[str, float]
+    durations: dict[str, tuple[float, float]]
+    """Per fault kind, mean and longest time from the fault until the part was whole
+    again (a killed process restarted and ready, the broker resumed)."""
     checks: list[tuple[str, str, bool, str]] = field(default_factory=list)
     """(guarantee, name, ok, detail) of every check; guarantee C is reported only."""
     details: list[str] = field(default_factory=list)
@@ -111,6 +114,12 @@ class Report:
                     " / ".join(f"{self.latency[k]:.2f} s" for k in ("p50", "p95", "max")),
                 )
             )
+        if self.durations:
+            rows.append(("  fault until whole again, mean / max", ""))
+            rows += [
+                (f"    {kind}", f"{mean:.1f} s / {longest:.1f} s")
+                for kind, (mean, longest) in sorted(self.durations.items())
+            ]
         if self.late:
             rows.append(("  late sagas, how they ended", ""))
             rows += [(f"    {k}", str(n)) for k, n in sorted(self.late.items())]
@@ -365,6 +374,11 @@ async def collect(
             "p95": latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))],
             "max": latencies[-1],
         }
+    spans: dict[str, list[float]] = defaultdict(list)
+    for f in faults.faults:
+        if f.fired and f.ended:
+            spans[f.kind].append(f.ended - f.started)
+    durations = {k: (statistics.mean(v), max(v)) for k, v in spans.items()}
     return Report(
         seed=options_seed,
         orders=len(orders),
@@ -386,6 +400,7 @@ async def collect(
         late=dict(late),
         late_faults=dict(late_faults),
         latency=latency,
+        durations=durations,
         checks=checks,
         details=[f"{f.kind} {f.target} {f.detail}" for f in faults.faults],
     )
