@@ -11,9 +11,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from saga import StepOutcome
 from services import PAYMENT_CHARGED, SAGA, SHIPMENT_CREATED, STOCK_RESERVED
 from services.scenarios import OrderRequest, Scenario
-from services.shop import TERMINAL, Shop
+from services.shop import FORWARD, TERMINAL, Shop
 
 from .cluster import Cluster
 from .faults import FaultLog
@@ -58,6 +59,8 @@ class Report:
     on_time: float
     late: dict[str, int]
     late_faults: dict[str, int]
+    late_waiting: dict[str, int]
+    """Late sagas by the step they were waiting for when their deadline came."""
     latency: dict[str, float]
     durations: dict[str, tuple[float, float]]
     """Per fault kind, mean and longest time from the fault until the part was whole
@@ -123,6 +126,8 @@ class Report:
         if self.late:
             rows.append(("  late sagas, how they ended", ""))
             rows += [(f"    {k}", str(n)) for k, n in sorted(self.late.items())]
+            rows.append(("  late sagas, waiting for", ""))
+            rows += [(f"    {k}", str(n)) for k, n in sorted(self.late_waiting.items())]
             rows.append(("  faults during the late sagas", ""))
             rows += [(f"    {k}", str(n)) for k, n in sorted(self.late_faults.items())]
         width = max(len(k) for k, _ in rows) + 2
@@ -346,6 +351,7 @@ async def collect(
     on_time = 0
     late: Counter[str] = Counter()
     late_faults: Counter[str] = Counter()
+    waiting: Counter[str] = Counter()
     latencies = []
     for order_id, (_, scenario) in orders.items():
         status, reason = statuses.get(order_id, ("missing", None))
@@ -361,6 +367,8 @@ async def collect(
             continue
         late[f"{scenario.value} -> {_outcome(status, reason)}"] += 1
         if stamp is not None:
+            done = {st.name for st in stamp.steps if st.outcome is not StepOutcome.FAILED}
+            waiting[next((st for st in FORWARD if st not in done), "the end")] += 1
             begin = stamp.started_at.timestamp() - wall
             end = max((s.at.timestamp() for s in stamp.steps), default=time.time()) - wall
             for f in faults.faults:
@@ -399,6 +407,7 @@ async def collect(
         on_time=on_time / max(len(orders), 1),
         late=dict(late),
         late_faults=dict(late_faults),
+        late_waiting=dict(waiting),
         latency=latency,
         durations=durations,
         checks=checks,
