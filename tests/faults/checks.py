@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -12,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from saga import StepOutcome
+from saga.choreography import SAGA_ENDED
 from services import PAYMENT_CHARGED, SAGA, SHIPMENT_CREATED, STOCK_RESERVED
 from services.scenarios import OrderRequest, Scenario
 from services.shop import FORWARD, TERMINAL, Shop
@@ -62,6 +64,8 @@ class Report:
     late_waiting: dict[str, int]
     """Late sagas by the step they were waiting for when their deadline came."""
     latency: dict[str, float]
+    hops: dict[str, tuple[float, float, float]]
+    """Per hop (a service's relay, a service's consumer), p50, p99 and max seconds."""
     durations: dict[str, tuple[float, float]]
     """Per fault kind, mean and longest time from the fault until the part was whole
     again (a killed process restarted and ready, the broker resumed)."""
@@ -117,6 +121,12 @@ class Report:
                     " / ".join(f"{self.latency[k]:.2f} s" for k in ("p50", "p95", "max")),
                 )
             )
+        if self.hops:
+            rows.append(("  time per hop, p50 / p99 / max", ""))
+            rows += [
+                (f"    {hop}", " / ".join(f"{x:.2f} s" for x in figures))
+                for hop, figures in self.hops.items()
+            ]
         if self.durations:
             rows.append(("  fault until whole again, mean / max", ""))
             rows += [
@@ -179,6 +189,8 @@ async def collect(
     outbox_ids: dict[tuple[str, str], int] = {}
     missing: list[str] = []
     unpublished = Counter[str]()
+    lags: dict[str, list[float]] = defaultdict(list)
+    """Seconds per hop: outbox row ready -> marked published; on the wire -> handled."""
     rows_on_topic = 0
     for name, svc in services.items():
         t = svc.service.tables.outbox
@@ -188,11 +200,15 @@ async def collect(
             "id",
             "message_id",
             "topic",
+            "created_at_ms",
             "due_at_ms",
             "published_at_ms",
             "parked_at_ms",
         )
         for row in rows:
+            if row.topic == topic and row.published_at_ms is not None:
+                ready = max(row.created_at_ms, row.due_at_ms or 0)
+                lags[f"relay {name}"].append((row.published_at_ms - ready) / 1000)
             if row.topic == topic:
                 rows_on_topic += 1
             if row.topic == topic and row.due_at_ms is None:
@@ -296,6 +312,7 @@ async def collect(
     )
     offset_of = {(r.ce_id): (r.partition, r.offset) for r in first.values()}
     key_of = {r.ce_id: r.key for r in first.values()}
+    first_sent = {r.ce_id: r.timestamp_ms for r in first.values()}
     handled_wrong: list[str] = []
     for name, svc in services.items():
         inbox = svc.service.tables.inbox
@@ -304,6 +321,8 @@ async def collect(
         for row in rows:
             if row.consumer != name or row.message_id not in offset_of:
                 continue
+            sent = first_sent[row.message_id]
+            lags[f"consumer {name}"].append(max(0, row.received_at_ms - sent) / 1000)
             per_saga[key_of[row.message_id]].append(
                 (offset_of[row.message_id], row.received_at_ms, row.message_id)
             )
@@ -348,6 +367,11 @@ async def collect(
 
     # -- on time, and where the time goes --------------------------------------------
     wall = time.time() - time.monotonic()
+    ended: dict[str, float] = {}
+    """When each saga's end was first announced on the wire (epoch seconds)."""
+    for r in first.values():
+        if r.ce_type == SAGA_ENDED and r.ce_source == _source("order"):
+            ended[r.key] = min(ended.get(r.key, math.inf), r.timestamp_ms / 1000)
     on_time = 0
     late: Counter[str] = Counter()
     late_faults: Counter[str] = Counter()
@@ -361,16 +385,14 @@ async def collect(
         ):
             on_time += 1
             if stamp is not None and stamp.steps and scenario is Scenario.COMPLETED:
-                latencies.append(
-                    (max(s.at for s in stamp.steps) - stamp.started_at).total_seconds()
-                )
+                latencies.append(ended.get(order_id, time.time()) - stamp.started_at.timestamp())
             continue
         late[f"{scenario.value} -> {_outcome(status, reason)}"] += 1
         if stamp is not None:
             done = {st.name for st in stamp.steps if st.outcome is not StepOutcome.FAILED}
             waiting[next((st for st in FORWARD if st not in done), "the end")] += 1
             begin = stamp.started_at.timestamp() - wall
-            end = max((s.at.timestamp() for s in stamp.steps), default=time.time()) - wall
+            end = ended.get(order_id, time.time()) - wall
             for f in faults.faults:
                 if f.fired and f.started <= end and (f.ended or end) >= begin:
                     late_faults[f.kind] += 1
@@ -387,6 +409,7 @@ async def collect(
         if f.fired and f.ended:
             spans[f.kind].append(f.ended - f.started)
     durations = {k: (statistics.mean(v), max(v)) for k, v in spans.items()}
+    hops = {k: _percentiles(v) for k, v in sorted(lags.items()) if v}
     return Report(
         seed=options_seed,
         orders=len(orders),
@@ -410,8 +433,18 @@ async def collect(
         late_waiting=dict(waiting),
         latency=latency,
         durations=durations,
+        hops=hops,
         checks=checks,
         details=[f"{f.kind} {f.target} {f.detail}" for f in faults.faults],
+    )
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    return (
+        statistics.median(ordered),
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        ordered[-1],
     )
 
 
