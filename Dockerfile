@@ -22,7 +22,8 @@ WORKDIR /app
 # build backend of the install below (PIP_CONSTRAINT reaches its isolated build).
 COPY pyproject.toml ./
 COPY deploy/constraints.txt ./deploy/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# The otel extra too: the services export spans and metrics when OTEL_* is set.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -22,7 +22,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from outbox.errors import ConfigurationError, StoreError
-from outbox.failures import classify
+from outbox.failures import classify, describe
 
 __all__ = [
     "configure_sqlite",
@@ -107,11 +107,14 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
 
     ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
     aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`).
+    Errors never quote statement parameters (``hide_parameters=True``).
     Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
     Statement parameters are left out of error messages and logs
     (``hide_parameters``): they hold payloads, card tokens and the like.
     """
     parsed = _normalise(url)
+    # A database error's text would otherwise quote the statement's parameters
+    # (payloads, card tokens) into every traceback that is logged.
     engine_options.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         engine_options.setdefault("connect_args", {"timeout": 30})
@@ -183,5 +186,4 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 def translate_db_error(exc: SQLAlchemyError, what: str) -> StoreError:
     """Map a SQLAlchemy error to a :class:`StoreError` that says what failed."""
-    detail = getattr(exc, "orig", None) or exc
-    return StoreError(f"{what}: {detail}", kind=classify(exc))
+    return StoreError(f"{what}: {describe(exc)}", kind=classify(exc))

@@ -36,6 +36,10 @@ few cases are where they are:
 * A bare ``ConnectionError`` (from a handler's own HTTP client, say) is
   TRANSIENT, not an outage of ours: waiting without end for a service that
   may never answer at that address would block the partition for good.
+* psycopg also reports a server that refuses the connection for good (the
+  database or role does not exist, the password is wrong) without a
+  SQLSTATE; only the server's ``FATAL`` message tells it apart from an
+  outage, and waiting will not make the database appear: PERMANENT.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import enum
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-__all__ = ["ErrorKind", "classify"]
+__all__ = ["ErrorKind", "classify", "describe"]
 
 
 class ErrorKind(enum.Enum):
@@ -74,8 +78,26 @@ _OUTAGE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
 # lock_not_available, 57014 query_canceled (statement or lock timeout).
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03", "57014")
 # SQLite reports contention only through its messages.
-_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "busy")
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database schema is locked")
 _OUTAGE_SQLITE = ("disk i/o error", "unable to open database file")
+# What psycopg says, without a SQLSTATE, when the connection itself is the trouble.
+_CONNECTION_TROUBLE = (
+    "connection",
+    "server closed",
+    "could not receive",
+    "could not send",
+    "consuming input failed",
+    "ssl",
+    "timeout expired",
+    "terminating",
+)
+# What a PostgreSQL server says (FATAL, no SQLSTATE through psycopg's connect)
+# when it refuses a connection for a reason waiting will not fix.
+_REFUSED_FOR_GOOD = (
+    "does not exist",  # database or role
+    "password authentication failed",
+    "no pg_hba.conf entry",
+)
 
 # aiokafka errors that mean the broker (or the route to it) is unavailable.
 _KAFKA_OUTAGE_NAMES = frozenset(
@@ -101,10 +123,12 @@ _KAFKA_OUTAGE_NAMES = frozenset(
 def classify(exc: BaseException) -> ErrorKind:
     """Return what ``exc`` means: an outage, a transient failure, or a permanent one.
 
-    Wrappers are seen through: an error raised ``from`` another is classified
-    by the most specific kind found along its ``__cause__`` chain (an outage
-    anywhere in the chain makes it an outage), so that a handler that wraps a
-    lost connection in its own exception does not turn an outage into a bug.
+    Wrappers are seen through: an error raised ``from`` another, or raised
+    while handling another (``__context__``, unless suppressed with ``from
+    None``), is classified by the most specific kind found along that chain
+    (an outage anywhere in it makes it an outage), so that a handler that
+    wraps a lost connection in its own exception does not turn an outage
+    into a bug.
     """
     kinds = set()
     seen: set[int] = set()
@@ -112,7 +136,10 @@ def classify(exc: BaseException) -> ErrorKind:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         kinds.add(_classify_one(current))
-        current = current.__cause__
+        if current.__cause__ is not None or current.__suppress_context__:
+            current = current.__cause__
+        else:
+            current = current.__context__
     for kind in (ErrorKind.OUTAGE, ErrorKind.TRANSIENT):
         if kind in kinds:
             return kind
@@ -160,5 +187,32 @@ def _classify_db(exc: DBAPIError) -> ErrorKind:
             if any(marker in message for marker in _OUTAGE_SQLITE):
                 return ErrorKind.OUTAGE
             return ErrorKind.PERMANENT  # SQLite reports SQL mistakes as OperationalError too
-        return ErrorKind.OUTAGE  # psycopg: connection refused, server gone, no SQLSTATE
+        message = str(orig)
+        if "FATAL" in message and any(marker in message for marker in _REFUSED_FOR_GOOD):
+            return ErrorKind.PERMANENT
+        if any(marker in message.lower() for marker in _CONNECTION_TROUBLE):
+            return ErrorKind.OUTAGE  # psycopg: connection refused, server gone, no SQLSTATE
+        # No SQLSTATE and nothing about the connection (psycopg refusing a
+        # statement before sending it, say): bounded, not an outage.
+        return ErrorKind.TRANSIENT
     return ErrorKind.PERMANENT
+
+
+def describe(exc: BaseException) -> str:
+    """One line about an error that never quotes data: safe for logs and stamps.
+
+    PostgreSQL adds the failing row's values to constraint errors (``DETAIL:
+    Key (card)=(…)``), and SQLAlchemy adds the statement: for a database
+    error this keeps the driver's error class, the SQLSTATE and the primary
+    message only.
+    """
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        orig = exc.orig
+        diag = getattr(orig, "diag", None)
+        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        text = primary or (str(orig).strip().splitlines() or [""])[0]
+        sqlstate = getattr(orig, "sqlstate", None)
+        code = f" [{sqlstate}]" if sqlstate else ""
+        return f"{type(orig).__name__}{code}: {text}"[:500]
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__

@@ -1,7 +1,10 @@
 """The inbox: remembers which messages a consumer has already processed.
 
-Deduplication is a unique key, ``(consumer, message_id)``, written inside the
-handler's own transaction, before the handler runs. A redelivered message
+Deduplication is a unique key, ``(consumer, source, message_id)``, written
+inside the handler's own transaction, before the handler runs. A message id
+is only unique within its source (the producer that assigned it; CloudEvents
+promises no more than source + id), so two producers choosing the same id
+never swallow each other's messages. A redelivered message
 finds the key taken and is skipped; if the handler's transaction rolls back,
 the key goes with it and the message will be processed on redelivery. There
 is no other dedupe mechanism: no cache, no second connection.
@@ -26,19 +29,24 @@ __all__ = ["InboxStore", "SqlInboxStore"]
 _MAX_ID = 200
 
 
-def _check(consumer: str, message_id: str) -> None:
+def _check(consumer: str, source: str, message_id: str) -> None:
     if not consumer or len(consumer) > _MAX_ID:
         raise ConfigurationError(f"consumer name must be 1-{_MAX_ID} characters")
+    if not source or len(source) > _MAX_ID:
+        raise ConfigurationError(f"message source must be 1-{_MAX_ID} characters")
     if not message_id or len(message_id) > _MAX_ID:
         raise ConfigurationError(f"message id must be 1-{_MAX_ID} characters")
 
 
 class InboxStore(ABC):
-    """Records processed message ids, per consumer."""
+    """Records processed message ids, per consumer and message source."""
 
     @abstractmethod
-    async def record(self, tx: Transaction, consumer: str, message_id: str) -> bool:
-        """Record ``message_id`` for ``consumer`` inside the open transaction ``tx``.
+    async def record(self, tx: Transaction, consumer: str, message_id: str, *, source: str) -> bool:
+        """Record ``message_id`` of ``source`` for ``consumer`` inside the open transaction ``tx``.
+
+        ``source`` names whoever assigned the id (a producer, a topic): ids
+        are compared only within one source.
 
         Returns:
             ``True`` the first time; ``False`` when the message was already
@@ -46,8 +54,8 @@ class InboxStore(ABC):
         """
 
     @abstractmethod
-    async def contains(self, consumer: str, message_id: str) -> bool:
-        """Whether ``consumer`` has committed the processing of ``message_id``."""
+    async def contains(self, consumer: str, message_id: str, *, source: str) -> bool:
+        """Whether ``consumer`` has committed the processing of ``message_id`` of ``source``."""
 
     @abstractmethod
     async def purge(self, older_than: timedelta, limit: int) -> int:
@@ -74,24 +82,26 @@ class SqlInboxStore(InboxStore):
         self._insert = (
             upsert_insert(dialect)(tables.inbox)
             .values(received_at_ms=db_now_ms())
-            .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
+            .on_conflict_do_nothing(index_elements=["consumer", "source", "message_id"])
             .returning(tables.inbox.c.message_id)
         )
 
-    async def record(self, tx: Transaction, consumer: str, message_id: str) -> bool:
-        _check(consumer, message_id)
+    async def record(self, tx: Transaction, consumer: str, message_id: str, *, source: str) -> bool:
+        _check(consumer, source, message_id)
         try:
             result = await tx.execute(
-                self._insert, {"consumer": consumer, "message_id": message_id}
+                self._insert, {"consumer": consumer, "source": source, "message_id": message_id}
             )
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not record the message in the inbox") from exc
         return result.first() is not None
 
-    async def contains(self, consumer: str, message_id: str) -> bool:
+    async def contains(self, consumer: str, message_id: str, *, source: str) -> bool:
         inbox = self.tables.inbox
         query = select(inbox.c.message_id).where(
-            inbox.c.consumer == consumer, inbox.c.message_id == message_id
+            inbox.c.consumer == consumer,
+            inbox.c.source == source,
+            inbox.c.message_id == message_id,
         )
         try:
             async with self.engine.connect() as conn:
@@ -103,12 +113,13 @@ class SqlInboxStore(InboxStore):
         inbox = self.tables.inbox
         cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
         victims = (
-            select(inbox.c.consumer, inbox.c.message_id)
+            select(inbox.c.consumer, inbox.c.source, inbox.c.message_id)
             .where(inbox.c.received_at_ms < cutoff)
             .order_by(inbox.c.received_at_ms)
             .limit(limit)
         )
-        statement = delete(inbox).where(tuple_(inbox.c.consumer, inbox.c.message_id).in_(victims))
+        key = tuple_(inbox.c.consumer, inbox.c.source, inbox.c.message_id)
+        statement = delete(inbox).where(key.in_(victims))
         try:
             async with self.engine.begin() as conn:
                 return int((await conn.execute(statement)).rowcount)

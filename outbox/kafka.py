@@ -2,10 +2,29 @@
 
 This module is the one place where aiokafka errors become
 :class:`~outbox.errors.PublishError`: a record too large for the producer or
-broker, an invalid topic or a refused authorisation are permanent (the relay
-parks the row); everything else, timeouts included, is treated as transient
-(the relay backs off and tries again), because losing a row is worse than
+broker, an invalid or unknown topic or a refused authorisation are permanent
+(the relay parks the row); a broker that cannot be reached is an outage;
+everything else is treated as transient (the relay backs off and tries
+again), because parking a row that could have been published is worse than
 waiting.
+
+What aiokafka does not say plainly, and how it is handled here:
+
+* A record for a topic the broker does not know (automatic topic creation
+  off, or a name the broker refuses) is not refused: ``send()`` asks for
+  metadata again and again for ``request_timeout_ms`` and then raises the
+  *retriable* ``UnknownTopicOrPartitionError`` -- exactly what it raises
+  when the broker is down. So before the first record of a topic the
+  producer has no metadata for, the publisher asks one broker about that
+  topic itself: an answer "unknown", "invalid" or "not authorised" parks the
+  row at once; no answer is an outage, and nothing is parked.
+* The producer's background sender task can end (aiokafka logs "Unexpected
+  error in sender routine"); every later ``send()`` then fails, forever. The
+  publisher checks the task before each batch and replaces a producer whose
+  sender has ended.
+* A broker without idempotent producers (the embedded test broker, old or
+  restricted clusters) fails ``InitProducerId`` with ``UnknownError [-1]``;
+  ``start()`` says how to fix that instead.
 """
 
 from __future__ import annotations
@@ -24,11 +43,15 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
+    UnknownError,
     UnsupportedCodecError,
+    UnsupportedVersionError,
     for_code,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 
 from outbox.errors import MessageTooLargeError, PublishError
+from outbox.failures import ErrorKind, classify
 from outbox.message import StoredMessage
 from outbox.publisher import Publisher
 from outbox.settings import KafkaSettings
@@ -48,14 +71,24 @@ def translate_kafka_error(exc: BaseException) -> PublishError:
         return MessageTooLargeError(f"record too large for the broker: {exc}")
     if isinstance(exc, _PERMANENT):
         return PublishError(f"{type(exc).__name__}: {exc}", retriable=False)
-    return PublishError(f"{type(exc).__name__}: {exc}", retriable=True)
+    kind = ErrorKind.OUTAGE if classify(exc) is ErrorKind.OUTAGE else ErrorKind.TRANSIENT
+    return PublishError(f"{type(exc).__name__}: {exc}", retriable=True, kind=kind)
+
+
+# Metadata error codes that mean "this topic can never be produced to as it is".
+_TOPIC_REFUSED = {
+    3: "does not exist (and the broker does not create topics automatically)",
+    17: "is not a valid topic name",
+    29: "may not be written by this client (topic authorization failed)",
+}
 
 
 class KafkaPublisher(Publisher):
     """Publishes outbox rows with an ``AIOKafkaProducer`` (acks=all by default).
 
     The producer is created on :meth:`start` and re-created after a failed
-    start, so a relay started while the broker is down recovers by itself.
+    start, so a relay started while the broker is down recovers by itself;
+    a producer whose background sender has died is replaced too.
     """
 
     def __init__(self, settings: KafkaSettings) -> None:
@@ -66,16 +99,44 @@ class KafkaPublisher(Publisher):
     async def start(self) -> None:
         async with self._lock:
             if self._producer is not None:
-                return
+                if _sender_alive(self._producer):
+                    return
+                dead, self._producer = self._producer, None
+                log.error("the Kafka producer's sender task ended; replacing the producer")
+                try:
+                    await dead.stop()
+                except Exception as exc:  # it is being thrown away: say so, go on
+                    log.warning("stopping the dead Kafka producer failed: %r", exc)
             producer = AIOKafkaProducer(**self.settings.producer_kwargs())
             try:
                 await producer.start()
             except BaseException as exc:
                 await producer.stop()
                 if isinstance(exc, Exception):
-                    raise translate_kafka_error(exc) from exc
+                    raise self._start_error(exc) from exc
                 raise
             self._producer = producer
+
+    def _start_error(self, exc: Exception) -> PublishError:
+        servers = self.settings.bootstrap_servers
+        if self.settings.enable_idempotence and isinstance(
+            exc, UnknownError | UnsupportedVersionError
+        ):
+            return PublishError(
+                f"the Kafka broker at {servers} refused an idempotent producer "
+                f"(InitProducerId failed: {type(exc).__name__}): set "
+                "KAFKA_ENABLE_IDEMPOTENCE=false, or use a broker that supports "
+                "idempotent producers",
+                retriable=False,
+            )
+        error = translate_kafka_error(exc)
+        if error.kind is ErrorKind.OUTAGE:
+            return PublishError(
+                f"could not reach the Kafka brokers at {servers}: {error}",
+                retriable=True,
+                kind=ErrorKind.OUTAGE,
+            )
+        return error
 
     async def stop(self) -> None:
         async with self._lock:
@@ -87,6 +148,8 @@ class KafkaPublisher(Publisher):
         await self.start()
         producer = self._producer
         assert producer is not None
+        if producer.client.cluster.partitions_for_topic(message.topic) is None:
+            await self._check_topic(producer, message.topic)
         try:
             future = await producer.send(
                 message.topic,
@@ -100,8 +163,39 @@ class KafkaPublisher(Publisher):
         # would cost a Task each when the batch is gathered.
         return cast("asyncio.Future[None]", future)
 
+    async def _check_topic(self, producer: AIOKafkaProducer, topic: str) -> None:
+        """Refuse a topic the broker says it does not have; never guess when it is silent.
+
+        Raises:
+            PublishError: Permanent when the broker answered that the topic is
+                unknown, invalid or not authorised; an outage when no broker
+                answered.
+        """
+        client = producer.client
+        node_id = client.get_random_node()
+        try:
+            if node_id is None:
+                raise PublishError("no broker known", retriable=True, kind=ErrorKind.OUTAGE)
+            response = await client.send(node_id, MetadataRequest([topic]))
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise translate_kafka_error(exc) from exc
+        for entry in response.topics:
+            code, name = entry[0], entry[1]
+            if name == topic and code in _TOPIC_REFUSED:
+                raise PublishError(
+                    f"topic {topic!r} {_TOPIC_REFUSED[code]} ({for_code(code).__name__})",
+                    retriable=False,
+                )
+
     def translate(self, exc: BaseException) -> PublishError:
         return translate_kafka_error(exc)
+
+
+def _sender_alive(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's background sender task still runs (aiokafka internals)."""
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return task is None or not task.done()
 
 
 async def ensure_topics(

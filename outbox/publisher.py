@@ -37,7 +37,7 @@ class Publisher(ABC):
 
     Implementations provide :meth:`send`, which hands one record to the
     broker client and returns an awaitable acknowledgement; :meth:`publish`
-    sends a batch in order, holding back the records of a key once one of
+    sends a batch in order, holding back the records of a topic and key once one of
     its records was refused.
     """
 
@@ -68,9 +68,9 @@ class Publisher(ABC):
         await self.start()
         outcomes: list[PublishError | None] = [None] * len(batch)
         acks: list[tuple[int, Awaitable[None]]] = []
-        refused: set[bytes] = set()
+        refused: set[tuple[str, bytes]] = set()
         for index, message in enumerate(batch):
-            if message.key is not None and message.key in refused:
+            if message.key is not None and (message.topic, message.key) in refused:
                 outcomes[index] = HeldBackError()
                 continue
             try:
@@ -78,7 +78,7 @@ class Publisher(ABC):
             except PublishError as exc:
                 outcomes[index] = exc
                 if message.key is not None:
-                    refused.add(message.key)
+                    refused.add((message.topic, message.key))
         results = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
         for (index, _), result in zip(acks, results, strict=True):
             if isinstance(result, asyncio.CancelledError):

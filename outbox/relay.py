@@ -5,19 +5,31 @@ One round: read up to ``batch_size`` due rows of the shards this relay holds
 acknowledged ones in one statement. A crash between publish and mark only
 causes duplicates, never a loss (at-least-once).
 
-Failures:
+Start: :meth:`Relay.start` refuses what waiting cannot fix -- a missing
+database, directory or table, a broker that refuses the producer -- at once,
+and gives an unreachable database or broker ``startup_timeout`` (30 s) before
+it fails: at start, silence is more likely a wrong address than an outage.
 
-* transient (broker down, timeouts, database hiccups): the rows stay pending
-  and the relay backs off (tenacity-style exponential backoff with jitter)
-  and tries again, forever, resuming by itself;
-* permanent (a record too large, an invalid topic): the row is parked with
-  its error, visible through :meth:`OutboxStore.parked` and retriable with
-  :meth:`OutboxStore.retry_parked`; rows of other keys go on, rows of the
-  same key wait behind it so that the key's order is kept.
+Failures while running follow :mod:`outbox.failures`:
 
-Several relays may run against one database: each publishes only the shards
-it leases (see :mod:`outbox.lease`), renewed in the background even while a
-batch is in flight.
+* outages (broker or database unreachable, a connection killed): the rows
+  stay pending, the relay backs off and tries again for as long as it lasts,
+  and ``stats.failed_attempts`` counts the failed rounds;
+* a row that can never be published (too large, an unknown or invalid
+  topic, not authorised) is parked at once with its error, visible through
+  :meth:`OutboxStore.parked`; :meth:`OutboxStore.retry_parked` and
+  :meth:`OutboxStore.discard_parked` release it. Later rows of the same
+  topic and key wait behind it so that their order is kept; other topics and
+  keys go on;
+* anything else (a dropped table, a bug) stops the relay: it logs the error,
+  gives its shards back so that another relay takes them at once, and
+  :meth:`Relay.join` raises the error (``saga relay`` exits non-zero).
+
+Every background task (publish, leases, commit notifications, cleanup) runs
+under a supervisor: a task that dies is logged and restarted, or the relay
+stops as above. The leases are renewed only while the publish task runs:
+in a fault run, a publish task that died of a killed connection while its
+lease task went on renewing left 16 shards unpublished for good.
 """
 
 from __future__ import annotations
@@ -29,14 +41,13 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from tenacity import RetryCallState
-
 from outbox.crashpoints import crash_point
-from outbox.errors import ConfigurationError, OutboxError, PublishError
+from outbox.errors import ConfigurationError, OutboxError, PublishError, StoreError
+from outbox.failures import ErrorKind, classify
 from outbox.message import StoredMessage
 from outbox.publisher import HeldBackError, Publisher
 from outbox.settings import RelaySettings
@@ -48,6 +59,9 @@ log = logging.getLogger(__name__)
 
 _STOP_GRACE = 15.0
 """Seconds stop() waits for the loops to reach a safe point before cancelling them."""
+
+_TRANSIENT_LIMIT = 10
+"""Consecutive transient failures (a statement timeout every time...) before a loop gives up."""
 
 
 class _State(enum.Enum):
@@ -67,7 +81,7 @@ class RelayStats:
     """Rows parked after a permanent failure."""
 
     failed_attempts: int
-    """Publish attempts that failed transiently (the rows were retried)."""
+    """Publish rounds that failed and were retried (an outage, a transient error)."""
 
     batches: int
     """Non-empty rounds."""
@@ -112,8 +126,11 @@ class Relay:
         self._lease_valid_until = 0.0
         self._rebalance_due = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._publish_task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._failure: BaseException | None = None
         self._published = 0
         self._parked = 0
         self._failed = 0
@@ -135,16 +152,59 @@ class Relay:
         self._wake.set()
 
     async def start(self) -> None:
-        """Start publishing in background tasks."""
+        """Check the database and the broker, then publish in background tasks.
+
+        Raises:
+            ConfigurationError: A missing database, SQLite directory or table.
+            OutboxError: The database or broker refused the relay, or could
+                not be reached within ``settings.startup_timeout``.
+        """
         if self._state is not _State.UNOPENED:
             raise RuntimeError(f"cannot start a relay that is {self._state.value}")
         self._state = _State.RUNNING
+        try:
+            await self._check_ready()
+        except BaseException:
+            self._state = _State.CLOSED
+            self._ended.set()
+            with contextlib.suppress(Exception):
+                await self.publisher.stop()
+            raise
+        self._publish_task = self._supervise("publish", self._publish_loop)
         self._tasks = [
-            asyncio.create_task(self._leases_loop(), name=f"relay-leases-{self.name}"),
-            asyncio.create_task(self._publish_loop(), name=f"relay-publish-{self.name}"),
-            asyncio.create_task(self._cleanup_loop(), name=f"relay-cleanup-{self.name}"),
+            self._supervise("leases", self._leases_loop),
+            self._publish_task,
+            self._supervise("cleanup", self._cleanup_loop, essential=False),
         ]
-        self._watch = asyncio.create_task(self.store.watch_commits(self.wake), name="relay-watch")
+        self._watch = self._supervise(
+            "watch", lambda: self.store.watch_commits(self.wake), essential=False
+        )
+
+    async def _check_ready(self) -> None:
+        """Refuse a misconfiguration at once; give an unreachable server a bounded wait."""
+        timeout = self.settings.startup_timeout.total_seconds()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempt = 0
+        while True:
+            try:
+                await self.store.check_ready()
+                await self.publisher.start()
+                return
+            except Exception as exc:
+                remaining = deadline - loop.time()
+                if classify(exc) is ErrorKind.PERMANENT:
+                    raise
+                if remaining <= 0:
+                    error = _gave_up(exc, timeout)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                attempt += 1
+                log.info(
+                    "relay %s cannot start yet (trying %.0fs more): %s", self.name, remaining, exc
+                )
+                await asyncio.sleep(min(self.settings.backoff.delay(attempt), remaining))
 
     async def stop(self) -> None:
         """Stop after the current batch, give back the shards, close the publisher.
@@ -153,7 +213,8 @@ class Relay:
         the middle of a database transaction (which, on SQLite, could leave the
         file locked behind a connection that is being thrown away). Only a loop
         still busy after a grace period (a publish stuck on an unreachable
-        broker) is cancelled.
+        broker) is cancelled. Stopping a relay that failed does not raise;
+        :meth:`join` does.
         """
         if self._state is not _State.RUNNING:
             self._state = _State.CLOSED
@@ -169,12 +230,99 @@ class Relay:
             log.warning("relay %s cancels %s after %.0fs", self.name, task.get_name(), _STOP_GRACE)
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._release()
+        await self.publisher.stop()
+        self._ended.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped this relay, if one did."""
+        return self._failure
+
+    async def join(self) -> None:
+        """Wait until the relay has stopped: after :meth:`stop`, or after a failure.
+
+        Raises:
+            Exception: The error that stopped the relay, which could not be
+                retried (see :mod:`outbox.failures`); its shards were given back.
+        """
+        await self._ended.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _release(self) -> None:
         self._shards = frozenset()
+        self._lease_valid_until = 0.0
         try:
             await self.store.release_shards(self.name)
         except OutboxError as exc:
             log.warning("relay %s could not release its shards: %s", self.name, exc)
-        await self.publisher.stop()
+
+    # -- supervision ---------------------------------------------------------------
+
+    def _supervise(
+        self, what: str, body: Callable[[], Awaitable[None]], *, essential: bool = True
+    ) -> asyncio.Task[None]:
+        """Run ``body`` in a task that is restarted when it dies.
+
+        An essential task (publish, leases) whose error is not an outage --
+        a permanent error, or a transient one its loop gave up on -- stops
+        the whole relay instead: restarting it would fail the same way, and
+        a relay that holds shards it cannot publish is worse than none.
+        """
+        return asyncio.create_task(
+            self._supervised(what, body, essential=essential), name=f"relay-{what}-{self.name}"
+        )
+
+    async def _supervised(
+        self, what: str, body: Callable[[], Awaitable[None]], *, essential: bool
+    ) -> None:
+        restarts = 0
+        while not self._stopping.is_set():
+            try:
+                await body()
+                if self._stopping.is_set():
+                    return
+                raise RuntimeError(f"the {what} loop ended while the relay runs")
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                if essential and classify(exc) is not ErrorKind.OUTAGE:
+                    log.error(
+                        "relay %s stops: its %s task failed: %s",
+                        self.name,
+                        what,
+                        _one_line(exc),
+                        exc_info=_trace(exc),
+                    )
+                    await self._fail(exc)
+                    return
+                restarts += 1
+                log.error(
+                    "relay %s: its %s task died, restarting it: %s",
+                    self.name,
+                    what,
+                    _one_line(exc),
+                    exc_info=_trace(exc),
+                )
+                await self._pause(self.settings.backoff.delay(restarts))
+
+    async def _fail(self, exc: BaseException) -> None:
+        """Stop every loop, give back the shards, and let :meth:`join` raise ``exc``."""
+        if self._failure is not None:
+            return  # another task failed first and is stopping the relay
+        self._failure = exc
+        self._lease_valid_until = 0.0  # publish nothing more, whatever is in flight
+        self._stopping.set()
+        self.wake()
+        if self._watch is not None:
+            self._watch.cancel()
+        current = asyncio.current_task()
+        others = [t for t in self._tasks if t is not current]
+        if others:
+            await asyncio.wait(others, timeout=_STOP_GRACE)
+        await self._release()
+        self._ended.set()
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -201,7 +349,10 @@ class Relay:
     async def _leases_loop(self) -> None:
         period = self.settings.lease_ttl.total_seconds() / 4
         attempt = 0
+        transient = 0
         while not self._stopping.is_set():
+            if self._publish_task is not None and self._publish_task.done():
+                return  # never hold shards that nobody publishes
             try:
                 if self._publishing.locked():
                     # A batch is in flight: renew and take free shards, but give
@@ -211,16 +362,20 @@ class Relay:
                 else:
                     async with self._publishing:
                         await self._claim(rebalance=True)
-                attempt = 0
+                attempt = transient = 0
                 self.wake()
                 await self._pause(period)
             except Exception as exc:
+                kind = classify(exc)
+                transient = transient + 1 if kind is ErrorKind.TRANSIENT else 0
+                if kind is ErrorKind.PERMANENT or transient > _TRANSIENT_LIMIT:
+                    raise
                 attempt += 1
                 log.warning(
                     "relay %s could not renew its shard leases: %s",
                     self.name,
-                    exc,
-                    exc_info=not isinstance(exc, OutboxError),
+                    _one_line(exc),
+                    exc_info=_trace(exc),
                 )
                 await self._pause(min(self.settings.backoff.delay(attempt), period))
 
@@ -272,7 +427,6 @@ class Relay:
                         error,
                     )
                 else:
-                    self._failed += 1
                     transient = error
             if transient is not None:
                 raise transient
@@ -289,20 +443,21 @@ class Relay:
         Kafka) then fails them too; without it, the order of that key is
         broken, and this says so rather than staying silent.
         """
-        failed: set[bytes] = set()
+        failed: set[tuple[str, bytes]] = set()
         for message, error in zip(batch, outcomes, strict=True):
             if message.key is None or isinstance(error, HeldBackError):
                 continue
             if error is not None:
-                failed.add(message.key)
-            elif message.key in failed:
+                failed.add((message.topic, message.key))
+            elif (message.topic, message.key) in failed:
                 log.error(
-                    "relay %s: message %s of key %r was published after an earlier message "
-                    "of the same key failed: that key is now out of order (enable the "
-                    "idempotent producer to prevent this)",
+                    "relay %s: message %s of key %r on %r was published after an earlier "
+                    "message of the same key failed: that key is now out of order (enable "
+                    "the idempotent producer to prevent this)",
                     self.name,
                     message.message_id,
                     message.key,
+                    message.topic,
                 )
 
     async def _idle_wait(self) -> None:
@@ -320,30 +475,38 @@ class Relay:
         self._wake.clear()  # stop() sets it too, so a stopping relay does not wait
 
     async def _publish_loop(self) -> None:
+        # The idle wait is inside the retry: its "next due" query can lose its
+        # connection too, and a publish task that dies of that would leave the
+        # relay holding shards it never publishes.
+        failures = 0
+        transient = 0
         while not self._stopping.is_set():
-            # Every error is retried: a relay that stops publishing while it
-            # keeps renewing its leases would hold its shards hostage.
-            retrying = self.settings.backoff.retrying(
-                retry_on=lambda exc: isinstance(exc, Exception) and not self._stopping.is_set(),
-                before_sleep=self._log_retry,
-                sleep=self._pause,
-            )
-            async for attempt in retrying:
-                with attempt:
-                    read = await self.publish_once()
-            if read < self.settings.batch_size:
-                await self._idle_wait()
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "relay %s will retry in %.2fs after: %s",
-            self.name,
-            wait,
-            exc,
-            exc_info=exc if exc is not None and not isinstance(exc, OutboxError) else None,
-        )
+            try:
+                read = await self.publish_once()
+                if read < self.settings.batch_size:
+                    await self._idle_wait()
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                self._failed += 1
+                kind = classify(exc)
+                transient = transient + 1 if kind is ErrorKind.TRANSIENT else 0
+                if kind is ErrorKind.PERMANENT:
+                    raise
+                if transient > _TRANSIENT_LIMIT and not isinstance(exc, PublishError):
+                    raise  # the same statement fails every time: a bug, not bad luck
+                failures += 1
+                delay = self.settings.backoff.delay(failures)
+                log.warning(
+                    "relay %s will retry in %.2fs after: %s",
+                    self.name,
+                    delay,
+                    _one_line(exc),
+                    exc_info=_trace(exc),
+                )
+                await self._pause(delay)
+            else:
+                failures = transient = 0
 
     # -- cleanup -----------------------------------------------------------------
 
@@ -356,7 +519,16 @@ class Relay:
             try:
                 await self.purge_published()
             except Exception as exc:
-                log.warning("relay %s could not clean up the outbox: %s", self.name, exc)
+                # Cleanup only saves space: a failure is reported and tried
+                # again at the next interval, never a reason to stop publishing.
+                level = logging.WARNING if classify(exc).retriable else logging.ERROR
+                log.log(
+                    level,
+                    "relay %s could not clean up the outbox: %s",
+                    self.name,
+                    _one_line(exc),
+                    exc_info=_trace(exc),
+                )
 
     async def purge_published(self, older_than: timedelta | None = None) -> int:
         """Delete published rows older than the retention, in bounded batches."""
@@ -369,3 +541,27 @@ class Relay:
             if deleted < limit:
                 return total
             await asyncio.sleep(0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (database errors span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _trace(exc: BaseException) -> BaseException | None:
+    """Log a traceback only for errors that are not ours (ours say what failed).
+
+    Ours never carry a payload; a foreign error's traceback is still needed
+    to find a bug.
+    """
+    return None if isinstance(exc, OutboxError) else exc
+
+
+def _gave_up(exc: Exception, seconds: float) -> Exception:
+    """The error a start that waited ``seconds`` in vain fails with."""
+    note = f" (still failing after {seconds:g}s: RelaySettings.startup_timeout)"
+    if isinstance(exc, PublishError):
+        return PublishError(f"{exc}{note}", retriable=exc.retriable, kind=exc.kind)
+    if isinstance(exc, StoreError):
+        return StoreError(f"{exc}{note}", kind=exc.kind)
+    return exc

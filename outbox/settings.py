@@ -338,12 +338,27 @@ class RelaySettings:
     cleanup_batch_size: int = 1_000
     """Most rows one cleanup statement deletes (keeps locks short)."""
 
+    startup_timeout: timedelta = timedelta(seconds=30)
+    """How long :meth:`Relay.start` waits for an unreachable database or broker.
+
+    Past it, start fails with the last error: at start, a server that never
+    answers is more likely a wrong address than an outage. A misconfiguration
+    (a missing database or table, a broker refusing the producer) fails at
+    once. Once started, the relay waits out outages however long they last.
+    """
+
     def __post_init__(self) -> None:
         for name in ("batch_size", "cleanup_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("poll_interval", "lease_ttl", "retention", "cleanup_interval"):
+        for name in (
+            "poll_interval",
+            "lease_ttl",
+            "retention",
+            "cleanup_interval",
+            "startup_timeout",
+        ):
             _positive_duration(name, getattr(self, name))
         if self.lease_ttl < timedelta(seconds=1):
             raise ConfigurationError("lease_ttl must be at least one second")

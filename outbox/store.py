@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     String,
     and_,
     any_,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy import event as sa_event
@@ -58,7 +60,7 @@ from outbox.message import (
     shard_of,
 )
 from outbox.notify import PostgresCommitListener
-from outbox.tables import OutboxTables
+from outbox.tables import OutboxTables, check_tables
 
 __all__ = ["OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
 
@@ -97,8 +99,9 @@ class OutboxStore(ABC):
     async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
         """Return up to ``limit`` committed, due, unparked rows of ``shards`` in id order.
 
-        A row whose key has an earlier parked row is held back, so that a
-        key's messages are never published out of order.
+        A row with an earlier parked row of the same topic and key is held
+        back, so that a key's messages on a topic are never published out of
+        order; other topics and keys go on.
         """
 
     @abstractmethod
@@ -122,6 +125,15 @@ class OutboxStore(ABC):
         """Unpark rows (all of them, or those ids) so the relay tries again."""
 
     @abstractmethod
+    async def discard_parked(self, message_ids: Collection[str]) -> int:
+        """Delete these parked rows for good; return how many were deleted.
+
+        Only parked rows are deleted: an id that names a pending or
+        published row (or nothing) is ignored. The rows held back behind a
+        discarded row go on.
+        """
+
+    @abstractmethod
     async def purge_published(self, older_than: timedelta, limit: int) -> int:
         """Delete up to ``limit`` rows published more than ``older_than`` ago."""
 
@@ -142,6 +154,14 @@ class OutboxStore(ABC):
     @abstractmethod
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after a transaction in this process that added rows commits."""
+
+    async def check_ready(self) -> None:  # noqa: B027 - optional hook
+        """Refuse, at start, a store that cannot work (a missing database or table).
+
+        Raises:
+            ConfigurationError: A misconfiguration that waiting will not fix.
+            StoreError: The database could not be reached (see ``kind``).
+        """
 
     async def watch_commits(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever rows may have been committed; run until cancelled.
@@ -239,6 +259,10 @@ class SqlOutboxStore(OutboxStore):
             "due_abs_ms": due_abs_ms,
         }
 
+    async def check_ready(self) -> None:
+        t = self.tables
+        await check_tables(self.engine, [t.outbox, t.leases, t.relays])
+
     def on_commit(self, callback: Callable[[], None]) -> None:
         if callback not in self._callbacks:
             self._callbacks.append(callback)
@@ -323,13 +347,14 @@ class SqlOutboxStore(OutboxStore):
         return and_(t.c.published_at_ms.is_(None), t.c.parked_at_ms.is_(None))
 
     def _held_back(self) -> Any:
-        """Rows with an earlier parked row of the same key (kept back for order)."""
+        """Rows with an earlier parked row of the same topic and key (kept back for order)."""
         t = self.tables.outbox
         earlier = t.alias("earlier")
         return exists().where(
             earlier.c.parked_at_ms.is_not(None),
             earlier.c.published_at_ms.is_(None),
             earlier.c.key == t.c.key,
+            earlier.c.topic == t.c.topic,
             earlier.c.id < t.c.id,
         )
 
@@ -338,26 +363,55 @@ class SqlOutboxStore(OutboxStore):
         # skips SQLAlchemy's per-call construction and cache-key work.
         t = self.tables.outbox
         shards: Any = bindparam("shards", expanding=True)
-        self._fetch = (
-            select(
-                t.c.id,
-                t.c.message_id,
-                t.c.topic,
-                t.c.key,
-                t.c.value,
-                t.c.headers,
-                t.c.shard,
-                t.c.attempts,
-            )
+        limit = bindparam("limit", type_=Integer())
+        columns = (
+            t.c.id,
+            t.c.message_id,
+            t.c.topic,
+            t.c.key,
+            t.c.value,
+            t.c.headers,
+            t.c.shard,
+            t.c.attempts,
+        )
+        # Two halves, each served by its own partial index (see OutboxTables):
+        # ready rows in id order, and scheduled rows by due time up to now. A
+        # single "ready, or due by now" walk in id order would read past every
+        # row scheduled for later, and a busy saga service keeps many. The
+        # scheduled half is an index range up to now, walked in due order.
+        # "Now" is a scalar subquery, evaluated once: PostgreSQL's clock is
+        # volatile, and a volatile bound is checked on every row instead of
+        # ending the range. No planner can estimate how many rows are due by
+        # now, so only the due order keeps PostgreSQL on that index. When
+        # more rows are due than a batch holds, the earliest due go first; a
+        # batch is always in id order.
+        ready = (
+            select(*columns)
             .where(
                 t.c.shard.in_(shards),
                 self._pending(),
-                or_(t.c.due_at_ms.is_(None), t.c.due_at_ms <= db_now_ms()),
+                t.c.due_at_ms.is_(None),
                 ~self._held_back(),
             )
             .order_by(t.c.id)
-            .limit(bindparam("limit"))
+            .limit(limit)
+            .subquery("ready")
         )
+        due = (
+            select(*columns)
+            .where(
+                t.c.shard.in_(shards),
+                self._pending(),
+                t.c.due_at_ms.is_not(None),
+                t.c.due_at_ms <= select(db_now_ms()).scalar_subquery(),
+                ~self._held_back(),
+            )
+            .order_by(t.c.due_at_ms, t.c.id)
+            .limit(limit)
+            .subquery("due")
+        )
+        both = union_all(select(ready), select(due)).subquery("fetch")
+        self._fetch = select(both).order_by(both.c.id).limit(limit)
         self._next_due = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
             t.c.shard.in_(shards),
             self._pending(),
@@ -432,6 +486,19 @@ class SqlOutboxStore(OutboxStore):
             statement = statement.where(t.c.message_id.in_(list(message_ids)))
         async with self._begin("could not unpark rows") as conn:
             result = await conn.execute(statement.values(parked_at_ms=None, attempts=0))
+            return int(result.rowcount)
+
+    async def discard_parked(self, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
+        t = self.tables.outbox
+        statement = delete(t).where(
+            t.c.parked_at_ms.is_not(None),
+            t.c.published_at_ms.is_(None),
+            t.c.message_id.in_(list(message_ids)),
+        )
+        async with self._begin("could not discard parked rows") as conn:
+            result = await conn.execute(statement)
             return int(result.rowcount)
 
     async def purge_published(self, older_than: timedelta, limit: int) -> int:

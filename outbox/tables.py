@@ -13,6 +13,8 @@ every relay and writer agrees on "now" whatever their own clocks say.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -28,14 +30,18 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    inspect,
     select,
     text,
 )
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from outbox.database import translate_db_error
 from outbox.errors import ConfigurationError
 
-__all__ = ["OutboxTables", "create_tables", "validate_identifier"]
+__all__ = ["OutboxTables", "check_tables", "create_tables", "validate_identifier"]
 
 # Lower case only (PostgreSQL folds unquoted names) and short enough that the
 # derived index names stay within PostgreSQL's 63-byte identifier limit.
@@ -117,6 +123,8 @@ class OutboxTables:
 
     def _outbox(self, name: str) -> Table:
         pending = "published_at_ms IS NULL AND parked_at_ms IS NULL"
+        ready = f"{pending} AND due_at_ms IS NULL"
+        scheduled = f"{pending} AND due_at_ms IS NOT NULL"
         parked = "parked_at_ms IS NOT NULL AND published_at_ms IS NULL"
         return Table(
             name,
@@ -134,13 +142,21 @@ class OutboxTables:
             Column("parked_at_ms", BigInteger, nullable=True),
             Column("attempts", Integer, nullable=False, default=0),
             Column("last_error", Text, nullable=True),
-            # Pending rows in id order: the relay walks it, filters its shards
+            # Ready rows in id order: the relay walks it, filters its shards
             # and stops at the batch size, whatever the backlog or retention.
             Index(
-                f"ix_{name}_pending",
+                f"ix_{name}_ready",
                 "id",
-                postgresql_where=text(pending),
-                sqlite_where=text(pending),
+                postgresql_where=text(ready),
+                sqlite_where=text(ready),
+            ),
+            # Scheduled rows by due time: the relay reads only those due by
+            # now, so rows due later (saga deadlines) cost it nothing.
+            Index(
+                f"ix_{name}_scheduled",
+                "due_at_ms",
+                postgresql_where=text(scheduled),
+                sqlite_where=text(scheduled),
             ),
             Index(
                 f"ix_{name}_parked_key",
@@ -162,9 +178,12 @@ class OutboxTables:
             name,
             self.metadata,
             Column("consumer", String(200), nullable=False),
+            # Who assigned the id (a CloudEvents source, a topic): ids are
+            # unique only within their source.
+            Column("source", String(200), nullable=False),
             Column("message_id", String(200), nullable=False),
             Column("received_at_ms", BigInteger, nullable=False),
-            PrimaryKeyConstraint("consumer", "message_id", name=f"pk_{name}"),
+            PrimaryKeyConstraint("consumer", "source", "message_id", name=f"pk_{name}"),
             Index(f"ix_{name}_received", "received_at_ms"),
             schema=self.schema,
         )
@@ -200,3 +219,55 @@ async def create_tables(engine: AsyncEngine, tables: list[Table]) -> None:
 
 # An arbitrary constant naming the "creating outbox tables" advisory lock.
 _CREATE_LOCK = 0x63686F7265  # "chore"
+
+
+async def check_tables(engine: AsyncEngine, tables: Sequence[Table]) -> None:
+    """Refuse a database that does not exist or lacks some of ``tables``.
+
+    Run at start, so that a wrong URL or a forgotten migration stops a
+    process at once with one clear message instead of being retried as if
+    it were an outage. A SQLite file that does not exist is refused before
+    connecting (connecting would create it, or look like an outage).
+
+    Raises:
+        ConfigurationError: The SQLite directory or some tables are missing.
+        StoreError: The database could not be opened (``kind`` says whether
+            waiting may help: a missing PostgreSQL database is permanent).
+    """
+    if engine.url.get_backend_name() == "sqlite":
+        _check_sqlite_file(engine.url.database or "")
+    try:
+        async with engine.connect() as conn:
+            missing = await conn.run_sync(_missing_tables, list(tables))
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, f"could not open the database {_safe(engine)}") from exc
+    if missing:
+        raise ConfigurationError(
+            f"table(s) {', '.join(missing)} missing in the database {_safe(engine)}: create "
+            "them with create_tables() (OutboxTables.create_all(), Service.create_tables(), "
+            "saga relay --create-tables) or run the migration that adds them"
+        )
+
+
+def _check_sqlite_file(database: str) -> None:
+    # Connecting would create the file (and fail, as if it were an outage, in a
+    # missing directory): a relay or service must find the database it was given.
+    path = Path(database).resolve()
+    if not path.parent.is_dir():
+        raise ConfigurationError(
+            f"the SQLite database {database} is in a directory that does not exist: {path.parent}"
+        )
+    if not path.is_file():
+        raise ConfigurationError(
+            f"no SQLite database at {database}: create it and its tables with create_tables()"
+        )
+
+
+def _missing_tables(conn: Connection, tables: list[Table]) -> list[str]:
+    inspector = inspect(conn)
+    return [t.fullname for t in tables if not inspector.has_table(t.name, schema=t.schema)]
+
+
+def _safe(engine: AsyncEngine) -> str:
+    """The engine's URL without its password."""
+    return engine.url.render_as_string(hide_password=True)

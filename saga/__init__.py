@@ -36,9 +36,19 @@ from saga.errors import (
     SagaError,
     SchemaError,
 )
+from saga.observe import (
+    ObserverSettings,
+    SagaObserver,
+    Trace,
+    saga_status,
+    trace_from_kafka,
+    trace_from_log,
+    trace_from_service,
+)
 from saga.schemas import SchemaRegistry
 from saga.service import Service, ServiceSettings, ServiceStats
 from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord, Suspension
+from saga.telemetry import configure_from_env, instrument
 
 __all__ = [
     "AvroCodec",
@@ -58,12 +68,14 @@ __all__ = [
     "IncompatibleSchemaError",
     "KafkaSettings",
     "MessageContext",
+    "ObserverSettings",
     "OutboxTables",
     "RecordInfo",
     "RelaySettings",
     "RetryPolicy",
     "SagaContext",
     "SagaError",
+    "SagaObserver",
     "SagaStatus",
     "SchemaError",
     "SchemaRegistry",
@@ -74,8 +86,15 @@ __all__ = [
     "StepOutcome",
     "StepRecord",
     "Suspension",
+    "Trace",
+    "configure_from_env",
     "create_engine",
     "ensure_topics",
+    "instrument",
     "read_dead_letters",
     "replay",
+    "saga_status",
+    "trace_from_kafka",
+    "trace_from_log",
+    "trace_from_service",
 ]

@@ -4,16 +4,44 @@ There is no orchestrator. Each service reads its sagas' topics, merges every
 stamp into its view of the saga (``saga.state``), and acts on the message:
 
 * a forward event for one of its steps runs the step, unless the saga is no
-  longer running or its deadline has passed (a late event never resurrects
-  a saga). The events the step emits carry the stamp with the step appended.
+  longer running (a late event never resurrects a saga; participants do not
+  judge the deadline by their own clocks, the initiator's deadline message
+  does). The events the step emits carry the stamp with the step appended.
   A step that fails the saga (a business outcome: ``ctx.fail``, or an
   exception type declared with ``business_errors=``) starts compensation;
 * ``Compensate(step)`` for one of its steps undoes the step once, then asks
   for the next compensation, the most recent completed step first (LIFO,
   read from the stamp), or announces ``SagaEnded`` when none is left;
 * the initiating service also owns the deadline (``DeadlineReached``, a
-  scheduled message) and compensates steps that report in after compensation
+  scheduled message) and acts on ``AbortRequested`` (``saga abort``) the same
+  way while the saga runs, and compensates steps that report in after compensation
   started; its end handler runs once per terminal status.
+
+One clock decides a deadline: the initiator's database clock. The deadline
+is computed from it when the saga starts, and the outbox (which keeps due
+times by the same clock) delivers ``DeadlineReached`` when it has passed.
+Participants never compare the deadline with their own clocks: a step whose
+trigger arrives runs while the saga is running, and a saga past its deadline
+is stopped by the initiator's message, which turns it to compensating; a step
+that reports in after that is undone.
+
+Compensation order (the rule):
+
+* steps are undone in the reverse of their order in the stamp, and a stamp
+  keeps causal order: a step comes after the steps whose events led to it.
+  Along one branch (a chain of steps, each triggered by the previous one's
+  event) the later step is therefore undone first;
+* parallel branches have no order between them. The failing step's chain
+  undoes the steps its stamp holds (its own branch, most recent first) and
+  announces the end; the initiator, which follows every message, then asks
+  for the steps the chain never saw, most recent first by its view;
+* a step that reports in after compensation began (it was running, or its
+  trigger came before any sign of the compensation) is undone as soon as the
+  initiator sees it: possibly after an earlier step of its own branch;
+* each step is undone at most once; a step is (service, name).
+
+So an undo handler must not rely on the undo of a step of another branch,
+or of a step that may still have been running, having run before it.
 
 Everything happens inside the handler's transaction: the view, the service's
 own changes, the inbox row and the outgoing messages commit together.
@@ -23,6 +51,15 @@ emitted event that does not fit its schema, ``CancelledError``) is never a
 business outcome: once its retry policy is spent, the processor dead-letters
 the message and :meth:`Choreography.suspend` records where the saga stopped.
 Nothing is compensated; a fixed handler plus a replay continue the saga.
+
+A suspension also announces itself (``SagaSuspended``) to the initiator,
+which then holds the deadline: a bug must not spend the saga's time and
+turn into a compensation. When the replayed message is handled, the service
+announces ``SagaResumed`` and the initiator moves the deadline by as long as
+the saga was suspended (a new ``DeadlineReached`` is scheduled; the old one is
+recognised as superseded by its ``deadline`` value). Both times come from the
+services' clocks, so clock skew between them shifts the new deadline by as
+much.
 """
 
 from __future__ import annotations
@@ -31,7 +68,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from outbox import OutboxMessage, RetryPolicy, classify
@@ -58,7 +95,15 @@ SAGA_ENDED = "choreosaga.saga.SagaEnded"
 """Event announcing a terminal status."""
 DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
 """Scheduled event that fires a saga's deadline at the initiator."""
-FRAMEWORK_EVENTS = frozenset({COMPENSATE, SAGA_ENDED, DEADLINE_REACHED})
+ABORT_REQUESTED = "choreosaga.saga.AbortRequested"
+"""Event asking the initiator to compensate a saga that has not ended (``saga abort``)."""
+SAGA_SUSPENDED = "choreosaga.saga.SagaSuspended"
+"""Event announcing that a service dead-lettered a message of the saga."""
+SAGA_RESUMED = "choreosaga.saga.SagaResumed"
+"""Event announcing that the dead-lettered message was replayed and handled."""
+FRAMEWORK_EVENTS = frozenset(
+    {COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED, SAGA_SUSPENDED, SAGA_RESUMED}
+)
 
 SagaHandler = Callable[[SagaContext], Awaitable[None]]
 """A saga step, compensation or end handler."""
@@ -153,8 +198,8 @@ class Participation:
             return "compensation", str(envelope.data.get("step"))
         if envelope.type == SAGA_ENDED:
             return "end", None
-        if envelope.type == DEADLINE_REACHED:
-            return "deadline", None
+        if envelope.type in (DEADLINE_REACHED, SAGA_SUSPENDED, SAGA_RESUMED, ABORT_REQUESTED):
+            return "initiator", None
         registered = self.steps.get(envelope.type)
         return "step", None if registered is None else registered.step
 
@@ -204,7 +249,10 @@ class Choreography:
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
+        if envelope.type == ABORT_REQUESTED and (before is None or not part.initiator):
+            return []  # not this service's to abort, or a saga it never started
         view = merge(before.stamp if before else None, envelope.stamp)
         ended = before.ended if before else None
         ctx.stamp = view
@@ -214,8 +262,28 @@ class Choreography:
             view = await self._compensate(ctx, part, view, out)
         elif kind == DEADLINE_REACHED:
             if part.initiator and view.status is SagaStatus.RUNNING:
-                log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
-                view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+                view = self._deadline(ctx, view, out)
+        elif kind == SAGA_SUSPENDED:
+            if part.initiator and view.suspension is None:
+                elsewhere = Suspension.from_avro(envelope.data)
+                log.warning(
+                    "%s: saga %s is suspended at %s (%s): its deadline is held",
+                    self.service,
+                    view.saga_id,
+                    elsewhere.service,
+                    elsewhere.error,
+                )
+                view = replace(view, suspension=elsewhere, version=view.version + 1)
+        elif kind == SAGA_RESUMED:
+            waiting = view.suspension
+            resumed = envelope.data["message_id"]
+            if part.initiator and waiting is not None and waiting.message_id == resumed:
+                view = self._resume(ctx, view, waiting, envelope.data["at"], out)
+        elif kind == ABORT_REQUESTED:
+            if view.status is SagaStatus.RUNNING:
+                reason = str(envelope.data.get("reason") or "aborted")
+                log.warning("%s: saga %s aborted: %s", self.service, view.saga_id, reason)
+                view = view.with_status(SagaStatus.COMPENSATING, reason)
                 view = self._next_compensation(ctx, view, out)
         elif kind in part.steps:
             view = await self._step(ctx, part.steps[kind], view, out, business)
@@ -223,35 +291,108 @@ class Choreography:
             self._catch_up(ctx, before.stamp, view, out, redrive=kind == SAGA_ENDED)
         if part.on_end is not None and view.status.is_terminal and ended is not view.status:
             ended = await self._end(ctx, part.on_end, view, out)
-        if view.suspension is not None and view.suspension.message_id == envelope.id:
+        own = view.suspension
+        if own is not None and own.message_id == envelope.id and own.service == self.service:
             log.info(
                 "%s: saga %s resumes: %s was handled after its replay",
                 self.service,
                 view.saga_id,
                 envelope.id,
             )
-            view = replace(view, suspension=None, version=view.version + 1)
+            now = _now()
+            if part.initiator:
+                view = self._resume(ctx, view, own, now, out)
+            else:
+                view = replace(view, suspension=None, version=view.version + 1)
+            out += self._framework(
+                ctx,
+                view,
+                SAGA_RESUMED,
+                {"service": self.service, "message_id": envelope.id, "at": now},
+            )
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
         return out
 
-    async def suspend(self, ctx: SagaContext, suspension: Suspension) -> Stamp:
+    def _deadline(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
+        """At the initiator: the saga's deadline message arrived; compensate, unless held."""
+        due = ctx.envelope.data.get("deadline")
+        if view.deadline is not None and due is not None and due != view.deadline:
+            return view  # superseded: the deadline moved while the saga was suspended
+        if view.suspension is not None:
+            log.warning(
+                "%s: saga %s passed its deadline while suspended at %s: held until it resumes",
+                self.service,
+                view.saga_id,
+                view.suspension.service,
+            )
+            return view
+        log.info("%s: saga %s passed its deadline", self.service, view.saga_id)
+        view = view.with_status(SagaStatus.COMPENSATING, "deadline passed")
+        return self._next_compensation(ctx, view, out)
+
+    def _resume(
+        self,
+        ctx: SagaContext,
+        view: Stamp,
+        held: Suspension,
+        at: datetime,
+        out: list[OutboxMessage],
+    ) -> Stamp:
+        """At the initiator: the saga resumes; move its deadline by the time it was held.
+
+        A bug must not spend the saga's time: the deadline moves by as long as
+        the saga was suspended, and a new deadline message is scheduled (the
+        old one, when it comes, is recognised as superseded).
+        """
+        view = replace(view, suspension=None, version=view.version + 1)
+        if view.deadline is None or view.status is not SagaStatus.RUNNING:
+            return view
+        paused = max(at - held.at, timedelta(0))
+        deadline = view.deadline + paused
+        log.info(
+            "%s: saga %s resumed after %.1fs suspended; deadline moved to %s",
+            self.service,
+            view.saga_id,
+            paused.total_seconds(),
+            deadline.isoformat(),
+        )
+        view = replace(view, deadline=deadline)
+        message = Envelope(
+            type=DEADLINE_REACHED,
+            data={"deadline": view.deadline},
+            source=self.source,
+            key=view.saga_id.encode(),
+            correlation_id=view.correlation_id,
+            causation_id=ctx.envelope.id,
+            stamp=view,
+        )
+        out.append(outgoing(self.codec, message, topic=ctx.saga_topic, deliver_at=view.deadline)[1])
+        return view
+
+    async def suspend(self, ctx: SagaContext, suspension: Suspension) -> list[OutboxMessage]:
         """Record that the saga stopped at a dead-lettered message (in ``ctx``'s transaction).
 
         The saga is not compensated: it waits until the message is replayed.
         The message's stamp is not merged into the view: the replay merges it
         when it is really handled, and the initiator's catch-up must still
-        see then which steps are new.
+        see then which steps are new. Returns the ``SagaSuspended`` event that
+        tells the initiator to hold the deadline.
         """
         envelope = ctx.envelope
         assert envelope.stamp is not None
-        before = await self.states.load(ctx.session, envelope.stamp.saga_id)
+        incoming = envelope.stamp
+        before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         if before is None:
             view, ended = settle(replace(envelope.stamp, suspension=None)), None
         else:
             view, ended = before.stamp, before.ended
+        if view.suspension is not None:
+            # The saga stays suspended where it first stopped; that message's
+            # replay is the one that resumes it (a later one's only adds its effect).
+            return []
         view = replace(view, suspension=suspension, version=view.version + 1)
         await self.states.save(ctx.session, SagaView(stamp=view, ended=ended))
-        return view
+        return self._framework(ctx, view, SAGA_SUSPENDED, suspension.to_avro())
 
     async def _run(self, role: str, registered: Registered, ctx: SagaContext) -> None:
         """Run a user handler in the error model's terms (see :func:`invoke`)."""
@@ -298,16 +439,12 @@ class Choreography:
                 name,
             )
             return view
-        if view.deadline is not None and _now() >= view.deadline:
-            log.info(
-                "%s: saga %s is past its deadline; step %s not performed",
-                self.service,
-                view.saga_id,
-                name,
-            )
-            return view
-        if any(s.name == name and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
-            return view  # already performed (a second trigger of the same step)
+        # No deadline check by this service's own clock: the initiator owns the
+        # deadline (its scheduled DeadlineReached, held while the saga is
+        # suspended); a step done after it fired is undone as a late step.
+        mine = (self.service, name)
+        if any(s.key == mine and s.outcome is not StepOutcome.COMPENSATED for s in view.steps):
+            return view  # already performed here (a second trigger of the same step)
         ctx.step = name
         ctx.stamp = view
         if business is None:
@@ -357,9 +494,9 @@ class Choreography:
         if view.status is not SagaStatus.COMPENSATING:
             return
         pending = view.to_compensate()
-        done_before = {s.name for s in before.steps if s.outcome is StepOutcome.DONE}
+        done_before = {s.key for s in before.steps if s.outcome is StepOutcome.DONE}
         late = (
-            [s for s in pending if s.name not in done_before]
+            [s for s in pending if s.key not in done_before]
             if before.status is not SagaStatus.RUNNING
             else []
         )
@@ -373,9 +510,7 @@ class Choreography:
         if redrive and pending and not late:
             late = pending[:1]
         for step in late:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": step.name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(step, view))
 
     # -- backward --------------------------------------------------------------------
 
@@ -387,10 +522,16 @@ class Choreography:
         out: list[OutboxMessage],
     ) -> Stamp:
         name = str(ctx.envelope.data["step"])
+        # A step is (service, name). Requests from before Compensate v2 name
+        # the step only: its owner is then whoever the view says performed it.
+        owner = ctx.envelope.data.get("service") or _performer(view, name)
+        if owner is not None and owner != self.service:
+            return view  # another service's step, maybe of the same name
         registered = part.compensations.get(name)
         if registered is None and not part.performs(name):
-            return view  # another service's step
-        outcomes = {s.outcome for s in view.steps if s.name == name}
+            return view  # not a step of ours
+        mine = (self.service, name)
+        outcomes = {s.outcome for s in view.steps if s.key == mine}
         if outcomes & {StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED}:
             pass  # already undone: compensation runs once; the chain goes on
         elif StepOutcome.DONE in outcomes:
@@ -405,9 +546,7 @@ class Choreography:
     def _next_compensation(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
         todo = view.to_compensate()
         if todo:
-            out += self._framework(
-                ctx, view, COMPENSATE, {"step": todo[0].name, "reason": view.reason}
-            )
+            out += self._framework(ctx, view, COMPENSATE, _compensate_data(todo[0], view))
             return view
         failed = any(s.outcome is StepOutcome.COMPENSATION_FAILED for s in view.steps)
         final = SagaStatus.FAILED if failed else SagaStatus.COMPENSATED
@@ -425,7 +564,7 @@ class Choreography:
 
     def _messages(self, ctx: SagaContext, stamp: Stamp) -> list[OutboxMessage]:
         """Encode what the handler emitted so far, with ``stamp``; each only once."""
-        messages = [message for _, message in ctx.envelopes(self.codec, stamp)]
+        messages = [message for _, message in ctx.envelopes(self.codec, stamp.next_hop())]
         ctx.emissions.clear()
         return messages
 
@@ -440,10 +579,21 @@ class Choreography:
             key=stamp.saga_id.encode(),
             correlation_id=stamp.correlation_id,
             causation_id=incoming.id,
-            stamp=stamp,
+            stamp=stamp.next_hop(),
         )
         _, message = outgoing(self.codec, envelope, topic=ctx.saga_topic)
         return [message]
+
+
+def _compensate_data(step: StepRecord, view: Stamp) -> dict[str, Any]:
+    """The ``Compensate`` request for ``step``: its name and the service that owns it."""
+    return {"step": step.name, "service": step.service, "reason": view.reason}
+
+
+def _performer(view: Stamp, name: str) -> str | None:
+    """The service that last did step ``name``, by the view (for unscoped requests)."""
+    record = view.step(name)
+    return None if record is None else record.service
 
 
 def start_messages(

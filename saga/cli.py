@@ -2,8 +2,9 @@
 
 ``saga relay``          publish a service's outbox to Kafka (a standalone relay process)
 ``saga schemas check``  check that every schema version can read the earlier ones
-``saga outbox``         list parked outbox rows, or release them for another try
+``saga outbox``         list parked outbox rows, release them for another try, or discard them
 ``saga dlq``            list dead letters, or replay them once the cause is fixed
+``saga observe``, ``saga trace``, ``saga status``: see :mod:`saga.observe.cli`
 
 Installed packages add commands through the ``choreosaga.commands`` entry
 points (see :mod:`saga.commands`): the reference shop adds ``saga demo``.
@@ -24,7 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
     KafkaPublisher,
@@ -35,6 +37,7 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
+from outbox.database import translate_db_error
 from saga import dlq
 from saga.commands import (
     EXIT_INTERRUPTED,
@@ -44,8 +47,10 @@ from saga.commands import (
     load_plugins,
     package_version,
 )
-from saga.errors import ConfigurationError, SagaError
+from saga.errors import ConfigurationError
+from saga.observe import cli as observe_cli
 from saga.schemas import SchemaRegistry, check_directory
+from saga.telemetry import configure_from_env, instrument_relay
 
 __all__ = ["main"]
 
@@ -77,6 +82,13 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--create-tables", action="store_true", help="create the outbox tables if missing"
     )
     p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait at start for an unreachable database or broker (default 30); "
+        "a missing database or table, or a broker refusing the producer, fails at once",
+    )
+    p.add_argument(
         "--stats-json",
         action="store_true",
         help="print the relay's counters as one JSON line when it stops",
@@ -93,23 +105,38 @@ async def _run_relay(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lease_ttl=timedelta(seconds=args.lease_ttl),
         poll_interval=timedelta(seconds=args.poll_interval),
+        startup_timeout=timedelta(seconds=args.startup_timeout),
     )
     engine = create_engine(args.database_url)
-    tables = OutboxTables(outbox=args.outbox_table)
-    if args.create_tables:
-        await tables.create_all(engine)
-    store = SqlOutboxStore(engine, tables, shards=args.shards)
-    relay = Relay(store, KafkaPublisher(kafka), settings, name=args.name)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    logging.getLogger(__name__).info(
-        "relay %s publishing to %s", relay.name, kafka.bootstrap_servers
-    )
-    async with relay:
-        await stop.wait()
-    await engine.dispose()
+    try:
+        tables = OutboxTables(outbox=args.outbox_table)
+        if args.create_tables:
+            await _create_tables(tables, engine)
+        store = SqlOutboxStore(engine, tables, shards=args.shards)
+        relay = Relay(store, KafkaPublisher(kafka), settings, name=args.name)
+        if configure_from_env("choreosaga-relay"):  # OTEL_EXPORTER_OTLP_* is set
+            instrument_relay(relay)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        logging.getLogger(__name__).info(
+            "relay %s publishing to %s", relay.name, kafka.bootstrap_servers
+        )
+        async with relay:
+            # Until a signal, or until the relay stops on an error it cannot retry.
+            stopped = asyncio.create_task(stop.wait())
+            ended = asyncio.create_task(relay.join())
+            await asyncio.wait([stopped, ended], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            ended.cancel()
+            await asyncio.gather(stopped, ended, return_exceptions=True)
+    finally:
+        await engine.dispose()
+    status = 0
+    if relay.failure is not None:
+        print(f"saga relay: stopped: {describe(relay.failure)}", file=sys.stderr)
+        status = 1
     if args.stats_json:
         stats = relay.stats
         print(
@@ -124,27 +151,55 @@ async def _run_relay(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
-    return 0
+    return status
+
+
+async def _create_tables(tables: OutboxTables, engine: AsyncEngine) -> None:
+    try:
+        await tables.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, "could not create the outbox tables") from exc
+
+
+def _confirm(prompt: str) -> bool:
+    """Ask on the terminal; anything but yes (or no input at all) is a no."""
+    try:
+        return input(prompt).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "outbox",
-        help="inspect an outbox: counts, parked rows; retry parked rows",
-        description="Rows the relay could not publish (too large, invalid topic, ...) are "
-        "parked with their error; later rows of the same key wait behind them. Fix the "
-        "cause, then retry them.",
-    )
-    p.add_argument("action", choices=("stats", "parked", "retry"), help="what to do")
-    p.add_argument(
-        "message_ids", nargs="*", help="with retry: only these message ids (default: all)"
-    )
-    p.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL"),
         help="database holding the outbox (default: $DATABASE_URL)",
     )
-    p.add_argument("--outbox-table", default="outbox", help="outbox table name")
+    common.add_argument("--outbox-table", default="outbox", help="outbox table name")
+    p = sub.add_parser(
+        "outbox",
+        help="inspect an outbox: counts, parked rows; retry or discard parked rows",
+        description="Rows the relay could not publish (too large, unknown or invalid topic, "
+        "not authorised) are parked with their error; later rows of the same topic and key "
+        "wait behind them. Fix the cause, then retry them; or discard them for good.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="action")
+    actions.add_parser("stats", parents=[common], help="count pending, parked, published rows")
+    actions.add_parser("parked", parents=[common], help="list parked rows with their errors")
+    retry = actions.add_parser(
+        "retry",
+        parents=[common],
+        help="release parked rows for another try (once the cause is fixed)",
+    )
+    retry.add_argument("message_ids", nargs="*", help="only these message ids (default: all)")
+    discard = actions.add_parser(
+        "discard",
+        parents=[common],
+        help="delete parked rows for good; the rows held back behind them go on",
+    )
+    discard.add_argument("message_ids", nargs="+", help="message ids of the parked rows")
+    discard.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 def _existing_database(database_url: str | None) -> str:
@@ -180,24 +235,45 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                     f"attempts={message.attempts} parked_at={parked.parked_at.isoformat()}  "
                     f"{parked.error}"
                 )
-        else:
-            await _refuse_unknown_parked(store, args.message_ids)
+        elif args.action == "retry":
+            unknown = await _not_parked(store, args.message_ids)
             count = await store.retry_parked(args.message_ids or None)
             print(f"released {count} parked row(s) for another try")
+            if unknown:
+                return 1
+        else:
+            return await _discard(store, args.message_ids, assume_yes=args.yes)
     finally:
         await engine.dispose()
     return 0
 
 
-async def _refuse_unknown_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> None:
+async def _not_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> list[str]:
+    """Report (on stderr) and return the given ids that name no parked row."""
     if not message_ids:
-        return
-    parked = await store.parked(limit=max(1, (await store.stats()).parked))
-    unknown = sorted(set(message_ids) - {row.message.message_id for row in parked})
-    if unknown:
-        raise SagaError(
-            f"no parked row {', '.join(unknown)} (see 'saga outbox parked'); nothing released"
+        return []
+    parked = {p.message.message_id for p in await store.parked(limit=1_000_000)}
+    unknown = [m for m in message_ids if m not in parked]
+    for message_id in unknown:
+        print(f"saga outbox: no parked row {message_id}", file=sys.stderr)
+    return unknown
+
+
+async def _discard(store: SqlOutboxStore, message_ids: Sequence[str], *, assume_yes: bool) -> int:
+    unknown = await _not_parked(store, message_ids)
+    wanted = [m for m in message_ids if m not in unknown]
+    if not wanted:
+        return 1
+    if not assume_yes:
+        prompt = (
+            f"Discard {len(wanted)} parked row(s) for good? They will never be published. [y/N] "
         )
+        if not await asyncio.to_thread(_confirm, prompt):
+            print("nothing discarded")
+            return 1
+    count = await store.discard_parked(wanted)
+    print(f"discarded {count} parked row(s)")
+    return 1 if unknown else 0
 
 
 def _schemas_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -260,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _schemas_parser(sub)
     _outbox_parser(sub)
     dlq.add_parser(sub)
+    observe_cli.register(sub)
     load_plugins(sub)
     _finish_subcommands(sub)
     return parser
@@ -290,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # aiokafka logs every failed connection attempt at ERROR; the relay
+        # reports what they mean (an outage it waits out, or why it stops).
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -315,5 +396,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_run_outbox(args))
     if args.command == "dlq":
         return asyncio.run(dlq.run(args))
+    if args.command in observe_cli.COMMANDS:
+        return observe_cli.run(args)
     run: Callable[[argparse.Namespace], int] = args.run  # a command added by a plug-in
     return run(args)

@@ -19,15 +19,19 @@ retried with backoff and logged, never skipped. The fetch task and the
 workers are watched: one that ends while the consumer runs (which is a bug)
 is logged and reported through :attr:`PartitionedConsumer.failure`, so that
 the service stops with an error instead of heartbeating while a partition
-stands still.
+stands still. So does a record the Kafka client itself cannot parse (a
+header key that is not UTF-8): aiokafka fails on it inside the fetch, before
+choreosaga sees any bytes, the same way every time, so it cannot be
+dead-lettered from here; after a few tries the consumer fails, saying how to
+move the group's offset past it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -40,7 +44,7 @@ from outbox import KafkaSettings, RetryPolicy
 from outbox.crashpoints import crash_point
 from saga.errors import BrokerError, ConfigurationError
 
-__all__ = ["PartitionedConsumer", "Process"]
+__all__ = ["Consumer", "ConsumerFactory", "PartitionedConsumer", "Process"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,34 @@ Process = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
 """Handles one record; must deal with its own errors (it is retried if it raises)."""
 
 _BACKOFF = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
+_UNREADABLE_LIMIT = 5
+"""Fetches in a row failing on a record the client cannot parse before the consumer gives up."""
+
+
+class Consumer(ABC):
+    """The consumer side of a transport: hands every record of its topics to ``process``.
+
+    :class:`PartitionedConsumer` is the Kafka one; ``saga.testing`` has one
+    in memory. A service builds its consumer through a :data:`ConsumerFactory`.
+    """
+
+    assigned: asyncio.Event
+    """Set once records can arrive (for Kafka: the group assigned partitions)."""
+
+    failure: asyncio.Future[None] | None
+    """Fails with the error of a background task that died while consuming (set by start)."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start consuming in the background."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Finish the record in progress and stop."""
+
+
+ConsumerFactory = Callable[[str, frozenset[str], "Process"], Consumer]
+"""Builds a service's consumer from its group id, its topics and its ``process``."""
 
 
 class _State(enum.Enum):
@@ -74,7 +106,7 @@ class _Partition:
         return self.revoked
 
 
-class PartitionedConsumer:
+class PartitionedConsumer(Consumer):
     """Consumes topics in a group, calling ``process`` for every record.
 
     Args:
@@ -150,8 +182,8 @@ class PartitionedConsumer:
         self._state = _State.CLOSED
         if self._fetcher is not None:
             self._fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetcher
+            # A fetcher that died already reported its error through ``failure``.
+            await asyncio.gather(self._fetcher, return_exceptions=True)
         await self._retire(list(self._parts))
         if self._consumer is not None:
             await self._consumer.stop()
@@ -197,14 +229,29 @@ class PartitionedConsumer:
         consumer = self._consumer
         assert consumer is not None
         attempt = 0
+        unreadable = 0
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=200)
-                attempt = 0
+                attempt = unreadable = 0
             except ConsumerStoppedError:
                 return
             except Exception as exc:  # the fetch loop must outlive any failure
                 attempt += 1
+                if not isinstance(exc, KafkaError | OSError):
+                    # Not the broker: the client cannot parse a record (a
+                    # header key that is not UTF-8, say). It fails the same
+                    # way every time and holds every partition of this
+                    # consumer: stop the service, loudly, rather than
+                    # heartbeat while nothing moves.
+                    unreadable += 1
+                    if unreadable >= _UNREADABLE_LIMIT:
+                        raise BrokerError(
+                            f"consumer {self.group_id} cannot read a record of "
+                            f"{', '.join(self.topics)} ({type(exc).__name__}: {exc}); the Kafka "
+                            "client fails on it before choreosaga sees it. Skip it by moving "
+                            "the group's offset past it (kafka-consumer-groups --reset-offsets)"
+                        ) from exc
                 delay = _BACKOFF.delay(attempt)
                 log.warning(
                     "consumer %s fetch failed (%s); retry in %.1fs", self.group_id, exc, delay

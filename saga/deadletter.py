@@ -25,7 +25,8 @@ header                   meaning
                          ``handler`` (plain messages) or ``decode`` (bad input)
 ======================== ==================================================
 
-Dead letters are written through the service's outbox in the same
+A header that had no value at all is kept with an empty value (the outbox
+stores bytes). Dead letters are written through the service's outbox in the same
 transaction that suspends the saga, so both happen or neither does; the
 relay publishes them like any other row. The original record's offset is
 committed only after that commit: a crash before it redelivers the record,
@@ -33,8 +34,10 @@ and the inbox entry keyed by its topic, partition and offset keeps it from
 being dead-lettered twice.
 
 Replaying a dead letter (:mod:`saga.dlq`) sends the original key, value and
-headers back to the original topic with a ``dlq_replay`` header; the
-consumer's inbox makes a replay apply at most once.
+headers back to the original topic with a ``dlq_replay`` header and a
+``dlq_replay_group`` header naming the consumer group that failed: other
+groups reading that topic skip it, and the failing group's inbox makes a
+replay apply at most once.
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from outbox import OutboxMessage
+from outbox.failures import describe
 from saga.errors import ConfigurationError
 
 __all__ = [
     "DEAD_LETTER_PREFIX",
+    "REPLAY_GROUP_HEADER",
     "REPLAY_HEADER",
     "DeadLetter",
     "Failure",
@@ -61,6 +66,29 @@ DEAD_LETTER_PREFIX = "dlq_"
 
 REPLAY_HEADER = "dlq_replay"
 """Header a replayed record carries: ``<dead-letter topic>/<partition>/<offset>``."""
+
+REPLAY_GROUP_HEADER = "dlq_replay_group"
+"""Header a replayed record carries: the consumer group it is meant for. Other
+groups that read the original topic skip it (they handled the record before)."""
+
+_FIELDS = (
+    "error_type",
+    "error_message",
+    "error_trace",
+    "service",
+    "group",
+    "attempts",
+    "first_failure",
+    "last_failure",
+    "topic",
+    "partition",
+    "offset",
+    "role",
+    "saga_name",
+    "saga_id",
+    "step",
+)
+_ADDED = frozenset(DEAD_LETTER_PREFIX + name for name in _FIELDS)
 
 _MAX_MESSAGE = 1000
 _MAX_TRACE = 4000
@@ -114,8 +142,13 @@ class Failure:
         return str(self.error)[:_MAX_MESSAGE]
 
     def summary(self) -> str:
-        """``Type: message``, the short form kept in a suspension and in logs."""
-        return f"{type(self.error).__name__}: {self.message}"
+        """``Type: message``, the short form kept in a suspension and in logs.
+
+        It never quotes data: a database error keeps its class, SQLSTATE and
+        primary message, without the statement or the failing row's values
+        (those stay in the dead letter's ``dlq_error_message``).
+        """
+        return describe(self.error)
 
     def trace(self) -> str:
         """The last frames of the traceback, bounded."""
@@ -229,7 +262,7 @@ class DeadLetter:
         original: list[tuple[str, bytes]] = []
         info: dict[str, str] = {}
         for name, raw in headers:
-            if name.startswith(DEAD_LETTER_PREFIX) and name != REPLAY_HEADER:
+            if name in _ADDED:
                 info[name[len(DEAD_LETTER_PREFIX) :]] = (raw or b"").decode("utf-8", "replace")
             else:
                 original.append((name, raw or b""))

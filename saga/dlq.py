@@ -2,10 +2,12 @@
 
 A dead letter (:mod:`saga.deadletter`) keeps the original record byte for
 byte. Replaying sends the original key, value and headers back to the
-original topic, with a ``dlq_replay`` header naming the dead letter, once a
-person has fixed what made it fail. Replays are sent one at a time, in
-dead-letter order, each acknowledged before the next: a key's records go
-back in the order they failed. The consumer's inbox makes a replay apply at
+original topic, with a ``dlq_replay`` header naming the dead letter and a
+``dlq_replay_group`` header naming the consumer group that failed (the other
+groups reading that topic skip it), once a person has fixed what made it
+fail. Replays are sent one at a time, in dead-letter order, each
+acknowledged before the next: a key's records go back in the order they
+failed. The consumer's inbox makes a replay apply at
 most once (replaying the same dead letter twice changes nothing the second
 time), and a suspended saga whose message is replayed continues from the
 step where it stopped.
@@ -28,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from outbox import KafkaSettings
-from saga.deadletter import REPLAY_HEADER, DeadLetter
+from saga.deadletter import REPLAY_GROUP_HEADER, REPLAY_HEADER, DeadLetter
 from saga.errors import BrokerError, ConfigurationError
 
 __all__ = ["DeadLetterSelection", "dead_letter_topics", "read_dead_letters", "replay"]
@@ -178,8 +180,11 @@ async def replay(
     try:
         await producer.start()
         for letter in letters:
-            headers = [(n, v) for n, v in letter.headers if n != REPLAY_HEADER]
+            replayed = (REPLAY_HEADER, REPLAY_GROUP_HEADER)
+            headers = [(n, v) for n, v in letter.headers if n not in replayed]
             headers.append((REPLAY_HEADER, letter.ref.encode()))
+            if letter.info.get("group"):
+                headers.append((REPLAY_GROUP_HEADER, letter.info["group"].encode()))
             await producer.send_and_wait(
                 letter.original_topic, value=letter.value, key=letter.key, headers=headers
             )

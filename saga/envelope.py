@@ -280,6 +280,16 @@ class EnvelopeCodec:
             stamp=self._stamp(found, raw),
         )
 
+    def read_stamp(self, headers: Mapping[str, bytes]) -> Stamp | None:
+        """The stamp a record's headers carry (current or legacy form), within the limits.
+
+        For readers that want the stamp without the payload (the saga log).
+
+        Raises:
+            DecodeError: The stamp header is unreadable or over the limits.
+        """
+        return self._stamp(headers, b"")
+
     def _stamp(self, found: Mapping[str, bytes], raw: bytes) -> Stamp | None:
         limits = self.limits
         if H.STAMP in found:

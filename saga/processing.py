@@ -54,9 +54,10 @@ from outbox import (
     SqlOutboxStore,
     classify,
 )
+from outbox.failures import describe
 from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
-from saga.deadletter import Failure, dead_letter_message, dead_letter_topic
+from saga.deadletter import REPLAY_GROUP_HEADER, Failure, dead_letter_message, dead_letter_topic
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import BusinessFailure, DecodeError
 from saga.stamp import Suspension
@@ -195,6 +196,9 @@ class Processor:
         ignored or dead-lettered; waits through outages. Raises only when
         the task is cancelled.
         """
+        if _replayed_for_another_group(record, self.group):
+            self.stats.ignored += 1
+            return
         try:
             envelope = self.envelopes.decode(record.key, record.value, record.headers)
         except DecodeError as exc:
@@ -230,17 +234,21 @@ class Processor:
         envelope: Envelope,
         info: RecordInfo,
     ) -> None:
-        if envelope.stamp is None:
-            self.stats.ignored += 1
-            log.warning(
-                "%s ignored %s on saga topic %s: it carries no stamp",
-                self.name,
-                envelope.id,
-                record.topic,
-            )
-            return
         if not part.concerns(envelope):
             self.stats.ignored += 1
+            return
+        if envelope.stamp is None:
+            # A message this service would act on, without the saga it belongs
+            # to: bad input, kept where a person can see and replay it.
+            self.stats.undecodable += 1
+            now = datetime.now(UTC)
+            missing = DecodeError(
+                f"a {envelope.type} message on saga topic {record.topic} carries no stamp",
+                raw=record.value,
+            )
+            await self._dead_letter(
+                record, None, None, Failure(error=missing, attempts=1, first=now, last=now)
+            )
             return
         registered = part.handler_for(envelope)
         policy = (registered.retry if registered else None) or self.retry
@@ -286,7 +294,7 @@ class Processor:
                     log.warning(
                         "%s: database unavailable (%s); retry %d in %.1fs",
                         self.name,
-                        type(exc).__name__,
+                        describe(_user_error(exc)),
                         outages,
                         delay,
                     )
@@ -303,12 +311,11 @@ class Processor:
                 self.stats.retries += 1
                 delay = policy.delay(attempts)
                 log.warning(
-                    "%s: attempt %d failed (%s, %s): %s; retry in %.1fs",
+                    "%s: attempt %d failed (%s): %s; retry in %.1fs",
                     self.name,
                     attempts,
                     kind.value,
-                    type(_user_error(exc)).__name__,
-                    str(exc)[:200],
+                    describe(_user_error(exc)),
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -376,7 +383,9 @@ class Processor:
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            if not await self.inbox.record(session, self.name, envelope.id):
+            # A message is its CloudEvents source + id: ids are unique per source only.
+            source = _inbox_text(envelope.source)
+            if not await self.inbox.record(session, self.name, envelope.id, source=source):
                 return False
             with use_trace_headers(envelope.traceparent, envelope.tracestate):
                 messages = await work(context(session))
@@ -481,17 +490,20 @@ class Processor:
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            # Keyed by the record's position, not its message id: the record
-            # itself must stay new to the inbox, so that its replay runs.
-            position = f"{record.topic}/{record.partition}/{record.offset}"
-            if len(position) > 200:  # the inbox keeps ids of at most 200 characters
-                position = "sha256:" + hashlib.sha256(position.encode()).hexdigest()
-            if not await self.inbox.record(session, f"{self.name}.dead-letters", position):
+            # Keyed by the record's position and content, not its message id:
+            # the record itself must stay new to the inbox, so that its replay
+            # runs; the content keeps a reused position (a topic created
+            # again) from passing for the record dead-lettered there before.
+            position = _position_key(record)
+            consumer = f"{self.name}.dead-letters"
+            source = _inbox_text(record.topic)
+            if not await self.inbox.record(session, consumer, position, source=source):
                 return False
+            messages = [message]
             if part is not None and envelope is not None and suspension is not None:
                 ctx = self._saga_context(session, part, envelope, _info(record))
-                await self.choreography.suspend(ctx, suspension)
-            await self.outbox.add(session, [message])
+                messages += await self.choreography.suspend(ctx, suspension)
+            await self.outbox.add(session, messages)
         return True
 
 
@@ -499,6 +511,34 @@ _OUTAGE_BACKOFF_FOR_WRITES = RetryPolicy(
     maximum_attempts=3, initial_interval=timedelta(milliseconds=100)
 )
 """Writing a dead letter: outages are waited out; anything else is tried 3 times."""
+
+
+def _replayed_for_another_group(record: ConsumerRecord[bytes, bytes], group: str) -> bool:
+    """Whether ``record`` is a dead letter replayed for a consumer group other than ``group``."""
+    for name, value in record.headers:
+        if name == REPLAY_GROUP_HEADER:
+            return (value or b"").decode("utf-8", "replace") != group
+    return False
+
+
+def _position_key(record: ConsumerRecord[bytes, bytes]) -> str:
+    """Inbox key of a dead-lettered record: its position and a hash of its content."""
+    digest = hashlib.sha256()
+    for part in (record.key or b"", record.value or b""):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    for name, value in record.headers:
+        raw = name.encode("utf-8", "surrogateescape")
+        digest.update(len(raw).to_bytes(8, "big") + raw)
+        digest.update(len(value or b"").to_bytes(8, "big") + (value or b""))
+    content = digest.hexdigest()[:32]
+    return f"{record.partition}/{record.offset}#{content}"
+
+
+def _inbox_text(text: str) -> str:
+    """``text`` as the inbox stores it: at most 200 characters (a digest when longer)."""
+    if len(text) <= 200:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _info(record: ConsumerRecord[bytes, bytes]) -> RecordInfo:

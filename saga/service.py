@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
@@ -37,7 +38,8 @@ from outbox import (
     Transaction,
     classify,
 )
-from outbox.tables import create_tables
+from outbox.database import db_now_ms
+from outbox.tables import check_tables, create_tables
 from saga.choreography import (
     Choreography,
     Participation,
@@ -47,7 +49,7 @@ from saga.choreography import (
     start_messages,
 )
 from saga.codec import AvroCodec
-from saga.consumer import PartitionedConsumer
+from saga.consumer import Consumer, ConsumerFactory, PartitionedConsumer, Process
 from saga.context import outgoing
 from saga.deadletter import check_template, dead_letter_topic
 from saga.envelope import Envelope, EnvelopeCodec
@@ -101,7 +103,22 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
             raise ConfigurationError("max_buffered_records must be positive")
+        bounded(self.retry)
         check_template(self.dead_letter_topic)
+
+
+def bounded(policy: RetryPolicy | None) -> RetryPolicy | None:
+    """Refuse a handler retry policy without a limit: a bug would hold its partition forever.
+
+    (Outages are waited out without end anyway; a handler's policy only
+    bounds transient errors and bugs.)
+    """
+    if policy is not None and policy.maximum_attempts == 0:
+        raise ConfigurationError(
+            "a handler's retry policy needs maximum_attempts >= 1: without a limit, a "
+            "message that always fails would hold its partition forever"
+        )
+    return policy
 
 
 class _State(enum.Enum):
@@ -125,6 +142,10 @@ class Service:
         tables: Outbox and inbox tables (defaults to the standard names on a
             fresh ``MetaData``).
         publisher: Where the relay publishes (defaults to Kafka).
+        consumer: Builds the consumer that feeds the service its records, from
+            its group id, topics and per-record callback (defaults to a Kafka
+            :class:`~saga.consumer.PartitionedConsumer`; ``saga.testing``
+            passes an in-memory one).
     """
 
     def __init__(
@@ -137,6 +158,7 @@ class Service:
         settings: ServiceSettings | None = None,
         tables: OutboxTables | None = None,
         publisher: Publisher | None = None,
+        consumer: ConsumerFactory | None = None,
     ) -> None:
         if not name or len(name) > 100:
             raise ConfigurationError("service name must be 1-100 characters")
@@ -179,7 +201,8 @@ class Service:
             sagas=self._saga_topics,
         )
         """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
-        self._consumer: PartitionedConsumer | None = None
+        self._consumer_factory = consumer or self._kafka_consumer
+        self._consumer: Consumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._state = _State.UNOPENED
@@ -211,7 +234,7 @@ class Service:
         self.envelopes.codec.registry.latest(event_type)  # fail now on an unknown schema
         if (topic, event_type) in self._subscriptions:
             raise ConfigurationError(f"{self.name} already handles {event_type} on {topic}")
-        self._subscriptions[(topic, event_type)] = Subscription(handler, retry)
+        self._subscriptions[(topic, event_type)] = Subscription(handler, bounded(retry))
 
     def saga_topic(self, saga: str) -> str:
         """The topic that carries the events of ``saga``."""
@@ -264,7 +287,7 @@ class Service:
 
         def register(handler: SagaHandler) -> SagaHandler:
             for event_type in triggers:
-                part.steps[event_type] = Registered(handler, name, retry, business)
+                part.steps[event_type] = Registered(handler, name, bounded(retry), business)
             return handler
 
         return register
@@ -283,7 +306,7 @@ class Service:
             raise ConfigurationError(f"{self.name} already compensates {step} of {saga}")
 
         def register(handler: SagaHandler) -> SagaHandler:
-            part.compensations[step] = Registered(handler, step, retry)
+            part.compensations[step] = Registered(handler, step, bounded(retry))
             return handler
 
         return register
@@ -301,7 +324,7 @@ class Service:
             raise ConfigurationError(f"{self.name} already has an end handler for {saga}")
 
         def register(handler: SagaHandler) -> SagaHandler:
-            part.on_end = Registered(handler, None, retry)
+            part.on_end = Registered(handler, None, bounded(retry))
             part.initiator = True
             return handler
 
@@ -323,7 +346,8 @@ class Service:
         The first event goes through the outbox like any other: it is
         published once ``tx`` commits, and never if it rolls back. With a
         ``deadline`` (a duration from now, or a time), the saga is compensated
-        if it has not completed by then.
+        if it has not completed by then. "Now" is the database's clock, the
+        one that fires the deadline.
 
         Raises:
             ConfigurationError: This service is not the saga's initiator, or
@@ -334,7 +358,10 @@ class Service:
             raise ConfigurationError(
                 f"{self.name} does not initiate {saga}: register @on_saga_end({saga!r})"
             )
-        now = datetime.now(UTC)
+        # The database clock, which also fires the deadline message: one clock
+        # decides whether the saga is late (see saga.choreography).
+        now_ms = (await tx.execute(select(db_now_ms()))).scalar_one()
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
         if isinstance(deadline, timedelta):
             deadline = now + deadline
         stamp = Stamp(
@@ -346,7 +373,7 @@ class Service:
             deadline=deadline,
         )
         if not await self.states.create(tx, stamp):
-            raise ConfigurationError(f"saga {saga_id} was already started")
+            raise ConfigurationError(f"saga {saga} {saga_id} was already started")
         messages = start_messages(
             self.envelopes,
             source=self.source,
@@ -358,9 +385,17 @@ class Service:
         await self.outbox.add(tx, messages)
         return stamp
 
-    async def saga_state(self, saga_id: str) -> Stamp | None:
-        """This service's view of a saga (the merge of every stamp it saw)."""
-        return await self.states.get(self.engine, saga_id)
+    async def saga_state(self, saga_id: str, saga: str | None = None) -> Stamp | None:
+        """This service's view of a saga (the merge of every stamp it saw).
+
+        A saga is (name, id): ``saga`` may be left out while only one saga
+        this service knows has the id.
+
+        Raises:
+            ConfigurationError: ``saga`` is left out and sagas of several
+                names have this id here.
+        """
+        return await self.states.get(self.engine, saga_id, saga)
 
     async def stuck_sagas(self, older_than: timedelta) -> list[Stamp]:
         """Sagas still running or compensating here whose view has not moved for
@@ -374,16 +409,32 @@ class Service:
         return frozenset(dead_letter_topic(template, topic) for topic in self.topics)
 
     async def wait(self) -> None:
-        """Wait while the service runs; raise if one of its background tasks died.
+        """Wait while the service runs; raise as soon as one of its parts died.
 
         Run a service with ``await service.wait()`` (or race it against your
         own stop signal): a consumer whose fetch task or partition worker
-        died raises here, so the process can exit non-zero instead of
-        heartbeating while messages stand still.
+        died, or a relay stopped by an error it cannot retry, raises here, so
+        the process can exit non-zero instead of heartbeating while messages
+        stand still. Returns when the service is stopped.
         """
-        if self._consumer is None or self._consumer.failure is None:
-            raise ConfigurationError("the service is not consuming (not started, or no handlers)")
-        await asyncio.shield(self._consumer.failure)
+        if self._state is not _State.RUNNING:
+            raise ConfigurationError(f"cannot wait on a service that is {self._state.value}")
+        watched: list[asyncio.Future[None]] = []
+        if self._consumer is not None and self._consumer.failure is not None:
+            watched.append(asyncio.ensure_future(asyncio.shield(self._consumer.failure)))
+        if self.settings.run_relay:
+            watched.append(asyncio.ensure_future(self.relay.join()))
+        if not watched:
+            await self._stopping.wait()
+            return
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in watched:
+                future.cancel()
+            await asyncio.gather(*watched, return_exceptions=True)
+        for future in done:
+            future.result()  # raises the failure
 
     @property
     def topics(self) -> frozenset[str]:
@@ -402,29 +453,43 @@ class Service:
         await create_tables(self.engine, [t.outbox, t.inbox, t.leases, t.relays, self.states.table])
 
     async def start(self) -> None:
-        """Start the relay, then join the consumer group."""
+        """Check the tables, start the relay, then join the consumer group.
+
+        Raises:
+            outbox.ConfigurationError: The database or some of the service's
+                tables are missing (call :meth:`create_tables`).
+            outbox.OutboxError: The relay could not start (see ``Relay.start``).
+        """
         if self._state is not _State.UNOPENED:
             raise ConfigurationError(f"cannot start a service that is {self._state.value}")
         clash = self._saga_topics.keys() & {topic for topic, _ in self._subscriptions}
         if clash:
             raise ConfigurationError(f"topics used both by sagas and plain handlers: {clash}")
+        t = self.tables
+        needed = [t.outbox, t.inbox, t.leases, t.relays]
+        await check_tables(self.engine, [*needed, self.states.table] if self._sagas else needed)
         self._state = _State.RUNNING
         if self.settings.run_relay:
             await self.relay.start()
         self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
         if self.topics:
-            self._consumer = PartitionedConsumer(
-                group_id=self.settings.group_prefix + self.name,
-                topics=self.topics,
-                settings=self.kafka,
-                process=self.processor.process,
-                max_buffered=self.settings.max_buffered_records,
+            self._consumer = self._consumer_factory(
+                self.settings.group_prefix + self.name, self.topics, self.processor.process
             )
             try:
                 await self._consumer.start()
             except BaseException:
                 await self.stop()
                 raise
+
+    def _kafka_consumer(self, group: str, topics: frozenset[str], process: Process) -> Consumer:
+        return PartitionedConsumer(
+            group_id=group,
+            topics=topics,
+            settings=self.kafka,
+            process=process,
+            max_buffered=self.settings.max_buffered_records,
+        )
 
     async def stop(self) -> None:
         """Finish in-flight messages, leave the group, stop the relay."""

@@ -4,7 +4,27 @@ A stamp names the saga (name and id), gives its status and the ordered list of
 steps done so far with their outcome, time and small result data, plus the
 correlation id and a version that grows with every change. The framework
 updates it; handlers read it. Its Avro schema is
-``schemas/choreosaga/saga/Stamp.avsc``.
+``schemas/choreosaga/saga/Stamp.v2.avsc`` (``Stamp.avsc`` is its first
+version, without the suspension and the hop: stamps written with it stay
+readable).
+
+Hops: each message's stamp also says where that message stands in its saga,
+so that a trace can tell whether messages are missing. The rule:
+
+* the messages that start a saga (the first event and its deadline message)
+  have hop 0;
+* every other message has hop ``h + 1``, where ``h`` is the highest hop the
+  emitting service has seen for the saga: the merge of the incoming stamp
+  with the service's view (``saga.state.merge`` keeps the maximum). Messages
+  written in one transaction share their hop.
+
+Branches running in parallel therefore share hop numbers, and a service that
+has seen more of the saga jumps ahead of the message that woke it. What
+holds in every case: a message of hop ``k > 0`` exists only if a message of
+hop ``k - 1`` was consumed before it, so in a complete trace the hops are
+``0..n`` with no gap. A gap names a missing hop; a ``causation_id`` that
+points at no message of the trace names a missing message, even when a
+sibling of the same hop is present.
 """
 
 from __future__ import annotations
@@ -113,6 +133,11 @@ class StepRecord:
                 )
         object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The step's identity, (service, name): services may use the same step names."""
+        return (self.service, self.name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Suspension:
@@ -127,7 +152,8 @@ class Suspension:
     """Service whose handler failed."""
 
     role: str
-    """Which handler: ``"step"``, ``"compensation"``, ``"end"`` or ``"deadline"``."""
+    """Which handler: ``"step"``, ``"compensation"``, ``"end"``, ``"handler"`` or
+    ``"initiator"`` (the initiator's own bookkeeping: deadline, abort, suspension)."""
 
     step: str | None
     """The step being performed or compensated, if any."""
@@ -213,6 +239,9 @@ class Stamp:
         """Whether the saga waits at a dead-lettered message (see :class:`Suspension`)."""
         return self.suspension is not None and not self.status.is_terminal
 
+    hop: int = 0
+    """Position of the message carrying this stamp in the saga (see the module docstring)."""
+
     def __post_init__(self) -> None:
         if not self.saga_name or not self.saga_id or not self.correlation_id:
             raise ConfigurationError("a stamp needs a saga name, a saga id and a correlation id")
@@ -222,6 +251,8 @@ class Stamp:
             object.__setattr__(self, "deadline", _utc(self.deadline))
         if self.version < 1:
             raise ConfigurationError("stamp version starts at 1")
+        if self.hop < 0:
+            raise ConfigurationError("stamp hop starts at 0")
 
     def with_step(self, step: StepRecord) -> Stamp:
         """Return a new revision with ``step`` appended."""
@@ -236,20 +267,28 @@ class Stamp:
             version=self.version + 1,
         )
 
+    def next_hop(self) -> Stamp:
+        """This stamp as carried by a message emitted after it (``hop + 1``)."""
+        return replace(self, hop=self.hop + 1)
+
     def to_compensate(self) -> list[StepRecord]:
-        """Steps done and not yet compensated, most recent first (LIFO)."""
+        """Steps done and not yet compensated, most recent first (LIFO).
+
+        A step is (service, name): undoing one service's step leaves another
+        service's step of the same name to undo.
+        """
         undone = {
-            s.name
+            s.key
             for s in self.steps
             if s.outcome in (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
         }
-        done = [s for s in self.steps if s.outcome is StepOutcome.DONE and s.name not in undone]
+        done = [s for s in self.steps if s.outcome is StepOutcome.DONE and s.key not in undone]
         return list(reversed(done))
 
-    def step(self, name: str) -> StepRecord | None:
-        """The latest record of step ``name``, if any."""
+    def step(self, name: str, service: str | None = None) -> StepRecord | None:
+        """The latest record of step ``name`` (of ``service``, if given), if any."""
         for record in reversed(self.steps):
-            if record.name == name:
+            if record.name == name and service in (None, record.service):
                 return record
         return None
 
@@ -275,6 +314,7 @@ class Stamp:
             "deadline": self.deadline,
             "reason": self.reason,
             "suspension": None if self.suspension is None else self.suspension.to_avro(),
+            "hop": self.hop,
         }
 
     @classmethod
@@ -304,4 +344,5 @@ class Stamp:
                 if record.get("suspension") is None
                 else Suspension.from_avro(record["suspension"])
             ),
+            hop=record.get("hop", 0),
         )

@@ -2,7 +2,9 @@
 
 Every message of a saga carries a stamp, but stamps travel along different
 paths (a late event may carry an older picture). Each service therefore keeps
-one row per saga, its *view*: the merge of every stamp it has seen. Merging
+one row per saga, its *view*: the merge of every stamp it has seen. A saga is
+(name, id): two sagas of different names may share an id (``place_order`` and
+``cancel_order`` of order 7), and each has its own view. Merging
 is order-independent and never goes back: a status only moves forward
 (running < compensating < compensated / failed; completed is final), and step
 records accumulate. That is what keeps a late event from resurrecting a saga
@@ -23,6 +25,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     bindparam,
@@ -35,6 +38,7 @@ from outbox import Transaction
 from outbox.database import db_now_ms, upsert_insert
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
+from saga.errors import ConfigurationError
 from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome
 
 __all__ = ["SagaStates", "SagaView", "merge"]
@@ -72,8 +76,10 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
         # A suspension is this service's own record of where it stopped: one
         # carried in from another service's view is not ours.
         return settle(replace(incoming, suspension=None))
-    known = {(s.name, s.outcome) for s in view.steps}
-    steps = view.steps + tuple(s for s in incoming.steps if (s.name, s.outcome) not in known)
+    # A step is (service, name): another service's step of the same name is
+    # another step.
+    known = {(s.key, s.outcome) for s in view.steps}
+    steps = view.steps + tuple(s for s in incoming.steps if (s.key, s.outcome) not in known)
     ahead = _RANK[incoming.status] > _RANK[view.status]
     status = incoming.status if ahead else view.status
     reason = (incoming.reason or view.reason) if ahead else (view.reason or incoming.reason)
@@ -85,6 +91,7 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
             steps=steps,
             deadline=view.deadline or incoming.deadline,
             version=max(view.version, incoming.version),
+            hop=max(view.hop, incoming.hop),
         )
     )
 
@@ -102,7 +109,7 @@ def settle(stamp: Stamp) -> Stamp:
 
 
 class SagaStates:
-    """The ``saga_state`` table: one merged stamp per saga.
+    """The ``saga_state`` table: one merged stamp per saga (name, id).
 
     Args:
         metadata: Where to define the table (share the service's metadata).
@@ -126,62 +133,70 @@ class SagaStates:
         return Table(
             name,
             metadata,
-            Column("saga_id", String(200), primary_key=True),
+            Column("saga_id", String(200), nullable=False),
             Column("saga_name", String(100), nullable=False),
             Column("status", String(20), nullable=False),
             Column("version", BigInteger, nullable=False),
             Column("stamp", LargeBinary, nullable=False),
             Column("ended", String(20), nullable=True),
             Column("updated_at_ms", BigInteger, nullable=False),
+            PrimaryKeyConstraint("saga_name", "saga_id", name=f"pk_{name}"),
             Index(f"ix_{name}_status", "status", "updated_at_ms"),
+            Index(f"ix_{name}_saga_id", "saga_id"),
         )
 
     def _statements(self) -> None:
         # Built once: these run for every saga message.
         table = self.table
         self._select = select(table.c.stamp, table.c.ended).where(
-            table.c.saga_id == bindparam("saga_id")
+            table.c.saga_name == bindparam("saga_name"), table.c.saga_id == bindparam("saga_id")
         )
         self._select_for_update = self._select.with_for_update()
         self._advisory_lock = select(
-            func.pg_advisory_xact_lock(func.hashtext(bindparam("saga_id", type_=String())))
+            func.pg_advisory_xact_lock(func.hashtext(bindparam("lock_key", type_=String())))
         )
-        columns = ("saga_name", "status", "version", "stamp", "ended")
+        self._by_id = select(table.c.saga_name, table.c.stamp).where(
+            table.c.saga_id == bindparam("saga_id")
+        )
+        columns = ("status", "version", "stamp", "ended")
         upsert = self._insert(table).values(
+            saga_name=bindparam("saga_name"),
             saga_id=bindparam("saga_id"),
             **{name: bindparam(name) for name in columns},
             updated_at_ms=db_now_ms(),
         )
-        self._create = upsert.on_conflict_do_nothing(index_elements=["saga_id"]).returning(
-            table.c.saga_id
-        )
+        key = ["saga_name", "saga_id"]
+        self._create = upsert.on_conflict_do_nothing(index_elements=key).returning(table.c.saga_id)
         self._upsert = upsert.on_conflict_do_update(
-            index_elements=["saga_id"],
+            index_elements=key,
             set_={
                 **{name: upsert.excluded[name] for name in columns},
                 "updated_at_ms": db_now_ms(),
             },
         )
 
-    async def load(self, tx: Transaction, saga_id: str, *, lock: bool = True) -> SagaView | None:
-        """Read a saga's view inside ``tx``, locked until ``tx`` ends.
+    async def load(
+        self, tx: Transaction, saga_name: str, saga_id: str, *, lock: bool = True
+    ) -> SagaView | None:
+        """Read the view of saga ``saga_name`` ``saga_id`` inside ``tx``, locked until ``tx`` ends.
 
-        On PostgreSQL a transaction-scoped advisory lock on the saga id comes
+        On PostgreSQL a transaction-scoped advisory lock on the saga comes
         first: ``FOR UPDATE`` alone locks nothing while the row does not exist,
         and two first messages of a saga must not both insert a view.
         (SQLite transactions already hold the database's write lock.)
         """
+        key = {"saga_name": saga_name, "saga_id": saga_id}
         if lock and self._dialect == "postgresql":
-            await tx.execute(self._advisory_lock, {"saga_id": saga_id})
+            await tx.execute(self._advisory_lock, {"lock_key": f"{saga_name}/{saga_id}"})
         query = self._select_for_update if lock else self._select
-        row = (await tx.execute(query, {"saga_id": saga_id})).first()
+        row = (await tx.execute(query, key)).first()
         if row is None:
             return None
         ended = None if row.ended is None else SagaStatus(row.ended)
         return SagaView(stamp=self._decode(row.stamp), ended=ended)
 
     async def create(self, tx: Transaction, stamp: Stamp) -> bool:
-        """Insert the first view of a new saga; ``False`` if the saga id is taken."""
+        """Insert the first view of a new saga; ``False`` if this saga (name, id) exists."""
         values = self._values(SagaView(stamp=stamp))
         inserted = await tx.execute(self._create, values)
         return inserted.first() is not None
@@ -189,8 +204,8 @@ class SagaStates:
     def _values(self, view: SagaView) -> dict[str, object]:
         stamp = view.stamp
         return {
-            "saga_id": stamp.saga_id,
             "saga_name": stamp.saga_name,
+            "saga_id": stamp.saga_id,
             "status": stamp.status.value,
             "version": stamp.version,
             "stamp": self.codec.encode(STAMP_SCHEMA, stamp.to_avro()),
@@ -201,11 +216,28 @@ class SagaStates:
         """Insert or replace a saga's view inside ``tx``."""
         await tx.execute(self._upsert, self._values(view))
 
-    async def get(self, engine: AsyncEngine, saga_id: str) -> Stamp | None:
-        """Read a saga's merged stamp outside any transaction."""
+    async def get(
+        self, engine: AsyncEngine, saga_id: str, saga_name: str | None = None
+    ) -> Stamp | None:
+        """Read a saga's merged stamp outside any transaction.
+
+        Without ``saga_name``, the one saga with this id is meant.
+
+        Raises:
+            ConfigurationError: ``saga_name`` is omitted and sagas of several
+                names have this id.
+        """
         async with engine.connect() as conn:
-            view = await self.load(conn, saga_id, lock=False)
-        return None if view is None else view.stamp
+            if saga_name is not None:
+                view = await self.load(conn, saga_name, saga_id, lock=False)
+                return None if view is None else view.stamp
+            rows = (await conn.execute(self._by_id, {"saga_id": saga_id})).all()
+        if len(rows) > 1:
+            names = ", ".join(sorted(row.saga_name for row in rows))
+            raise ConfigurationError(
+                f"sagas of several names have id {saga_id!r} ({names}): name the saga"
+            )
+        return self._decode(rows[0].stamp) if rows else None
 
     async def all(self, engine: AsyncEngine, saga_name: str | None = None) -> list[Stamp]:
         """Every saga's view (optionally of one saga name), oldest update first."""
@@ -224,6 +256,10 @@ class SagaStates:
         )
         async with engine.connect() as conn:
             return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+
+    def decode(self, raw: bytes) -> Stamp:
+        """A stamp as stored in the ``stamp`` column."""
+        return self._decode(raw)
 
     def _decode(self, raw: bytes) -> Stamp:
         _, record = self.codec.decode(raw, expected=STAMP_SCHEMA)

@@ -14,9 +14,11 @@ it to end::
         assert harness.published("example.trips.SeatBooked")
 
 By default the harness runs without a broker: each service's relay publishes
-to an in-memory log (:class:`InMemoryBroker`) and the harness delivers every
-record, in order, to the services that subscribe to its topic, through the
-same per-record pipeline as the Kafka consumer (``Service.processor``). The
+to an in-memory log (:class:`InMemoryBroker`) and each service's consumer is
+an :class:`InMemoryConsumer` (the service's ``consumer=`` seam, where Kafka's
+is the default), which hands it every record of its topics, in order,
+through the same per-record pipeline as the Kafka consumer. The services
+start and stop exactly as in production. The
 databases are SQLite files in a temporary directory. Give ``kafka=`` (and,
 for PostgreSQL, ``database_url=``) and the very same test runs on a real
 broker and real databases, with each service's own Kafka consumer.
@@ -38,7 +40,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -49,13 +51,14 @@ from outbox import KafkaPublisher, KafkaSettings, Publisher, RelaySettings, ensu
 from outbox.message import StoredMessage
 from saga.choreography import SagaHandler
 from saga.codec import AvroCodec
+from saga.consumer import Consumer, Process
 from saga.context import SagaContext
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.errors import ConfigurationError, SagaError
+from saga.errors import ConfigurationError
 from saga.service import Service, ServiceSettings
 from saga.stamp import SagaStatus, Stamp
 
-__all__ = ["InMemoryBroker", "SagaHarness", "SagaRun"]
+__all__ = ["InMemoryBroker", "InMemoryConsumer", "SagaHarness", "SagaRun"]
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +139,88 @@ class SagaRun:
     """Each participant's final view of the saga, by service name."""
 
 
-@dataclass
-class _Delivery:
-    service: Service
-    cursors: dict[str, int] = field(default_factory=dict)
+class InMemoryConsumer(Consumer):
+    """Hands a service every record of its topics from an :class:`InMemoryBroker`, in order.
+
+    The in-memory side of :class:`~saga.consumer.Consumer`: the service runs
+    exactly as with Kafka (``Service.start`` starts it), one ordered log per
+    topic, no partitions and no rebalances.
+    """
+
+    def __init__(self, broker: InMemoryBroker, topics: frozenset[str], process: Process) -> None:
+        self.broker = broker
+        self.topics = topics
+        self.process = process
+        self.cursors: dict[str, int] = {}
+        self.busy = False
+        self.assigned = asyncio.Event()
+        self.failure: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.failure = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._deliver(), name="in-memory-consumer")
+        self._task.add_done_callback(self._watch)
+        self.assigned.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def caught_up(self) -> bool:
+        """No record is being handled and none waits."""
+        return not self.busy and all(
+            self.cursors.get(topic, 0) >= len(self.broker.topics.get(topic, ()))
+            for topic in self.topics
+        )
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        if task is self._task and not task.cancelled() and self.failure is not None:
+            error = task.exception() or RuntimeError("the in-memory consumer stopped")
+            if not self.failure.done():
+                self.failure.set_exception(error)
+
+    async def _deliver(self) -> None:
+        while True:
+            self.broker.changed.clear()
+            moved = False
+            for topic in sorted(self.topics):
+                records = self.broker.topics.get(topic, [])
+                while self.cursors.get(topic, 0) < len(records):
+                    offset = self.cursors.get(topic, 0)
+                    self.busy = True
+                    try:
+                        await self._process(records[offset], offset)
+                    finally:
+                        self.busy = False
+                    self.cursors[topic] = offset + 1
+                    moved = True
+            if not moved:
+                await self.broker.changed.wait()
+
+    async def _process(self, record: _Record, offset: int) -> None:
+        consumed: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+            topic=record.topic,
+            partition=0,
+            offset=offset,
+            timestamp=int(time.time() * 1000),
+            timestamp_type=0,
+            key=record.key,
+            value=record.value,
+            checksum=None,
+            serialized_key_size=len(record.key or b""),
+            serialized_value_size=len(record.value or b""),
+            headers=record.headers,
+        )
+        while True:  # as the Kafka consumer does: a record that raised comes again
+            try:
+                await self.process(consumed)
+                return
+            except Exception as exc:
+                log.warning("record %s@%d raised, again: %s", record.topic, offset, exc)
+                await asyncio.sleep(0.05)
 
 
 class SagaHarness:
@@ -178,10 +259,8 @@ class SagaHarness:
         self._services: dict[str, Service] = {}
         self._broker = InMemoryBroker()
         self._published: list[_Record] = []
-        self._deliveries: list[_Delivery] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._consumers: list[InMemoryConsumer] = []
         self._started = False
-        self._busy = 0
 
     @property
     def in_memory(self) -> bool:
@@ -211,9 +290,17 @@ class SagaHarness:
             codec=self.codec,
             settings=self.settings,
             publisher=publisher,
+            consumer=None if self.kafka is not None else self._in_memory_consumer,
         )
         self._services[name] = service
         return service
+
+    def _in_memory_consumer(
+        self, _group: str, topics: frozenset[str], process: Process
+    ) -> InMemoryConsumer:
+        consumer = InMemoryConsumer(self._broker, topics, process)
+        self._consumers.append(consumer)
+        return consumer
 
     def _url(self, name: str) -> str:
         if self._database_url is not None:
@@ -268,32 +355,16 @@ class SagaHarness:
             topics = {t: 2 for s in self._services.values() for t in s.topics}
             if topics:
                 await ensure_topics(self.kafka, topics)
-            for service in self._services.values():
-                await service.start()
-            for service in self._services.values():
-                if service.topics:
-                    await service.wait_assigned()
-            return
         for service in self._services.values():
-            await service.relay.start()
+            await service.start()
+        for service in self._services.values():
             if service.topics:
-                delivery = _Delivery(service)
-                self._deliveries.append(delivery)
-                self._tasks.append(
-                    asyncio.create_task(self._deliver(delivery), name=f"deliver-{service.name}")
-                )
+                await service.wait_assigned()
 
     async def stop(self) -> None:
         """Stop the services and remove the temporary databases."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
         for service in self._services.values():
-            if self.kafka is not None:
-                await service.stop()
-            else:
-                await service.relay.stop()
+            await service.stop()
             await service.engine.dispose()
         if self._folder is not None:
             self._folder.cleanup()
@@ -360,59 +431,7 @@ class SagaHarness:
         if self.kafka is not None:
             await asyncio.sleep(0.2)  # the consumers' fetch wait: let the last records land
             return True
-        if self._busy:
-            return False
-        return all(
-            d.cursors.get(topic, 0) >= len(self._broker.topics.get(topic, ()))
-            for d in self._deliveries
-            for topic in d.service.topics
-        )
-
-    async def _deliver(self, delivery: _Delivery) -> None:
-        """Hand every record of the service's topics to its pipeline, in order."""
-        service = delivery.service
-        offsets: dict[str, int] = delivery.cursors
-        while True:
-            self._broker.changed.clear()
-            moved = False
-            for topic in service.topics:
-                log_ = self._broker.topics.get(topic, [])
-                while offsets.get(topic, 0) < len(log_):
-                    offset = offsets.get(topic, 0)
-                    record = log_[offset]
-                    self._busy += 1
-                    try:
-                        await self._process(service, record, offset)
-                    finally:
-                        self._busy -= 1
-                    offsets[topic] = offset + 1
-                    moved = True
-            if not moved:
-                await self._broker.changed.wait()
-
-    async def _process(self, service: Service, record: _Record, offset: int) -> None:
-        consumed: ConsumerRecord[bytes, bytes] = ConsumerRecord(
-            topic=record.topic,
-            partition=0,
-            offset=offset,
-            timestamp=int(time.time() * 1000),
-            timestamp_type=0,
-            key=record.key,
-            value=record.value,
-            checksum=None,
-            serialized_key_size=len(record.key or b""),
-            serialized_value_size=len(record.value or b""),
-            headers=record.headers,
-        )
-        while True:  # as the Kafka consumer does: a record that raised comes again
-            try:
-                await service.processor.process(consumed)
-                return
-            except (SagaError, OSError) as exc:
-                log.warning(
-                    "%s: record %s@%d raised, again: %s", service.name, record.topic, offset, exc
-                )
-                await asyncio.sleep(0.05)
+        return all(consumer.caught_up() for consumer in self._consumers)
 
 
 def _failing(handler: SagaHandler, error: BaseException, times: int) -> SagaHandler:

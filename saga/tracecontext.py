@@ -3,9 +3,12 @@
 Incoming ``traceparent``/``tracestate`` are extracted with the W3C
 propagator and made the current context while the handler runs; outgoing
 messages get the current context injected. Spans themselves are the business
-of a tracing interceptor; without one, the trace id still flows unchanged
-from message to message, so a saga's messages share one trace id. A message
-emitted with no current trace starts a new trace id.
+of a tracing interceptor (``saga.telemetry``); when its span for a message
+is already current and in the message's trace (or the message has no valid
+context, so the span started a trace), it stays current, so that what the
+handler emits is caused by that span. Without one, the trace id
+still flows unchanged from message to message, so a saga's messages share
+one trace id. A message emitted with no current trace starts a new trace id.
 
 Incoming headers are untrusted: :func:`valid_trace_headers` keeps them only
 when they follow the W3C grammar (a malformed ``traceparent`` drops both, a
@@ -83,6 +86,14 @@ def _valid_tracestate(text: str) -> bool:
 @contextlib.contextmanager
 def use_trace_headers(traceparent: str | None, tracestate: str | None) -> Iterator[None]:
     """Make the trace context of an incoming message current inside the block."""
+    current = trace.get_current_span().get_span_context()
+    incoming = _PROPAGATOR.extract({"traceparent": traceparent} if traceparent else {})
+    parent = trace.get_current_span(incoming).get_span_context()  # trace id 0: none or invalid
+    if current.is_valid and not current.is_remote and parent.trace_id in (0, current.trace_id):
+        # A tracing interceptor already opened this message's span (a child of
+        # the incoming context): what the handler emits is caused by that span.
+        yield
+        return
     carrier = {}
     if traceparent:
         carrier["traceparent"] = traceparent

@@ -30,11 +30,16 @@ from saga import (
     ConfigurationError,
     EmbeddedBroker,
     KafkaSettings,
+    ObserverSettings,
     RelaySettings,
     SagaError,
+    SagaObserver,
     SagaStatus,
     ServiceSettings,
+    create_engine,
     ensure_topics,
+    saga_status,
+    trace_from_log,
 )
 
 from . import SAGA
@@ -189,10 +194,27 @@ async def run(options: DemoOptions) -> dict[str, Any]:
                 deadline=timedelta(seconds=options.deadline),
                 authorization_delay=timedelta(seconds=options.deadline * 1.5),
             )
+            # The saga log, as `saga observe` would keep it, next to the services.
+            log_url = f"sqlite+aiosqlite:///{directory / 'saga_log.db'}"
+            log_engine = create_engine(log_url)
+            observer = SagaObserver(
+                engine=log_engine,
+                kafka=kafka,
+                codec=shop.codec,
+                settings=ObserverSettings(
+                    patterns=(settings.saga_topic_prefix + "*",), group_id="saga-demo-observer"
+                ),
+            )
+            await observer.create_tables()
             try:
-                return await _run_shop(shop, options)
+                await observer.start()
+                result = await _run_shop(shop, options)
+                await _add_timelines(result, observer, shop, options, directory)
+                return result
             finally:
+                await observer.stop()
                 await shop.stop()
+                await log_engine.dispose()
 
 
 @contextlib.contextmanager
@@ -269,6 +291,57 @@ def not_ended(statuses: Mapping[str, tuple[str, str | None]], timeout: float) ->
         f"{sum(open_orders.values())} of {len(statuses)} sagas had not ended after "
         f"{timeout:g} s ({counts or 'none open'}); give a longer --timeout"
     )
+
+
+async def _add_timelines(
+    result: dict[str, Any],
+    observer: SagaObserver,
+    shop: Shop,
+    options: DemoOptions,
+    directory: Path,
+) -> None:
+    """Add one saga's timeline per outcome (from the saga log) and how to see any other."""
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                report = await saga_status(observer.engine)
+                ended = sum(n for _, status, n in report.counts if SagaStatus(status).is_terminal)
+                if ended >= result["orders"]:
+                    break
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise SagaError("the saga log did not catch up with the sagas in 30 s") from None
+    examples: dict[str, str] = {}
+    for order_id, (status, reason) in sorted((await shop.statuses()).items()):
+        label = status if status != "rejected" else f"rejected: {_label(reason)}"
+        examples.setdefault(label, order_id)
+    timelines = {}
+    for label, order_id in sorted(examples.items()):
+        trace = await trace_from_log(observer.engine, order_id)
+        if trace is not None:
+            timelines[label] = trace.to_dict()
+    result["timelines"] = timelines
+    kept = options.directory is not None and options.database_url is None
+    # The richest story: a refund and a release after a shipment that could not be made.
+    example = examples.get(f"rejected: {Scenario.SHIPMENT_IMPOSSIBLE.value}") or min(
+        examples.values()
+    )
+    result["trace_command"] = (
+        f"saga trace {example} --database-url sqlite:///{directory / 'order.db'}"
+        if kept
+        else f"saga demo --directory DIR, then: saga trace {example} "
+        "--database-url sqlite:///DIR/order.db"
+    )
+    if not options.json:
+        print()
+        if kept:
+            print("  see any order's story (steps as the order service knows them):")
+            print(f"    {result['trace_command']}")
+            print("  or every message of it, from the saga log the demo kept:")
+            print(f"    saga trace {example} --database-url sqlite:///{directory / 'saga_log.db'}")
+        else:
+            print("  to see any order's story afterwards, keep the databases:")
+            print(f"    {result['trace_command']}")
 
 
 def _label(reason: str | None) -> str:

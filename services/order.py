@@ -7,7 +7,15 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from saga import AvroCodec, KafkaSettings, SagaContext, SagaStatus, ServiceSettings
+from saga import (
+    AvroCodec,
+    KafkaSettings,
+    SagaContext,
+    SagaStatus,
+    ServiceSettings,
+    Trace,
+    trace_from_service,
+)
 
 from . import ORDER_PLACED, SAGA, SHIPMENT_CREATED
 from .base import ShopService
@@ -32,6 +40,7 @@ class OrderService(ShopService):
     ) -> None:
         super().__init__("order", engine=engine, kafka=kafka, codec=codec, settings=settings)
         self.deadline = deadline
+        self.codec = codec
         self.orders = sa.Table(
             "orders",
             self.metadata,
@@ -75,6 +84,29 @@ class OrderService(ShopService):
                 },
                 deadline=self.deadline,
             )
+
+    async def trace(self, order_id: str) -> Trace | None:
+        """Where is this order? Its saga's steps as this service knows them."""
+        return await trace_from_service(
+            self.engine, self.codec, order_id, table=self.service.states.table.name
+        )
+
+    async def order_status(self, order_id: str) -> dict[str, object] | None:
+        """What a "where is my order?" endpoint answers: status, why, and the timeline."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(self.orders).where(self.orders.c.order_id == order_id))
+            ).first()
+        if row is None:
+            return None
+        trace = await self.trace(order_id)
+        return {
+            "order_id": order_id,
+            "status": row.status,
+            "reason": row.reason,
+            "saga": None if trace is None else trace.explanation(),
+            "timeline": [] if trace is None else [e.to_dict() for e in trace.entries],
+        }
 
     async def complete_order(self, ctx: SagaContext) -> None:
         """Step ``complete_order``: the shipment exists, the order is done."""

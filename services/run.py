@@ -33,21 +33,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga import (
     AvroCodec,
+    ChoreosagaError,
     ConfigurationError,
     KafkaSettings,
     SchemaRegistry,
     ServiceSettings,
+    configure_from_env,
     create_engine,
     ensure_topics,
+    instrument,
 )
-from services import SAGA
-from services.base import ShopService
-from services.inventory import InventoryService
-from services.order import OrderService
-from services.payment import PaymentService
-from services.scenarios import STOCK, order_for, scenario_of
-from services.shipping import ShippingService
-from services.shop import SERVICES
+
+from . import SAGA
+from .base import ShopService
+from .inventory import InventoryService
+from .order import OrderService
+from .payment import PaymentService
+from .scenarios import STOCK, order_for, scenario_of
+from .shipping import ShippingService
+from .shop import SERVICES
 
 __all__ = ["Environment", "main"]
 
@@ -230,6 +234,8 @@ async def serve(name: str, env: Environment) -> None:
     engine = env.engine()
     try:
         shop = build_service(name, env, engine)
+        if configure_from_env(f"choreosaga-{name}"):  # OTEL_EXPORTER_OTLP_* is set
+            instrument(shop.service)
         await set_up(shop)
         topic = shop.service.saga_topic(SAGA)
         await ensure_topics(env.kafka, {topic: env.partitions})
@@ -243,7 +249,15 @@ async def serve(name: str, env: Environment) -> None:
             )
             if env.ready_file is not None:
                 env.ready_file.touch()
-            await stop.wait()
+            # Stop on a signal, or fail as soon as a part of the service died
+            # (a consumer task, the relay): never run on while nothing moves.
+            stopped = asyncio.ensure_future(stop.wait())
+            running = asyncio.ensure_future(shop.service.wait())
+            await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if running.done():
+                running.result()
+            running.cancel()
             log.info("%s stopping", name)
     finally:
         if env.ready_file is not None:
@@ -371,6 +385,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigurationError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except ChoreosagaError as exc:  # the database, tables or broker refused to start
+        print(f"{prog}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except DBAPIError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         print(f"{prog}: database error: {first}", file=sys.stderr)

@@ -342,13 +342,14 @@ def _stamps(
     def stamp_of(steps: int, reason: bytes = b"") -> bytes:
         # version 1, saga "s" id "i", RUNNING, `steps` steps of ("n", "v", DONE,
         # epoch, no data), correlation "c", started at epoch, no deadline, reason,
-        # no suspension.
+        # no suspension, hop 0.
         step = zigzag(1) + b"n" + zigzag(1) + b"v" + b"\x00" + b"\x00" + b"\x00"
         body = zigzag(1) + zigzag(1) + b"s" + zigzag(1) + b"i" + b"\x00"
         body += (zigzag(steps) + step * steps if steps else b"") + b"\x00"
         body += zigzag(1) + b"c" + b"\x00" + b"\x00"
         body += zigzag(1) + zigzag(len(reason)) + reason if reason else b"\x00"
         body += b"\x00"  # no suspension
+        body += b"\x00"  # hop 0
         return _MARKER + schema.fingerprint.to_bytes(8, "little") + body
 
     assert codec.codec.decode(stamp_of(2), expected=STAMP_SCHEMA)  # the crafting is right

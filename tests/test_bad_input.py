@@ -37,7 +37,7 @@ from saga.service import Service
 from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
 
 TESTS = Path(__file__).parent
-STAMP_AVSC = TESTS.parent / "schemas" / "choreosaga" / "saga" / "Stamp.avsc"
+STAMP_AVSC = TESTS.parent / "schemas" / "choreosaga" / "saga" / "Stamp.v2.avsc"
 FAREWELL = "choreosaga.test.Farewell"
 MARKER = "PAYLOAD-MARKER-5e1f"
 T0 = datetime(2024, 5, 17, 9, 30, 15, tzinfo=UTC)

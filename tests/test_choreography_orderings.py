@@ -4,8 +4,9 @@ A one-partition "topic" in memory stands in for Kafka so that each test can
 put messages in exactly the order that makes a race happen: every service
 reads every record through its real processing path (decode, inbox, saga
 view, handlers, retries), and what its transaction wrote to its outbox is
-appended to the partition. Databases are real SQLite files. The same
-behaviours over the real broker are in test_saga_reference.py.
+appended to the partition. Databases are real: SQLite files, and PostgreSQL
+databases (each test runs on both). The same behaviours over the real broker
+are in test_saga_reference.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from saga import (
     create_engine,
 )
 
-EVENTS = ("Start", "A", "B")
+EVENTS = ("Start", "A", "B", "C", "D", "E")
 
 
 def codec() -> AvroCodec:
@@ -111,14 +112,22 @@ class Partition:
             await self.deliver_next()
 
 
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Callable[[str], Service]]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def make(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[[str], Service]]:
     shared = codec()
     kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9")  # never contacted here
     made: list[Service] = []
+    if request.param == "postgresql":
+        databases = request.getfixturevalue("postgres_databases")
 
     def factory(name: str) -> Service:
-        engine = create_engine(f"sqlite:///{tmp_path / name}.db")
+        if request.param == "postgresql":
+            url = databases.new()
+        else:
+            url = f"sqlite:///{tmp_path / name}.db"
+        engine = create_engine(url)
         settings = ServiceSettings(
             retry=RetryPolicy(initial_interval=timedelta(milliseconds=10), maximum_attempts=2)
         )
@@ -358,4 +367,317 @@ async def test_starting_the_same_saga_twice_at_once_is_refused(postgres_url: str
 
     results = await asyncio.gather(attempt(), attempt())
     await service.engine.dispose()
-    assert sorted(results) == ["saga same was already started", "started"]
+    assert sorted(results) == ["saga trip same was already started", "started"]
+
+
+async def test_a_step_named_like_another_services_step_runs_and_each_is_undone_by_its_owner(
+    make: Callable[[str], Service],
+) -> None:
+    """Inventory and billing both have a step ``validate``: a step is (service, name)."""
+    trips, inventory, billing, shipping = (
+        make("trips"),
+        make("inventory"),
+        make("billing"),
+        make("shipping"),
+    )
+    ended = ended_log(trips)
+    performed: list[str] = []
+    undone: list[str] = []
+
+    @inventory.step("validate", saga="trip", on="ex.Start")
+    async def check_stock(ctx: SagaContext) -> None:
+        performed.append("inventory")
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("validate", saga="trip")
+    async def undo_stock_check(ctx: SagaContext) -> None:
+        undone.append("inventory")
+
+    @billing.step("validate", saga="trip", on="ex.A")
+    async def check_card(ctx: SagaContext) -> None:
+        performed.append("billing")
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @billing.compensation("validate", saga="trip")
+    async def undo_card_check(ctx: SagaContext) -> None:
+        undone.append("billing")
+
+    @shipping.step("ship", saga="trip", on="ex.B")
+    async def ship(ctx: SagaContext) -> None:
+        ctx.fail("no courier")
+
+    every = [trips, inventory, billing, shipping]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)
+    await partition.drain()
+
+    assert performed == ["inventory", "billing"]
+    assert undone == ["billing", "inventory"]  # each by its owner, most recent first
+    assert ended == ["COMPENSATED"]
+    stamp = await trips.saga_state("t1")
+    assert [(s.service, s.name, s.outcome.value) for s in stamp.steps] == [
+        ("inventory", "validate", "DONE"),
+        ("billing", "validate", "DONE"),
+        ("shipping", "ship", "FAILED"),
+        ("billing", "validate", "COMPENSATED"),
+        ("inventory", "validate", "COMPENSATED"),
+    ]
+
+
+async def test_undoing_a_step_never_runs_another_services_undo_of_the_same_name(
+    make: Callable[[str], Service],
+) -> None:
+    """Billing has a ``validate`` step too, but did not perform it in this saga."""
+    trips, inventory, billing, shipping = (
+        make("trips"),
+        make("inventory"),
+        make("billing"),
+        make("shipping"),
+    )
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    @inventory.step("validate", saga="trip", on="ex.Start")
+    async def check_stock(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("validate", saga="trip")
+    async def undo_stock_check(ctx: SagaContext) -> None:
+        undone.append("inventory")
+
+    @billing.step("validate", saga="trip", on="ex.B")  # no ex.B in this saga
+    async def check_card(ctx: SagaContext) -> None:
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @billing.compensation("validate", saga="trip")
+    async def undo_card_check(ctx: SagaContext) -> None:
+        undone.append("billing")
+
+    @shipping.step("ship", saga="trip", on="ex.A")
+    async def ship(ctx: SagaContext) -> None:
+        ctx.fail("no courier")
+
+    every = [trips, inventory, billing, shipping]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)
+    await partition.drain()
+
+    assert undone == ["inventory"]
+    assert ended == ["COMPENSATED"]
+    stamp = await billing.saga_state("t1")
+    assert not [s for s in stamp.steps if s.service == "billing"]
+
+
+async def test_a_participant_whose_clock_is_past_the_deadline_still_performs_its_step(
+    make: Callable[[str], Service],
+) -> None:
+    """The initiator's deadline message decides, not a participant's clock.
+
+    The deadline has passed by the participants' clocks, but the initiator's
+    deadline message is not due yet (its database clock is behind, or its
+    relay lags): the steps run and the saga completes. The deadline message,
+    arriving after that, changes nothing.
+    """
+    trips, flights, hotels = make("trips"), make("flights"), make("hotels")
+    ended = ended_log(trips)
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @hotels.step("book_room", saga="trip", on="ex.A")
+    async def room(ctx: SagaContext) -> None:
+        ctx.complete()
+
+    every = [trips, flights, hotels]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(milliseconds=50))
+    await asyncio.sleep(0.1)  # past the deadline by every clock of this process
+    await partition.collect(trips)  # Start, not the deadline message
+    await partition.drain()
+
+    assert ended == ["COMPLETED"]
+    await partition.collect(trips, scheduled=True)  # DeadlineReached, late
+    await partition.drain()
+
+    assert ended == ["COMPLETED"]
+    assert await steps(trips, "t1") == [("book_seat", "DONE"), ("book_room", "DONE")]
+
+
+async def test_a_compensation_request_naming_no_service_goes_to_the_step_s_performer(
+    make: Callable[[str], Service],
+) -> None:
+    """A ``Compensate`` from a sender before version 2 names the step only."""
+    trips, inventory, billing, shipping = (
+        make("trips"),
+        make("inventory"),
+        make("billing"),
+        make("shipping"),
+    )
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    @inventory.step("validate", saga="trip", on="ex.Start")
+    async def check_stock(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @inventory.compensation("validate", saga="trip")
+    async def undo_stock_check(ctx: SagaContext) -> None:
+        undone.append("inventory")
+
+    @billing.step("validate", saga="trip", on="ex.B")  # no ex.B in this saga
+    async def check_card(ctx: SagaContext) -> None:
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @billing.compensation("validate", saga="trip")
+    async def undo_card_check(ctx: SagaContext) -> None:
+        undone.append("billing")
+
+    @shipping.step("ship", saga="trip", on="ex.A")
+    async def ship(ctx: SagaContext) -> None:
+        ctx.fail("no courier")
+
+    every = [trips, inventory, billing, shipping]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)
+
+    def compensations() -> list[int]:
+        return [
+            i
+            for i, r in enumerate(partition.records)
+            if dict(r[2])["ce_type"] == b"choreosaga.saga.Compensate"
+        ]
+
+    while not compensations():
+        await partition.deliver_next()
+    (index,) = compensations()
+    envelope = inventory.envelopes.decode(*partition.records[index])
+    assert envelope.data["service"] == "inventory"
+    unscoped = {"step": envelope.data["step"], "reason": envelope.data["reason"]}
+    key, value, headers = inventory.envelopes.encode(replace(envelope, data=unscoped))
+    partition.records[index] = (key, value, headers)
+    await partition.drain()
+
+    assert undone == ["inventory"]
+    assert ended == ["COMPENSATED"]
+
+
+async def test_parallel_branches_are_each_undone_most_recent_first_each_step_once(
+    make: Callable[[str], Service],
+) -> None:
+    """The compensation order with parallel branches (see saga.choreography).
+
+    Start forks: flights books a seat, then a taxi, then insurance refuses;
+    hotels books a room, then a massage. Both branches are done when the
+    refusal comes, in the order seat, room, taxi, massage. The failing
+    branch is undone by its chain, taxi before seat; the other branch by the
+    initiator, massage before room. There is no order between the branches.
+    """
+    trips, flights, taxis, insurer, hotels, spa = (
+        make("trips"),
+        make("flights"),
+        make("taxis"),
+        make("insurer"),
+        make("hotels"),
+        make("spa"),
+    )
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    def branch_step(service: Service, step: str, on: str, emits: str) -> None:
+        @service.step(step, saga="trip", on=on)
+        async def perform(ctx: SagaContext) -> None:
+            ctx.emit(emits, {"id": ctx.saga_id})
+
+        @service.compensation(step, saga="trip")
+        async def undo(ctx: SagaContext) -> None:
+            undone.append(step)
+
+    branch_step(flights, "seat", "ex.Start", "ex.A")
+    branch_step(taxis, "taxi", "ex.A", "ex.E")
+    branch_step(hotels, "room", "ex.Start", "ex.C")
+    branch_step(spa, "massage", "ex.C", "ex.D")
+
+    @insurer.step("insurance", saga="trip", on="ex.E")
+    async def insure(ctx: SagaContext) -> None:
+        ctx.fail("no cover for this trip")
+
+    every = [trips, flights, taxis, insurer, hotels, spa]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)
+    await partition.drain()
+
+    assert ended == ["COMPENSATED"]
+    assert sorted(undone) == ["massage", "room", "seat", "taxi"]  # each exactly once
+    assert undone.index("taxi") < undone.index("seat")
+    assert undone.index("massage") < undone.index("room")
+    assert undone[:2] == ["taxi", "seat"]  # the failing branch's chain goes first
+    done = [(s.name, s.outcome.value) for s in (await trips.saga_state("t1")).steps][:4]
+    assert done == [("seat", "DONE"), ("room", "DONE"), ("taxi", "DONE"), ("massage", "DONE")]
+
+
+async def test_a_branch_still_running_when_the_deadline_fired_is_undone_step_by_step(
+    make: Callable[[str], Service],
+) -> None:
+    """Late steps are undone as the initiator sees them, each exactly once.
+
+    The deadline fires before any step reported in: nothing to undo, the saga
+    is announced compensated. Then the room reports in (late: undone at once)
+    while the spa, which had not heard of it yet, books a massage on it (late
+    too: undone when it reports in). A step still running when compensation
+    began can thus be undone after an earlier step of its own branch: the
+    rule in saga.choreography's docstring.
+    """
+    trips, hotels, spa = make("trips"), make("hotels"), make("spa")
+    ended = ended_log(trips)
+    undone: list[str] = []
+
+    @hotels.step("room", saga="trip", on="ex.Start")
+    async def room(ctx: SagaContext) -> None:
+        ctx.emit("ex.C", {"id": ctx.saga_id})
+
+    @hotels.compensation("room", saga="trip")
+    async def cancel_room(ctx: SagaContext) -> None:
+        undone.append("room")
+
+    @spa.step("massage", saga="trip", on="ex.C")
+    async def massage(ctx: SagaContext) -> None:
+        ctx.emit("ex.D", {"id": ctx.saga_id})  # nobody acts on D: only the deadline ends it
+
+    @spa.compensation("massage", saga="trip")
+    async def cancel_massage(ctx: SagaContext) -> None:
+        undone.append("massage")
+
+    every = [trips, hotels, spa]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=1))
+    await partition.collect(trips)  # Start
+    await partition.collect(trips, scheduled=True)  # DeadlineReached, right behind it
+    await partition.drain()
+
+    # The room was undone before the massage reported in: no order could wait
+    # for a step nobody knew was running.
+    assert undone == ["room", "massage"]
+    assert ended == ["COMPENSATED"]
+    assert sorted(await steps(trips, "t1")) == [
+        ("massage", "COMPENSATED"),
+        ("massage", "DONE"),
+        ("room", "COMPENSATED"),
+        ("room", "DONE"),
+    ]

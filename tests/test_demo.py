@@ -56,5 +56,6 @@ def test_saga_demo_keeps_its_directory_and_mentions_deadlines_only_when_reached(
         "inventory.db",
         "order.db",
         "payment.db",
+        "saga_log.db",  # the demo's saga log, for saga trace and saga status
         "shipping.db",
     ]

@@ -27,12 +27,12 @@ from saga.codec import AvroCodec
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.errors import ConfigurationError, DecodeError
 from saga.schemas import SchemaRegistry
-from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
+from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome, StepRecord
 from saga.tracecontext import current_trace_headers, use_trace_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 ITEM_AVSC = Path(__file__).parent / "schemas" / "core" / "choreosaga" / "test" / "Item.avsc"
-STAMP_AVSC = ROOT / "schemas" / "choreosaga" / "saga" / "Stamp.avsc"
+STAMP_AVSC = ROOT / "schemas" / "choreosaga" / "saga" / "Stamp.v2.avsc"
 ITEM = "choreosaga.test.Item"
 
 TRACEPARENT = re.compile(r"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
@@ -281,6 +281,7 @@ def test_stamp_header_is_plain_avro_single_object_encoding_of_stamp_avsc(
         "deadline": datetime(2024, 5, 17, 10, 30, 15, 123000, tzinfo=UTC),
         "reason": "card declined",
         "suspension": None,
+        "hop": 0,
     }
 
 
@@ -637,3 +638,21 @@ def test_a_stamp_breaking_an_invariant_is_refused_without_quoting_its_data(
     with pytest.raises(DecodeError, match="invariant") as caught:
         codec.decode(key, value, broken)
     assert "vvvv" not in str(caught.value)
+
+
+def test_a_stamp_written_with_the_first_stamp_schema_is_still_read() -> None:
+    """Records already on a topic, stamped before the suspension and hop fields existed."""
+    first = SchemaRegistry()
+    first.register((ROOT / "schemas" / "choreosaga" / "saga" / "Stamp.avsc").read_text())
+    old = Stamp(
+        saga_name="place_order",
+        saga_id="order-1",
+        status=SagaStatus.COMPENSATING,
+        correlation_id="c",
+        started_at=datetime(2024, 5, 17, 9, 0, tzinfo=UTC),
+        reason="card declined",
+    )
+    written = {k: v for k, v in old.to_avro().items() if k not in ("suspension", "hop")}
+    raw = AvroCodec(first).encode(STAMP_SCHEMA, written)
+    _, record = AvroCodec(SchemaRegistry.default()).decode(raw, expected=STAMP_SCHEMA)
+    assert Stamp.from_avro(record) == old

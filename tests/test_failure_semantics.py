@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from support import core_codec
 
 from saga import (
+    BrokerError,
     BusinessFailure,
     KafkaSettings,
     OutboxTables,
@@ -66,12 +67,17 @@ class Shop:
     beta: dict[int, Callable[[SagaContext], Awaitable[None]]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
 
-    async def start(self, n: int) -> str:
+    async def start(self, n: int, deadline: timedelta | None = None) -> str:
         saga_id = f"order-{n}-{uuid.uuid4().hex[:6]}"
         starter = self.services["starter"]
         async with AsyncSession(self.engines["starter"]) as session, session.begin():
             await starter.start_saga(
-                session, SAGA, saga_id=saga_id, event_type=ORDER, data={"n": n, "card": CARD}
+                session,
+                SAGA,
+                saga_id=saga_id,
+                event_type=ORDER,
+                data={"n": n, "card": CARD},
+                deadline=deadline,
             )
         return saga_id
 
@@ -290,9 +296,14 @@ async def test_handler_bug_is_dead_lettered_and_suspends_the_saga_instead_of_com
 
     # The fix is deployed; the dead letter is replayed; the saga completes.
     deployed["buggy"] = False
+    starter = shop.services["starter"]
+    ignored = starter.stats.ignored
     sent = await replay(shop.kafka, [letter])
     assert [d.ref for d in sent] == [letter.ref]
     assert await shop.ended_as(saga_id) == "COMPLETED"
+    # The replay was meant for beta's group: the initiator, which handled the
+    # message before, skipped it without even looking it up in its inbox.
+    assert starter.stats.ignored == ignored + 1
     assert await shop.effects_of("beta", saga_id) == ["charged"]
     assert await shop.effects_of("alpha", saga_id) == ["reserved"]
     resumed = await shop.services["beta"].saga_state(saga_id)
@@ -303,6 +314,41 @@ async def test_handler_bug_is_dead_lettered_and_suspends_the_saga_instead_of_com
     await asyncio.sleep(1.0)
     assert await shop.effects_of("beta", saga_id) == ["charged"]
     assert shop.calls[f"beta {saga_id}"] == 4
+
+
+async def test_a_deadline_is_held_while_the_saga_is_suspended_and_moved_when_it_resumes(
+    shop: Shop,
+) -> None:
+    """A bug must not spend the saga's time: past its deadline, a suspended saga is not
+    compensated; fixed and replayed, it completes."""
+    deployed = {"buggy": True}
+
+    async def charge(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            _ = ctx.data["amount"]
+
+    shop.beta[13] = charge
+    saga_id = await shop.start(13, deadline=timedelta(seconds=3))
+    (letter,) = await shop.dead_letters(saga_id)
+    starter = shop.services["starter"]
+    deadline = time.monotonic() + 20
+    while (held := await starter.saga_state(saga_id)) is None or held.suspension is None:
+        assert time.monotonic() < deadline, "the initiator never heard of the suspension"
+        await asyncio.sleep(0.05)
+    assert held.suspension.service == "beta"
+    assert held.suspension.step == "beta"
+    await asyncio.sleep(4.0)  # well past the deadline
+    assert (await starter.saga_state(saga_id)).status is SagaStatus.RUNNING
+    assert await shop.effects_of("alpha", saga_id) == ["reserved"]  # nothing undone
+
+    deployed["buggy"] = False
+    await replay(shop.kafka, [letter])
+    assert await shop.ended_as(saga_id) == "COMPLETED"
+    assert await shop.effects_of("beta", saga_id) == ["charged"]
+    assert await shop.effects_of("alpha", saga_id) == ["reserved"]
+    final = await starter.saga_state(saga_id)
+    assert final is not None
+    assert final.suspension is None
 
 
 async def test_emitting_an_unregistered_event_is_a_bug_not_a_business_failure(
@@ -489,3 +535,232 @@ async def test_saga_dlq_lists_and_replays_a_suspended_saga_from_the_command_line
     assert "replayed 1 dead letter(s)" in done.stdout
     assert await shop.ended_as(saga_id) == "COMPLETED"
     assert await shop.effects_of("beta", saga_id) == ["charged"]
+
+
+# -- what the review of the error model found ---------------------------------------------
+
+
+async def test_database_error_detail_stays_out_of_logs_and_the_suspension(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL quotes the failing row in DETAIL: neither logs nor stamps may carry it."""
+    caplog.set_level(logging.INFO)
+    async with shop.engines["beta"].begin() as conn:
+        await conn.execute(
+            sa.text("ALTER TABLE effects ADD CONSTRAINT no_tokens CHECK (entry NOT LIKE 'tok%')")
+        )
+
+    async def charge(ctx: SagaContext) -> None:
+        await ctx.session.execute(sa.insert(shop.effects).values(saga_id=ctx.saga_id, entry=CARD))
+
+    shop.beta[10] = charge
+    saga_id = await shop.start(10)
+    (letter,) = await shop.dead_letters(saga_id)
+    stamp = await shop.suspended("beta", saga_id)
+    assert "CheckViolation [23514]" in stamp.suspension.error
+    assert CARD not in stamp.suspension.error
+    assert CARD not in caplog.text
+    assert letter.error_type.endswith("CheckViolation")
+
+
+async def test_a_statement_the_driver_refuses_before_sending_is_bounded_not_an_outage(
+    shop: Shop,
+) -> None:
+    """psycopg reports it without a SQLSTATE; it is not about the connection."""
+
+    async def charge(ctx: SagaContext) -> None:
+        ids = [str(i) for i in range(70_000)]  # more bind parameters than PostgreSQL takes
+        await ctx.session.execute(sa.select(shop.effects).where(shop.effects.c.entry.in_(ids)))
+
+    shop.beta[11] = charge
+    stuck = await shop.start(11)
+    behind = await shop.start(0)
+    assert await shop.ended_as(behind) == "COMPLETED"
+    (letter,) = await shop.dead_letters(stuck)
+    assert letter.info["attempts"] == "3"
+    assert shop.services["beta"].stats.outage_waits == 0
+
+
+async def test_a_stampless_message_a_saga_service_would_act_on_is_dead_lettered(
+    shop: Shop,
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from saga.envelope import Envelope
+
+    beta = shop.services["beta"]
+    unstamped = Envelope(type=ALPHA_DONE, data={"n": 12}, source="/forged", key=b"x")
+    key, value, headers = beta.envelopes.encode(unstamped)
+    producer = AIOKafkaProducer(**shop.kafka.producer_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(shop.topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+    later = await shop.start(0)
+    assert await shop.ended_as(later) == "COMPLETED"
+    deadline = time.monotonic() + 30
+    while True:
+        letters = await read_dead_letters(shop.kafka, [shop.topic + ".dlq"])
+        mine = [d for d in letters if d.header("ce_id") == unstamped.id]
+        if mine:
+            break
+        assert time.monotonic() < deadline, "the stamp-less message was not dead-lettered"
+        await asyncio.sleep(0.2)
+    assert mine[0].info["role"] == "decode"
+    assert "carries no stamp" in mine[0].info["error_message"]
+
+
+async def test_a_different_record_at_a_reused_position_is_dead_lettered_too(
+    postgres_url: str,
+) -> None:
+    """Offsets start again when a topic is created again: position alone is not an identity."""
+    from aiokafka import ConsumerRecord
+
+    from saga import MessageContext
+
+    engine = create_engine(postgres_url)
+    service = Service(
+        "svc",
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),  # never contacted
+        codec=core_codec(),
+    )
+
+    @service.subscribe("orders", ORDER)
+    async def handle(ctx: MessageContext) -> None:
+        pass
+
+    def record(value: bytes) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(
+            topic="orders",
+            partition=0,
+            offset=7,
+            timestamp=0,
+            timestamp_type=0,
+            key=b"k",
+            value=value,
+            checksum=None,
+            serialized_key_size=1,
+            serialized_value_size=len(value),
+            headers=[],
+        )
+
+    try:
+        await service.create_tables()
+        await service.processor.process(record(b"garbage one"))
+        await service.processor.process(record(b"garbage one"))  # a redelivery: once
+        await service.processor.process(record(b"another record at the same position"))
+        async with engine.connect() as conn:
+            table = service.tables.outbox
+            values = (await conn.execute(sa.select(table.c.value))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert sorted(values) == [b"another record at the same position", b"garbage one"]
+    assert service.stats.dead_lettered == 2
+
+
+def test_a_handler_retry_policy_without_a_limit_is_refused() -> None:
+    from saga import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="maximum_attempts"):
+        ServiceSettings(retry=RetryPolicy(maximum_attempts=0))
+
+
+_UNPARSABLE_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class Key(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfebad"  # a header key that is not UTF-8
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1], enable_idempotence=False)
+    await producer.start()
+    await producer.send_and_wait(sys.argv[2], b"x", key=b"k", headers=[(Key("ce_id"), b"1")])
+    await producer.stop()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_record_the_client_cannot_parse_stops_the_service_loudly(shop: Shop) -> None:
+    """aiokafka fails on a non-UTF-8 header key before we see the bytes: never a silent stall."""
+    produced = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _UNPARSABLE_PRODUCER, shop.kafka.bootstrap_servers, shop.topic],
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert produced.returncode == 0, produced.stderr
+    with pytest.raises(BrokerError, match="cannot read a record"):
+        async with asyncio.timeout(60):
+            await shop.services["beta"].wait()
+
+
+async def test_saga_status_lists_a_suspended_saga_until_its_replay_completes_it(
+    shop: Shop, tmp_path: Any
+) -> None:
+    """What a person sees: the saga log shows where a bug stopped the saga, and why."""
+    from saga import ObserverSettings, SagaObserver, saga_status, trace_from_log
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
+    observer = SagaObserver(
+        engine=engine,
+        kafka=shop.kafka,
+        codec=core_codec(),
+        settings=ObserverSettings(
+            patterns=(shop.topic, shop.topic + ".dlq"),
+            group_id=shop.topic + ".observer",
+            retention=timedelta(days=1),
+        ),
+    )
+    deployed = {"buggy": True}
+
+    async def charge(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            raise LookupError("no tariff for region EU-9")
+
+    shop.beta[14] = charge
+
+    async def suspended_ids() -> list[str]:
+        report = await saga_status(engine, stuck_after=timedelta(minutes=5))
+        return [s.saga_id for s in report.attention["suspended"]]
+
+    await observer.create_tables()
+    try:
+        async with observer:
+            saga_id = await shop.start(14)
+            (letter,) = await shop.dead_letters(saga_id)
+            deadline = time.monotonic() + 30
+            while saga_id not in await suspended_ids():
+                assert time.monotonic() < deadline, "saga status never listed the suspension"
+                await asyncio.sleep(0.2)
+            report = await saga_status(engine)
+            text = report.to_text()
+            assert "LookupError: no tariff for region EU-9" in text
+            assert "beta" in text
+            # The dead letter is observed too: the trace shows where and why.
+            while True:
+                trace = await trace_from_log(engine, saga_id)
+                assert trace is not None
+                rows = [m for m in trace.to_dict()["timeline"] if m["outcome"] == "DEAD_LETTERED"]
+                if rows:
+                    break
+                assert time.monotonic() < deadline, "the dead letter never reached the saga log"
+                await asyncio.sleep(0.2)
+            assert rows[0]["service"] == "beta"
+            assert "LookupError" in rows[0]["detail"]
+
+            deployed["buggy"] = False
+            await replay(shop.kafka, [letter])
+            assert await shop.ended_as(saga_id) == "COMPLETED"
+            while saga_id in await suspended_ids():
+                assert time.monotonic() < deadline + 30, "the resumed saga stayed listed"
+                await asyncio.sleep(0.2)
+    finally:
+        await engine.dispose()

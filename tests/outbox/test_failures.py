@@ -51,6 +51,21 @@ async def test_unreachable_server_is_an_outage() -> None:
         await engine.dispose()
 
 
+async def test_missing_database_is_permanent_not_an_outage(postgres_url: str) -> None:
+    """A database that does not exist will not appear by waiting: say so at once."""
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(postgres_url).set(database="cstest_does_not_exist")
+    engine = create_engine(missing)
+    try:
+        with pytest.raises(SQLAlchemyError) as caught:
+            async with engine.connect():
+                pass
+        assert classify(caught.value) is ErrorKind.PERMANENT
+    finally:
+        await engine.dispose()
+
+
 async def test_statement_timeout_is_transient_not_an_outage(postgres_url: str) -> None:
     """57014 must be bounded: a statement that always times out would block forever."""
     engine = create_engine(postgres_url)
@@ -125,3 +140,40 @@ def test_wrappers_keep_the_kind_of_their_cause() -> None:
     assert classify(Flaky()) is ErrorKind.TRANSIENT
     assert StoreError("x", kind=ErrorKind.OUTAGE).retriable
     assert not StoreError("x").retriable
+
+
+def test_an_outage_re_raised_inside_except_is_still_an_outage() -> None:
+    """``except SQLAlchemyError: raise RepoError()`` without ``from`` keeps the context."""
+
+    class RepoError(Exception):
+        pass
+
+    def save() -> None:
+        try:
+            raise PoolTimeoutError("QueuePool limit of size 1 overflow 0 reached")
+        except PoolTimeoutError:
+            raise RepoError("could not save")  # noqa: B904 (no "from": what is tested)
+
+    try:
+        save()
+    except RepoError as exc:
+        caught = exc
+    assert classify(caught) is ErrorKind.OUTAGE
+    hidden = RepoError("hidden")
+    hidden.__context__ = PoolTimeoutError("x")
+    hidden.__suppress_context__ = True  # raise ... from None: the author chose to hide it
+    assert classify(hidden) is ErrorKind.PERMANENT
+
+
+async def test_a_statement_psycopg_refuses_to_send_is_transient(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        params = ", ".join(f":p{i}" for i in range(70_000))
+        with pytest.raises(SQLAlchemyError) as caught:
+            async with engine.connect() as conn:
+                await conn.execute(
+                    text(f"SELECT 1 WHERE 1 IN ({params})"), {f"p{i}": i for i in range(70_000)}
+                )
+        assert classify(caught.value) is ErrorKind.TRANSIENT
+    finally:
+        await engine.dispose()

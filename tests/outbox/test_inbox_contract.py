@@ -1,7 +1,7 @@
 """The InboxStore contract, run against every implementation.
 
-The inbox is the whole of deduplication: a unique ``(consumer, message_id)``
-written in the handler's transaction. These tests pin what a consumer relies
+The inbox is the whole of deduplication: a unique ``(consumer, source,
+message_id)`` written in the handler's transaction. These tests pin what a consumer relies
 on: a redelivery is recognised, a rolled-back attempt is not, and two
 consumers racing on the same message never both win.
 """
@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import outbox
 from outbox import ConfigurationError, InboxStore, OutboxTables, SqlInboxStore
+
+SOURCE = "/orders"
 
 
 class Boom(Exception):
@@ -47,10 +49,14 @@ class InboxStoreContract(ABC):
 
     @staticmethod
     async def record(
-        engine: AsyncEngine, inbox: InboxStore, consumer: str, message_id: str
+        engine: AsyncEngine,
+        inbox: InboxStore,
+        consumer: str,
+        message_id: str,
+        source: str = SOURCE,
     ) -> bool:
         async with engine.begin() as conn:
-            return await inbox.record(conn, consumer, message_id)
+            return await inbox.record(conn, consumer, message_id, source=source)
 
     async def test_first_delivery_is_new_and_a_redelivery_is_a_duplicate(
         self, engine: AsyncEngine, inbox: InboxStore
@@ -63,9 +69,9 @@ class InboxStoreContract(ABC):
         self, engine: AsyncEngine, inbox: InboxStore
     ) -> None:
         async with AsyncSession(engine) as session, session.begin():
-            assert await inbox.record(session, "payments", "m-1") is True
+            assert await inbox.record(session, "payments", "m-1", source=SOURCE) is True
         async with AsyncSession(engine) as session, session.begin():
-            assert await inbox.record(session, "payments", "m-1") is False
+            assert await inbox.record(session, "payments", "m-1", source=SOURCE) is False
 
     async def test_consumers_are_deduplicated_independently(
         self, engine: AsyncEngine, inbox: InboxStore
@@ -74,15 +80,25 @@ class InboxStoreContract(ABC):
         assert await self.record(engine, inbox, "shipping", "m-1") is True
         assert await self.record(engine, inbox, "shipping", "m-1") is False
 
+    async def test_the_same_id_from_two_sources_is_two_messages(
+        self, engine: AsyncEngine, inbox: InboxStore
+    ) -> None:
+        """Ids are unique per source only: ``/billing`` and ``/shipping`` may both send one."""
+        assert await self.record(engine, inbox, "ledger", "order-42", "/billing") is True
+        assert await self.record(engine, inbox, "ledger", "order-42", "/shipping") is True
+        assert await self.record(engine, inbox, "ledger", "order-42", "/billing") is False
+        assert await inbox.contains("ledger", "order-42", source="/shipping") is True
+        assert await inbox.contains("ledger", "order-42", source="/returns") is False
+
     async def test_a_rolled_back_record_is_forgotten(
         self, engine: AsyncEngine, inbox: InboxStore
     ) -> None:
         with pytest.raises(Boom):
             async with engine.begin() as conn:
-                assert await inbox.record(conn, "payments", "m-1") is True
+                assert await inbox.record(conn, "payments", "m-1", source=SOURCE) is True
                 raise Boom
 
-        assert await inbox.contains("payments", "m-1") is False
+        assert await inbox.contains("payments", "m-1", source=SOURCE) is False
         assert await self.record(engine, inbox, "payments", "m-1") is True
 
     @pytest.mark.parametrize("first_outcome", ["commit", "rollback"])
@@ -93,11 +109,11 @@ class InboxStoreContract(ABC):
 
         async def second_delivery() -> bool:
             async with engine.begin() as conn:
-                return await inbox.record(conn, "payments", "m-1")
+                return await inbox.record(conn, "payments", "m-1", source=SOURCE)
 
         async with engine.connect() as first:
             await first.begin()
-            first_won = await inbox.record(first, "payments", "m-1")
+            first_won = await inbox.record(first, "payments", "m-1", source=SOURCE)
             second = asyncio.create_task(second_delivery())
             await asyncio.sleep(0.3)
             assert not second.done(), "the second delivery must wait for the first"
@@ -109,17 +125,17 @@ class InboxStoreContract(ABC):
 
         assert first_won is True
         assert second_won is (first_outcome == "rollback")
-        assert await inbox.contains("payments", "m-1") is True
+        assert await inbox.contains("payments", "m-1", source=SOURCE) is True
 
     async def test_contains_sees_only_committed_records(
         self, engine: AsyncEngine, inbox: InboxStore
     ) -> None:
-        assert await inbox.contains("payments", "m-1") is False
+        assert await inbox.contains("payments", "m-1", source=SOURCE) is False
         await self.record(engine, inbox, "payments", "m-1")
 
-        assert await inbox.contains("payments", "m-1") is True
-        assert await inbox.contains("shipping", "m-1") is False
-        assert await inbox.contains("payments", "m-2") is False
+        assert await inbox.contains("payments", "m-1", source=SOURCE) is True
+        assert await inbox.contains("shipping", "m-1", source=SOURCE) is False
+        assert await inbox.contains("payments", "m-2", source=SOURCE) is False
 
     async def test_purge_deletes_old_records_at_most_limit_at_a_time(
         self, engine: AsyncEngine, inbox: InboxStore
@@ -137,24 +153,43 @@ class InboxStoreContract(ABC):
         assert await self.record(engine, inbox, "payments", "m-0") is True
 
     @pytest.mark.parametrize(
-        ("consumer", "message_id"),
-        [("", "m-1"), ("c" * 201, "m-1"), ("payments", ""), ("payments", "m" * 201)],
-        ids=["empty consumer", "long consumer", "empty id", "long id"],
+        ("consumer", "source", "message_id"),
+        [
+            ("", SOURCE, "m-1"),
+            ("c" * 201, SOURCE, "m-1"),
+            ("payments", "", "m-1"),
+            ("payments", "s" * 201, "m-1"),
+            ("payments", SOURCE, ""),
+            ("payments", SOURCE, "m" * 201),
+        ],
+        ids=[
+            "empty consumer",
+            "long consumer",
+            "empty source",
+            "long source",
+            "empty id",
+            "long id",
+        ],
     )
     async def test_invalid_names_are_refused(
-        self, engine: AsyncEngine, inbox: InboxStore, consumer: str, message_id: str
+        self,
+        engine: AsyncEngine,
+        inbox: InboxStore,
+        consumer: str,
+        source: str,
+        message_id: str,
     ) -> None:
         async with engine.begin() as conn:
             with pytest.raises(ConfigurationError):
-                await inbox.record(conn, consumer, message_id)
+                await inbox.record(conn, consumer, message_id, source=source)
 
     async def test_names_of_200_characters_are_accepted(
         self, engine: AsyncEngine, inbox: InboxStore
     ) -> None:
-        consumer, message_id = "c" * 200, "m" * 200
+        consumer, source, message_id = "c" * 200, "s" * 200, "m" * 200
 
-        assert await self.record(engine, inbox, consumer, message_id) is True
-        assert await inbox.contains(consumer, message_id) is True
+        assert await self.record(engine, inbox, consumer, message_id, source) is True
+        assert await inbox.contains(consumer, message_id, source=source) is True
 
 
 class TestSqliteInboxStore(InboxStoreContract):

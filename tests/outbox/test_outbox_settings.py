@@ -254,7 +254,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
         sent = OutboxMessage(topic="orders", key=b"1", value=b"placed")
         async with engine.begin() as conn:
             await store.add(conn, [sent])
-            assert await inbox.record(conn, "payments", "m-1") is True
+            assert await inbox.record(conn, "payments", "m-1", source="/orders") is True
 
         (fetched,) = await store.fetch_due(set(range(store.shards)), 10)
         assert (fetched.message_id, fetched.value) == (sent.message_id, b"placed")

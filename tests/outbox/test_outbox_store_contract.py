@@ -304,6 +304,38 @@ class OutboxStoreContract(ABC):
         assert await store.parked() == []
         assert (await store.stats()).parked == 0
 
+    async def test_parked_row_holds_back_only_its_own_topic_and_key(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """A row parked for one topic must not stop the same key on another topic."""
+        blocker = message("bad topic!", key=b"saga-1", value=b"never")
+        same_key_other_topic = message("orders", key=b"saga-1", value=b"compensate")
+        same_topic_and_key = message("bad topic!", key=b"saga-1", value=b"after")
+        await self.add(engine, store, blocker, same_key_other_topic, same_topic_and_key)
+        (row, *_) = await self.fetch(store)
+        await store.record_failure(row, "InvalidTopicError", park=True)
+
+        assert self.ids(await self.fetch(store)) == [same_key_other_topic.message_id]
+
+    async def test_discarded_parked_rows_are_gone_and_release_their_key(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        blocker = message(key=b"a", value=b"a1")
+        behind = message(key=b"a", value=b"a2")
+        pending = message(key=b"b", value=b"b1")
+        await self.add(engine, store, blocker, behind, pending)
+        rows = {m.message_id: m for m in await self.fetch(store)}
+        await store.record_failure(rows[blocker.message_id], "too big", park=True)
+
+        # Only parked rows can be discarded: a pending row is never thrown away.
+        assert await store.discard_parked([pending.message_id, "no-such-id"]) == 0
+        assert await store.discard_parked([blocker.message_id]) == 1
+
+        assert await store.parked() == []
+        assert self.ids(await self.fetch(store)) == [behind.message_id, pending.message_id]
+        assert (await store.stats()).parked == 0
+        assert await store.discard_parked([]) == 0
+
     async def test_parked_rows_are_listed_oldest_first_up_to_limit(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:

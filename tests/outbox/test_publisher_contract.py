@@ -152,6 +152,19 @@ class PublisherContract(ABC):
         assert outcomes[2] is None
         assert await self.read_back(topic, 1) == [as_record(other_key)]
 
+    async def test_failed_record_holds_back_its_key_on_its_own_topic_only(
+        self, publisher: Publisher, topic: str, second_topic: str
+    ) -> None:
+        """A saga's compensation on another topic must not wait behind a refused record."""
+        huge = stored(topic, b"saga-1", self.too_large_value())
+        same_key_other_topic = stored(second_topic, b"saga-1", b"compensation")
+
+        outcomes = await publisher.publish([huge, same_key_other_topic])
+
+        assert isinstance(outcomes[0], MessageTooLargeError)
+        assert outcomes[1] is None
+        assert await self.read_back(second_topic, 1) == [as_record(same_key_other_topic)]
+
 
 class TestMemoryPublisher(PublisherContract):
     @pytest.fixture
@@ -162,6 +175,10 @@ class TestMemoryPublisher(PublisherContract):
 
     @pytest.fixture
     def topic(self) -> str:
+        return f"memory-{uuid.uuid4().hex}"
+
+    @pytest.fixture
+    def second_topic(self) -> str:
         return f"memory-{uuid.uuid4().hex}"
 
     async def read_back(self, topic: str, count: int) -> list[Record]:
@@ -183,6 +200,10 @@ class TestKafkaPublisher(PublisherContract):
 
     @pytest.fixture
     async def topic(self, new_topic: Callable[..., Awaitable[str]]) -> str:
+        return await new_topic(partitions=3)
+
+    @pytest.fixture
+    async def second_topic(self, new_topic: Callable[..., Awaitable[str]]) -> str:
         return await new_topic(partitions=3)
 
     async def read_back(self, topic: str, count: int) -> list[Record]:

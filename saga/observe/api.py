@@ -1,0 +1,71 @@
+"""Where a saga is and how it got there, for your own code (a "where is my order?" page).
+
+Each function reads one source and returns a :class:`~saga.observe.trace.Trace`
+(or ``None`` when the saga is unknown there)::
+
+    from saga.observe import trace_from_log
+    trace = await trace_from_log(engine, "order-00008")   # the observer's database
+    trace.status, trace.explanation(), trace.to_dict()["timeline"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from sqlalchemy import MetaData, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import KafkaSettings
+from saga.codec import AvroCodec
+from saga.observe.log import SagaLog
+from saga.observe.scan import scan_kafka
+from saga.observe.topics import DEFAULT_PATTERNS
+from saga.observe.trace import Trace, build_trace, trace_from_stamp
+from saga.stamp import STAMP_SCHEMA, Stamp
+from saga.state import SagaStates
+
+__all__ = ["trace_from_kafka", "trace_from_log", "trace_from_service"]
+
+
+async def trace_from_log(
+    engine: AsyncEngine, ref: str, *, log: SagaLog | None = None
+) -> Trace | None:
+    """The trace of saga ``ref`` (saga id or correlation id) from the saga log."""
+    log = log or SagaLog(dialect=engine.dialect.name)
+    return build_trace(await log.find(engine, ref), source="saga log")
+
+
+async def trace_from_kafka(
+    kafka: KafkaSettings,
+    codec: AvroCodec,
+    ref: str,
+    *,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    progress: TextIO | None = None,
+) -> Trace | None:
+    """The trace of saga ``ref`` rebuilt by scanning the saga topics."""
+    messages = await scan_kafka(kafka, codec, ref, patterns=patterns, progress=progress)
+    return build_trace(messages, source="Kafka topics")
+
+
+async def trace_from_service(
+    engine: AsyncEngine, codec: AvroCodec, ref: str, *, table: str = "saga_state"
+) -> Trace | None:
+    """The steps of saga ``ref`` as one service's own database knows them (its saga view)."""
+    states = SagaStates(MetaData(), codec, dialect=engine.dialect.name, name=table)
+    t = states.table
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(select(t.c.stamp, t.c.updated_at_ms).where(t.c.saga_id == ref))
+        ).first()
+    if row is not None:
+        _, record = codec.decode(row.stamp, expected=STAMP_SCHEMA)
+        stamp = Stamp.from_avro(record)
+        updated = datetime.fromtimestamp(row.updated_at_ms / 1000, UTC)
+        return trace_from_stamp(stamp, updated_at=updated)
+    for stamp in await states.all(engine):
+        if stamp.correlation_id == ref:
+            return trace_from_stamp(stamp)
+    return None

@@ -1,0 +1,331 @@
+"""The saga log: one row per observed saga message, and one per saga.
+
+Two tables on a ``MetaData`` you may share with Alembic:
+
+* ``saga_log`` (messages): one row per message, keyed by its id; the stamp
+  is stored as JSON text so that ``psql`` and ``sqlite3`` show it, and the
+  payload only when the observer keeps payloads;
+* ``saga_log_sagas`` (sagas): one row per saga with the merge of every
+  stamp seen (``saga.state.merge``), the time of its last message and its
+  highest hop, which is what ``saga status`` counts and lists.
+
+Rows are written by :class:`~saga.observe.observer.SagaObserver` inside the
+transaction that records the message in the inbox, so a redelivered message
+changes nothing. A saga's messages share a partition (the saga id is the key),
+so one observer writes a saga's row at a time; on PostgreSQL the row is also
+locked while it is merged. Times are the messages' own (CloudEvents time), so that a
+log filled late by a replay still tells how long a saga has been idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import Transaction
+from outbox.database import upsert_insert
+from outbox.tables import create_tables, validate_identifier
+from saga.choreography import SAGA_RESUMED, SAGA_SUSPENDED
+from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
+from saga.stamp import SagaStatus, Stamp
+from saga.state import merge
+
+__all__ = ["SagaLog", "SagaSummary"]
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _time(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SagaSummary:
+    """One saga as the log knows it."""
+
+    saga_name: str
+    """Saga type."""
+    saga_id: str
+    """Saga instance id."""
+    status: str
+    """Merged status (a :class:`~saga.stamp.SagaStatus` value)."""
+    reason: str | None
+    """Why it is compensating or failed, if it is."""
+    started_at: datetime
+    """When the saga started."""
+    last_message_at: datetime
+    """Time of its latest message."""
+    messages: int
+    """Messages observed."""
+    hop: int
+    """Highest hop observed."""
+    stamp: Stamp
+    """Merge of every stamp observed."""
+
+
+class SagaLog:
+    """The saga log's tables and queries, on PostgreSQL or SQLite.
+
+    Args:
+        metadata: Where to define the tables (pass your own to manage them
+            with Alembic).
+        dialect: ``"postgresql"`` or ``"sqlite"``.
+        messages: Name of the messages table.
+        sagas: Name of the sagas table.
+    """
+
+    def __init__(
+        self,
+        metadata: MetaData | None = None,
+        *,
+        dialect: str,
+        messages: str = "saga_log",
+        sagas: str = "saga_log_sagas",
+    ) -> None:
+        validate_identifier("saga log table", messages)
+        validate_identifier("saga log table", sagas)
+        self.metadata = MetaData() if metadata is None else metadata
+        self._dialect = dialect
+        self._insert = upsert_insert(dialect)
+        self.messages = Table(
+            messages,
+            self.metadata,
+            Column("message_id", String(200), primary_key=True),
+            Column("saga_name", String(100), nullable=False),
+            Column("saga_id", String(200), nullable=False),
+            Column("event_type", String(300), nullable=False),
+            Column("source", String(300), nullable=False),
+            Column("service", String(200), nullable=False),
+            Column("step", String(100), nullable=True),
+            Column("outcome", String(30), nullable=True),
+            Column("status", String(20), nullable=False),
+            Column("reason", Text, nullable=True),
+            Column("hop", BigInteger, nullable=False),
+            Column("time_ms", BigInteger, nullable=False),
+            Column("causation_id", String(200), nullable=True),
+            Column("correlation_id", String(200), nullable=True),
+            Column("trace_id", String(32), nullable=True),
+            Column("detail", Text, nullable=True),
+            Column("topic", String(249), nullable=False),
+            Column("kafka_partition", Integer, nullable=False),
+            Column("kafka_offset", BigInteger, nullable=False),
+            Column("stamp", Text, nullable=False),
+            Column("payload", Text, nullable=True),
+            Index(f"ix_{messages}_saga", "saga_id", "time_ms"),
+            Index(f"ix_{messages}_correlation", "correlation_id"),
+            Index(f"ix_{messages}_time", "time_ms"),
+        )
+        self.sagas = Table(
+            sagas,
+            self.metadata,
+            Column("saga_id", String(200), primary_key=True),
+            Column("saga_name", String(100), nullable=False),
+            Column("status", String(20), nullable=False),
+            Column("reason", Text, nullable=True),
+            Column("correlation_id", String(200), nullable=False),
+            Column("started_at_ms", BigInteger, nullable=False),
+            Column("last_message_ms", BigInteger, nullable=False),
+            Column("messages", BigInteger, nullable=False),
+            Column("hop", BigInteger, nullable=False),
+            Column("stamp", Text, nullable=False),
+            Index(f"ix_{sagas}_status", "status", "last_message_ms"),
+            Index(f"ix_{sagas}_name", "saga_name", "status"),
+        )
+
+    async def create_tables(self, engine: AsyncEngine) -> None:
+        """Create both tables if they do not exist."""
+        await create_tables(engine, [self.messages, self.sagas])
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def record(self, tx: Transaction, message: ObservedMessage) -> None:
+        """Store ``message`` and fold its stamp into its saga's row, inside ``tx``."""
+        await tx.execute(
+            self._insert(self.messages)
+            .values(
+                message_id=message.message_id,
+                saga_name=message.saga_name,
+                saga_id=message.saga_id,
+                event_type=message.event_type,
+                source=message.source,
+                service=message.service,
+                step=message.step,
+                outcome=message.outcome,
+                status=message.status,
+                reason=message.reason,
+                hop=message.hop,
+                time_ms=_ms(message.time),
+                causation_id=message.causation_id,
+                correlation_id=message.correlation_id,
+                trace_id=message.trace_id,
+                detail=message.detail,
+                topic=message.topic,
+                kafka_partition=message.partition,
+                kafka_offset=message.offset,
+                stamp=message.stamp,
+                payload=message.payload,
+            )
+            .on_conflict_do_nothing(index_elements=["message_id"])
+        )
+        query = select(self.sagas).where(self.sagas.c.saga_id == message.saga_id)
+        if self._dialect == "postgresql":
+            query = query.with_for_update()
+        row = (await tx.execute(query)).first()
+        incoming = stamp_from_json(message.stamp)
+        time_ms = _ms(message.time)
+        if row is None:
+            merged, last, count = merge(None, incoming), time_ms, 1
+        else:
+            merged = merge(stamp_from_json(row.stamp), incoming)
+            last, count = max(row.last_message_ms, time_ms), row.messages + 1
+        merged = _suspension(merged, incoming, message)
+        values = {
+            "saga_id": merged.saga_id,
+            "saga_name": merged.saga_name,
+            "status": merged.status.value,
+            "reason": merged.reason,
+            "correlation_id": merged.correlation_id,
+            "started_at_ms": _ms(merged.started_at),
+            "last_message_ms": last,
+            "messages": count,
+            "hop": merged.hop,
+            "stamp": stamp_to_json(merged),
+        }
+        upsert = self._insert(self.sagas).values(**values)
+        await tx.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["saga_id"],
+                set_={name: upsert.excluded[name] for name in values if name != "saga_id"},
+            )
+        )
+
+    async def purge(self, engine: AsyncEngine, older_than: timedelta) -> int:
+        """Forget sagas whose last message is older than ``older_than``; return how many."""
+        cutoff = _ms(datetime.now(UTC) - older_than)
+        old = select(self.sagas.c.saga_id).where(self.sagas.c.last_message_ms < cutoff)
+        async with engine.begin() as conn:
+            await conn.execute(delete(self.messages).where(self.messages.c.saga_id.in_(old)))
+            result = await conn.execute(
+                delete(self.sagas).where(self.sagas.c.last_message_ms < cutoff)
+            )
+        return int(result.rowcount)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def find(self, engine: AsyncEngine, ref: str) -> list[ObservedMessage]:
+        """Every message of the saga whose id, or correlation id, is ``ref``."""
+        c = self.messages.c
+        query = (
+            select(self.messages)
+            .where(or_(c.saga_id == ref, c.correlation_id == ref))
+            .order_by(c.time_ms, c.hop)
+        )
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            ObservedMessage(
+                message_id=r.message_id,
+                saga_name=r.saga_name,
+                saga_id=r.saga_id,
+                event_type=r.event_type,
+                source=r.source,
+                service=r.service,
+                step=r.step,
+                outcome=r.outcome,
+                status=r.status,
+                reason=r.reason,
+                hop=r.hop,
+                time=_time(r.time_ms),
+                causation_id=r.causation_id,
+                correlation_id=r.correlation_id,
+                trace_id=r.trace_id,
+                detail=r.detail,
+                stamp=r.stamp,
+                topic=r.topic,
+                partition=r.kafka_partition,
+                offset=r.kafka_offset,
+                payload=r.payload,
+            )
+            for r in rows
+        ]
+
+    async def counts(self, engine: AsyncEngine) -> list[tuple[str, str, int]]:
+        """``(saga name, status, count)`` for every saga name and status seen."""
+        c = self.sagas.c
+        query = (
+            select(c.saga_name, c.status, func.count())
+            .group_by(c.saga_name, c.status)
+            .order_by(c.saga_name, c.status)
+        )
+        async with engine.connect() as conn:
+            return [(r[0], r[1], int(r[2])) for r in (await conn.execute(query)).all()]
+
+    async def summaries(
+        self,
+        engine: AsyncEngine,
+        *,
+        statuses: Sequence[str] | None = None,
+        idle_longer_than: timedelta | None = None,
+        limit: int = 100,
+    ) -> list[SagaSummary]:
+        """Sagas with one of ``statuses`` and no message for ``idle_longer_than``, oldest first."""
+        c = self.sagas.c
+        query = select(self.sagas).order_by(c.last_message_ms).limit(limit)
+        if statuses is not None:
+            query = query.where(c.status.in_(list(statuses)))
+        if idle_longer_than is not None:
+            cutoff = _ms(datetime.now(UTC) - idle_longer_than)
+            query = query.where(c.last_message_ms < cutoff)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            SagaSummary(
+                saga_name=r.saga_name,
+                saga_id=r.saga_id,
+                status=r.status,
+                reason=r.reason,
+                started_at=_time(r.started_at_ms),
+                last_message_at=_time(r.last_message_ms),
+                messages=r.messages,
+                hop=r.hop,
+                stamp=stamp_from_json(r.stamp),
+            )
+            for r in rows
+        ]
+
+
+NOT_TERMINAL = tuple(s.value for s in SagaStatus if not s.is_terminal)
+"""Statuses of sagas that can still move."""
+
+
+def _suspension(merged: Stamp, incoming: Stamp, message: ObservedMessage) -> Stamp:
+    """Where the saga is suspended, as ``SagaSuspended`` and ``SagaResumed`` tell it.
+
+    A service's suspension is its own record, which merging leaves out; the
+    log follows the announcements instead.
+    """
+    held = merged.suspension
+    if message.event_type == SAGA_SUSPENDED and incoming.suspension is not None and held is None:
+        return replace(merged, suspension=incoming.suspension)
+    if message.event_type == SAGA_RESUMED and held is not None and held.service == message.service:
+        return replace(merged, suspension=None)
+    return merged

@@ -1,0 +1,247 @@
+"""``saga observe``: a process that fills the saga log from the saga topics.
+
+It joins its own consumer group (``saga-observer`` by default) on every topic
+matching its patterns, and for each record, in one transaction of its own
+database, records the message id in the inbox (a redelivery stops there) and
+writes the message's row and its saga's merged row (:mod:`saga.observe.log`).
+It runs on the same consumer runtime as the services
+(:class:`~saga.consumer.PartitionedConsumer`): partitions in parallel, offsets
+committed after the database commit.
+
+Topics are matched when it starts and again every ``topic_refresh``: a saga
+topic created later is picked up then (the consumer rejoins the group with
+the longer list). Records without a stamp are not saga messages and are
+skipped; undecodable ones are logged with their position, never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from aiokafka import ConsumerRecord
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import KafkaSettings, OutboxError, OutboxTables, SqlInboxStore
+from outbox.tables import create_tables
+from saga.codec import AvroCodec
+from saga.consumer import PartitionedConsumer
+from saga.errors import BrokerError, ConfigurationError, DecodeError
+from saga.observe.log import SagaLog
+from saga.observe.message import observe_record
+from saga.observe.topics import DEFAULT_PATTERNS, matching_topics
+
+__all__ = ["ObserverSettings", "ObserverStats", "SagaObserver"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObserverSettings:
+    """How the observer runs."""
+
+    patterns: Sequence[str] = DEFAULT_PATTERNS
+    """Glob patterns of the topics to observe."""
+
+    group_id: str = "saga-observer"
+    """Consumer group of the observer (and its inbox consumer name)."""
+
+    payloads: bool = False
+    """Keep each message's payload (as JSON) in the log."""
+
+    retention: timedelta = timedelta(days=7)
+    """Sagas whose last message is older are removed from the log."""
+
+    cleanup_interval: timedelta = timedelta(minutes=10)
+    """How often retention is applied."""
+
+    topic_refresh: timedelta = timedelta(seconds=30)
+    """How often the topic list is matched again."""
+
+    def __post_init__(self) -> None:
+        if not self.patterns:
+            raise ConfigurationError("the observer needs at least one topic pattern")
+        for name in ("retention", "cleanup_interval", "topic_refresh"):
+            if getattr(self, name) <= timedelta(0):
+                raise ConfigurationError(f"{name} must be positive")
+
+
+@dataclass
+class ObserverStats:
+    """Counters of a running observer."""
+
+    stored: int = 0
+    """Messages written to the log."""
+    duplicates: int = 0
+    """Redelivered messages the inbox recognised."""
+    skipped: int = 0
+    """Records without a stamp, or undecodable."""
+    topics: list[str] = field(default_factory=list)
+    """Topics currently observed."""
+
+
+class SagaObserver:
+    """Consumes saga topics and writes the saga log.
+
+    Args:
+        engine: The log's database.
+        kafka: Kafka connection settings.
+        codec: Avro codec holding the stamp schema (and, to keep payloads,
+            the schemas of the observed events).
+        settings: Observer settings.
+        log_tables: The saga log tables (defaults to the standard names).
+        inbox_tables: Where the inbox table lives (defaults to ``inbox`` on
+            the saga log's metadata).
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        kafka: KafkaSettings,
+        codec: AvroCodec,
+        settings: ObserverSettings | None = None,
+        log_tables: SagaLog | None = None,
+        inbox_tables: OutboxTables | None = None,
+    ) -> None:
+        self.engine = engine
+        self.kafka = kafka
+        self.settings = settings or ObserverSettings()
+        self.codec = codec
+        self.log = log_tables or SagaLog(dialect=engine.dialect.name)
+        self.tables = inbox_tables or OutboxTables(self.log.metadata)
+        self.inbox = SqlInboxStore(engine, self.tables)
+        self.stats = ObserverStats()
+        self._consumer: PartitionedConsumer | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0
+        self.ready = asyncio.Event()
+        """Set once the first consumer has been assigned partitions."""
+
+    async def create_tables(self) -> None:
+        """Create the saga log and inbox tables if they do not exist."""
+        await create_tables(self.engine, [self.tables.inbox, self.log.messages, self.log.sagas])
+
+    async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Store one record (the consumer's ``process`` callback)."""
+        try:
+            observed = observe_record(
+                self.codec,
+                value=record.value,
+                headers=record.headers,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                payloads=self.settings.payloads,
+            )
+        except DecodeError as exc:
+            self.stats.skipped += 1
+            log.warning(
+                "observer cannot decode %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return
+        if observed is None:
+            self.stats.skipped += 1
+            return
+        async with self.engine.begin() as conn:
+            recorded = await self.inbox.record(
+                conn, self.settings.group_id, observed.message_id, source=observed.source[:200]
+            )
+            if not recorded:
+                self.stats.duplicates += 1
+                return
+            await self.log.record(conn, observed)
+        self.stats.stored += 1
+
+    async def start(self) -> None:
+        """Match the topics, join the group and run until :meth:`stop`."""
+        await self._subscribe()
+        self._task = asyncio.create_task(self._maintain(), name="saga-observer")
+
+    async def _subscribe(self) -> None:
+        topics = await matching_topics(self.kafka, self.settings.patterns)
+        if topics == self.stats.topics and self._consumer is not None:
+            return
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        self.stats.topics = topics
+        if not topics:
+            log.warning("observer: no topic matches %s yet", list(self.settings.patterns))
+            return
+        consumer = PartitionedConsumer(
+            group_id=self.settings.group_id,
+            topics=topics,
+            settings=self.kafka,
+            process=self.process,
+        )
+        await consumer.start()
+        self._consumer = consumer
+        log.info("observer reads %s", ", ".join(topics))
+
+    async def _maintain(self) -> None:
+        """Refresh the topics, mark readiness and apply retention until stopped."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        next_cleanup = loop.time()
+        while not self._stop.is_set():
+            if self._consumer is not None and self._consumer.assigned.is_set():
+                self.ready.set()
+            if loop.time() >= next_cleanup:
+                try:
+                    await self.cleanup()
+                except (OutboxError, SQLAlchemyError) as exc:
+                    # Retention can wait for the next round; observing goes on.
+                    log.warning("observer could not apply retention: %s", exc)
+                next_cleanup = loop.time() + settings.cleanup_interval.total_seconds()
+            wait = min(settings.topic_refresh, settings.cleanup_interval).total_seconds()
+            if not self.ready.is_set():
+                wait = min(wait, 0.2)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
+            if self._refresh_due(loop.time()):
+                try:
+                    await self._subscribe()
+                except BrokerError as exc:
+                    log.warning("observer could not refresh its topics: %s", exc)
+
+    def _refresh_due(self, now: float) -> bool:
+        if now - self._refreshed_at >= self.settings.topic_refresh.total_seconds():
+            self._refreshed_at = now
+            return True
+        return False
+
+    async def cleanup(self) -> int:
+        """Apply retention to the log and the inbox; return the sagas removed."""
+        removed = await self.log.purge(self.engine, self.settings.retention)
+        await self.inbox.purge(self.settings.retention, 10_000)
+        return removed
+
+    async def stop(self) -> None:
+        """Finish the records in progress, commit, and leave the group."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def __aenter__(self) -> SagaObserver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,325 @@
+"""A saga's timeline rebuilt after the fact, and why it ended where it did.
+
+:func:`build_trace` takes the observed messages of one saga (from the saga
+log or from a scan of the topics: the same :class:`ObservedMessage` either
+way) and returns a :class:`Trace`: every message in time order with its
+delta from the start, the merged final stamp, the failing step and reason,
+where a saga that is not finished waits and for how long, and the messages
+that must exist but were not seen (hop gaps and unknown causes, see
+:mod:`saga.stamp`). :func:`trace_from_stamp` is the poorer fallback when only
+a service's own saga view is at hand: the steps it knows, no messages.
+
+Rendering is in :mod:`saga.observe.render`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from saga.observe.message import ObservedMessage, stamp_from_json
+from saga.stamp import SagaStatus, Stamp, StepOutcome
+from saga.state import merge
+
+__all__ = ["Trace", "TraceEntry", "Waiting", "build_trace", "trace_from_stamp"]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceEntry:
+    """One line of a timeline."""
+
+    time: datetime
+    """When it happened (message time, or step time for a stamp-only trace)."""
+    delta_ms: int
+    """Milliseconds since the saga started."""
+    service: str
+    """Service that emitted the message (or recorded the step)."""
+    event_type: str | None
+    """Full event type; ``None`` in a stamp-only trace."""
+    step: str | None
+    """Step reported with it."""
+    outcome: str | None
+    """Outcome of that step."""
+    status: str
+    """Saga status carried by the message."""
+    compensation: bool
+    """Whether it belongs to the backward (compensating) path."""
+    hop: int | None = None
+    """Hop of the message."""
+    detail: str | None = None
+    """What a framework event asks or announces."""
+    message_id: str | None = None
+    """Message id."""
+    causation_id: str | None = None
+    """Id of the message that caused it."""
+    trace_id: str | None = None
+    """W3C trace id."""
+
+    @property
+    def event(self) -> str:
+        """Short label: the event's simple name and its detail."""
+        if self.event_type is None:
+            return "(step recorded)"
+        name = self.event_type.rsplit(".", 1)[-1]
+        return f"{name}({self.detail})" if self.detail else name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "time": _iso(self.time),
+            "delta_ms": self.delta_ms,
+            "hop": self.hop,
+            "service": self.service,
+            "event_type": self.event_type,
+            "event": self.event,
+            "step": self.step,
+            "outcome": self.outcome,
+            "status": self.status,
+            "compensation": self.compensation,
+            "detail": self.detail,
+            "message_id": self.message_id,
+            "causation_id": self.causation_id,
+            "trace_id": self.trace_id,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Waiting:
+    """Where a saga that has not ended stands."""
+
+    since: datetime
+    """Time of its last message."""
+    idle_seconds: float
+    """Seconds from that message to when the trace was built."""
+    after: str
+    """The last message: ``<event> from <service>``."""
+    deadline: datetime | None
+    """The saga's deadline, if it has one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "since": _iso(self.since),
+            "idle_seconds": round(self.idle_seconds, 3),
+            "after": self.after,
+            "deadline": None if self.deadline is None else _iso(self.deadline),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trace:
+    """One saga's story."""
+
+    saga_name: str
+    """Saga type."""
+    saga_id: str
+    """Saga instance id."""
+    correlation_id: str
+    """Correlation id of its messages."""
+    started_at: datetime
+    """When it started."""
+    stamp: Stamp
+    """Merge of every stamp seen: the saga's final known state."""
+    entries: tuple[TraceEntry, ...]
+    """The timeline, in time order."""
+    missing_hops: tuple[int, ...] | None
+    """Hops with no message (``None``: unknown, a stamp-only trace)."""
+    missing_causes: tuple[str, ...] = ()
+    """Message ids that caused a seen message but were not seen themselves."""
+    waiting: Waiting | None = None
+    """Where it waits, if it has not ended."""
+    source: str = "saga log"
+    """Where the trace was read from (not part of its JSON)."""
+    topic: str | None = None
+    """Topic of the saga's messages (``None`` in a stamp-only trace)."""
+
+    @property
+    def status(self) -> SagaStatus:
+        """Final known status."""
+        return self.stamp.status
+
+    @property
+    def failed_step(self) -> tuple[str, str] | None:
+        """``(step, service)`` of the step that failed the saga, if one did."""
+        for step in self.stamp.steps:
+            if step.outcome is StepOutcome.FAILED:
+                return step.name, step.service
+        return None
+
+    @property
+    def complete(self) -> bool:
+        """Whether no message is known to be missing."""
+        return not self.missing_hops and not self.missing_causes
+
+    def explanation(self) -> str:
+        """One sentence: the final status and why."""
+        stamp = self.stamp
+        status = stamp.status
+        if status is SagaStatus.COMPLETED:
+            return "COMPLETED: every step done"
+        failed = self.failed_step
+        cause = f"step {failed[0]} ({failed[1]}) failed" if failed else "compensation began"
+        why = f"{cause}: {stamp.reason}" if stamp.reason else cause
+        undone = [s.name for s in stamp.steps if s.outcome is StepOutcome.COMPENSATION_FAILED]
+        if status is SagaStatus.FAILED:
+            return f"FAILED: {why}; compensation failed for {', '.join(undone) or 'a step'}"
+        if status is SagaStatus.COMPENSATED:
+            return f"COMPENSATED: {why}"
+        text = f"{status.value}: {why}" if status is SagaStatus.COMPENSATING else status.value
+        if self.waiting is not None:
+            text += (
+                f"; waiting {self.waiting.idle_seconds:.1f}s since {self.waiting.after}"
+                f" at {_iso(self.waiting.since)}"
+            )
+            if self.waiting.deadline is not None:
+                text += f" (deadline {_iso(self.waiting.deadline)})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the same from the saga log and from Kafka)."""
+        failed = self.failed_step
+        return {
+            "saga_name": self.saga_name,
+            "saga_id": self.saga_id,
+            "correlation_id": self.correlation_id,
+            "started_at": _iso(self.started_at),
+            "status": self.status.value,
+            "terminal": self.status.is_terminal,
+            "reason": self.stamp.reason,
+            "failed_step": None if failed is None else {"step": failed[0], "service": failed[1]},
+            "explanation": self.explanation(),
+            "waiting": None if self.waiting is None else self.waiting.to_dict(),
+            "missing_hops": None if self.missing_hops is None else list(self.missing_hops),
+            "missing_causes": list(self.missing_causes),
+            "steps": [
+                {"step": s.name, "service": s.service, "outcome": s.outcome.value, "at": _iso(s.at)}
+                for s in self.stamp.steps
+            ],
+            "timeline": [entry.to_dict() for entry in self.entries],
+        }
+
+
+def build_trace(
+    messages: Iterable[ObservedMessage], *, now: datetime | None = None, source: str = "saga log"
+) -> Trace | None:
+    """The trace of one saga from its observed messages; ``None`` if there are none.
+
+    Duplicates (the same message id) count once. If the messages belong to
+    several sagas (a correlation id shared by more than one), the saga of the
+    earliest message is traced.
+    """
+    unique: dict[str, ObservedMessage] = {}
+    for message in messages:
+        unique.setdefault(message.message_id, message)
+    if not unique:
+        return None
+    # Ties (same millisecond) go by position in the topic: the order of publication.
+    ordered = sorted(unique.values(), key=lambda m: (m.time, m.hop, m.topic, m.partition, m.offset))
+    saga_id = ordered[0].saga_id
+    ordered = [m for m in ordered if m.saga_id == saga_id]
+    stamp: Stamp | None = None
+    for message in ordered:
+        stamp = merge(stamp, stamp_from_json(message.stamp))
+    assert stamp is not None
+    start = min(stamp.started_at, ordered[0].time)
+    entries = tuple(
+        TraceEntry(
+            time=m.time,
+            delta_ms=round((m.time - start).total_seconds() * 1000),
+            service=m.service,
+            event_type=m.event_type,
+            step=m.step,
+            outcome=m.outcome,
+            status=m.status,
+            compensation=m.compensation,
+            hop=m.hop,
+            detail=m.detail,
+            message_id=m.message_id,
+            causation_id=m.causation_id,
+            trace_id=m.trace_id,
+        )
+        for m in ordered
+    )
+    hops = {m.hop for m in ordered}
+    missing_hops = tuple(sorted(set(range(max(hops) + 1)) - hops))
+    ids = set(unique)
+    missing_causes = tuple(
+        dict.fromkeys(
+            m.causation_id for m in ordered if m.causation_id and m.causation_id not in ids
+        )
+    )
+    waiting = None
+    if not stamp.status.is_terminal:
+        last = ordered[-1]
+        moment = now or datetime.now(UTC)
+        waiting = Waiting(
+            since=last.time,
+            idle_seconds=max(0.0, (moment - last.time).total_seconds()),
+            after=f"{entries[-1].event} from {last.service}",
+            deadline=stamp.deadline,
+        )
+    return Trace(
+        saga_name=stamp.saga_name,
+        saga_id=stamp.saga_id,
+        correlation_id=stamp.correlation_id,
+        started_at=start,
+        stamp=stamp,
+        entries=entries,
+        missing_hops=missing_hops,
+        missing_causes=missing_causes,
+        waiting=waiting,
+        source=source,
+        topic=ordered[0].topic,
+    )
+
+
+def trace_from_stamp(
+    stamp: Stamp, *, updated_at: datetime | None = None, source: str = "service database"
+) -> Trace:
+    """A timeline from a service's saga view alone: its steps, no messages."""
+    start = stamp.started_at
+    compensating = (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
+    entries = tuple(
+        TraceEntry(
+            time=s.at,
+            delta_ms=round((s.at - start).total_seconds() * 1000),
+            service=s.service,
+            event_type=None,
+            step=s.name,
+            outcome=s.outcome.value,
+            status=stamp.status.value,
+            compensation=s.outcome in compensating,
+        )
+        for s in stamp.steps
+    )
+    waiting = None
+    if not stamp.status.is_terminal:
+        since = updated_at or (stamp.steps[-1].at if stamp.steps else start)
+        waiting = Waiting(
+            since=since,
+            idle_seconds=max(0.0, (datetime.now(UTC) - since).total_seconds()),
+            after=f"step {stamp.steps[-1].name}" if stamp.steps else "the start",
+            deadline=stamp.deadline,
+        )
+    return Trace(
+        saga_name=stamp.saga_name,
+        saga_id=stamp.saga_id,
+        correlation_id=stamp.correlation_id,
+        started_at=start,
+        stamp=stamp,
+        entries=entries,
+        missing_hops=None,
+        waiting=waiting,
+        source=source,
+    )
+
+
+def entries_by_id(trace: Trace) -> Mapping[str, TraceEntry]:
+    """The entries of a trace by message id."""
+    return {e.message_id: e for e in trace.entries if e.message_id is not None}

@@ -1,0 +1,66 @@
+"""After ``saga demo``, any order's story is one command away."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def saga(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saga", *args],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_json_has_a_timeline_per_outcome_and_trace_works_on_its_databases(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "demo"
+    result = saga(
+        "demo", "--orders", "10", "--deadline", "4", "--directory", str(directory), "--json"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    timelines = report["timelines"]
+    assert set(timelines) == set(report["outcomes"])
+    for outcome, trace in timelines.items():
+        assert trace["terminal"] is True
+        assert trace["missing_hops"] == []
+        assert trace["status"] == ("COMPLETED" if outcome == "completed" else "COMPENSATED")
+        assert trace["timeline"][0]["event"] == "OrderPlaced"
+    refunded = timelines["rejected: shipment impossible"]
+    assert [(e["step"], e["outcome"]) for e in refunded["timeline"] if e["compensation"]] == [
+        ("create_shipment", "FAILED"),
+        ("charge_payment", "COMPENSATED"),
+        ("reserve_stock", "COMPENSATED"),
+    ]
+    assert timelines["rejected: deadline passed"]["reason"] == "deadline passed"
+    assert report["trace_command"] == (
+        f"saga trace order-00008 --database-url sqlite:///{directory / 'order.db'}"
+    )
+
+    # The command the demo printed works on the order service's own database...
+    from_order = saga(*report["trace_command"].split()[1:])
+    assert from_order.returncode == 0, from_order.stderr
+    assert "from the service database" in from_order.stdout
+    assert "COMPENSATED: step create_shipment (shipping) failed" in from_order.stdout
+    # ... and on the saga log the demo kept, with every message.
+    from_log = saga(
+        "trace", "order-00008", "--format", "json",
+        "--database-url", f"sqlite:///{directory / 'saga_log.db'}",
+    )  # fmt: skip
+    assert from_log.returncode == 0, from_log.stderr
+    assert json.loads(from_log.stdout) == refunded
+    unknown = saga("trace", "order-99999", "--database-url", f"sqlite:///{directory / 'order.db'}")
+    assert unknown.returncode == 1
+    assert "no saga 'order-99999'" in unknown.stderr

@@ -1,0 +1,245 @@
+"""The saga observer on PostgreSQL and SQLite, fed through the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from conftest import NewTopicFactory
+from sqlalchemy import select, text
+
+from saga import (
+    AvroCodec,
+    Envelope,
+    KafkaSettings,
+    SagaStatus,
+    SchemaRegistry,
+    Stamp,
+    StepOutcome,
+    StepRecord,
+    create_engine,
+)
+from saga.envelope import EnvelopeCodec
+from saga.observe import ObserverSettings, SagaObserver, trace_from_log
+from saga.observe.topics import matching_topics
+
+SAGA_ENDED = "choreosaga.saga.SagaEnded"
+COMPENSATE = "choreosaga.saga.Compensate"
+CODEC = AvroCodec(SchemaRegistry.default())
+
+
+def stamped(saga_id: str, event_type: str, data: dict[str, object], *, hop: int, when: datetime,
+            service: str, causation: str | None = None) -> Envelope:  # fmt: skip
+    steps = (StepRecord(name="reserve_stock", service=service, outcome=StepOutcome.DONE, at=when),)
+    stamp = Stamp(
+        saga_name="place_order",
+        saga_id=saga_id,
+        status=SagaStatus.RUNNING,
+        steps=steps if hop else (),
+        correlation_id=f"corr-{saga_id}",
+        started_at=when,
+        hop=hop,
+    )
+    return Envelope(
+        type=event_type,
+        data=data,
+        source=f"/choreosaga/{service}",
+        key=saga_id.encode(),
+        time=when,
+        correlation_id=stamp.correlation_id,
+        causation_id=causation,
+        traceparent=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
+        stamp=stamp,
+    )
+
+
+Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+
+
+async def publish(kafka: KafkaSettings, topic: str, records: list[Record]) -> None:
+    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    await producer.start()
+    try:
+        for key, value, headers in records:
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+
+async def publish_saga_records(
+    kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> tuple[str, list[Envelope], int]:
+    """Publish three saga messages, a duplicate, a record without stamp and one with a
+    broken stamp; return the topic prefix, the three messages and the record count."""
+    prefix = f"saga{uuid.uuid4().hex[:8]}."
+    topic = await new_topic(2, prefix=prefix)
+    codec = EnvelopeCodec(CODEC)
+    now = datetime.now(UTC)
+    first = stamped("order-1", COMPENSATE, {"step": "reserve_stock", "reason": "r"}, hop=0,
+                    when=now, service="order")  # fmt: skip
+    second = stamped("order-1", SAGA_ENDED, {"status": "COMPLETED", "reason": None}, hop=1,
+                     when=now, service="inventory", causation=first.id)  # fmt: skip
+    old = stamped("order-old", SAGA_ENDED, {"status": "COMPLETED", "reason": None}, hop=0,
+                  when=now - timedelta(days=30), service="order")  # fmt: skip
+    records = [codec.encode(e) for e in (first, second, old)]
+    records.append(records[1])  # a duplicate publish
+    records.append((b"x", b"not a saga message", [("ce_type", b"x")]))  # no stamp
+    key, value, headers = codec.encode(first)
+    garbage = base64.b64encode(b"\xc3\x01garbage")
+    broken = [(n, v if n != "ce_sagastamp" else garbage) for n, v in headers]
+    records.append((key, value, broken))  # unreadable stamp
+    await publish(kafka_settings, topic, records)
+    return prefix, [first, second, old], len(records)
+
+
+@pytest.fixture
+async def observed(
+    database_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> AsyncIterator[tuple[SagaObserver, str, list[Envelope]]]:
+    prefix, messages, count = await publish_saga_records(kafka_settings, new_topic)
+    topic = await _only_topic(kafka_settings, prefix)
+    engine = create_engine(database_url)
+    observer = SagaObserver(
+        engine=engine,
+        kafka=kafka_settings,
+        codec=CODEC,
+        settings=ObserverSettings(
+            patterns=(prefix + "*",),
+            group_id=prefix + "observer",
+            payloads=True,
+            retention=timedelta(days=7),
+        ),
+    )
+    await observer.create_tables()
+    async with observer:
+        deadline = time.monotonic() + 30
+        stats = observer.stats
+        while stats.stored + stats.duplicates + stats.skipped < count:
+            assert time.monotonic() < deadline, f"observer stuck at {stats}"
+            await asyncio.sleep(0.05)
+        yield observer, topic, messages
+    await engine.dispose()
+
+
+async def test_each_message_is_stored_once_with_its_stamp_as_json(
+    observed: tuple[SagaObserver, str, list[Envelope]],
+) -> None:
+    observer, topic, (first, second, old) = observed
+    assert (observer.stats.stored, observer.stats.duplicates, observer.stats.skipped) == (3, 1, 2)
+    log = observer.log
+    async with observer.engine.connect() as conn:
+        rows = (await conn.execute(select(log.messages).order_by(log.messages.c.hop))).all()
+        # What psql or sqlite3 would show: plain text.
+        raw = (await conn.execute(text("SELECT stamp, payload FROM saga_log WHERE hop = 1"))).one()
+    assert sorted(r.message_id for r in rows) == sorted([first.id, second.id, old.id])
+    row = next(r for r in rows if r.message_id == second.id)
+    assert (row.saga_name, row.saga_id, row.event_type, row.service) == (
+        "place_order", "order-1", SAGA_ENDED, "inventory"
+    )  # fmt: skip
+    assert (row.step, row.outcome, row.status, row.hop) == ("reserve_stock", "DONE", "RUNNING", 1)
+    assert row.causation_id == first.id
+    assert row.correlation_id == "corr-order-1"
+    assert second.traceparent is not None
+    assert row.trace_id == second.traceparent.split("-")[1]
+    assert row.topic == topic
+    stamp = json.loads(raw.stamp)
+    assert stamp["saga_id"] == "order-1"
+    assert stamp["steps"][0]["name"] == "reserve_stock"
+    assert stamp["hop"] == 1
+    assert json.loads(raw.payload) == {"status": "COMPLETED", "reason": None}
+    trace = await trace_from_log(observer.engine, "corr-order-1")  # by correlation id
+    assert trace is not None
+    assert [e.message_id for e in trace.entries] == [first.id, second.id]
+    assert trace.missing_hops == ()
+
+
+async def test_retention_forgets_sagas_idle_longer_than_it(
+    observed: tuple[SagaObserver, str, list[Envelope]],
+) -> None:
+    observer, _, (first, _, _) = observed
+    assert await trace_from_log(observer.engine, "order-old") is not None
+    assert await observer.cleanup() == 1
+    assert await trace_from_log(observer.engine, "order-old") is None
+    kept = await trace_from_log(observer.engine, "order-1")
+    assert kept is not None
+    assert kept.entries[0].message_id == first.id
+    assert [s.saga_id for s in await observer.log.summaries(observer.engine)] == ["order-1"]
+
+
+async def _only_topic(kafka: KafkaSettings, prefix: str) -> str:
+    (topic,) = await matching_topics(kafka, (prefix + "*",))
+    return topic
+
+
+@pytest.mark.slow
+async def test_saga_observe_runs_as_a_process_and_stops_cleanly(
+    sqlite_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    prefix, (first, second, _), _ = await publish_saga_records(kafka_settings, new_topic)
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_settings.bootstrap_servers)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "saga", "observe", "--database-url", sqlite_url,
+        "--topics", prefix + "*", "--group", prefix + "cli",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    engine = create_engine(sqlite_url)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                trace = None
+                with contextlib.suppress(Exception):  # tables not created yet
+                    trace = await trace_from_log(engine, "order-1")
+                if trace is not None and len(trace.entries) == 2:
+                    break
+                await asyncio.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await engine.dispose()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith(f"observing {prefix}")
+    assert lines[-1] == "stored 3, duplicates 1, skipped 2"
+    assert [e.message_id for e in trace.entries] == [first.id, second.id]
+
+
+def test_the_public_surface_of_saga_observe_is_pinned() -> None:
+    import saga.observe
+
+    assert saga.observe.__all__ == [
+        "FORMATS",
+        "Graph",
+        "ObservedMessage",
+        "ObserverSettings",
+        "ObserverStats",
+        "SagaLog",
+        "SagaObserver",
+        "SagaSummary",
+        "StatusReport",
+        "Trace",
+        "TraceEntry",
+        "Waiting",
+        "build_trace",
+        "observed_graph",
+        "render_graph",
+        "render_trace",
+        "saga_status",
+        "trace_from_kafka",
+        "trace_from_log",
+        "trace_from_service",
+    ]
