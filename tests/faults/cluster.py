@@ -277,7 +277,7 @@ class Cluster:
         url = self.databases.url(service, f"fault-svc-{service}-relay-{number}")
         argv = [sys.executable, "-m", "saga", "relay", "--database-url", url]
         argv += ["--shards", "16", "--batch-size", "100", "--lease-ttl", str(LEASE_TTL)]
-        argv += ["--poll-interval", "0.2"]
+        argv += ["--poll-interval", "0.2", "--stats-json"]  # counters land in its log
         return Proc(name, "relay", service, argv, env, self.logs)
 
     def start(self, timeout: float = 60.0) -> None:
