@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from outbox.crashpoints import crash_point
 from outbox.errors import ConfigurationError, OutboxError, PublishError, StoreError
 from outbox.failures import ErrorKind, classify
 from outbox.message import StoredMessage
@@ -404,6 +405,7 @@ class Relay:
             if not batch:
                 return 0
             outcomes = await self.publisher.publish(batch)
+            crash_point("relay.after_publish")
             self._check_order(batch, outcomes)
             done = [m for m, error in zip(batch, outcomes, strict=True) if error is None]
             marked = await self.store.mark_published(done)

@@ -41,6 +41,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from outbox import KafkaSettings, RetryPolicy
+from outbox.crashpoints import crash_point
 from saga.errors import BrokerError, ConfigurationError
 
 __all__ = ["Consumer", "ConsumerFactory", "PartitionedConsumer", "Process"]
@@ -288,6 +289,7 @@ class PartitionedConsumer(Consumer):
                 if part.is_revoked():
                     return
                 await self._process_one(record)
+                crash_point("consumer.after_commit")
                 part.next_offset = record.offset + 1
                 part.buffered -= 1
             if part.queue.empty():

@@ -53,6 +53,7 @@ class Shop:
         deadline: Saga deadline set by the order service.
         authorization_delay: How late slow card authorizations answer.
         payment_instances: Instances of the payment service (one consumer group).
+        engine_options: Extra keyword arguments of every engine (pool size, ...).
     """
 
     def __init__(
@@ -64,9 +65,11 @@ class Shop:
         deadline: timedelta = timedelta(seconds=30),
         authorization_delay: timedelta = timedelta(seconds=45),
         payment_instances: int = 1,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.codec = AvroCodec(SchemaRegistry.default())
-        self.engines = {name: create_engine(urls[name]) for name in SERVICES}
+        options = dict(engine_options or {})
+        self.engines = {name: create_engine(urls[name], **options) for name in SERVICES}
         common: dict[str, Any] = {"kafka": kafka, "codec": self.codec, "settings": settings}
         self.order = OrderService(engine=self.engines["order"], deadline=deadline, **common)
         self.inventory = InventoryService(engine=self.engines["inventory"], **common)
