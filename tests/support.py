@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import time
 from pathlib import Path
@@ -63,3 +64,21 @@ async def read_topic(
                 quiet_until = time.monotonic() + 0.3
     finally:
         await consumer.stop()
+
+
+def parse_python(path: Path) -> ast.Module:
+    """``ast.parse`` of a source file, tried again on CPython 3.11's spurious SystemError.
+
+    CPython 3.11 keeps the AST constructor's recursion count per interpreter,
+    not per thread (python/cpython#106905): another thread building an AST at
+    the same moment (an import in a worker thread) can make a correct parse
+    fail with "AST constructor recursion depth mismatch". Parsing again works.
+    """
+    text = path.read_text()
+    for _ in range(4):
+        try:
+            return ast.parse(text)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+    return ast.parse(text)

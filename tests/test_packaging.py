@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from support import parse_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def test_saga_demo_runs_from_the_wheel_alone(unpacked: Path, tmp_path: Path) -> 
 
 def test_the_library_never_imports_the_shop() -> None:
     for path in [*(ROOT / "saga").rglob("*.py"), *(ROOT / "outbox").rglob("*.py")]:
-        tree = ast.parse(path.read_text())
+        tree = parse_python(path)
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support import parse_python
+
 import outbox
 import saga
 
@@ -137,7 +139,7 @@ def test_reference_services_use_only_the_public_api() -> None:
 
 
 def _imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = parse_python(path)
     modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
