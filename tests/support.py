@@ -69,10 +69,10 @@ async def read_topic(
 def parse_python(path: Path) -> ast.Module:
     """``ast.parse`` of a source file, tried again on CPython 3.11's spurious SystemError.
 
-    CPython 3.11 keeps the AST constructor's recursion count per interpreter,
-    not per thread (python/cpython#106905): another thread building an AST at
-    the same moment (an import in a worker thread) can make a correct parse
-    fail with "AST constructor recursion depth mismatch". Parsing again works.
+    CPython 3.11 can leave the AST constructor's recursion count off
+    (python/cpython#106905, fixed in later releases) and then fail a correct
+    parse with "AST constructor recursion depth mismatch"; it was seen once in
+    a full run of this suite. Parsing again is harmless.
     """
     text = path.read_text()
     for _ in range(4):
