@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from outbox import KafkaSettings
 from saga.deadletter import REPLAY_GROUP_HEADER, REPLAY_HEADER, DeadLetter
 from saga.errors import BrokerError, ConfigurationError
+from saga.observe.topics import matching_topics
 
 __all__ = ["DeadLetterSelection", "dead_letter_topics", "read_dead_letters", "replay"]
 
@@ -74,15 +74,7 @@ class DeadLetterSelection:
 
 async def dead_letter_topics(settings: KafkaSettings, suffix: str = DLQ_SUFFIX) -> list[str]:
     """Topics on the broker whose name ends with ``suffix`` (the default dead-letter topics)."""
-    admin = AIOKafkaAdminClient(**settings.admin_kwargs())
-    try:
-        await admin.start()
-        names = await admin.list_topics()
-    except KafkaError as exc:
-        raise BrokerError(f"could not list topics: {exc}") from exc
-    finally:
-        await admin.close()
-    return sorted(name for name in names if name.endswith(suffix))
+    return await matching_topics(settings, [f"*{suffix}"])
 
 
 async def read_dead_letters(
