@@ -202,11 +202,7 @@ class Processor:
         try:
             envelope = self.envelopes.decode(record.key, record.value, record.headers)
         except DecodeError as exc:
-            self.stats.undecodable += 1
-            now = datetime.now(UTC)
-            await self._dead_letter(
-                record, None, None, Failure(error=exc, attempts=1, first=now, last=now)
-            )
+            await self._bad_input(record, exc)
             return
         info = _info(record)
         part = self._sagas.get(record.topic)
@@ -240,15 +236,11 @@ class Processor:
         if envelope.stamp is None:
             # A message this service would act on, without the saga it belongs
             # to: bad input, kept where a person can see and replay it.
-            self.stats.undecodable += 1
-            now = datetime.now(UTC)
             missing = DecodeError(
                 f"a {envelope.type} message on saga topic {record.topic} carries no stamp",
                 raw=record.value,
             )
-            await self._dead_letter(
-                record, None, None, Failure(error=missing, attempts=1, first=now, last=now)
-            )
+            await self._bad_input(record, missing)
             return
         registered = part.handler_for(envelope)
         policy = (registered.retry if registered else None) or self.retry
@@ -393,6 +385,14 @@ class Processor:
         return True
 
     # -- dead letters ------------------------------------------------------------------
+
+    async def _bad_input(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
+        """Dead-letter a record at once: retrying bad input cannot help."""
+        self.stats.undecodable += 1
+        now = datetime.now(UTC)
+        await self._dead_letter(
+            record, None, None, Failure(error=error, attempts=1, first=now, last=now)
+        )
 
     async def _dead_letter(
         self,
