@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from saga import (
@@ -277,8 +277,16 @@ def _stamps_tell_the_story(
                 problems.append(f"{order_id}: completed but stamp {stamp.status.value} {names}")
         elif status == "rejected":
             # Steps done before compensation began are undone in reverse order;
-            # a step that reported in later can only be undone after them.
-            began = undone[0].at if undone else None
+            # a step that reported in later is undone when the initiator sees it
+            # (the rule in saga.choreography). Compensation began at the failed
+            # step, or at the deadline.
+            failed = [s for s in stamp.steps if s.outcome is StepOutcome.FAILED]
+            if failed:
+                began: datetime | None = failed[0].at
+            elif stamp.reason == "deadline passed" and stamp.deadline is not None:
+                began = stamp.deadline
+            else:
+                began = undone[0].at if undone else None
             early = [s.name for s in done if began is None or s.at <= began]
             late = [s.name for s in done if began is not None and s.at > began]
             names = [s.name for s in undone]
