@@ -11,14 +11,23 @@ told to fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from outbox.errors import MessageTooLargeError, PublishError
 from outbox.message import Header, StoredMessage
 
-__all__ = ["HeldBackError", "MemoryPublisher", "PublishedRecord", "Publisher"]
+__all__ = [
+    "HeldBackError",
+    "MemoryPublisher",
+    "NotSentError",
+    "PublishedRecord",
+    "Publisher",
+    "send_gate",
+]
 
 
 class HeldBackError(PublishError):
@@ -28,8 +37,36 @@ class HeldBackError(PublishError):
     The row stays pending; it is not counted as a failed attempt.
     """
 
+    def __init__(self, reason: str = "held back behind a failed record of the same key") -> None:
+        super().__init__(reason, retriable=True)
+
+
+class NotSentError(HeldBackError):
+    """Not sent: the caller's send gate closed (the relay may have lost the shard's lease)."""
+
     def __init__(self) -> None:
-        super().__init__("held back behind a failed record of the same key", retriable=True)
+        super().__init__("not sent: the relay stopped sending this batch")
+
+
+_GATE: contextvars.ContextVar[Callable[[StoredMessage], bool] | None] = contextvars.ContextVar(
+    "outbox_send_gate", default=None
+)
+
+
+@contextlib.contextmanager
+def send_gate(gate: Callable[[StoredMessage], bool]) -> Iterator[None]:
+    """Ask ``gate`` before each record :meth:`Publisher.publish` sends in this context.
+
+    A record the gate refuses, and every later record of the batch, is not
+    sent; its outcome is :class:`NotSentError`. The relay uses it to stop
+    sending a batch once it cannot be sure it still holds the lease. It is a
+    context variable, so that it reaches a publisher wrapped in another.
+    """
+    token = _GATE.set(gate)
+    try:
+        yield
+    finally:
+        _GATE.reset(token)
 
 
 class Publisher(ABC):
@@ -69,7 +106,13 @@ class Publisher(ABC):
         outcomes: list[PublishError | None] = [None] * len(batch)
         acks: list[tuple[int, Awaitable[None]]] = []
         refused: set[tuple[str, bytes]] = set()
+        gate = _GATE.get()
+        stopped = False
         for index, message in enumerate(batch):
+            if stopped or (gate is not None and not gate(message)):
+                stopped = True
+                outcomes[index] = NotSentError()
+                continue
             if message.key is not None and (message.topic, message.key) in refused:
                 outcomes[index] = HeldBackError()
                 continue
@@ -131,6 +174,10 @@ class MemoryPublisher(Publisher):
         reject: Called for each record before it is "published"; return a
             :class:`PublishError` to fail that record (to simulate an outage
             or an oversized record), or ``None`` to accept it.
+        fail_ack: Called for each record that was sent; return a
+            :class:`PublishError` to fail its acknowledgement (the record
+            never reached the log, as after a broker's final error), or
+            ``None`` to acknowledge it. Later records were sent already.
         max_value_bytes: Records with a larger value fail with a
             non-retriable error, as a broker's size limit would.
     """
@@ -139,9 +186,11 @@ class MemoryPublisher(Publisher):
         self,
         *,
         reject: Callable[[StoredMessage], PublishError | None] | None = None,
+        fail_ack: Callable[[StoredMessage], PublishError | None] | None = None,
         max_value_bytes: int = 1024 * 1024,
     ) -> None:
         self.reject = reject
+        self.fail_ack = fail_ack
         self.max_value_bytes = max_value_bytes
         self.records: list[PublishedRecord] = []
         self.published = asyncio.Event()
@@ -157,6 +206,11 @@ class MemoryPublisher(Publisher):
             error = MessageTooLargeError(f"value of {size} bytes exceeds {self.max_value_bytes}")
         if error is not None:
             raise error
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed = self.fail_ack(message) if self.fail_ack is not None else None
+        if failed is not None:
+            done.set_exception(failed)
+            return done
         self.records.append(
             PublishedRecord(
                 topic=message.topic,
@@ -167,6 +221,5 @@ class MemoryPublisher(Publisher):
             )
         )
         self.published.set()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
