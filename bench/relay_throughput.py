@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
+    LeaseFence,
     OutboxMessage,
     OutboxTables,
     PublishError,
@@ -228,10 +229,12 @@ class TimedStore(SqlOutboxStore):
         finally:
             self.clock.fetch += time.perf_counter() - started
 
-    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
+    async def mark_published(
+        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+    ) -> int:
         started = time.perf_counter()
         try:
-            marked = await super().mark_published(messages)
+            marked = await super().mark_published(messages, fence=fence)
         finally:
             self.clock.mark += time.perf_counter() - started
         self.clock.rounds += 1
