@@ -54,7 +54,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
-    LeaseFence,
     OutboxMessage,
     OutboxTables,
     PublishError,
@@ -65,6 +64,7 @@ from outbox import (
     create_engine,
     ensure_topics,
 )
+from outbox.store import LeaseFence
 from saga.embedded import EmbeddedBroker
 
 PARTITIONS = 8

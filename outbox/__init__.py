@@ -23,7 +23,7 @@ from outbox.publisher import MemoryPublisher, PublishedRecord, Publisher
 from outbox.relay import Relay, RelayStats
 from outbox.retry import RetryPolicy
 from outbox.settings import InboxSettings, KafkaSettings, RelaySettings
-from outbox.store import LeaseFence, OutboxStats, OutboxStore, SqlOutboxStore, Transaction
+from outbox.store import OutboxStats, OutboxStore, SqlOutboxStore, Transaction
 from outbox.tables import OutboxTables
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "InboxStore",
     "KafkaPublisher",
     "KafkaSettings",
-    "LeaseFence",
     "MemoryPublisher",
     "MessageTooLargeError",
     "OutboxError",
