@@ -78,6 +78,17 @@ class Publisher(ABC):
     its records was refused.
     """
 
+    pipelines_keys: bool = True
+    """Whether a key's next record may be sent before its previous one is acknowledged.
+
+    Safe only when the broker client fails the later records of a partition
+    once an earlier one failed, as the idempotent producer does. Otherwise
+    (``False``) :meth:`publish` waits for a key's acknowledgement before it
+    sends that key's next record, so that a record that never reached the log
+    is not overtaken by the next one: a key's first deliveries stay in commit
+    order, at the cost of one round trip per record of a key within a batch.
+    """
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect; called once before the first batch."""
 
@@ -106,9 +117,18 @@ class Publisher(ABC):
         outcomes: list[PublishError | None] = [None] * len(batch)
         acks: list[tuple[int, Awaitable[None]]] = []
         refused: set[tuple[str, bytes]] = set()
+        in_flight: dict[tuple[str, bytes], asyncio.Future[None]] = {}
         gate = _GATE.get()
         stopped = False
         for index, message in enumerate(batch):
+            key = (message.topic, message.key) if message.key is not None else None
+            previous = in_flight.pop(key, None) if key is not None else None
+            if key is not None and previous is not None and not stopped:
+                await asyncio.wait([previous])
+                if previous.cancelled():
+                    raise asyncio.CancelledError
+                if previous.exception() is not None:
+                    refused.add(key)
             if stopped or (gate is not None and not gate(message)):
                 stopped = True
                 outcomes[index] = NotSentError()
@@ -117,7 +137,10 @@ class Publisher(ABC):
                 outcomes[index] = HeldBackError()
                 continue
             try:
-                acks.append((index, await self.send(message)))
+                ack = asyncio.ensure_future(await self.send(message))
+                acks.append((index, ack))
+                if key is not None and not self.pipelines_keys:
+                    in_flight[key] = ack
             except PublishError as exc:
                 outcomes[index] = exc
                 if message.key is not None:
@@ -177,9 +200,12 @@ class MemoryPublisher(Publisher):
         fail_ack: Called for each record that was sent; return a
             :class:`PublishError` to fail its acknowledgement (the record
             never reached the log, as after a broker's final error), or
-            ``None`` to acknowledge it. Later records were sent already.
+            ``None`` to acknowledge it. Later records were sent already,
+            unless ``pipelines_keys`` is off.
         max_value_bytes: Records with a larger value fail with a
             non-retriable error, as a broker's size limit would.
+        pipelines_keys: See :attr:`Publisher.pipelines_keys` (off: behave
+            like a producer without idempotence that keeps keys in order).
     """
 
     def __init__(
@@ -188,7 +214,9 @@ class MemoryPublisher(Publisher):
         reject: Callable[[StoredMessage], PublishError | None] | None = None,
         fail_ack: Callable[[StoredMessage], PublishError | None] | None = None,
         max_value_bytes: int = 1024 * 1024,
+        pipelines_keys: bool = True,
     ) -> None:
+        self.pipelines_keys = pipelines_keys
         self.reject = reject
         self.fail_ack = fail_ack
         self.max_value_bytes = max_value_bytes

@@ -316,3 +316,32 @@ async def test_failed_ack_keeps_later_rows_of_the_key_unmarked_and_resends_them(
     assert wire[wire.index("k1") :] == ["k1", "k2", "k3", "k4"], wire
     assert wire[0] == "k0"
     assert [r.message_id for r in publisher.topic("orders") if r.key == b"x"] == ["x0", "x1", "x2"]
+
+
+async def test_failed_ack_without_pipelining_keeps_first_deliveries_in_commit_order(
+    pg_outbox: Outbox,
+) -> None:
+    # A producer without idempotence: a key's records go one at a time, so a
+    # record whose acknowledgement failed (it never reached the log) is not
+    # overtaken by the next record of its key.
+    box = pg_outbox
+    await box.add("orders", [("k", f"k{i}") for i in range(5)] + [("x", f"x{i}") for i in range(3)])
+    failures = {"k1"}
+
+    def fail_ack(message: StoredMessage) -> PublishError | None:
+        if message.message_id in failures:
+            failures.discard(message.message_id)
+            return PublishError("RequestTimedOutError: no acknowledgement", retriable=True)
+        return None
+
+    publisher = MemoryPublisher(fail_ack=fail_ack, pipelines_keys=False)
+    settings = RelaySettings(poll_interval=timedelta(milliseconds=50))
+    async with Relay(box.store, publisher, settings) as relay:
+        deadline = time.monotonic() + 30
+        while any(at is None for _, at in await box.marks()):
+            assert time.monotonic() < deadline, "rows left unpublished"
+            await asyncio.sleep(0.05)
+    assert relay.stats.published == 8
+    wire = [r.message_id for r in publisher.topic("orders") if r.key == b"k"]
+    assert wire == ["k0", "k1", "k2", "k3", "k4"]  # in order, and no duplicate
+    assert [r.message_id for r in publisher.topic("orders") if r.key == b"x"] == ["x0", "x1", "x2"]
