@@ -5,6 +5,14 @@ One round: read up to ``batch_size`` due rows of the shards this relay holds
 acknowledged ones in one statement. A crash between publish and mark only
 causes duplicates, never a loss (at-least-once).
 
+Fencing: the relay asks before each send whether it still holds the shard's
+lease with more than a safety margin (a fifth of ``lease_ttl``) left, under
+the epoch it read the batch with; once not, it stops sending the batch and
+logs that it lost the lease. The mark statement checks the lease rows itself,
+so a relay paused past its lease while another took the shard marks nothing.
+A row acknowledged after an earlier row of its key failed is not marked
+either: it goes out again after that row in the next round.
+
 Start: :meth:`Relay.start` refuses what waiting cannot fix -- a missing
 database, directory or table, a broker that refuses the producer -- at once,
 and gives an unreachable database or broker ``startup_timeout`` (30 s) before
