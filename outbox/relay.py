@@ -447,8 +447,8 @@ class Relay:
             marked = await self.store.mark_published(done, fence=fence)
             if marked < len(done) and fence is not None:
                 log.warning(
-                    "relay %s: %d of %d published rows were not marked: it no longer holds "
-                    "their shard's lease, and their new holder publishes them again",
+                    "relay %s: %d of %d published rows were not marked: it lost their "
+                    "shard's lease (their new holder publishes them) or they were marked already",
                     self.name,
                     len(done) - marked,
                     len(done),
