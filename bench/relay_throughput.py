@@ -64,6 +64,7 @@ from outbox import (
     create_engine,
     ensure_topics,
 )
+from outbox.store import LeaseFence
 from saga.embedded import EmbeddedBroker
 
 PARTITIONS = 8
@@ -228,10 +229,12 @@ class TimedStore(SqlOutboxStore):
         finally:
             self.clock.fetch += time.perf_counter() - started
 
-    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
+    async def mark_published(
+        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+    ) -> int:
         started = time.perf_counter()
         try:
-            marked = await super().mark_published(messages)
+            marked = await super().mark_published(messages, fence=fence)
         finally:
             self.clock.mark += time.perf_counter() - started
         self.clock.rounds += 1

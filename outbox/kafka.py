@@ -93,6 +93,9 @@ class KafkaPublisher(Publisher):
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
+        # Without the idempotent producer a failed record does not fail the
+        # later ones of its partition: send a key's records one at a time.
+        self.pipelines_keys = settings.enable_idempotence
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
 

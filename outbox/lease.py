@@ -12,6 +12,12 @@ gives the surplus back, a relay holding fewer takes free or expired shards.
 Every claim runs in one transaction that locks the lease rows (``FOR UPDATE``
 on PostgreSQL, the write lock taken by ``BEGIN IMMEDIATE`` on SQLite), so two
 relays never hold the same shard. All times come from the database clock.
+
+Each lease carries an epoch, a fencing token bumped whenever a relay takes a
+shard it did not hold. A relay marks rows only while the lease rows still show
+its name and the epoch it took the shard with (see
+:meth:`SqlOutboxStore.mark_published <outbox.store.SqlOutboxStore.mark_published>`),
+so a relay that was paused past its lease while another took over marks nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class ShardLeases:
         self.ttl_ms = int(ttl.total_seconds() * 1000)
         self._dialect = require_configured(engine)
         self._created = False
+        self.epochs: dict[int, int] = {}
+        """Epoch of each shard this relay held at its last claim."""
 
     def _upsert(self, table: Table) -> Any:
         return upsert_insert(self._dialect)(table)
@@ -89,7 +97,12 @@ class ShardLeases:
         await check_shard_count(conn, leases, self.shards)
         statement = (
             self._upsert(leases)
-            .values([{"shard": s, "owner": None, "expires_at_ms": 0} for s in range(self.shards)])
+            .values(
+                [
+                    {"shard": s, "owner": None, "expires_at_ms": 0, "epoch": 0}
+                    for s in range(self.shards)
+                ]
+            )
             .on_conflict_do_nothing(index_elements=["shard"])
         )
         await conn.execute(statement)
@@ -114,9 +127,9 @@ class ShardLeases:
         leases, relays = self.tables.leases, self.tables.relays
         now = (await conn.execute(select(db_now_ms()))).scalar_one()
         expires = now + self.ttl_ms
-        query = select(leases.c.shard, leases.c.owner, leases.c.expires_at_ms).order_by(
-            leases.c.shard
-        )
+        query = select(
+            leases.c.shard, leases.c.owner, leases.c.expires_at_ms, leases.c.epoch
+        ).order_by(leases.c.shard)
         if self._dialect == "postgresql":
             query = query.with_for_update()
         rows = (await conn.execute(query)).all()
@@ -145,12 +158,25 @@ class ShardLeases:
             )
         elif len(mine) < fair_share:
             mine += free[: fair_share - len(mine)]
+        epochs = {r.shard: r.epoch for r in rows}
+        # A shard taken from another relay (or given back and taken again)
+        # gets a new epoch: whatever the former holder still has in flight
+        # can no longer be marked. A relay renewing its own lease, even an
+        # expired one nobody took, keeps its epoch.
+        taken = [r.shard for r in rows if r.shard in mine and r.owner != self.owner]
         if mine:
             await conn.execute(
                 update(leases)
                 .where(leases.c.shard.in_(mine))
                 .values(owner=self.owner, expires_at_ms=expires)
             )
+        if taken:
+            await conn.execute(
+                update(leases).where(leases.c.shard.in_(taken)).values(epoch=leases.c.epoch + 1)
+            )
+            for shard in taken:
+                epochs[shard] += 1
+        self.epochs = {shard: epochs[shard] for shard in mine}
         return frozenset(mine)
 
     async def release(self) -> None:
@@ -164,6 +190,7 @@ class ShardLeases:
                     .values(owner=None, expires_at_ms=0)
                 )
                 await conn.execute(delete(relays).where(relays.c.owner == self.owner))
+            self.epochs = {}
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not release outbox shards") from exc
 

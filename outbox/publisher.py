@@ -11,14 +11,23 @@ told to fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from outbox.errors import MessageTooLargeError, PublishError
 from outbox.message import Header, StoredMessage
 
-__all__ = ["HeldBackError", "MemoryPublisher", "PublishedRecord", "Publisher"]
+__all__ = [
+    "HeldBackError",
+    "MemoryPublisher",
+    "NotSentError",
+    "PublishedRecord",
+    "Publisher",
+    "send_gate",
+]
 
 
 class HeldBackError(PublishError):
@@ -28,8 +37,36 @@ class HeldBackError(PublishError):
     The row stays pending; it is not counted as a failed attempt.
     """
 
+    def __init__(self, reason: str = "held back behind a failed record of the same key") -> None:
+        super().__init__(reason, retriable=True)
+
+
+class NotSentError(HeldBackError):
+    """Not sent: the caller's send gate closed (the relay may have lost the shard's lease)."""
+
     def __init__(self) -> None:
-        super().__init__("held back behind a failed record of the same key", retriable=True)
+        super().__init__("not sent: the relay stopped sending this batch")
+
+
+_GATE: contextvars.ContextVar[Callable[[StoredMessage], bool] | None] = contextvars.ContextVar(
+    "outbox_send_gate", default=None
+)
+
+
+@contextlib.contextmanager
+def send_gate(gate: Callable[[StoredMessage], bool]) -> Iterator[None]:
+    """Ask ``gate`` before each record :meth:`Publisher.publish` sends in this context.
+
+    A record the gate refuses, and every later record of the batch, is not
+    sent; its outcome is :class:`NotSentError`. The relay uses it to stop
+    sending a batch once it cannot be sure it still holds the lease. It is a
+    context variable, so that it reaches a publisher wrapped in another.
+    """
+    token = _GATE.set(gate)
+    try:
+        yield
+    finally:
+        _GATE.reset(token)
 
 
 class Publisher(ABC):
@@ -39,6 +76,17 @@ class Publisher(ABC):
     broker client and returns an awaitable acknowledgement; :meth:`publish`
     sends a batch in order, holding back the records of a topic and key once one of
     its records was refused.
+    """
+
+    pipelines_keys: bool = True
+    """Whether a key's next record may be sent before its previous one is acknowledged.
+
+    Safe only when the broker client fails the later records of a partition
+    once an earlier one failed, as the idempotent producer does. Otherwise
+    (``False``) :meth:`publish` waits for a key's acknowledgement before it
+    sends that key's next record, so that a record that never reached the log
+    is not overtaken by the next one: a key's first deliveries stay in commit
+    order, at the cost of one round trip per record of a key within a batch.
     """
 
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -69,12 +117,30 @@ class Publisher(ABC):
         outcomes: list[PublishError | None] = [None] * len(batch)
         acks: list[tuple[int, Awaitable[None]]] = []
         refused: set[tuple[str, bytes]] = set()
+        in_flight: dict[tuple[str, bytes], asyncio.Future[None]] = {}
+        gate = _GATE.get()
+        stopped = False
         for index, message in enumerate(batch):
+            key = (message.topic, message.key) if message.key is not None else None
+            previous = in_flight.pop(key, None) if key is not None else None
+            if key is not None and previous is not None and not stopped:
+                await asyncio.wait([previous])
+                if previous.cancelled():
+                    raise asyncio.CancelledError
+                if previous.exception() is not None:
+                    refused.add(key)
+            if stopped or (gate is not None and not gate(message)):
+                stopped = True
+                outcomes[index] = NotSentError()
+                continue
             if message.key is not None and (message.topic, message.key) in refused:
                 outcomes[index] = HeldBackError()
                 continue
             try:
-                acks.append((index, await self.send(message)))
+                ack = asyncio.ensure_future(await self.send(message))
+                acks.append((index, ack))
+                if key is not None and not self.pipelines_keys:
+                    in_flight[key] = ack
             except PublishError as exc:
                 outcomes[index] = exc
                 if message.key is not None:
@@ -131,17 +197,28 @@ class MemoryPublisher(Publisher):
         reject: Called for each record before it is "published"; return a
             :class:`PublishError` to fail that record (to simulate an outage
             or an oversized record), or ``None`` to accept it.
+        fail_ack: Called for each record that was sent; return a
+            :class:`PublishError` to fail its acknowledgement (the record
+            never reached the log, as after a broker's final error), or
+            ``None`` to acknowledge it. Later records were sent already,
+            unless ``pipelines_keys`` is off.
         max_value_bytes: Records with a larger value fail with a
             non-retriable error, as a broker's size limit would.
+        pipelines_keys: See :attr:`Publisher.pipelines_keys` (off: behave
+            like a producer without idempotence that keeps keys in order).
     """
 
     def __init__(
         self,
         *,
         reject: Callable[[StoredMessage], PublishError | None] | None = None,
+        fail_ack: Callable[[StoredMessage], PublishError | None] | None = None,
         max_value_bytes: int = 1024 * 1024,
+        pipelines_keys: bool = True,
     ) -> None:
+        self.pipelines_keys = pipelines_keys
         self.reject = reject
+        self.fail_ack = fail_ack
         self.max_value_bytes = max_value_bytes
         self.records: list[PublishedRecord] = []
         self.published = asyncio.Event()
@@ -157,6 +234,11 @@ class MemoryPublisher(Publisher):
             error = MessageTooLargeError(f"value of {size} bytes exceeds {self.max_value_bytes}")
         if error is not None:
             raise error
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed = self.fail_ack(message) if self.fail_ack is not None else None
+        if failed is not None:
+            done.set_exception(failed)
+            return done
         self.records.append(
             PublishedRecord(
                 topic=message.topic,
@@ -167,6 +249,5 @@ class MemoryPublisher(Publisher):
             )
         )
         self.published.set()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done

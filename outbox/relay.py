@@ -5,6 +5,14 @@ One round: read up to ``batch_size`` due rows of the shards this relay holds
 acknowledged ones in one statement. A crash between publish and mark only
 causes duplicates, never a loss (at-least-once).
 
+Fencing: the relay asks before each send whether it still holds the shard's
+lease with more than a safety margin (a fifth of ``lease_ttl``) left, under
+the epoch it read the batch with; once not, it stops sending the batch and
+logs that it lost the lease. The mark statement checks the lease rows itself,
+so a relay paused past its lease while another took the shard marks nothing.
+A row acknowledged after an earlier row of its key failed is not marked
+either: it goes out again after that row in the next round.
+
 Start: :meth:`Relay.start` refuses what waiting cannot fix -- a missing
 database, directory or table, a broker that refuses the producer -- at once,
 and gives an unreachable database or broker ``startup_timeout`` (30 s) before
@@ -49,9 +57,9 @@ from outbox.crashpoints import crash_point
 from outbox.errors import ConfigurationError, OutboxError, PublishError, StoreError
 from outbox.failures import ErrorKind, classify
 from outbox.message import StoredMessage
-from outbox.publisher import HeldBackError, Publisher
+from outbox.publisher import HeldBackError, Publisher, send_gate
 from outbox.settings import RelaySettings
-from outbox.store import OutboxStore
+from outbox.store import LeaseFence, OutboxStore
 
 __all__ = ["Relay", "RelayStats"]
 
@@ -101,8 +109,12 @@ class Relay:
         store: The outbox to publish from.
         publisher: Where to publish (for example :class:`outbox.KafkaPublisher`).
         settings: Batch size, polling, leases, backoff and cleanup.
-        name: Unique name of this relay instance (defaults to host, pid and a
-            random suffix); shows up as the owner of its shard leases.
+        name: Unique name of this relay instance; shows up as the owner of
+            its shard leases. Two relays with one name would each take the
+            other's leases for their own, so leave it out unless it is unique:
+            the default is ``prefix``, host, pid and a random part, made again
+            in a process forked after the relay was created.
+        prefix: What the default name starts with (a service's name).
     """
 
     def __init__(
@@ -112,18 +124,24 @@ class Relay:
         settings: RelaySettings | None = None,
         *,
         name: str | None = None,
+        prefix: str | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings or RelaySettings()
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if len(self.name) > 200:
+        self._given_name = name
+        self._prefix = prefix
+        self._pid = os.getpid()
+        self._name = name or self._unique_name()
+        if len(self._name) > 200:
             raise ConfigurationError("relay name must be at most 200 characters")
         self._state = _State.UNOPENED
         self._wake = asyncio.Event()
         self._publishing = asyncio.Lock()
         self._shards: frozenset[int] = frozenset()
         self._lease_valid_until = 0.0
+        self._lease_lost = False
+        self._epochs: dict[int, int] = {}
         self._rebalance_due = False
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_task: asyncio.Task[None] | None = None
@@ -135,6 +153,22 @@ class Relay:
         self._parked = 0
         self._failed = 0
         self._batches = 0
+
+    def _unique_name(self) -> str:
+        parts = [socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:12]]
+        if self._prefix:
+            parts.insert(0, self._prefix)
+        return ":".join(parts)[-200:]
+
+    @property
+    def name(self) -> str:
+        """This relay's name: the owner of its shard leases, unique per process."""
+        if self._given_name is None and os.getpid() != self._pid:
+            # Forked after it was made (a pre-loading server): the parent's
+            # name would make both processes take each other's leases.
+            self._pid = os.getpid()
+            self._name = self._unique_name()
+        return self._name
 
     @property
     def stats(self) -> RelayStats:
@@ -343,6 +377,8 @@ class Relay:
         ttl = self.settings.lease_ttl
         started = asyncio.get_running_loop().time()
         self._shards = await self.store.claim_shards(self.name, ttl, rebalance=rebalance)
+        fence = self.store.fence(self.name)
+        self._epochs = dict(fence.epochs) if fence is not None else {}
         # Leave a margin: stop using the leases well before the database expires them.
         self._lease_valid_until = started + ttl.total_seconds() * 0.8
 
@@ -401,14 +437,24 @@ class Relay:
             shards = self._held_shards()
             if not shards:
                 return 0
+            fence = self.store.fence(self.name)
             batch = await self.store.fetch_due(shards, self.settings.batch_size)
             if not batch:
                 return 0
-            outcomes = await self.publisher.publish(batch)
+            self._lease_lost = False
+            with send_gate(lambda message: self._may_send(message, fence)):
+                outcomes = await self.publisher.publish(batch)
             crash_point("relay.after_publish")
-            self._check_order(batch, outcomes)
-            done = [m for m, error in zip(batch, outcomes, strict=True) if error is None]
-            marked = await self.store.mark_published(done)
+            done = self._in_order(batch, outcomes)
+            marked = await self.store.mark_published(done, fence=fence)
+            if marked < len(done) and fence is not None:
+                log.warning(
+                    "relay %s: %d of %d published rows were not marked: it lost their "
+                    "shard's lease (their new holder publishes them) or they were marked already",
+                    self.name,
+                    len(done) - marked,
+                    len(done),
+                )
             self._published += marked
             self._batches += 1
             transient: PublishError | None = None
@@ -432,33 +478,60 @@ class Relay:
                 raise transient
             return len(batch)
 
-    def _check_order(
+    def _may_send(self, message: StoredMessage, fence: LeaseFence | None) -> bool:
+        """Whether this relay can still be sure it holds the lease of ``message``'s shard.
+
+        Asked before each send. A relay paused (SIGSTOP, a long GC pause)
+        past the safety margin of its lease, or whose shard went to another
+        relay meanwhile (a new epoch), stops sending the batch: the rows stay
+        pending for the lease holder.
+        """
+        now = asyncio.get_running_loop().time()
+        held = now < self._lease_valid_until and message.shard in self._shards
+        if held and fence is not None:
+            held = self._epochs.get(message.shard) == fence.epochs.get(message.shard)
+        if not held and not self._lease_lost:
+            self._lease_lost = True
+            log.warning(
+                "relay %s lost the lease of shard %d (or has less than the safety margin "
+                "left on it): it stops sending this batch and leaves the rest to the holder",
+                self.name,
+                message.shard,
+            )
+        return held
+
+    def _in_order(
         self, batch: Sequence[StoredMessage], outcomes: Sequence[PublishError | None]
-    ) -> None:
-        """Report a key whose later record was acknowledged after an earlier one failed.
+    ) -> list[StoredMessage]:
+        """The acknowledged rows that may be marked: none after a failure of their key.
 
         Publishers hold back a key's records once one is refused, but a
         failure reported only in the acknowledgement comes after the later
-        records were sent. The idempotent producer (on by default for Apache
-        Kafka) then fails them too; without it, the order of that key is
-        broken, and this says so rather than staying silent.
+        records were sent. Without the idempotent producer the broker may
+        have accepted them. They are neither marked nor counted: they go out
+        again, after the failed row, in the next round, so that the key's
+        rows are marked (and delivered last) in commit order.
         """
         failed: set[tuple[str, bytes]] = set()
+        done: list[StoredMessage] = []
         for message, error in zip(batch, outcomes, strict=True):
-            if message.key is None or isinstance(error, HeldBackError):
-                continue
+            key = (message.topic, message.key) if message.key is not None else None
             if error is not None:
-                failed.add((message.topic, message.key))
-            elif (message.topic, message.key) in failed:
-                log.error(
-                    "relay %s: message %s of key %r on %r was published after an earlier "
-                    "message of the same key failed: that key is now out of order (enable "
-                    "the idempotent producer to prevent this)",
+                if key is not None:
+                    failed.add(key)
+            elif key is not None and key in failed:
+                log.warning(
+                    "relay %s: message %s of key %r on %r was acknowledged after an earlier "
+                    "message of the same key failed: it is sent again after that one (enable "
+                    "the idempotent producer to avoid the duplicate)",
                     self.name,
                     message.message_id,
                     message.key,
                     message.topic,
                 )
+            else:
+                done.append(message)
+        return done
 
     async def _idle_wait(self) -> None:
         shards = self._held_shards()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +40,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    tuple_,
     union_all,
     update,
 )
@@ -62,7 +63,7 @@ from outbox.message import (
 from outbox.notify import PostgresCommitListener
 from outbox.tables import OutboxTables, check_tables
 
-__all__ = ["OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
+__all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
 
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
@@ -83,6 +84,17 @@ class OutboxStats:
 
     published: int
     """Published rows not yet removed by cleanup."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseFence:
+    """The shard leases a relay held when it read a batch: its name and their epochs."""
+
+    owner: str
+    """Name of the relay."""
+
+    epochs: Mapping[int, int]
+    """Epoch (fencing token) of each shard it held."""
 
 
 class OutboxStore(ABC):
@@ -109,8 +121,20 @@ class OutboxStore(ABC):
         """Time until the next scheduled row of ``shards`` is due, if there is one."""
 
     @abstractmethod
-    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
-        """Mark rows as published in one statement; return how many were marked."""
+    async def mark_published(
+        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+    ) -> int:
+        """Mark rows as published in one statement; return how many were marked.
+
+        With ``fence``, only rows of shards whose lease still names
+        ``fence.owner`` with the same epoch are marked: a relay that lost a
+        shard to another (and may have been overtaken by it) marks nothing
+        of that shard.
+        """
+
+    def fence(self, owner: str) -> LeaseFence | None:
+        """The leases ``owner`` holds now (as of its last claim), to fence its marks with."""
+        return None
 
     @abstractmethod
     async def record_failure(self, message: StoredMessage, error: str, *, park: bool) -> None:
@@ -219,6 +243,20 @@ class SqlOutboxStore(OutboxStore):
         self._mark = (
             update(t)
             .where(*match, t.c.published_at_ms.is_(None))
+            .values(published_at_ms=db_now_ms())
+        )
+        # The fenced mark checks the lease inside the same statement: the
+        # shard must still be leased to this relay under the epoch it held
+        # when it read the batch.
+        leases = tables.leases
+        held = exists().where(
+            leases.c.shard == t.c.shard,
+            leases.c.owner == bindparam("owner", type_=String()),
+            tuple_(leases.c.shard, leases.c.epoch).in_(bindparam("fences", expanding=True)),
+        )
+        self._mark_fenced = (
+            update(t)
+            .where(*match, t.c.published_at_ms.is_(None), held)
             .values(published_at_ms=db_now_ms())
         )
         self._relay_queries()
@@ -436,14 +474,29 @@ class SqlOutboxStore(OutboxStore):
             return None
         return timedelta(milliseconds=max(int(millis), 0))
 
-    async def mark_published(self, messages: Sequence[StoredMessage]) -> int:
+    async def mark_published(
+        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+    ) -> int:
         if not messages:
             return 0
-        ids = [m.id for m in messages]
-        message_ids = [m.message_id for m in messages]
+        params: dict[str, Any] = {
+            "ids": [m.id for m in messages],
+            "message_ids": [m.message_id for m in messages],
+        }
+        statement = self._mark
+        if fence is not None:
+            fences = sorted(fence.epochs.items())
+            if not fences:
+                return 0
+            statement = self._mark_fenced
+            params.update(owner=fence.owner, fences=fences)
         async with self._begin("could not mark outbox rows as published") as conn:
-            result = await conn.execute(self._mark, {"ids": ids, "message_ids": message_ids})
+            result = await conn.execute(statement, params)
             return int(result.rowcount)
+
+    def fence(self, owner: str) -> LeaseFence | None:
+        leases = self._leases.get(owner)
+        return LeaseFence(owner=owner, epochs=dict(leases.epochs if leases else {}))
 
     async def record_failure(self, message: StoredMessage, error: str, *, park: bool) -> None:
         t = self.tables.outbox

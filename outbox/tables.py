@@ -105,6 +105,9 @@ class OutboxTables:
             Column("shard", Integer, primary_key=True, autoincrement=False),
             Column("owner", String(200), nullable=True),
             Column("expires_at_ms", BigInteger, nullable=False, default=0),
+            # Fencing token: bumped whenever another relay takes the shard, so
+            # that a relay that lost it (a long pause) can no longer mark rows.
+            Column("epoch", BigInteger, nullable=False, default=0, server_default=text("0")),
             schema=schema,
         )
         self.relays = Table(

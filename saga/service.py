@@ -175,7 +175,7 @@ class Service:
             self.outbox,
             publisher or KafkaPublisher(kafka),
             self.settings.relay,
-            name=f"{name}:{id(self):x}",
+            prefix=name,
         )
         self.states = SagaStates(self.tables.metadata, codec, dialect=engine.dialect.name)
         self.choreography = Choreography(
