@@ -456,7 +456,7 @@ class Processor:
         )
         try:
             written = await self._attempts(
-                _OUTAGE_BACKOFF_FOR_WRITES,
+                _DEAD_LETTER_WRITES,
                 lambda: self._write_dead_letter(record, message, part, envelope, suspension),
             )
         except GaveUp as again:
@@ -470,7 +470,7 @@ class Processor:
                 record.offset,
             )
             written = await self._attempts(
-                _OUTAGE_BACKOFF_FOR_WRITES,
+                _DEAD_LETTER_WRITES,
                 lambda: self._write_dead_letter(record, message, None, None, None),
             )
         if written:
@@ -507,10 +507,8 @@ class Processor:
         return True
 
 
-_OUTAGE_BACKOFF_FOR_WRITES = RetryPolicy(
-    maximum_attempts=3, initial_interval=timedelta(milliseconds=100)
-)
-"""Writing a dead letter: outages are waited out; anything else is tried 3 times."""
+_DEAD_LETTER_WRITES = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=100))
+"""Writing a dead letter: outages are waited out (as always); anything else is tried 3 times."""
 
 
 def _replayed_for_another_group(record: ConsumerRecord[bytes, bytes], group: str) -> bool:

@@ -408,22 +408,24 @@ class Service:
         template = self.settings.dead_letter_topic
         return frozenset(dead_letter_topic(template, topic) for topic in self.topics)
 
-    async def wait(self) -> None:
+    async def wait(self, until: asyncio.Event | None = None) -> None:
         """Wait while the service runs; raise as soon as one of its parts died.
 
-        Run a service with ``await service.wait()`` (or race it against your
-        own stop signal): a consumer whose fetch task or partition worker
-        died, or a relay stopped by an error it cannot retry, raises here, so
-        the process can exit non-zero instead of heartbeating while messages
-        stand still. Returns when the service is stopped.
+        Run a service with ``await service.wait(until=stop)``: a consumer
+        whose fetch task or partition worker died, or a relay stopped by an
+        error it cannot retry, raises here, so the process can exit non-zero
+        instead of heartbeating while messages stand still. Returns when
+        ``until`` is set or the service is stopped.
         """
         if self._state is not _State.RUNNING:
             raise ConfigurationError(f"cannot wait on a service that is {self._state.value}")
-        watched: list[asyncio.Future[None]] = []
+        watched: list[asyncio.Future[object]] = []
         if self._consumer is not None and self._consumer.failure is not None:
             watched.append(asyncio.ensure_future(asyncio.shield(self._consumer.failure)))
         if self.settings.run_relay:
             watched.append(asyncio.ensure_future(self.relay.join()))
+        if until is not None:
+            watched.append(asyncio.ensure_future(until.wait()))
         if not watched:
             await self._stopping.wait()
             return

@@ -251,13 +251,7 @@ async def serve(name: str, env: Environment) -> None:
                 env.ready_file.touch()
             # Stop on a signal, or fail as soon as a part of the service died
             # (a consumer task, the relay): never run on while nothing moves.
-            stopped = asyncio.ensure_future(stop.wait())
-            running = asyncio.ensure_future(shop.service.wait())
-            await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if running.done():
-                running.result()
-            running.cancel()
+            await shop.service.wait(until=stop)
             log.info("%s stopping", name)
     finally:
         if env.ready_file is not None:
