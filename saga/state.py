@@ -12,6 +12,16 @@ that its deadline already sent into compensation.
 
 The view is read and written inside the handler's transaction, locked
 (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the write lock).
+
+Views of terminal sagas (completed, compensated, failed) are purged once they
+have not changed for the service's retention (:meth:`SagaStates.purge`), so
+that the table holds the sagas of the last weeks, not of every year. Running,
+compensating and suspended sagas are never purged (a suspended saga is not
+terminal: see ``Stamp.suspended``). Each purge statement deletes a bounded
+batch chosen through the ``(status, updated_at_ms)`` index: a range per
+terminal status, read without sorting, so a round costs its batch whatever
+the table holds. Why the retention must cover the inbox's is told in
+``ServiceSettings.saga_retention``.
 """
 
 from __future__ import annotations
@@ -29,19 +39,22 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    delete,
     func,
     select,
+    tuple_,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Transaction
-from outbox.database import db_now_ms, upsert_insert
+from outbox.database import db_now_ms, translate_db_error, upsert_insert
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
 from saga.errors import ConfigurationError
 from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome
 
-__all__ = ["SagaStates", "SagaView", "merge"]
+__all__ = ["TERMINAL_STATUSES", "SagaStates", "SagaView", "merge"]
 
 # Once compensation began, a completion reported later is a late step to undo:
 # COMPENSATING outranks COMPLETED.
@@ -52,6 +65,9 @@ _RANK = {
     SagaStatus.COMPENSATED: 3,
     SagaStatus.FAILED: 4,
 }
+
+TERMINAL_STATUSES = tuple(status for status in SagaStatus if status.is_terminal)
+"""Statuses whose views :meth:`SagaStates.purge` may delete."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +272,36 @@ class SagaStates:
         )
         async with engine.connect() as conn:
             return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+
+    async def purge(self, engine: AsyncEngine, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` views of terminal sagas unchanged for ``older_than``.
+
+        Running, compensating and suspended sagas are kept whatever their age.
+        Returns how many views were deleted: call again while it returns
+        ``limit``.
+
+        Raises:
+            outbox.StoreError: The database failed (``kind`` tells an outage).
+        """
+        table = self.table
+        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        # No ORDER BY: any old terminal view may go first, and without a sort
+        # the database stops reading the index once it has ``limit`` rows
+        # (ordering the three status ranges by time would read them all).
+        victims = (
+            select(table.c.saga_name, table.c.saga_id)
+            .where(
+                table.c.status.in_([status.value for status in TERMINAL_STATUSES]),
+                table.c.updated_at_ms < cutoff,
+            )
+            .limit(limit)
+        )
+        key = tuple_(table.c.saga_name, table.c.saga_id)
+        try:
+            async with engine.begin() as conn:
+                return int((await conn.execute(delete(table).where(key.in_(victims)))).rowcount)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not purge the saga views") from exc
 
     def decode(self, raw: bytes) -> Stamp:
         """A stamp as stored in the ``stamp`` column."""
