@@ -18,10 +18,10 @@ have not changed for the service's retention (:meth:`SagaStates.purge`), so
 that the table holds the sagas of the last weeks, not of every year. Running,
 compensating and suspended sagas are never purged (a suspended saga is not
 terminal: see ``Stamp.suspended``). Each purge statement deletes a bounded
-batch chosen through the ``(status, updated_at_ms)`` index: a range per
-terminal status, read without sorting, so a round costs its batch whatever
-the table holds. Why the retention must cover the inbox's is told in
-``ServiceSettings.saga_retention``.
+batch chosen through the ``(status, updated_at_ms)`` index: the oldest
+views of each terminal status, read in index order and no further than the
+batch, so a round costs its batch whatever the table holds. Why the
+retention must cover the inbox's is told in ``ServiceSettings.saga_retention``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from sqlalchemy import (
     func,
     select,
     tuple_,
+    union_all,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -265,13 +266,15 @@ class SagaStates:
 
     async def stuck(self, engine: AsyncEngine, older_than: timedelta) -> list[Stamp]:
         """Sagas not terminal whose view has not changed for ``older_than``."""
-        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        cutoff = bindparam("cutoff", type_=BigInteger())  # a bound, not a volatile: see purge
         query = select(self.table.c.stamp).where(
             self.table.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
             self.table.c.updated_at_ms < cutoff,
         )
         async with engine.connect() as conn:
-            return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+            now = (await conn.execute(select(db_now_ms()))).scalar_one()
+            bound = {"cutoff": now - int(older_than.total_seconds() * 1000)}
+            return [self._decode(raw) for raw in (await conn.execute(query, bound)).scalars()]
 
     async def purge(self, engine: AsyncEngine, older_than: timedelta, limit: int) -> int:
         """Delete up to ``limit`` views of terminal sagas unchanged for ``older_than``.
@@ -284,22 +287,32 @@ class SagaStates:
             outbox.StoreError: The database failed (``kind`` tells an outage).
         """
         table = self.table
-        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
-        # No ORDER BY: any old terminal view may go first, and without a sort
-        # the database stops reading the index once it has ``limit`` rows
-        # (ordering the three status ranges by time would read them all).
-        victims = (
+        # Read the database clock once: db_now_ms() is volatile, and inside the
+        # WHERE clause it would be evaluated per row, which keeps PostgreSQL
+        # from using it as an index bound.
+        cutoff = bindparam("cutoff", type_=BigInteger())
+        # The oldest views of each terminal status, each an ordered range of
+        # the (status, updated_at_ms) index that stops after ``limit`` rows:
+        # one ordered scan over the three statuses at once would read and sort
+        # every old view, and a plain LIMIT leaves the planner free to walk
+        # the table.
+        oldest = [
             select(table.c.saga_name, table.c.saga_id)
-            .where(
-                table.c.status.in_([status.value for status in TERMINAL_STATUSES]),
-                table.c.updated_at_ms < cutoff,
-            )
+            .where(table.c.status == status.value, table.c.updated_at_ms < cutoff)
+            .order_by(table.c.updated_at_ms)
             .limit(limit)
-        )
+            .subquery()
+            for status in TERMINAL_STATUSES
+        ]
+        candidates = union_all(*(select(q.c.saga_name, q.c.saga_id) for q in oldest)).subquery()
+        victims = select(candidates.c.saga_name, candidates.c.saga_id).limit(limit)
         key = tuple_(table.c.saga_name, table.c.saga_id)
+        statement = delete(table).where(key.in_(victims))
         try:
             async with engine.begin() as conn:
-                return int((await conn.execute(delete(table).where(key.in_(victims)))).rowcount)
+                now = (await conn.execute(select(db_now_ms()))).scalar_one()
+                bound = {"cutoff": now - int(older_than.total_seconds() * 1000)}
+                return int((await conn.execute(statement, bound)).rowcount)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not purge the saga views") from exc
 
