@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import InboxSettings, RelaySettings, RetryPolicy, create_engine
 from outbox.tables import create_tables
 from saga import AvroCodec, SagaContext, SagaStatus, SchemaRegistry, ServiceSettings
+from saga.choreography import COMPENSATE, DEADLINE_REACHED
 from saga.errors import ConfigurationError
 from saga.stamp import Stamp, Suspension
 from saga.state import SagaStates, SagaView
@@ -149,7 +150,7 @@ async def test_a_backlog_is_purged_in_rounds_of_at_most_the_batch(
     assert await left(engine, states) == {"live"}
 
 
-def trips(harness: SagaHarness) -> None:
+def trips(harness: SagaHarness, ends: list[SagaStatus] | None = None) -> None:
     trips_, flights, hotels = (harness.service(n) for n in ("trips", "flights", "hotels"))
 
     @flights.step("book_seat", saga="book_trip", on="example.retention.TripRequested")
@@ -162,7 +163,8 @@ def trips(harness: SagaHarness) -> None:
 
     @trips_.on_saga_end("book_trip")
     async def ended(ctx: SagaContext) -> None:
-        pass
+        if ends is not None:
+            ends.append(ctx.stamp.status)
 
 
 async def book(harness: SagaHarness, trip: str) -> None:
@@ -211,6 +213,40 @@ async def test_a_running_service_purges_ended_sagas_and_keeps_a_suspended_one(
         stuck = await harness.stamps("stuck")
         assert set(stuck) == {"trips", "flights", "hotels"}
         assert stuck["hotels"].suspended
+
+
+async def test_a_deadline_that_fires_after_its_saga_was_purged_changes_nothing(
+    codec: AvroCodec,
+) -> None:
+    retention = timedelta(milliseconds=500)
+    settings = ServiceSettings(
+        relay=RelaySettings(poll_interval=timedelta(milliseconds=20)),
+        inbox=InboxSettings(retention=retention, purge_interval=timedelta(milliseconds=100)),
+        saga_retention=retention,
+    )
+    ends: list[SagaStatus] = []
+    async with SagaHarness(codec, settings=settings) as harness:
+        trips(harness, ends)
+        await harness.start()
+        await harness.start_saga(
+            "trips",
+            "book_trip",
+            saga_id="early",
+            event_type="example.retention.TripRequested",
+            data={"trip_id": "early"},
+            deadline=timedelta(seconds=2),
+        )
+        assert (await harness.run_until_ended("early")).status is SagaStatus.COMPLETED
+        async with asyncio.timeout(10):
+            while await harness.stamps("early"):
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            while not harness.published(DEADLINE_REACHED):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # time for the deadline to be handled everywhere
+        assert await harness.stamps("early") == {}
+        assert not harness.published(COMPENSATE)
+        assert ends == [SagaStatus.COMPLETED]
 
 
 async def test_a_saga_retention_shorter_than_the_inbox_is_raised_with_a_warning(
