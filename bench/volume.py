@@ -38,12 +38,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -92,6 +93,7 @@ class Side:
     states: SagaStates
     samples: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
+    wal_bytes: int = 0
     seconds: float = 0.0
 
 
@@ -138,7 +140,9 @@ async def open_side(label: str, db: ScratchDatabase, codec: AvroCodec) -> Side:
     )
 
 
-def fill(db: ScratchDatabase, rows: int, codec: AvroCodec, progress: Progress) -> None:
+def fill(
+    db: ScratchDatabase, rows: int, codec: AvroCodec, progress: Progress, *, ordered: bool
+) -> None:
     """Write ``rows`` rows into each table of ``db`` with ``generate_series``, then vacuum."""
     view = stamp("saga-0", SagaStatus.COMPLETED, 4)
     raw = codec.encode(STAMP_SCHEMA, view.to_avro())
@@ -161,9 +165,13 @@ def fill(db: ScratchDatabase, rows: int, codec: AvroCodec, progress: Progress) -
         "inbox": sql.SQL(
             """
             INSERT INTO inbox (consumer, source, message_id, received_at_ms)
-            SELECT %(consumer)s, %(source)s, gen_random_uuid()::text,
-                   %(now)s - (%(rows)s - g) * %(inbox_span)s / %(rows)s
-            FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS g
+            SELECT %(consumer)s, %(source)s,
+                   CASE WHEN %(ordered)s
+                        THEN lpad(to_hex(t), 12, '0') || '-' || substr(md5(g::text), 1, 23)
+                        ELSE gen_random_uuid()::text END,
+                   t
+            FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS g,
+                 LATERAL (SELECT %(now)s - (%(rows)s - g) * %(inbox_span)s / %(rows)s AS t) AS c
             """
         ),
         "published outbox rows": sql.SQL(
@@ -191,6 +199,7 @@ def fill(db: ScratchDatabase, rows: int, codec: AvroCodec, progress: Progress) -
         "topic": TOPIC,
         "value": VALUE,
         "headers": stored_headers,
+        "ordered": ordered,
         **{status.name.lower(): status.value for status in SagaStatus},
     }
     with psycopg.connect(db.libpq, autocommit=True) as conn:
@@ -224,7 +233,14 @@ def sizes(db: ScratchDatabase) -> str:
     return ", ".join(parts)
 
 
-async def step(side: Side, codec: AvroCodec, run: str, number: int) -> float:
+def message_id(ordered: bool) -> str:
+    """A message id: a random UUID (as the library makes them), or one led by the time."""
+    if not ordered:
+        return str(uuid.uuid4())
+    return f"{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:23]}"
+
+
+async def step(side: Side, codec: AvroCodec, run: str, number: int, *, ordered: bool) -> float:
     """One saga message's transaction; returns its milliseconds."""
     saga_id = f"live-{run}-{number // 2}"
     first = number % 2 == 0
@@ -235,7 +251,7 @@ async def step(side: Side, codec: AvroCodec, run: str, number: int) -> float:
     clock = [time.perf_counter()]
     async with AsyncSession(side.engine, expire_on_commit=False) as session:
         async with session.begin():
-            if not await side.inbox.record(session, CONSUMER, str(uuid.uuid4()), source=SOURCE):
+            if not await side.inbox.record(session, CONSUMER, message_id(ordered), source=SOURCE):
                 raise RuntimeError("a fresh message id was taken as a duplicate")
             clock.append(time.perf_counter())
             before = await side.states.load(session, SAGA, saga_id)
@@ -252,23 +268,31 @@ async def step(side: Side, codec: AvroCodec, run: str, number: int) -> float:
 
 
 async def measure(
-    sides: Sequence[Side], codec: AvroCodec, steps: int, rounds: int, progress: Progress
+    sides: Sequence[Side],
+    codec: AvroCodec,
+    args: argparse.Namespace,
+    progress: Progress,
+    wal: Callable[[], int],
 ) -> None:
+    steps, rounds, ordered = args.steps, args.rounds, args.message_ids == "time-ordered"
     run = uuid.uuid4().hex[:8]
     for side in sides:
         for number in range(WARMUP):
-            await step(side, codec, f"warm{run}", number)
+            await step(side, codec, f"warm{run}", number, ordered=ordered)
         side.phases.clear()
     per_round = max(2, steps // rounds // 2 * 2)
     numbers = {side.label: 0 for side in sides}
     for r in range(rounds):
         order = sides if r % 2 == 0 else list(reversed(sides))
         for side in order:
-            started = time.perf_counter()
+            started, lsn = time.perf_counter(), wal()
             for _ in range(per_round):
-                side.samples.append(await step(side, codec, run, numbers[side.label]))
+                side.samples.append(
+                    await step(side, codec, run, numbers[side.label], ordered=ordered)
+                )
                 numbers[side.label] += 1
             side.seconds += time.perf_counter() - started
+            side.wal_bytes += wal() - lsn
             progress.step(f"round {r + 1}/{rounds}: {side.label}")
 
 
@@ -294,11 +318,22 @@ async def main(args: argparse.Namespace) -> None:
         full = await open_side("full", full_db, codec)
         try:
             started = time.perf_counter()
-            await asyncio.to_thread(fill, full_db, args.rows, codec, progress)
+            ordered = args.message_ids == "time-ordered"
+            await asyncio.to_thread(
+                functools.partial(fill, full_db, args.rows, codec, progress, ordered=ordered)
+            )
             fill_seconds = time.perf_counter() - started
             await asyncio.to_thread(analyse, empty_db)
             full_sizes = sizes(full_db)
-            await measure([empty, full], codec, args.steps, args.rounds, progress)
+            with psycopg.connect(empty_db.libpq, autocommit=True) as probe:
+
+                def wal() -> int:
+                    row = probe.execute(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+                    ).fetchone()
+                    return int(row[0]) if row else 0
+
+                await measure([empty, full], codec, args, progress, wal)
             purged = await purge_rounds(full, 5)
             progress.step("purge rounds timed")
         finally:
@@ -314,7 +349,8 @@ async def main(args: argparse.Namespace) -> None:
                     "workload",
                     f"full: {args.rows:,} rows in each of inbox, saga_state, outbox (published), "
                     f"written in {fill_seconds:.0f}s ({full_sizes}); "
-                    f"{len(full.samples):,} steps per database, {args.rounds} interleaved rounds",
+                    f"{len(full.samples):,} steps per database, {args.rounds} interleaved rounds; "
+                    f"message ids {args.message_ids}",
                 ),
                 (
                     "step",
@@ -356,6 +392,12 @@ async def main(args: argparse.Namespace) -> None:
         before, after = (statistics.median(side.phases[phase]) for side in (empty, full))
         parts.append([phase, f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}x"])
     print(table(["part", "empty", "full", "full / empty"], parts))
+    before, after = (side.wal_bytes / len(side.samples) for side in (empty, full))
+    print(
+        f"\n  WAL written per step: empty {before:,.0f} bytes, full {after:,.0f} bytes "
+        f"({after / before:.2f}x; the whole server's WAL while each side ran: other "
+        "sessions' writes count too)"
+    )
     verdict = "met" if ratio_p50 <= 1.5 and ratio_rate <= 1.5 else "MISSED"
     print(f"\n  target: full within 1.5x of empty (p50 and steps/s): {verdict}")
     print(
@@ -378,6 +420,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=2_000, help="steps timed per database")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument(
+        "--message-ids",
+        choices=("random", "time-ordered"),
+        default="random",
+        help="inbox message ids: random UUIDs as the library makes them (default), or ids "
+        "led by the time in milliseconds (to see what random keys cost a large inbox)",
+    )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.steps < 2 * args.rounds or args.rounds < 1:
         parser.error("--rows must be positive and --steps at least twice --rounds")
