@@ -296,18 +296,23 @@ class SagaStates:
         # one ordered scan over the three statuses at once would read and sort
         # every old view, and a plain LIMIT leaves the planner free to walk
         # the table.
+        terminal = [status.value for status in TERMINAL_STATUSES]
+        old = table.c.updated_at_ms < cutoff
         oldest = [
             select(table.c.saga_name, table.c.saga_id)
-            .where(table.c.status == status.value, table.c.updated_at_ms < cutoff)
+            .where(table.c.status == status, old)
             .order_by(table.c.updated_at_ms)
             .limit(limit)
             .subquery()
-            for status in TERMINAL_STATUSES
+            for status in terminal
         ]
         candidates = union_all(*(select(q.c.saga_name, q.c.saga_id) for q in oldest)).subquery()
         victims = select(candidates.c.saga_name, candidates.c.saga_id).limit(limit)
         key = tuple_(table.c.saga_name, table.c.saga_id)
-        statement = delete(table).where(key.in_(victims))
+        # The conditions again on the deleted row itself: a view that a handler
+        # changed while the purge waited for its lock is checked anew (READ
+        # COMMITTED rechecks the target's own conditions) and kept.
+        statement = delete(table).where(key.in_(victims), table.c.status.in_(terminal), old)
         try:
             async with engine.begin() as conn:
                 now = (await conn.execute(select(db_now_ms()))).scalar_one()

@@ -150,6 +150,32 @@ async def test_a_backlog_is_purged_in_rounds_of_at_most_the_batch(
     assert await left(engine, states) == {"live"}
 
 
+async def test_a_view_changed_while_the_purge_waits_for_it_is_kept(
+    postgres_url: str, codec: AvroCodec
+) -> None:
+    engine = create_engine(postgres_url)
+    states = SagaStates(MetaData(), codec, dialect=engine.dialect.name)
+    await create_tables(engine, [states.table])
+    try:
+        await put(engine, states, {"late": stamp("late", SagaStatus.COMPLETED)}, age_days=31)
+        async with engine.begin() as handler:
+            # A late message: its handler holds the view and changes it...
+            view = await states.load(handler, "book_trip", "late")
+            assert view is not None
+            await states.save(
+                handler, SagaView(stamp=view.stamp.with_status(SagaStatus.COMPENSATING, "late"))
+            )
+            purge = asyncio.create_task(states.purge(engine, timedelta(days=30), 100))
+            await asyncio.sleep(0.5)  # ...while the purge, which chose the view, waits for it
+            assert not purge.done()
+        assert await purge == 0
+        kept = await states.get(engine, "late", "book_trip")
+        assert kept is not None
+        assert kept.status is SagaStatus.COMPENSATING
+    finally:
+        await engine.dispose()
+
+
 def trips(harness: SagaHarness, ends: list[SagaStatus] | None = None) -> None:
     trips_, flights, hotels = (harness.service(n) for n in ("trips", "flights", "hotels"))
 
