@@ -25,8 +25,14 @@ library's own stores in an ``AsyncSession`` as ``saga.processing`` opens it:
 commit. Each saga gets two steps: the first inserts its view, the second
 updates it. Steps run one at a time, in rounds that alternate between the
 two databases, so that drift on a shared machine hits both. It prints the
-median and p90 milliseconds per step and the steps per second of each, and
-the ratios full / empty (the target: within 1.5x).
+p50/p90/p99 milliseconds per step and the steps per second of each, the
+ratios full / empty (the target: within 1.5x), the median time of each part
+of the step, and the WAL written per step (from the server's WAL position:
+other sessions' writes count too).
+
+``--message-ids time-ordered`` gives the inbox ids led by the time instead of
+random UUIDs: what a large inbox costs with random keys (a full-page image
+per insert after each checkpoint) shows as the difference.
 
 Then one bounded purge round of terminal saga views (``SagaStates.purge``,
 1,000 views, 30-day retention) is timed on the full table, to show that a
