@@ -30,9 +30,11 @@ ratios full / empty (the target: within 1.5x), the median time of each part
 of the step, and the WAL written per step (from the server's WAL position:
 other sessions' writes count too).
 
-``--message-ids time-ordered`` gives the inbox ids led by the time instead of
-random UUIDs: what a large inbox costs with random keys (a full-page image
-per insert after each checkpoint) shows as the difference.
+Message ids are the library's own (UUID version 7, led by the time), in the
+fill as in the timed steps. ``--message-ids random`` uses random version 4
+UUIDs instead, as the library did before: what a large inbox costs with
+random keys (a full-page image per insert after each checkpoint) shows as
+the difference.
 
 Then one bounded purge round of terminal saga views (``SagaStates.purge``,
 1,000 views, 30-day retention) is timed on the full table, to show that a
@@ -72,6 +74,7 @@ from outbox import OutboxMessage, OutboxTables, SqlInboxStore, SqlOutboxStore, c
 from outbox.message import encode_headers
 from outbox.tables import create_tables
 from saga import AvroCodec, SchemaRegistry
+from saga.envelope import new_id
 from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp
 from saga.state import SagaStates, SagaView, merge
 
@@ -173,7 +176,11 @@ def fill(
             INSERT INTO inbox (consumer, source, message_id, received_at_ms)
             SELECT %(consumer)s, %(source)s,
                    CASE WHEN %(ordered)s
-                        THEN lpad(to_hex(t), 12, '0') || '-' || substr(md5(g::text), 1, 23)
+                        THEN substr(lpad(to_hex(t), 12, '0'), 1, 8) || '-'
+                             || substr(lpad(to_hex(t), 12, '0'), 9, 4) || '-7'
+                             || substr(md5(g::text), 1, 3) || '-8'
+                             || substr(md5(g::text), 4, 3) || '-'
+                             || substr(md5(g::text), 7, 12)
                         ELSE gen_random_uuid()::text END,
                    t
             FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS g,
@@ -184,7 +191,14 @@ def fill(
             """
             INSERT INTO outbox (message_id, topic, key, value, headers, shard, created_at_ms,
                                 published_at_ms, attempts)
-            SELECT gen_random_uuid()::text, %(topic)s, convert_to('saga-' || g, 'UTF8'),
+            SELECT CASE WHEN %(ordered)s
+                        THEN substr(lpad(to_hex(t), 12, '0'), 1, 8) || '-'
+                             || substr(lpad(to_hex(t), 12, '0'), 9, 4) || '-7'
+                             || substr(md5(g::text), 1, 3) || '-8'
+                             || substr(md5(g::text), 4, 3) || '-'
+                             || substr(md5(g::text), 7, 12)
+                        ELSE gen_random_uuid()::text END,
+                   %(topic)s, convert_to('saga-' || g, 'UTF8'),
                    %(value)s, %(headers)s::json, g %% 16, t, t + 5, 0
             FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS g,
                  LATERAL (SELECT %(now)s - (%(rows)s - g) * %(outbox_span)s / %(rows)s AS t) AS c
@@ -240,10 +254,10 @@ def sizes(db: ScratchDatabase) -> str:
 
 
 def message_id(ordered: bool) -> str:
-    """A message id: a random UUID (as the library makes them), or one led by the time."""
+    """A message id: the library's own (led by the time), or a random version 4 UUID."""
     if not ordered:
         return str(uuid.uuid4())
-    return f"{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:23]}"
+    return new_id()
 
 
 async def step(side: Side, codec: AvroCodec, run: str, number: int, *, ordered: bool) -> float:
@@ -280,7 +294,7 @@ async def measure(
     progress: Progress,
     wal: Callable[[], int],
 ) -> None:
-    steps, rounds, ordered = args.steps, args.rounds, args.message_ids == "time-ordered"
+    steps, rounds, ordered = args.steps, args.rounds, args.message_ids == "library"
     run = uuid.uuid4().hex[:8]
     for side in sides:
         for number in range(WARMUP):
@@ -324,7 +338,7 @@ async def main(args: argparse.Namespace) -> None:
         full = await open_side("full", full_db, codec)
         try:
             started = time.perf_counter()
-            ordered = args.message_ids == "time-ordered"
+            ordered = args.message_ids == "library"
             await asyncio.to_thread(
                 functools.partial(fill, full_db, args.rows, codec, progress, ordered=ordered)
             )
@@ -428,10 +442,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument(
         "--message-ids",
-        choices=("random", "time-ordered"),
-        default="random",
-        help="inbox message ids: random UUIDs as the library makes them (default), or ids "
-        "led by the time in milliseconds (to see what random keys cost a large inbox)",
+        choices=("library", "random"),
+        default="library",
+        help="message ids: the library's UUID version 7, led by the time (default), or random "
+        "version 4 UUIDs (to see what random keys cost a large inbox)",
     )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.steps < 2 * args.rounds or args.rounds < 1:
