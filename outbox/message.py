@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import time
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -12,7 +14,14 @@ from typing import Any
 
 from outbox.errors import ConfigurationError
 
-__all__ = ["Header", "OutboxMessage", "ParkedMessage", "StoredMessage", "shard_of"]
+__all__ = [
+    "Header",
+    "OutboxMessage",
+    "ParkedMessage",
+    "StoredMessage",
+    "shard_of",
+    "time_ordered_id",
+]
 
 Header = tuple[str, bytes]
 """A Kafka header: a text name and a byte value (names may repeat)."""
@@ -20,8 +29,27 @@ Header = tuple[str, bytes]
 _MAX_TOPIC = 249
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
+def time_ordered_id() -> str:
+    """A fresh UUID version 7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
+
+    Message ids are the keys of the outbox and of every consumer's inbox.
+    Random (version 4) ids land each insert on a random page of those
+    indexes; once the tables hold millions of rows, every insert after a
+    checkpoint writes a full page to the WAL. Ids led by the time append
+    near the right edge of the index instead, so a year-old inbox costs
+    what a new one does. They stay as unique as version 4 ids within a
+    millisecond (74 random bits).
+    """
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (millis & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 68) << 64  # rand_a: 12 bits
+        | 0b10 << 62  # the RFC variant
+        | rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b: 62 bits
+    )
+    return str(uuid.UUID(int=value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +68,7 @@ class OutboxMessage:
     headers: Sequence[Header] = ()
     """Record headers, in order."""
 
-    message_id: str = field(default_factory=_new_id)
+    message_id: str = field(default_factory=time_ordered_id)
     """Unique id of this message (consumers deduplicate on it)."""
 
     delay: timedelta | None = None

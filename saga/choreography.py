@@ -279,6 +279,13 @@ class Choreography:
         before = await self.states.load(ctx.session, incoming.saga_name, incoming.saga_id)
         if envelope.type == ABORT_REQUESTED and (before is None or not part.initiator):
             return []  # not this service's to abort, or a saga it never started
+        if envelope.type == DEADLINE_REACHED and before is None:
+            # A deadline fires when it is due, however long ago its saga ended:
+            # with no view here (purged after the saga ended, or a saga this
+            # service never took part in) its start stamp would otherwise
+            # become a new running view, compensated by the initiator or left
+            # running forever elsewhere.
+            return []
         view = merge(before.stamp if before else None, envelope.stamp)
         ended = before.ended if before else None
         ctx.stamp = view

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from outbox.message import time_ordered_id
 from saga.codec import AvroCodec, DecodeLimits
 from saga.errors import ConfigurationError, DecodeError, EncodeError
 from saga.stamp import MAX_STEP_DATA_ITEMS, STAMP_SCHEMA, Stamp
@@ -78,8 +78,8 @@ class H:
 
 
 def new_id() -> str:
-    """A fresh message id."""
-    return str(uuid.uuid4())
+    """A fresh message id: a UUID version 7, led by the time (``time_ordered_id``)."""
+    return time_ordered_id()
 
 
 def _now() -> datetime:

@@ -100,11 +100,38 @@ class ServiceSettings:
     record's topic (one dead-letter topic per topic by default; a name without
     ``{topic}`` collects every topic's dead letters in one)."""
 
+    saga_retention: timedelta = timedelta(days=30)
+    """How long the view of a terminal saga (completed, compensated, failed) is
+    kept after its last change; running and suspended sagas are never purged.
+
+    Never shorter than ``inbox.retention``: a view purged while a late message
+    of its saga may still arrive (the window the inbox covers) would be
+    recreated by that message as a new running saga. A shorter value is raised
+    to the inbox's, with a warning at start (see :attr:`effective_saga_retention`)."""
+
+    saga_purge_batch_size: int = 1_000
+    """Most saga views one purge statement deletes (purged every
+    ``inbox.purge_interval``, in as many statements as it takes)."""
+
     def __post_init__(self) -> None:
         if self.max_buffered_records < 1:
             raise ConfigurationError("max_buffered_records must be positive")
+        if not isinstance(self.saga_retention, timedelta) or self.saga_retention <= timedelta(0):
+            raise ConfigurationError(
+                f"saga_retention must be a positive timedelta, not {self.saga_retention!r}"
+            )
+        if not isinstance(self.saga_purge_batch_size, int) or self.saga_purge_batch_size < 1:
+            raise ConfigurationError(
+                f"saga_purge_batch_size must be a positive integer, not "
+                f"{self.saga_purge_batch_size!r}"
+            )
         bounded(self.retry)
         check_template(self.dead_letter_topic)
+
+    @property
+    def effective_saga_retention(self) -> timedelta:
+        """The retention the purge applies: ``saga_retention``, or the inbox's if longer."""
+        return max(self.saga_retention, self.inbox.retention)
 
 
 def bounded(policy: RetryPolicy | None) -> RetryPolicy | None:
@@ -476,6 +503,11 @@ class Service:
         if self.settings.run_relay:
             await self.relay.start()
         self._tasks.append(asyncio.create_task(self._purge_inbox_loop(), name="inbox-purge"))
+        if self._sagas:
+            self._warn_short_saga_retention()
+            self._tasks.append(
+                asyncio.create_task(self._purge_saga_views_loop(), name="saga-view-purge")
+            )
         if self.topics:
             self._consumer = self._consumer_factory(
                 self.settings.group_prefix + self.name, self.topics, self.processor.process
@@ -561,6 +593,40 @@ class Service:
             except Exception as exc:  # an outage or a bug: try again next round, visibly
                 log.warning(
                     "%s could not purge its inbox (%s): %s",
+                    self.name,
+                    classify(exc).value,
+                    exc,
+                    exc_info=not isinstance(exc, OutboxError),
+                )
+
+    def _warn_short_saga_retention(self) -> None:
+        settings = self.settings
+        if settings.saga_retention < settings.inbox.retention:
+            log.warning(
+                "%s: saga_retention (%s) is shorter than the inbox's retention (%s): terminal "
+                "saga views are kept %s instead, so that a late message the inbox would still "
+                "recognise cannot recreate a purged saga",
+                self.name,
+                settings.saga_retention,
+                settings.inbox.retention,
+                settings.effective_saga_retention,
+            )
+
+    async def _purge_saga_views_loop(self) -> None:
+        settings = self.settings
+        retention = settings.effective_saga_retention
+        limit = settings.saga_purge_batch_size
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.inbox.purge_interval.total_seconds()):
+                    await self._stopping.wait()
+            try:
+                deleted = limit
+                while deleted == limit and not self._stopping.is_set():
+                    deleted = await self.states.purge(self.engine, retention, limit)
+            except Exception as exc:  # an outage or a bug: try again next round, visibly
+                log.warning(
+                    "%s could not purge its saga views (%s): %s",
                     self.name,
                     classify(exc).value,
                     exc,

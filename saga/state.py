@@ -12,6 +12,16 @@ that its deadline already sent into compensation.
 
 The view is read and written inside the handler's transaction, locked
 (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the write lock).
+
+Views of terminal sagas (completed, compensated, failed) are purged once they
+have not changed for the service's retention (:meth:`SagaStates.purge`), so
+that the table holds the sagas of the last weeks, not of every year. Running,
+compensating and suspended sagas are never purged (a suspended saga is not
+terminal: see ``Stamp.suspended``). Each purge statement deletes a bounded
+batch chosen through the ``(status, updated_at_ms)`` index: the oldest
+views of each terminal status, read in index order and no further than the
+batch, so a round costs its batch whatever the table holds. Why the
+retention must cover the inbox's is told in ``ServiceSettings.saga_retention``.
 """
 
 from __future__ import annotations
@@ -29,19 +39,23 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    delete,
     func,
     select,
+    tuple_,
+    union_all,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Transaction
-from outbox.database import db_now_ms, upsert_insert
+from outbox.database import db_now_ms, translate_db_error, upsert_insert
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
 from saga.errors import ConfigurationError
 from saga.stamp import STAMP_SCHEMA, SagaStatus, Stamp, StepOutcome
 
-__all__ = ["SagaStates", "SagaView", "merge"]
+__all__ = ["TERMINAL_STATUSES", "SagaStates", "SagaView", "merge"]
 
 # Once compensation began, a completion reported later is a late step to undo:
 # COMPENSATING outranks COMPLETED.
@@ -52,6 +66,9 @@ _RANK = {
     SagaStatus.COMPENSATED: 3,
     SagaStatus.FAILED: 4,
 }
+
+TERMINAL_STATUSES = tuple(status for status in SagaStatus if status.is_terminal)
+"""Statuses whose views :meth:`SagaStates.purge` may delete."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,13 +266,60 @@ class SagaStates:
 
     async def stuck(self, engine: AsyncEngine, older_than: timedelta) -> list[Stamp]:
         """Sagas not terminal whose view has not changed for ``older_than``."""
-        cutoff = db_now_ms() - int(older_than.total_seconds() * 1000)
+        cutoff = bindparam("cutoff", type_=BigInteger())  # a bound, not a volatile: see purge
         query = select(self.table.c.stamp).where(
             self.table.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
             self.table.c.updated_at_ms < cutoff,
         )
         async with engine.connect() as conn:
-            return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
+            now = (await conn.execute(select(db_now_ms()))).scalar_one()
+            bound = {"cutoff": now - int(older_than.total_seconds() * 1000)}
+            return [self._decode(raw) for raw in (await conn.execute(query, bound)).scalars()]
+
+    async def purge(self, engine: AsyncEngine, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` views of terminal sagas unchanged for ``older_than``.
+
+        Running, compensating and suspended sagas are kept whatever their age.
+        Returns how many views were deleted: call again while it returns
+        ``limit``.
+
+        Raises:
+            outbox.StoreError: The database failed (``kind`` tells an outage).
+        """
+        table = self.table
+        # Read the database clock once: db_now_ms() is volatile, and inside the
+        # WHERE clause it would be evaluated per row, which keeps PostgreSQL
+        # from using it as an index bound.
+        cutoff = bindparam("cutoff", type_=BigInteger())
+        # The oldest views of each terminal status, each an ordered range of
+        # the (status, updated_at_ms) index that stops after ``limit`` rows:
+        # one ordered scan over the three statuses at once would read and sort
+        # every old view, and a plain LIMIT leaves the planner free to walk
+        # the table.
+        terminal = [status.value for status in TERMINAL_STATUSES]
+        old = table.c.updated_at_ms < cutoff
+        oldest = [
+            select(table.c.saga_name, table.c.saga_id)
+            .where(table.c.status == status, old)
+            .order_by(table.c.updated_at_ms)
+            .limit(limit)
+            .subquery()
+            for status in terminal
+        ]
+        candidates = union_all(*(select(q.c.saga_name, q.c.saga_id) for q in oldest)).subquery()
+        victims = select(candidates.c.saga_name, candidates.c.saga_id).limit(limit)
+        key = tuple_(table.c.saga_name, table.c.saga_id)
+        # The conditions again on the deleted row itself: a view that a handler
+        # changed while the purge waited for its lock is checked anew (READ
+        # COMMITTED rechecks the target's own conditions) and kept.
+        statement = delete(table).where(key.in_(victims), table.c.status.in_(terminal), old)
+        try:
+            async with engine.begin() as conn:
+                now = (await conn.execute(select(db_now_ms()))).scalar_one()
+                bound = {"cutoff": now - int(older_than.total_seconds() * 1000)}
+                return int((await conn.execute(statement, bound)).rowcount)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not purge the saga views") from exc
 
     def decode(self, raw: bytes) -> Stamp:
         """A stamp as stored in the ``stamp`` column."""
