@@ -79,8 +79,15 @@ class KafkaSettings:
     acks: Literal["all", 1, 0] = "all"
     """Acknowledgements the producer waits for; ``"all"`` survives a leader loss."""
 
-    linger_ms: int = 5
-    """How long the producer waits to fill a batch before sending it."""
+    linger_ms: int = 0
+    """How long the producer waits to fill a batch before sending it.
+
+    0 sends at once. Batching does not need a linger: the producer keeps one
+    request in flight per broker, and what is sent meanwhile queues up into
+    the next batch, so under load batches fill by themselves; at low load a
+    linger only adds its full length to every hop of a saga (each hop is one
+    relay send).
+    """
 
     request_timeout_ms: int = 30_000
     """How long a produce, fetch or admin request may take before it fails."""
@@ -92,7 +99,14 @@ class KafkaSettings:
     """Consumer heartbeat interval; must be below ``session_timeout_ms``."""
 
     fetch_max_wait_ms: int = 100
-    """Longest time a fetch waits for data; lower means lower latency."""
+    """Longest time a fetch waits for data when none is there yet.
+
+    Apache Kafka answers a waiting fetch as soon as data arrives, so this
+    bounds only how often an idle consumer asks again (100 ms: ten requests a
+    second per broker). Brokers that re-check for data on a timer instead
+    answer late by up to this long: the embedded Tansu broker looks about
+    every half of it, so :meth:`saga.EmbeddedBroker.kafka_settings` lowers it.
+    """
 
     max_poll_records: int = 500
     """Most records one consumer poll returns."""

@@ -105,6 +105,15 @@ FRAMEWORK_EVENTS = frozenset(
     {COMPENSATE, SAGA_ENDED, DEADLINE_REACHED, ABORT_REQUESTED, SAGA_SUSPENDED, SAGA_RESUMED}
 )
 
+_OWN_MESSAGES_TO_ACT_ON = frozenset(
+    {COMPENSATE, DEADLINE_REACHED, ABORT_REQUESTED, SAGA_SUSPENDED, SAGA_RESUMED}
+)
+"""Framework messages a service acts on even when it sent them itself.
+
+(``SagaSuspended`` and ``SagaResumed`` from itself change nothing either, but
+they are rare and the initiator's bookkeeping of them is kept in one place.)
+"""
+
 SagaHandler = Callable[[SagaContext], Awaitable[None]]
 """A saga step, compensation or end handler."""
 
@@ -176,6 +185,8 @@ class Participation:
     """End handler (initiator only)."""
     initiator: bool = False
     """Whether this service starts the saga and owns its deadline."""
+    source: str | None = None
+    """CloudEvents source of what this service emits (to recognise its own messages)."""
 
     def performs(self, step: str) -> bool:
         """Whether this service performs ``step``."""
@@ -187,10 +198,25 @@ class Participation:
         The initiator follows every message (it owns the deadline and catches
         late steps); other services need their own steps' triggers, and the
         compensation and end messages that tell them the saga stopped running.
+
+        A service's own events and end announcements come back to it on the
+        saga topic, and need nothing: the transaction that emitted one saved
+        the view with the very stamp it carries (merging it again changes
+        nothing) and ran the end handler if the saga ended. Skipping them
+        spares the initiator two of its transactions per saga. Its own
+        messages that ask for work still count: ``DeadlineReached`` (sent to
+        itself, for later), ``Compensate`` (possibly for its own step), and a
+        step's trigger.
         """
-        if self.initiator or envelope.type in (COMPENSATE, SAGA_ENDED):
+        if envelope.type in self.steps:
             return True
-        return envelope.type in self.steps
+        if (
+            self.source is not None
+            and envelope.source == self.source
+            and envelope.type not in _OWN_MESSAGES_TO_ACT_ON
+        ):
+            return False
+        return self.initiator or envelope.type in (COMPENSATE, SAGA_ENDED)
 
     def role_of(self, envelope: Envelope) -> tuple[str, str | None]:
         """Which handler a message runs here (role, step), for suspensions."""

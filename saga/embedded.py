@@ -46,6 +46,18 @@ from saga.errors import BrokerError, ConfigurationError
 
 __all__ = ["BrokerState", "EmbeddedBroker", "wait_for_kafka"]
 
+EMBEDDED_FETCH_MAX_WAIT_MS = 5
+"""The fetch wait of :meth:`EmbeddedBroker.kafka_settings`.
+
+Tansu answers a fetch that found no data when it looks again, about every
+half of ``fetch_max_wait_ms``: a record waits ~2.5 ms here on average before
+a consumer has it (produce -> consume p50 4.5 ms against 52 ms at 100 ms, on
+a 2-core machine). The price is idle work: an idle consumer asks ~200 times a
+second, about 6% of a core for the client and as much for the broker; at
+1 ms it is twice that for 2 ms less. Apache Kafka answers as soon as data
+arrives and keeps the library's default.
+"""
+
 _API_VERSIONS_KEY = 18
 _PROBE_CLIENT_ID = b"choreosaga-probe"
 _PORT_ATTEMPTS = 5
@@ -190,11 +202,16 @@ class EmbeddedBroker:
         """Return settings that reach this broker.
 
         The idempotent producer is off because this broker cannot answer
-        ``InitProducerId``; any other field may be set through ``overrides``.
+        ``InitProducerId``. ``fetch_max_wait_ms`` is
+        :data:`EMBEDDED_FETCH_MAX_WAIT_MS`: this broker answers a waiting
+        fetch only when it next looks for data, about every half of the
+        fetch's wait, so the default wait (100 ms) would add ~50 ms to every
+        hop of a saga. Any field may be set through ``overrides``.
         """
         values: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "enable_idempotence": False,
+            "fetch_max_wait_ms": EMBEDDED_FETCH_MAX_WAIT_MS,
         }
         values.update(overrides)
         return KafkaSettings(**values)

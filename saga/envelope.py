@@ -152,6 +152,10 @@ class EnvelopeCodec:
     def __init__(self, codec: AvroCodec, *, limits: DecodeLimits | None = None) -> None:
         self.codec = codec
         self.limits = limits or codec.limits
+        # The last record decoded, by identity: tracing reads a record's
+        # envelope just before the pipeline decodes the very same objects, and
+        # a record's Avro payload and stamp are then parsed once, not twice.
+        self._last: tuple[object, object, object, Envelope] | None = None
 
     def encode(self, envelope: Envelope) -> tuple[bytes | None, bytes, Headers]:
         """Return ``(key, value, headers)`` for ``envelope``.
@@ -231,9 +235,12 @@ class EnvelopeCodec:
                 only exception raised; ``raw`` holds the value exactly as
                 received, the message says what is wrong without quoting it.
         """
+        last = self._last
+        if last is not None and last[0] is value and last[1] is headers and last[2] is key:
+            return last[3]
         raw = value if isinstance(value, bytes) else b""
         try:
-            return self._decode(key, raw, headers)
+            envelope = self._decode(key, raw, headers)
         except DecodeError as exc:
             if exc.raw is raw:
                 raise
@@ -243,6 +250,9 @@ class EnvelopeCodec:
             # breaks an invariant, an odd header list...) is bad input to be
             # dead-lettered, never a crash of the consumer.
             raise DecodeError(f"invalid envelope: {type(exc).__name__}", raw=raw) from exc
+        # Only immutable values (bytes) or the same list object can match again.
+        self._last = (value, headers, key, envelope)
+        return envelope
 
     def _decode(
         self, key: bytes | None, raw: bytes, headers: Sequence[tuple[str, bytes | None]]

@@ -273,7 +273,9 @@ class Service:
         check_step_name(saga)
         part = self._sagas.get(saga)
         if part is None:
-            part = self._sagas[saga] = Participation(saga=saga, topic=self.saga_topic(saga))
+            part = self._sagas[saga] = Participation(
+                saga=saga, topic=self.saga_topic(saga), source=self.source
+            )
             self._saga_topics[part.topic] = part
         return part
 

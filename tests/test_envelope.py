@@ -298,6 +298,21 @@ def test_round_trip_gives_an_equal_envelope(codec: EnvelopeCodec) -> None:
     assert received.time == T0  # the header keeps microseconds
 
 
+def test_a_record_handed_on_is_parsed_once_and_a_new_record_again(
+    codec: EnvelopeCodec,
+) -> None:
+    # Tracing decodes a record just before the pipeline decodes the same
+    # objects: the second decode reuses the first, and only for those objects.
+    key, value, headers = codec.encode(envelope())
+    first = codec.decode(key, value, headers)
+    assert codec.decode(key, value, headers) is first
+    copy = codec.decode(key, bytes(bytearray(value)), list(headers))
+    assert copy == first
+    assert copy is not first
+    other = codec.decode(*codec.encode(envelope()))
+    assert other.id != first.id
+
+
 def test_round_trip_of_a_bare_envelope(codec: EnvelopeCodec) -> None:
     sent = Envelope(type=ITEM, data={"key": "k", "seq": -1, "note": ""}, source="urn:s")
     received = codec.decode(*codec.encode(sent))

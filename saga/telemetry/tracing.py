@@ -193,12 +193,12 @@ class ServiceTelemetry:
 
     def _saga_ended(self, envelope: Envelope, topic: str, outcome: str) -> None:
         part = self._sagas.get(topic)
-        if (
-            part is None
-            or not part.initiator
-            or envelope.type != SAGA_ENDED
-            or outcome != "processed"
-        ):
+        if part is None or not part.initiator or envelope.type != SAGA_ENDED:
+            return
+        # The initiator skips its own announcements (its view already holds
+        # them, see Participation.concerns): they count too.
+        own = envelope.source == part.source
+        if outcome != "processed" and not (own and outcome == "ignored"):
             return
         assert envelope.stamp is not None
         status = str(envelope.data.get("status") or envelope.stamp.status.value)
