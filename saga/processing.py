@@ -27,6 +27,36 @@ What a failure leads to is decided by the error model
   and a saga is *suspended* at that step, in one transaction. The partition
   moves on; a fix plus a replay continues the saga.
 
+Records arrive in batches: the records fetched for one partition, in offset
+order (:meth:`Processor.process_batch`). A batch runs in ONE database
+transaction with a savepoint per record, so that many small steps cost one
+commit, and one record's failure rolls back only its own savepoint. Each
+record still goes through :meth:`Processor.process`, the per-record seam that
+telemetry wraps, and each follows the error model as if it were alone:
+
+* a duplicate is caught by the inbox's unique key inside the batch's
+  transaction, also when its first copy is earlier in the same batch;
+* a **business failure** rolls back to the record's savepoint; the refusal
+  is recorded in a second savepoint of the same transaction;
+* a **transient** error or a **bug** first commits the records before it
+  (its own savepoint was rolled back), then the record is retried and, if
+  need be, dead-lettered in transactions of its own, exactly as a record
+  alone: a serialization failure or a deadlock cannot be cured by a retry
+  inside a transaction that still holds the locks of the records before it,
+  and a dead letter (with its suspension, which updates the saga view) must
+  not wait for, or deadlock with, a batch that holds that view's row. The
+  rest of the batch then continues in a new transaction;
+* an **outage** (the connection is lost) takes the whole open transaction
+  with it: the records since the last commit are redone, from the first,
+  once the database is back. Their counters are taken back first, so that
+  :class:`ServiceStats` counts each record once; their telemetry spans show
+  both passes (the first one rolled back);
+* a commit that fails for another reason (it cannot be blamed on one
+  record) redoes the uncommitted records one transaction each.
+
+A single record is processed alone, without a savepoint: at low load a
+batch is whatever has arrived, often one record.
+
 Nothing is dropped silently: every record ends processed, a recognised
 duplicate, ignored (an event type this service does not handle: normal on a
 shared topic), or dead-lettered. Logs carry ids, sizes and a hash of the
@@ -38,7 +68,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -118,6 +149,73 @@ class Subscription:
     retry: RetryPolicy | None
 
 
+class _BatchLost(Exception):
+    """The open transaction of a batch is gone: redo its uncommitted records."""
+
+    def __init__(self, error: BaseException, kind: ErrorKind) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.kind = kind
+
+
+class _Batch:
+    """The shared transaction of the records of one batch (one per partition worker).
+
+    The transaction opens lazily, when the first record that needs one joins
+    it, and a record that must be handled alone ends it (commits the records
+    before). ``pending`` holds the counters of records not yet committed, to
+    be taken back if the transaction is lost.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.session: AsyncSession | None = None
+        self.joinable = False
+        """Whether the record in progress may use the batch's transaction."""
+        self.pending: dict[str, int] = {}
+
+    async def join(self) -> AsyncSession:
+        if self.session is None:
+            session = AsyncSession(self.engine, expire_on_commit=False)
+            try:
+                await session.begin()
+            except BaseException:
+                await session.close()
+                raise
+            self.session = session
+        return self.session
+
+    async def commit(self) -> None:
+        """Commit the open transaction (if any); raise :class:`_BatchLost` if that fails."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        try:
+            await session.commit()
+        except Exception as exc:
+            await _close_quietly(session)
+            raise _BatchLost(exc, classify(exc)) from exc
+        await session.close()
+        self.pending.clear()
+
+    async def abandon(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await _close_quietly(session)
+
+
+async def _close_quietly(session: AsyncSession) -> None:
+    """Close a session whose transaction failed; its connection may be gone already."""
+    try:
+        await session.close()
+    except Exception as exc:  # the failure that matters is already being handled
+        log.debug("closing a failed batch session: %r", exc)
+
+
+_BATCH: ContextVar[_Batch | None] = ContextVar("choreosaga_batch", default=None)
+"""The batch the current task's record belongs to (each partition worker is a task)."""
+
+
 class GaveUp(Exception):
     """A record's retry policy is spent; carries the last failure."""
 
@@ -189,15 +287,79 @@ class Processor:
         self._subscriptions = subscriptions
         self._sagas = sagas
 
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Handle records of one partition, in offset order, in as few transactions as possible.
+
+        The consumer's callback. Each record goes through :meth:`process`
+        (looked up on the instance, so that an interceptor wrapping it sees
+        every record); records share one transaction with a savepoint each
+        (see the module docstring). Returns once every record is processed,
+        a duplicate, ignored or dead-lettered; waits through outages.
+        """
+        if len(records) == 1:
+            await self.process(records[0])
+            return
+        done = 0
+        outages = 0
+        alone = False
+        while done < len(records):
+            if alone:
+                for record in records[done:]:
+                    await self.process(record)
+                return
+            batch = _Batch(self.engine)
+            token = _BATCH.set(batch)
+            try:
+                for index in range(done, len(records)):
+                    batch.joinable = True
+                    await self.process(records[index])
+                    if batch.session is None:
+                        # Handled alone, or needed no transaction: durable already.
+                        done = index + 1
+                        batch.pending.clear()
+                batch.joinable = False
+                await batch.commit()
+                return
+            except _BatchLost as lost:
+                await batch.abandon()
+                for name, count in batch.pending.items():
+                    setattr(self.stats, name, getattr(self.stats, name) - count)
+                if lost.kind is not ErrorKind.OUTAGE:
+                    log.warning(
+                        "%s: a batch's commit failed (%s): %s; its %d uncommitted record(s) "
+                        "go one transaction each",
+                        self.name,
+                        lost.kind.value,
+                        describe(lost.error),
+                        len(records) - done,
+                    )
+                    alone = True
+                    continue
+                outages += 1
+                delay = _OUTAGE_BACKOFF.delay(outages)
+                log.warning(
+                    "%s: database unavailable during a batch (%s); %d record(s) again in %.1fs",
+                    self.name,
+                    describe(lost.error),
+                    len(records) - done,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                # A cancelled batch (its partition revoked) rolls back here.
+                batch.joinable = False
+                await batch.abandon()
+                _BATCH.reset(token)
+
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Handle one consumed record (the consumer's callback).
+        """Handle one consumed record (alone, or as part of :meth:`process_batch`).
 
         Returns once the record is processed, recognised as a duplicate,
         ignored or dead-lettered; waits through outages. Raises only when
         the task is cancelled.
         """
         if _replayed_for_another_group(record, self.group):
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         try:
             envelope = self.envelopes.decode(record.key, record.value, record.headers)
@@ -211,7 +373,7 @@ class Processor:
             return
         subscription = self._subscriptions.get((record.topic, envelope.type))
         if subscription is None:
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         policy = subscription.retry or self.retry
         try:
@@ -231,7 +393,7 @@ class Processor:
         info: RecordInfo,
     ) -> None:
         if not part.concerns(envelope):
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         if envelope.stamp is None:
             # A message this service would act on, without the saga it belongs
@@ -276,9 +438,19 @@ class Processor:
                 return await attempt_once()
             except BusinessFailure:
                 raise
+            except _BatchLost:
+                raise
             except Exception as exc:
                 kind = classify(exc)
                 now = datetime.now(UTC)
+                batch = _BATCH.get()
+                if batch is not None and batch.joinable:
+                    if kind is ErrorKind.OUTAGE:
+                        # The batch's transaction went with the connection.
+                        self.stats.outage_waits += 1
+                        raise _BatchLost(_user_error(exc), kind) from exc
+                    # Retried (or dead-lettered) alone, after the records before it.
+                    await self._leave_batch()
                 if kind is ErrorKind.OUTAGE:
                     outages += 1
                     self.stats.outage_waits += 1
@@ -313,10 +485,22 @@ class Processor:
                 await asyncio.sleep(delay)
 
     def _count(self, processed: bool) -> None:
-        if processed:
-            self.stats.processed += 1
-        else:
-            self.stats.duplicates += 1
+        self._add("processed" if processed else "duplicates")
+
+    def _add(self, counter: str) -> None:
+        """Count one record; inside a batch, remember it until the batch commits."""
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        batch = _BATCH.get()
+        if batch is not None and batch.joinable:
+            batch.pending[counter] = batch.pending.get(counter, 0) + 1
+
+    async def _leave_batch(self) -> None:
+        """Commit the batch's records so far; the record in progress goes on alone."""
+        batch = _BATCH.get()
+        if batch is None or not batch.joinable:
+            return
+        batch.joinable = False
+        await batch.commit()
 
     async def _saga_transaction(
         self,
@@ -370,24 +554,41 @@ class Processor:
         """Inbox row, ``work`` and its outbox rows in one transaction.
 
         Returns ``False`` (and changes nothing) for a message already processed.
+        Inside a batch, the transaction is the batch's and the record's work a
+        savepoint of it.
         """
+        batch = _BATCH.get()
+        if batch is not None and batch.joinable:
+            session = await batch.join()
+            async with session.begin_nested():
+                return await self._steps(session, envelope, context, work)
         async with (
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            # A message is its CloudEvents source + id: ids are unique per source only.
-            source = _inbox_text(envelope.source)
-            if not await self.inbox.record(session, self.name, envelope.id, source=source):
-                return False
-            with use_trace_headers(envelope.traceparent, envelope.tracestate):
-                messages = await work(context(session))
-            await self.outbox.add(session, messages)
+            return await self._steps(session, envelope, context, work)
+
+    async def _steps(
+        self,
+        session: AsyncSession,
+        envelope: Envelope,
+        context: Callable[[AsyncSession], C],
+        work: Callable[[C], Awaitable[list[OutboxMessage]]],
+    ) -> bool:
+        # A message is its CloudEvents source + id: ids are unique per source only.
+        source = _inbox_text(envelope.source)
+        if not await self.inbox.record(session, self.name, envelope.id, source=source):
+            return False
+        with use_trace_headers(envelope.traceparent, envelope.tracestate):
+            messages = await work(context(session))
+        await self.outbox.add(session, messages)
         return True
 
     # -- dead letters ------------------------------------------------------------------
 
     async def _bad_input(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
         """Dead-letter a record at once: retrying bad input cannot help."""
+        await self._leave_batch()
         self.stats.undecodable += 1
         now = datetime.now(UTC)
         await self._dead_letter(
@@ -406,7 +607,13 @@ class Processor:
         Waits through outages like any transaction. Should the suspension
         itself fail for good (a view that cannot be read), the dead letter is
         still written, without it: a record is never dropped.
+
+        Always in a transaction of its own, after the records of the batch
+        before it were committed: the dead letter is durable whatever happens
+        to the rest of the batch, and a suspension never waits for the lock
+        the batch holds on the same saga's view.
         """
+        await self._leave_batch()
         topic = dead_letter_topic(self.dead_letter_template, record.topic)
         role, step = ("decode", None) if envelope is None else ("handler", None)
         stamp = None if envelope is None else envelope.stamp
