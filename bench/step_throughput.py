@@ -23,9 +23,9 @@ batch sizes (messages per database transaction):
 
 Run from the project root::
 
-    .venv/bin/python bench/step_throughput.py                        # 4,000 messages, batches 1 10 50 200
+    .venv/bin/python bench/step_throughput.py              # 4,000 messages, batches 1 10 50 200
     .venv/bin/python bench/step_throughput.py --messages 1000 --batch-size 200
-    .venv/bin/python bench/step_throughput.py --profile              # cProfile of the library at the largest batch
+    .venv/bin/python bench/step_throughput.py --profile    # cProfile of the library, largest batch
 
 The target (issue 10): the library at batch 200 at least 0.50 of the raw SQL loop.
 """
@@ -46,9 +46,8 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402  (bench/ is not a package)
+from common import (
     DEFAULT_POSTGRES_URL,
     Progress,
     Topics,
@@ -68,9 +67,9 @@ from common import (  # noqa: E402  (bench/ is not a package)
     table,
 )
 
-from outbox import KafkaSettings, OutboxTables, RelaySettings, create_engine  # noqa: E402
-from saga import AvroCodec, MessageContext, SchemaRegistry, Service, ServiceSettings  # noqa: E402
-from saga.envelope import Envelope, EnvelopeCodec  # noqa: E402
+from outbox import KafkaSettings, OutboxTables, RelaySettings, create_engine
+from saga import AvroCodec, MessageContext, SchemaRegistry, Service, ServiceSettings
+from saga.envelope import Envelope, EnvelopeCodec
 
 IN_TYPE = "choreosaga.shop.OrderPlaced"
 OUT_TYPE = "choreosaga.shop.StockReserved"
@@ -128,7 +127,9 @@ class Run:
         return rate(self.steps, self.seconds)
 
 
-async def produce(settings: KafkaSettings, topic: str, records: Sequence[tuple[bytes | None, bytes, Any]]) -> None:
+async def produce(
+    settings: KafkaSettings, topic: str, records: Sequence[tuple[bytes | None, bytes, Any]]
+) -> None:
     producer = AIOKafkaProducer(**settings.producer_kwargs())
     await producer.start()
     try:
@@ -198,7 +199,10 @@ async def run_library(
         async with engine.begin() as conn:
             await conn.execute(
                 sa.insert(leases),
-                [{"shard": s, "owner": None, "expires_at_ms": 0, "epoch": 0} for s in range(SHARDS)],
+                [
+                    {"shard": shard, "owner": None, "expires_at_ms": 0, "epoch": 0}
+                    for shard in range(SHARDS)
+                ],
             )
         records = [
             envelopes.encode(
@@ -296,7 +300,9 @@ def prepared_steps(messages: int, topic_out: str) -> list[Step]:
     steps = []
     for i in range(messages):
         data = order(i)
-        out = Envelope(type=OUT_TYPE, data=reserved(data), source="/bench", key=data["order_id"].encode())
+        out = Envelope(
+            type=OUT_TYPE, data=reserved(data), source="/bench", key=data["order_id"].encode()
+        )
         key, value, headers = envelopes.encode(out)
         stored = json.dumps([[n, base64.b64encode(v).decode("ascii")] for n, v in headers])
         steps.append(
@@ -395,7 +401,9 @@ async def run_dual_write(
                         out: list[Envelope] = []
                         async with conn.transaction(), conn.cursor() as cur:
                             for record in part:
-                                incoming = envelopes.decode(record.key, record.value, record.headers)
+                                incoming = envelopes.decode(
+                                    record.key, record.value, record.headers
+                                )
                                 await cur.execute(_INBOX, (CONSUMER, incoming.source, incoming.id))
                                 if await cur.fetchone() is None:
                                     continue
@@ -413,9 +421,10 @@ async def run_dual_write(
                         acks = []
                         for envelope in out:
                             key, value, headers = envelopes.encode(envelope)
-                            acks.append(
-                                await producer.send(topic_out, value, key=key, headers=list(headers))
+                            sent = await producer.send(
+                                topic_out, value, key=key, headers=list(headers)
                             )
+                            acks.append(sent)
                         await asyncio.gather(*acks)
                         await consumer.commit({tp: part[-1].offset + 1})
                         done += len(part)
@@ -434,13 +443,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=4000, help="steps per run (default 4000)")
     parser.add_argument(
-        "--batch-size", type=int, nargs="+", default=[1, 10, 50, 200], help="messages per transaction"
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[1, 10, 50, 200],
+        help="messages per transaction",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
     parser.add_argument("--database-url", default=DEFAULT_POSTGRES_URL, help="PostgreSQL server")
     parser.add_argument("--bootstrap-servers", default=None, help="an external Kafka")
     parser.add_argument(
-        "--profile", action="store_true", help="print a cProfile of the library at the largest batch"
+        "--profile",
+        action="store_true",
+        help="print a cProfile of the library at the largest batch",
     )
     return parser.parse_args()
 
@@ -449,7 +464,8 @@ async def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     sizes = sorted(args.batch_size)
-    async with kafka_broker(args.bootstrap_servers, fetch_max_wait_ms=10, linger_ms=5) as (kafka, broker):
+    broker_context = kafka_broker(args.bootstrap_servers, fetch_max_wait_ms=10, linger_ms=5)
+    async with broker_context as (kafka, broker):
         print(
             machine_facts(
                 "Handler step throughput: library (batched consumer) vs raw SQL vs dual write",
@@ -474,11 +490,11 @@ async def main() -> None:
                 # Batch 1 is slow: fewer messages keep the run short, the rate is the same.
                 count = args.messages if batch > 1 else max(200, args.messages // 5)
                 for _ in range(args.repeat):
-                    runs: list[tuple[str, Callable[[], Awaitable[Run]]]] = [
-                        ("raw", lambda: run_raw_sql(args.database_url, count, batch)),
+                    runs: list[tuple[str, Awaitable[Run]]] = [
+                        ("raw", run_raw_sql(args.database_url, count, batch)),
                         (
                             "library",
-                            lambda: run_library(
+                            run_library(
                                 kafka,
                                 topics,
                                 args.database_url,
@@ -487,10 +503,10 @@ async def main() -> None:
                                 profile if batch == sizes[-1] else None,
                             ),
                         ),
-                        ("dual", lambda: run_dual_write(kafka, topics, args.database_url, count, batch)),
+                        ("dual", run_dual_write(kafka, topics, args.database_url, count, batch)),
                     ]
                     for name, measure in runs:
-                        result = await measure()
+                        result = await measure
                         figures.setdefault((name, batch), []).append(result)
                         progress.step(f"{name} batch {batch}: {result.per_second:,.0f} steps/s")
 
@@ -533,7 +549,8 @@ async def main() -> None:
     largest = sizes[-1]
     ratio = median("library", largest) / median("raw", largest)
     print()
-    print(f"target: library >= 0.50 of raw SQL at batch {largest}: {ratio:.2f} ({'met' if ratio >= 0.5 else 'missed'})")
+    verdict = "met" if ratio >= 0.5 else "missed"
+    print(f"target: library >= 0.50 of raw SQL at batch {largest}: {ratio:.2f} ({verdict})")
     if profile is not None:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)

@@ -18,7 +18,7 @@ be fetched again by the new owner. A partition whose worker falls behind is
 paused at the broker until its backlog drains, so memory stays bounded.
 
 Supervision: ``process`` deals with every failure of a record itself (the
-error model in :mod:`saga.processing`); should it raise anyway, the record is
+error model in :mod:`saga.processing`); should it raise anyway, the batch is
 retried with backoff and logged, never skipped. The fetch task and the
 workers are watched: one that ends while the consumer runs (which is a bug)
 is logged and reported through :attr:`PartitionedConsumer.failure`, so that

@@ -16,8 +16,8 @@ it to end::
 By default the harness runs without a broker: each service's relay publishes
 to an in-memory log (:class:`InMemoryBroker`) and each service's consumer is
 an :class:`InMemoryConsumer` (the service's ``consumer=`` seam, where Kafka's
-is the default), which hands it every record of its topics, in order,
-through the same per-record pipeline as the Kafka consumer. The services
+is the default), which hands it every record of its topics, in order and in
+batches of what has arrived, through the same pipeline as the Kafka consumer. The services
 start and stop exactly as in production. The
 databases are SQLite files in a temporary directory. Give ``kafka=`` (and,
 for PostgreSQL, ``database_url=``) and the very same test runs on a real
@@ -147,7 +147,8 @@ class InMemoryConsumer(Consumer):
 
     The in-memory side of :class:`~saga.consumer.Consumer`: the service runs
     exactly as with Kafka (``Service.start`` starts it), one ordered log per
-    topic, no partitions and no rebalances.
+    topic, no partitions and no rebalances. What has arrived on a topic is
+    handed over as one batch (at most 100 records), as the Kafka consumer does.
     """
 
     def __init__(self, broker: InMemoryBroker, topics: frozenset[str], process: Process) -> None:
