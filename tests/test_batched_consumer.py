@@ -144,19 +144,29 @@ async def plain(
     await harness.close()
 
 
-async def run(plain: Plain, records: int, **settings: Any) -> Service:
-    """Start the service on what was produced; wait until every record is accounted for."""
+async def run(plain: Plain, records: int, effects: int, **settings: Any) -> Service:
+    """Start the service on what was produced; wait until every record is accounted for.
+
+    The counters move as each record is handled, the batch commits a moment
+    later: wait for the committed ``effects`` rows too, then a little longer
+    for any that should not be there.
+    """
     service = plain.build(**settings)
     await service.create_tables()
     await service.start()
     stats = service.stats
     await until(lambda: stats.processed + stats.duplicates + stats.dead_lettered >= records)
+    deadline = time.monotonic() + 30
+    while sum(map(len, (await plain.effects_by_seq()).values())) < effects:
+        assert time.monotonic() < deadline, "the batch never committed"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
     return service
 
 
 async def test_a_batch_is_one_transaction_and_its_size_is_bounded(plain: Plain) -> None:
     await plain.produce([plain.item(seq) for seq in range(60)])
-    service = await run(plain, 60, batch_max_records=20)
+    service = await run(plain, 60, 60, batch_max_records=20)
 
     effects = await plain.effects_by_seq()
     assert sorted(effects) == list(range(60))
@@ -181,7 +191,7 @@ async def test_a_bug_in_the_middle_of_a_batch_dead_letters_only_that_record(plai
 
     plain.behaviour[3] = bug
     await plain.produce([plain.item(seq) for seq in range(7)])
-    service = await run(plain, 7)
+    service = await run(plain, 7, 6)
 
     effects = await plain.effects_by_seq()
     assert sorted(effects) == [0, 1, 2, 4, 5, 6]  # neither the bug's write nor a second copy
@@ -211,7 +221,7 @@ async def test_an_outage_in_the_middle_of_a_batch_loses_and_doubles_nothing(plai
 
     plain.behaviour[4] = connection_lost
     await plain.produce([plain.item(seq) for seq in range(8)])
-    service = await run(plain, 8)
+    service = await run(plain, 8, 8)
 
     assert killed
     effects = await plain.effects_by_seq()
@@ -230,7 +240,7 @@ async def test_a_duplicate_inside_one_batch_is_processed_once(plain: Plain) -> N
     items = [plain.item(seq) for seq in range(5)]
     # The same message (same id) twice in a row, and once more later in the batch.
     await plain.produce([items[0], items[1], items[1], items[2], items[3], items[1], items[4]])
-    service = await run(plain, 7)
+    service = await run(plain, 7, 5)
 
     effects = await plain.effects_by_seq()
     assert sorted(effects) == list(range(5))
