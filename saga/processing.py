@@ -58,14 +58,8 @@ telemetry wraps, and each follows the error model as if it were alone:
 A single record is processed alone, without a savepoint: at low load a
 batch is whatever has arrived, often one record. The outbox rows of a
 batch wake the relays with one ``pg_notify`` sent before the commit
-(:data:`outbox.store.NOTIFY_LATER`), not one per record.
-
-Each savepoint holds a subtransaction id once it writes. PostgreSQL caches
-64 of them per transaction; a batch of more records that write makes the
-transaction "overflowed" until it commits, which costs other sessions'
-snapshots a lookup in ``pg_subtrans``. Batches are short (one commit per
-``batch_max_records``, 100 by default), but keep that in mind before
-raising it into the thousands.
+(:data:`outbox.store.NOTIFY_LATER`), not one per record. The batch's
+transaction and its savepoints live in :mod:`saga.batch`.
 
 Nothing is dropped silently: every record ends processed, a recognised
 duplicate, ignored (an event type this service does not handle: normal on a
@@ -79,13 +73,12 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from aiokafka import ConsumerRecord
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox import (
     ErrorKind,
@@ -96,7 +89,7 @@ from outbox import (
     classify,
 )
 from outbox.failures import describe
-from outbox.store import NOTIFY_LATER
+from saga.batch import CURRENT, Batch, BatchLost
 from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
 from saga.deadletter import REPLAY_GROUP_HEADER, Failure, dead_letter_message, dead_letter_topic
@@ -160,132 +153,6 @@ class Subscription:
 
     handler: H
     retry: RetryPolicy | None
-
-
-class _BatchLost(Exception):
-    """The open transaction of a batch is gone: redo its uncommitted records."""
-
-    def __init__(self, error: BaseException, kind: ErrorKind) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.kind = kind
-
-
-_SAVEPOINT = "SAVEPOINT choreosaga_record"
-_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT choreosaga_record"
-
-
-class _Batch:
-    """The shared transaction of the records of one batch (one per partition worker).
-
-    The transaction opens lazily, when the first record that needs one joins
-    it, and a record that must be handled alone ends it (commits the records
-    before). ``pending`` holds the counters of records not yet committed, to
-    be taken back if the transaction is lost.
-    """
-
-    def __init__(self, engine: AsyncEngine, outbox: SqlOutboxStore) -> None:
-        self.engine = engine
-        self.outbox = outbox
-        self.wrote = False
-        """Whether a released savepoint of the open transaction wrote outbox rows."""
-        self.session: AsyncSession | None = None
-        self.connection: AsyncConnection | None = None
-        self.joinable = False
-        """Whether the record in progress may use the batch's transaction."""
-        self.pending: dict[str, int] = {}
-
-    async def join(self) -> AsyncSession:
-        if self.session is None:
-            session = AsyncSession(self.engine, expire_on_commit=False)
-            # One wake-up for the relays per batch, sent before the commit.
-            session.info[NOTIFY_LATER] = True
-            try:
-                await session.begin()
-                self.connection = await session.connection()
-            except BaseException:
-                await session.close()
-                raise
-            self.session = session
-        return self.session
-
-    async def savepoint(self, run: Callable[[], Awaitable[T]]) -> T:
-        """Run one record's work inside a savepoint of the batch's transaction.
-
-        One plain ``SAVEPOINT`` statement per record, rather than
-        ``session.begin_nested()``, whose bookkeeping cost more than the
-        statements themselves (measured by ``bench/step_throughput.py``). The
-        savepoint is never released: the next record's savepoint of the same
-        name nests inside it, ``ROLLBACK TO`` goes back to the latest one, and
-        the commit ends them all, one round trip per record less. (A released
-        savepoint that wrote keeps its subtransaction id until the commit
-        anyway, so nesting costs the server no more.) What the ORM would
-        otherwise do for us is done here: the record's pending
-        objects are flushed inside its savepoint, and after a rollback to it
-        the identity map is emptied, so that no later record sees an object
-        whose row was rolled back (every earlier record's objects were flushed,
-        so nothing is lost). Should anything leave the session unusable (a
-        failed flush), the next statement fails and the batch falls back to
-        one transaction per record.
-        """
-        assert self.session is not None
-        assert self.connection is not None
-        session, connection = self.session, self.connection
-        await connection.exec_driver_sql(_SAVEPOINT)
-        try:
-            result = await run()
-            if session.new or session.dirty or session.deleted:
-                await session.flush()
-        except BaseException as exc:
-            session.expunge_all()
-            try:
-                await connection.exec_driver_sql(_ROLLBACK_TO)
-            except Exception as lost:
-                # Nothing left to roll back to: the transaction went with its
-                # connection (the record's own error says why), or the session
-                # gave it up. Either way the batch cannot go on.
-                kind = classify(exc)
-                if kind is ErrorKind.OUTAGE:
-                    raise _BatchLost(_user_error(exc), kind) from exc
-                raise _BatchLost(lost, classify(lost)) from lost
-            raise
-        return result
-
-    async def commit(self) -> None:
-        """Commit the open transaction (if any); raise :class:`_BatchLost` if that fails."""
-        session, self.session = self.session, None
-        self.connection = None
-        wrote, self.wrote = self.wrote, False
-        if session is None:
-            return
-        try:
-            if wrote:
-                await self.outbox.notify(session)
-            await session.commit()
-        except Exception as exc:
-            await _close_quietly(session)
-            raise _BatchLost(exc, classify(exc)) from exc
-        await session.close()
-        self.pending.clear()
-
-    async def abandon(self) -> None:
-        session, self.session = self.session, None
-        self.connection = None
-        self.wrote = False
-        if session is not None:
-            await _close_quietly(session)
-
-
-async def _close_quietly(session: AsyncSession) -> None:
-    """Close a session whose transaction failed; its connection may be gone already."""
-    try:
-        await session.close()
-    except Exception as exc:  # the failure that matters is already being handled
-        log.debug("closing a failed batch session: %r", exc)
-
-
-_BATCH: ContextVar[_Batch | None] = ContextVar("choreosaga_batch", default=None)
-"""The batch the current task's record belongs to (each partition worker is a task)."""
 
 
 class GaveUp(Exception):
@@ -379,8 +246,8 @@ class Processor:
                 for record in records[done:]:
                     await self.process(record)
                 return
-            batch = _Batch(self.engine, self.outbox)
-            token = _BATCH.set(batch)
+            batch = Batch(self.engine, self.outbox)
+            token = CURRENT.set(batch)
             try:
                 for index in range(done, len(records)):
                     batch.joinable = True
@@ -392,7 +259,7 @@ class Processor:
                 batch.joinable = False
                 await batch.commit()
                 return
-            except _BatchLost as lost:
+            except BatchLost as lost:
                 await batch.abandon()
                 for name, count in batch.pending.items():
                     setattr(self.stats, name, getattr(self.stats, name) - count)
@@ -402,7 +269,7 @@ class Processor:
                         "go one transaction each",
                         self.name,
                         lost.kind.value,
-                        describe(lost.error),
+                        describe(_user_error(lost.error)),
                         len(records) - done,
                     )
                     alone = True
@@ -413,7 +280,7 @@ class Processor:
                 log.warning(
                     "%s: database unavailable during a batch (%s); %d record(s) again in %.1fs",
                     self.name,
-                    describe(lost.error),
+                    describe(_user_error(lost.error)),
                     len(records) - done,
                     delay,
                 )
@@ -422,7 +289,7 @@ class Processor:
                 # A cancelled batch (its partition revoked) rolls back here.
                 batch.joinable = False
                 await batch.abandon()
-                _BATCH.reset(token)
+                CURRENT.reset(token)
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Handle one consumed record (alone, or as part of :meth:`process_batch`).
@@ -511,16 +378,16 @@ class Processor:
                 return await attempt_once()
             except BusinessFailure:
                 raise
-            except _BatchLost:
+            except BatchLost:
                 raise
             except Exception as exc:
                 kind = classify(exc)
                 now = datetime.now(UTC)
-                batch = _BATCH.get()
+                batch = CURRENT.get()
                 if batch is not None and batch.joinable:
                     if kind is ErrorKind.OUTAGE:
                         # The batch's transaction went with the connection.
-                        raise _BatchLost(_user_error(exc), kind) from exc
+                        raise BatchLost(exc, kind) from exc
                     # Retried (or dead-lettered) alone, after the records before it.
                     await self._leave_batch()
                 if kind is ErrorKind.OUTAGE:
@@ -562,13 +429,13 @@ class Processor:
     def _add(self, counter: str) -> None:
         """Count one record; inside a batch, remember it until the batch commits."""
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        batch = _BATCH.get()
+        batch = CURRENT.get()
         if batch is not None and batch.joinable:
             batch.pending[counter] = batch.pending.get(counter, 0) + 1
 
     async def _leave_batch(self) -> None:
         """Commit the batch's records so far; the record in progress goes on alone."""
-        batch = _BATCH.get()
+        batch = CURRENT.get()
         if batch is None or not batch.joinable:
             return
         batch.joinable = False
@@ -629,7 +496,7 @@ class Processor:
         Inside a batch, the transaction is the batch's and the record's work a
         savepoint of it.
         """
-        batch = _BATCH.get()
+        batch = CURRENT.get()
         if batch is not None and batch.joinable:
             session = await batch.join()
             processed = await batch.savepoint(lambda: self._steps(session, envelope, context, work))
