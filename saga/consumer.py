@@ -137,7 +137,7 @@ class PartitionedConsumer(Consumer):
         process: Process,
         max_buffered: int = 1000,
         grace: float = 10.0,
-        batch_max_records: int = 100,
+        batch_max_records: int = 50,
         batch_linger: float = 0.0,
     ) -> None:
         self.group_id = group_id

@@ -85,9 +85,11 @@ class ServiceSettings:
     max_buffered_records: int = 1000
     """Fetched but unprocessed records per partition before it is paused."""
 
-    batch_max_records: int = 100
+    batch_max_records: int = 50
     """The most records of one partition processed in one database transaction
-    (a savepoint each). A batch is whatever has arrived, up to this many."""
+    (a savepoint each). A batch is whatever has arrived, up to this many. The
+    default keeps a batch's subtransactions within PostgreSQL's per-transaction
+    cache of 64 (see :mod:`saga.batch`)."""
 
     batch_linger: timedelta = timedelta(0)
     """How long a partition's worker waits for more records when a batch is not

@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 _POLL = 0.005
 """Seconds between looks at the databases while waiting (in memory)."""
 
-_BATCH_MAX = 100
+_BATCH_MAX = 50
 """The most records handed to a service at once (in memory)."""
 
 
@@ -148,7 +148,7 @@ class InMemoryConsumer(Consumer):
     The in-memory side of :class:`~saga.consumer.Consumer`: the service runs
     exactly as with Kafka (``Service.start`` starts it), one ordered log per
     topic, no partitions and no rebalances. What has arrived on a topic is
-    handed over as one batch (at most 100 records), as the Kafka consumer does.
+    handed over as one batch (at most 50 records), as the Kafka consumer does.
     """
 
     def __init__(self, broker: InMemoryBroker, topics: frozenset[str], process: Process) -> None:
