@@ -68,6 +68,12 @@ __all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transa
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
 
+NOTIFY_LATER = "outbox.notify_later"
+"""Key of ``tx.info``: when true, :meth:`SqlOutboxStore.add` leaves the PostgreSQL
+wake-up (``pg_notify``) to the caller, who sends it once with
+:meth:`SqlOutboxStore.notify` before committing (a batch of many adds in one
+transaction then pays one round trip instead of one per add)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class OutboxStats:
@@ -272,12 +278,25 @@ class SqlOutboxStore(OutboxStore):
                 tables = self.tables
                 self._shards_checked = await check_shard_count(tx, tables.leases, self.shards)
             await tx.execute(self._insert, rows)
-            if self.dialect == "postgresql":
+            if self.dialect == "postgresql" and not tx.info.get(NOTIFY_LATER):
                 await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not add outbox rows") from exc
         if self._callbacks:
             self._after_commit(tx)
+
+    async def notify(self, tx: Transaction) -> None:
+        """Wake the relays listening on PostgreSQL once ``tx`` commits (see :data:`NOTIFY_LATER`).
+
+        Send it outside any savepoint that may still roll back: a rolled-back
+        savepoint discards its notifications.
+        """
+        if self.dialect != "postgresql":
+            return
+        try:
+            await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "could not notify the relays") from exc
 
     def _row(self, message: OutboxMessage) -> dict[str, Any]:
         delay_ms = None

@@ -1,20 +1,24 @@
 """Kafka consumer loop: partitions in parallel, each partition in order.
 
 One task fetches records for the consumer group and hands each partition's
-records to that partition's worker; workers process their records one at a
-time, in offset order, while different partitions proceed concurrently. A
-worker commits a partition's offset only after ``process`` has returned for
-the records before it, that is after their database transaction committed, so
-a crash or a rebalance can only cause redelivery (which the inbox absorbs),
-never a skipped record.
+records to that partition's worker; workers process their records in
+batches, in offset order, while different partitions proceed concurrently.
+A batch is whatever has arrived for the partition when the worker is free
+(at most ``batch_max_records``); the worker does not wait for a batch to
+fill unless ``batch_linger`` asks it to, so a lone record at low load is
+handled at once. ``process`` runs a batch in one database transaction (see
+:mod:`saga.processing`). A worker commits a partition's offset only after
+``process`` has returned for the batch, that is after its database
+transaction committed, so a crash or a rebalance can only cause redelivery
+of the batch (which the inbox absorbs), never a skipped record.
 
-On a rebalance, revoked partitions finish the record in progress, commit
+On a rebalance, revoked partitions finish the batch in progress, commit
 their offset and stop; records already fetched for them are dropped and will
 be fetched again by the new owner. A partition whose worker falls behind is
 paused at the broker until its backlog drains, so memory stays bounded.
 
 Supervision: ``process`` deals with every failure of a record itself (the
-error model in :mod:`saga.processing`); should it raise anyway, the record is
+error model in :mod:`saga.processing`); should it raise anyway, the batch is
 retried with backoff and logged, never skipped. The fetch task and the
 workers are watched: one that ends while the consumer runs (which is a bug)
 is logged and reported through :attr:`PartitionedConsumer.failure`, so that
@@ -32,7 +36,7 @@ import asyncio
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -48,8 +52,9 @@ __all__ = ["Consumer", "ConsumerFactory", "PartitionedConsumer", "Process"]
 
 log = logging.getLogger(__name__)
 
-Process = Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]
-"""Handles one record; must deal with its own errors (it is retried if it raises)."""
+Process = Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Awaitable[None]]
+"""Handles a batch of records of one partition, in order; must deal with its own
+errors (the batch is retried if it raises)."""
 
 _BACKOFF = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
 _UNREADABLE_LIMIT = 5
@@ -75,7 +80,7 @@ class Consumer(ABC):
 
     @abstractmethod
     async def stop(self) -> None:
-        """Finish the record in progress and stop."""
+        """Finish the batch in progress and stop."""
 
 
 ConsumerFactory = Callable[[str, frozenset[str], "Process"], Consumer]
@@ -113,11 +118,14 @@ class PartitionedConsumer(Consumer):
         group_id: Kafka consumer group (one per service).
         topics: Topics to subscribe to.
         settings: Kafka connection and consumer settings.
-        process: Called once per record, in offset order within a partition.
+        process: Called with each batch of a partition's records, in offset order.
         max_buffered: Records fetched but not processed, per partition, above
             which the partition is paused.
         grace: Seconds a partition's worker may take to finish its current
-            record when the partition is revoked or the consumer stops.
+            batch when the partition is revoked or the consumer stops.
+        batch_max_records: The most records handed to ``process`` at once.
+        batch_linger: Seconds a worker waits for more records when a batch
+            is not full (0: a batch is whatever has arrived).
     """
 
     def __init__(
@@ -129,6 +137,8 @@ class PartitionedConsumer(Consumer):
         process: Process,
         max_buffered: int = 1000,
         grace: float = 10.0,
+        batch_max_records: int = 50,
+        batch_linger: float = 0.0,
     ) -> None:
         self.group_id = group_id
         self._grace = grace
@@ -137,6 +147,12 @@ class PartitionedConsumer(Consumer):
             raise ConfigurationError("a consumer needs at least one topic")
         if max_buffered < 1:
             raise ConfigurationError("max_buffered must be positive")
+        if batch_max_records < 1:
+            raise ConfigurationError("batch_max_records must be positive")
+        if batch_linger < 0:
+            raise ConfigurationError("batch_linger must not be negative")
+        self._batch_max = batch_max_records
+        self._linger = batch_linger
         self.settings = settings
         self._process = process
         self._max_buffered = max_buffered
@@ -281,28 +297,60 @@ class PartitionedConsumer(Consumer):
     # -- processing ---------------------------------------------------------------
 
     async def _work(self, part: _Partition) -> None:
+        pending: list[ConsumerRecord[bytes, bytes]] = []
         while True:
-            records = await part.queue.get()
-            if records is None:
-                return
-            for record in records:
-                if part.is_revoked():
+            if not pending:
+                records = await part.queue.get()
+                if records is None:
                     return
-                await self._process_one(record)
-                crash_point("consumer.after_commit")
-                part.next_offset = record.offset + 1
-                part.buffered -= 1
-            if part.queue.empty():
+                pending.extend(records)
+            if not await self._gather(part, pending):
+                return
+            if part.is_revoked():
+                return
+            batch = pending[: self._batch_max]
+            del pending[: self._batch_max]
+            await self._process_batch(batch)
+            crash_point("consumer.after_commit")
+            part.next_offset = batch[-1].offset + 1
+            part.buffered -= len(batch)
+            if not pending and part.queue.empty():
                 await self._commit(part)
                 if part.paused and self._consumer is not None and not part.revoked:
                     self._consumer.resume(part.tp)
                     part.paused = False
 
-    async def _process_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _gather(self, part: _Partition, pending: list[ConsumerRecord[bytes, bytes]]) -> bool:
+        """Add what has arrived for ``part`` to ``pending`` (lingering if asked to).
+
+        Returns ``False`` when the partition was revoked meanwhile.
+        """
+        while len(pending) < self._batch_max and not part.queue.empty():
+            records = part.queue.get_nowait()
+            if records is None:
+                return False
+            pending.extend(records)
+        if self._linger <= 0 or len(pending) >= self._batch_max:
+            return True
+        deadline = asyncio.get_running_loop().time() + self._linger
+        while len(pending) < self._batch_max:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                records = await asyncio.wait_for(part.queue.get(), remaining)
+            except TimeoutError:
+                break
+            if records is None:
+                return False
+            pending.extend(records)
+        return True
+
+    async def _process_batch(self, batch: list[ConsumerRecord[bytes, bytes]]) -> None:
         attempt = 0
         while True:
             try:
-                await self._process(record)
+                await self._process(batch)
                 return
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -315,15 +363,18 @@ class PartitionedConsumer(Consumer):
                 await asyncio.sleep(_BACKOFF.delay(attempt))
             except Exception:
                 # ``process`` handles every expected failure itself; reaching
-                # here is a bug. Never skip the record: retry.
+                # here is a bug. Never skip the records: retry (the inbox
+                # recognises those of the batch already committed).
                 attempt += 1
                 delay = _BACKOFF.delay(attempt)
+                first = batch[0]
                 log.exception(
-                    "consumer %s could not process %s[%d]@%d; retry in %.1fs",
+                    "consumer %s could not process %s[%d]@%d..%d; retry in %.1fs",
                     self.group_id,
-                    record.topic,
-                    record.partition,
-                    record.offset,
+                    first.topic,
+                    first.partition,
+                    first.offset,
+                    batch[-1].offset,
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -344,7 +395,7 @@ class PartitionedConsumer(Consumer):
                 )
 
     async def _retire(self, partitions: Iterable[TopicPartition]) -> None:
-        """Stop the workers of ``partitions`` after their current record; commit.
+        """Stop the workers of ``partitions`` after their current batch; commit.
 
         A worker still busy after the grace period (a record retried through a
         database outage) is cancelled: its transaction rolls back and the

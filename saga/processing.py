@@ -27,6 +27,40 @@ What a failure leads to is decided by the error model
   and a saga is *suspended* at that step, in one transaction. The partition
   moves on; a fix plus a replay continues the saga.
 
+Records arrive in batches: the records fetched for one partition, in offset
+order (:meth:`Processor.process_batch`). A batch runs in ONE database
+transaction with a savepoint per record, so that many small steps cost one
+commit, and one record's failure rolls back only its own savepoint. Each
+record still goes through :meth:`Processor.process`, the per-record seam that
+telemetry wraps, and each follows the error model as if it were alone:
+
+* a duplicate is caught by the inbox's unique key inside the batch's
+  transaction, also when its first copy is earlier in the same batch;
+* a **business failure** rolls back to the record's savepoint; the refusal
+  is recorded in a second savepoint of the same transaction;
+* a **transient** error or a **bug** first commits the records before it
+  (its own savepoint was rolled back), then the record is retried and, if
+  need be, dead-lettered in transactions of its own, exactly as a record
+  alone: a serialization failure or a deadlock cannot be cured by a retry
+  inside a transaction that still holds the locks of the records before it,
+  and a dead letter (with its suspension, which updates the saga view) must
+  not wait for, or deadlock with, a batch that holds that view's row. The
+  rest of the batch then continues in a new transaction;
+* an **outage** (the connection is lost) takes the whole open transaction
+  with it: the records since the last commit are redone, from the first,
+  once the database is back. Their counters are taken back first, so that
+  :class:`ServiceStats` counts each record once; their telemetry spans show
+  both passes (the first one rolled back);
+* a transaction that fails for another reason (a commit, or a session
+  left unusable by a failed flush: nothing to blame on one record) redoes
+  the uncommitted records one transaction each.
+
+A single record is processed alone, without a savepoint: at low load a
+batch is whatever has arrived, often one record. The outbox rows of a
+batch wake the relays with one ``pg_notify`` sent before the commit
+(:data:`outbox.store.NOTIFY_LATER`), not one per record. The batch's
+transaction and its savepoints live in :mod:`saga.batch`.
+
 Nothing is dropped silently: every record ends processed, a recognised
 duplicate, ignored (an event type this service does not handle: normal on a
 shared topic), or dead-lettered. Logs carry ids, sizes and a hash of the
@@ -38,7 +72,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -55,6 +89,7 @@ from outbox import (
     classify,
 )
 from outbox.failures import describe
+from saga.batch import CURRENT, Batch, BatchLost
 from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
 from saga.deadletter import REPLAY_GROUP_HEADER, Failure, dead_letter_message, dead_letter_topic
@@ -86,7 +121,9 @@ class ServiceStats:
     """Counters of one running service."""
 
     processed: int = 0
-    """Messages handled and committed."""
+    """Messages handled and committed. Inside a batch a message is counted when
+    it is handled, a moment before the batch commits, and taken back if that
+    commit is lost (so per-message telemetry sees its outcome)."""
 
     duplicates: int = 0
     """Redelivered messages recognised by the inbox and skipped."""
@@ -189,15 +226,80 @@ class Processor:
         self._subscriptions = subscriptions
         self._sagas = sagas
 
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Handle records of one partition, in offset order, in as few transactions as possible.
+
+        The consumer's callback. Each record goes through :meth:`process`
+        (looked up on the instance, so that an interceptor wrapping it sees
+        every record); records share one transaction with a savepoint each
+        (see the module docstring). Returns once every record is processed,
+        a duplicate, ignored or dead-lettered; waits through outages.
+        """
+        if len(records) == 1:
+            await self.process(records[0])
+            return
+        done = 0
+        outages = 0
+        alone = False
+        while done < len(records):
+            if alone:
+                for record in records[done:]:
+                    await self.process(record)
+                return
+            batch = Batch(self.engine, self.outbox)
+            token = CURRENT.set(batch)
+            try:
+                for index in range(done, len(records)):
+                    batch.joinable = True
+                    await self.process(records[index])
+                    if batch.session is None:
+                        # Handled alone, or needed no transaction: durable already.
+                        done = index + 1
+                        batch.pending.clear()
+                batch.joinable = False
+                await batch.commit()
+                return
+            except BatchLost as lost:
+                await batch.abandon()
+                for name, count in batch.pending.items():
+                    setattr(self.stats, name, getattr(self.stats, name) - count)
+                if lost.kind is not ErrorKind.OUTAGE:
+                    log.warning(
+                        "%s: a batch's transaction failed (%s): %s; its %d uncommitted record(s) "
+                        "go one transaction each",
+                        self.name,
+                        lost.kind.value,
+                        describe(_user_error(lost.error)),
+                        len(records) - done,
+                    )
+                    alone = True
+                    continue
+                outages += 1
+                self.stats.outage_waits += 1
+                delay = _OUTAGE_BACKOFF.delay(outages)
+                log.warning(
+                    "%s: database unavailable during a batch (%s); %d record(s) again in %.1fs",
+                    self.name,
+                    describe(_user_error(lost.error)),
+                    len(records) - done,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                # A cancelled batch (its partition revoked) rolls back here.
+                batch.joinable = False
+                await batch.abandon()
+                CURRENT.reset(token)
+
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Handle one consumed record (the consumer's callback).
+        """Handle one consumed record (alone, or as part of :meth:`process_batch`).
 
         Returns once the record is processed, recognised as a duplicate,
         ignored or dead-lettered; waits through outages. Raises only when
         the task is cancelled.
         """
         if _replayed_for_another_group(record, self.group):
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         try:
             envelope = self.envelopes.decode(record.key, record.value, record.headers)
@@ -211,7 +313,7 @@ class Processor:
             return
         subscription = self._subscriptions.get((record.topic, envelope.type))
         if subscription is None:
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         policy = subscription.retry or self.retry
         try:
@@ -231,7 +333,7 @@ class Processor:
         info: RecordInfo,
     ) -> None:
         if not part.concerns(envelope):
-            self.stats.ignored += 1
+            self._add("ignored")
             return
         if envelope.stamp is None:
             # A message this service would act on, without the saga it belongs
@@ -276,9 +378,18 @@ class Processor:
                 return await attempt_once()
             except BusinessFailure:
                 raise
+            except BatchLost:
+                raise
             except Exception as exc:
                 kind = classify(exc)
                 now = datetime.now(UTC)
+                batch = CURRENT.get()
+                if batch is not None and batch.joinable:
+                    if kind is ErrorKind.OUTAGE:
+                        # The batch's transaction went with the connection.
+                        raise BatchLost(exc, kind) from exc
+                    # Retried (or dead-lettered) alone, after the records before it.
+                    await self._leave_batch()
                 if kind is ErrorKind.OUTAGE:
                     outages += 1
                     self.stats.outage_waits += 1
@@ -313,10 +424,22 @@ class Processor:
                 await asyncio.sleep(delay)
 
     def _count(self, processed: bool) -> None:
-        if processed:
-            self.stats.processed += 1
-        else:
-            self.stats.duplicates += 1
+        self._add("processed" if processed else "duplicates")
+
+    def _add(self, counter: str) -> None:
+        """Count one record; inside a batch, remember it until the batch commits."""
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        batch = CURRENT.get()
+        if batch is not None and batch.joinable:
+            batch.pending[counter] = batch.pending.get(counter, 0) + 1
+
+    async def _leave_batch(self) -> None:
+        """Commit the batch's records so far; the record in progress goes on alone."""
+        batch = CURRENT.get()
+        if batch is None or not batch.joinable:
+            return
+        batch.joinable = False
+        await batch.commit()
 
     async def _saga_transaction(
         self,
@@ -370,24 +493,42 @@ class Processor:
         """Inbox row, ``work`` and its outbox rows in one transaction.
 
         Returns ``False`` (and changes nothing) for a message already processed.
+        Inside a batch, the transaction is the batch's and the record's work a
+        savepoint of it.
         """
+        batch = CURRENT.get()
+        if batch is not None and batch.joinable:
+            session = await batch.join()
+            processed = await batch.savepoint(lambda: self._steps(session, envelope, context, work))
+            batch.wrote = batch.wrote or processed
+            return processed
         async with (
             AsyncSession(self.engine, expire_on_commit=False) as session,
             session.begin(),
         ):
-            # A message is its CloudEvents source + id: ids are unique per source only.
-            source = _inbox_text(envelope.source)
-            if not await self.inbox.record(session, self.name, envelope.id, source=source):
-                return False
-            with use_trace_headers(envelope.traceparent, envelope.tracestate):
-                messages = await work(context(session))
-            await self.outbox.add(session, messages)
+            return await self._steps(session, envelope, context, work)
+
+    async def _steps(
+        self,
+        session: AsyncSession,
+        envelope: Envelope,
+        context: Callable[[AsyncSession], C],
+        work: Callable[[C], Awaitable[list[OutboxMessage]]],
+    ) -> bool:
+        # A message is its CloudEvents source + id: ids are unique per source only.
+        source = _inbox_text(envelope.source)
+        if not await self.inbox.record(session, self.name, envelope.id, source=source):
+            return False
+        with use_trace_headers(envelope.traceparent, envelope.tracestate):
+            messages = await work(context(session))
+        await self.outbox.add(session, messages)
         return True
 
     # -- dead letters ------------------------------------------------------------------
 
     async def _bad_input(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
         """Dead-letter a record at once: retrying bad input cannot help."""
+        await self._leave_batch()
         self.stats.undecodable += 1
         now = datetime.now(UTC)
         await self._dead_letter(
@@ -406,7 +547,13 @@ class Processor:
         Waits through outages like any transaction. Should the suspension
         itself fail for good (a view that cannot be read), the dead letter is
         still written, without it: a record is never dropped.
+
+        Always in a transaction of its own, after the records of the batch
+        before it were committed: the dead letter is durable whatever happens
+        to the rest of the batch, and a suspension never waits for the lock
+        the batch holds on the same saga's view.
         """
+        await self._leave_batch()
         topic = dead_letter_topic(self.dead_letter_template, record.topic)
         role, step = ("decode", None) if envelope is None else ("handler", None)
         stamp = None if envelope is None else envelope.stamp

@@ -85,6 +85,17 @@ class ServiceSettings:
     max_buffered_records: int = 1000
     """Fetched but unprocessed records per partition before it is paused."""
 
+    batch_max_records: int = 50
+    """The most records of one partition processed in one database transaction
+    (a savepoint each). A batch is whatever has arrived, up to this many. The
+    default keeps a batch's subtransactions within PostgreSQL's per-transaction
+    cache of 64 (see :mod:`saga.batch`)."""
+
+    batch_linger: timedelta = timedelta(0)
+    """How long a partition's worker waits for more records when a batch is not
+    full. The default never waits: low-load latency stays low, and batches grow
+    by themselves as load rises (records arrive while the previous batch runs)."""
+
     source: str | None = None
     """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``."""
 
@@ -125,6 +136,10 @@ class ServiceSettings:
                 f"saga_purge_batch_size must be a positive integer, not "
                 f"{self.saga_purge_batch_size!r}"
             )
+        if self.batch_max_records < 1:
+            raise ConfigurationError("batch_max_records must be positive")
+        if self.batch_linger < timedelta(0):
+            raise ConfigurationError("batch_linger must not be negative")
         bounded(self.retry)
         check_template(self.dead_letter_topic)
 
@@ -170,7 +185,7 @@ class Service:
             fresh ``MetaData``).
         publisher: Where the relay publishes (defaults to Kafka).
         consumer: Builds the consumer that feeds the service its records, from
-            its group id, topics and per-record callback (defaults to a Kafka
+            its group id, topics and per-batch callback (defaults to a Kafka
             :class:`~saga.consumer.PartitionedConsumer`; ``saga.testing``
             passes an in-memory one).
     """
@@ -510,7 +525,7 @@ class Service:
             )
         if self.topics:
             self._consumer = self._consumer_factory(
-                self.settings.group_prefix + self.name, self.topics, self.processor.process
+                self.settings.group_prefix + self.name, self.topics, self.processor.process_batch
             )
             try:
                 await self._consumer.start()
@@ -525,6 +540,8 @@ class Service:
             settings=self.kafka,
             process=process,
             max_buffered=self.settings.max_buffered_records,
+            batch_max_records=self.settings.batch_max_records,
+            batch_linger=self.settings.batch_linger.total_seconds(),
         )
 
     async def stop(self) -> None:

@@ -16,8 +16,8 @@ it to end::
 By default the harness runs without a broker: each service's relay publishes
 to an in-memory log (:class:`InMemoryBroker`) and each service's consumer is
 an :class:`InMemoryConsumer` (the service's ``consumer=`` seam, where Kafka's
-is the default), which hands it every record of its topics, in order,
-through the same per-record pipeline as the Kafka consumer. The services
+is the default), which hands it every record of its topics, in order and in
+batches of what has arrived, through the same pipeline as the Kafka consumer. The services
 start and stop exactly as in production. The
 databases are SQLite files in a temporary directory. Give ``kafka=`` (and,
 for PostgreSQL, ``database_url=``) and the very same test runs on a real
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 _POLL = 0.005
 """Seconds between looks at the databases while waiting (in memory)."""
+
+_BATCH_MAX = 50
+"""The most records handed to a service at once (in memory)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ class InMemoryConsumer(Consumer):
 
     The in-memory side of :class:`~saga.consumer.Consumer`: the service runs
     exactly as with Kafka (``Service.start`` starts it), one ordered log per
-    topic, no partitions and no rebalances.
+    topic, no partitions and no rebalances. What has arrived on a topic is
+    handed over as one batch (at most 50 records), as the Kafka consumer does.
     """
 
     def __init__(self, broker: InMemoryBroker, topics: frozenset[str], process: Process) -> None:
@@ -188,38 +192,44 @@ class InMemoryConsumer(Consumer):
             moved = False
             for topic in sorted(self.topics):
                 records = self.broker.topics.get(topic, [])
+                # What has arrived goes as one batch, as the Kafka consumer does.
                 while self.cursors.get(topic, 0) < len(records):
-                    offset = self.cursors.get(topic, 0)
+                    start = self.cursors.get(topic, 0)
+                    end = min(len(records), start + _BATCH_MAX)
                     self.busy = True
                     try:
-                        await self._process(records[offset], offset)
+                        await self._process(records[start:end], start)
                     finally:
                         self.busy = False
-                    self.cursors[topic] = offset + 1
+                    self.cursors[topic] = end
                     moved = True
             if not moved:
                 await self.broker.changed.wait()
 
-    async def _process(self, record: _Record, offset: int) -> None:
-        consumed: ConsumerRecord[bytes, bytes] = ConsumerRecord(
-            topic=record.topic,
-            partition=0,
-            offset=offset,
-            timestamp=int(time.time() * 1000),
-            timestamp_type=0,
-            key=record.key,
-            value=record.value,
-            checksum=None,
-            serialized_key_size=len(record.key or b""),
-            serialized_value_size=len(record.value or b""),
-            headers=record.headers,
-        )
-        while True:  # as the Kafka consumer does: a record that raised comes again
+    async def _process(self, records: list[_Record], first: int) -> None:
+        now = int(time.time() * 1000)
+        consumed: list[ConsumerRecord[bytes, bytes]] = [
+            ConsumerRecord(
+                topic=record.topic,
+                partition=0,
+                offset=first + index,
+                timestamp=now,
+                timestamp_type=0,
+                key=record.key,
+                value=record.value,
+                checksum=None,
+                serialized_key_size=len(record.key or b""),
+                serialized_value_size=len(record.value or b""),
+                headers=record.headers,
+            )
+            for index, record in enumerate(records)
+        ]
+        while True:  # as the Kafka consumer does: a batch that raised comes again
             try:
                 await self.process(consumed)
                 return
             except Exception as exc:
-                log.warning("record %s@%d raised, again: %s", record.topic, offset, exc)
+                log.warning("records %s@%d.. raised, again: %s", records[0].topic, first, exc)
                 await asyncio.sleep(0.05)
 
 

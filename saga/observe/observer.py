@@ -128,8 +128,13 @@ class SagaObserver:
         """Create the saga log and inbox tables if they do not exist."""
         await create_tables(self.engine, [self.tables.inbox, self.log.messages, self.log.sagas])
 
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Store a partition's records in order (the consumer's ``process`` callback)."""
+        for record in records:
+            await self.process(record)
+
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Store one record (the consumer's ``process`` callback)."""
+        """Store one record."""
         try:
             observed = observe_record(
                 self.codec,
@@ -183,7 +188,7 @@ class SagaObserver:
             group_id=self.settings.group_id,
             topics=topics,
             settings=self.kafka,
-            process=self.process,
+            process=self.process_batch,
         )
         await consumer.start()
         self._consumer = consumer

@@ -1,0 +1,162 @@
+"""The shared transaction of a batch: the records fetched for one partition.
+
+:meth:`saga.processing.Processor.process_batch` runs a partition's records
+in one database transaction, each record's work in a savepoint of it (see
+:mod:`saga.processing` for what each failure leads to). :class:`Batch`
+holds that transaction; :data:`CURRENT` names the batch of the task at hand
+(each partition worker is a task), so that the per-record pipeline, called
+through its unchanged seam ``Processor.process``, finds it.
+
+Each savepoint holds a subtransaction id once it writes. PostgreSQL caches
+64 of them per transaction; a batch of more records that write makes the
+transaction "overflowed" until it commits, which costs other sessions'
+snapshots a lookup in ``pg_subtrans``. Hence the default of 50 records per
+batch (``ServiceSettings.batch_max_records``): below the cache, and already
+most of the gain of batching (``bench/step_throughput.py``). Batches are
+short, so a larger one costs little, but keep it in mind before raising it
+into the hundreds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from outbox import ErrorKind, SqlOutboxStore, classify
+from outbox.store import NOTIFY_LATER
+
+__all__ = ["CURRENT", "Batch", "BatchLost"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BatchLost(Exception):
+    """The open transaction of a batch is gone: redo its uncommitted records."""
+
+    def __init__(self, error: BaseException, kind: ErrorKind) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.kind = kind
+
+
+_SAVEPOINT = "SAVEPOINT choreosaga_record"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT choreosaga_record"
+
+
+class Batch:
+    """The shared transaction of the records of one batch (one per partition worker).
+
+    The transaction opens lazily, when the first record that needs one joins
+    it, and a record that must be handled alone ends it (commits the records
+    before). ``pending`` holds the counters of records not yet committed, to
+    be taken back if the transaction is lost.
+    """
+
+    def __init__(self, engine: AsyncEngine, outbox: SqlOutboxStore) -> None:
+        self.engine = engine
+        self.outbox = outbox
+        self.wrote = False
+        """Whether a released savepoint of the open transaction wrote outbox rows."""
+        self.session: AsyncSession | None = None
+        self.connection: AsyncConnection | None = None
+        self.joinable = False
+        """Whether the record in progress may use the batch's transaction."""
+        self.pending: dict[str, int] = {}
+
+    async def join(self) -> AsyncSession:
+        if self.session is None:
+            session = AsyncSession(self.engine, expire_on_commit=False)
+            # One wake-up for the relays per batch, sent before the commit.
+            session.info[NOTIFY_LATER] = True
+            try:
+                await session.begin()
+                self.connection = await session.connection()
+            except BaseException:
+                await session.close()
+                raise
+            self.session = session
+        return self.session
+
+    async def savepoint(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Run one record's work inside a savepoint of the batch's transaction.
+
+        One plain ``SAVEPOINT`` statement per record, rather than
+        ``session.begin_nested()``, whose bookkeeping cost more than the
+        statements themselves (measured by ``bench/step_throughput.py``). The
+        savepoint is never released: the next record's savepoint of the same
+        name nests inside it, ``ROLLBACK TO`` goes back to the latest one, and
+        the commit ends them all, one round trip per record less. (A released
+        savepoint that wrote keeps its subtransaction id until the commit
+        anyway, so nesting costs the server no more.) What the ORM would
+        otherwise do for us is done here: the record's pending
+        objects are flushed inside its savepoint, and after a rollback to it
+        the identity map is emptied, so that no later record sees an object
+        whose row was rolled back (every earlier record's objects were flushed,
+        so nothing is lost). Should anything leave the session unusable (a
+        failed flush), the next statement fails and the batch falls back to
+        one transaction per record.
+        """
+        assert self.session is not None
+        assert self.connection is not None
+        session, connection = self.session, self.connection
+        await connection.exec_driver_sql(_SAVEPOINT)
+        try:
+            result = await run()
+            if session.new or session.dirty or session.deleted:
+                await session.flush()
+        except BaseException as exc:
+            session.expunge_all()
+            try:
+                await connection.exec_driver_sql(_ROLLBACK_TO)
+            except Exception as lost:
+                # Nothing left to roll back to: the transaction went with its
+                # connection (the record's own error says why), or the session
+                # gave it up. Either way the batch cannot go on.
+                kind = classify(exc)
+                if kind is ErrorKind.OUTAGE:
+                    raise BatchLost(exc, kind) from exc
+                raise BatchLost(lost, classify(lost)) from lost
+            raise
+        return result
+
+    async def commit(self) -> None:
+        """Commit the open transaction (if any); raise :class:`BatchLost` if that fails."""
+        session, self.session = self.session, None
+        self.connection = None
+        wrote, self.wrote = self.wrote, False
+        if session is None:
+            return
+        try:
+            if wrote:
+                await self.outbox.notify(session)
+            await session.commit()
+        except Exception as exc:
+            await close_quietly(session)
+            raise BatchLost(exc, classify(exc)) from exc
+        await session.close()
+        self.pending.clear()
+
+    async def abandon(self) -> None:
+        session, self.session = self.session, None
+        self.connection = None
+        self.wrote = False
+        if session is not None:
+            await close_quietly(session)
+
+
+async def close_quietly(session: AsyncSession) -> None:
+    """Close a session whose transaction failed; its connection may be gone already."""
+    try:
+        await session.close()
+    except Exception as exc:  # the failure that matters is already being handled
+        log.debug("closing a failed batch session: %r", exc)
+
+
+CURRENT: ContextVar[Batch | None] = ContextVar("choreosaga_batch", default=None)
+"""The batch the current task's record belongs to (each partition worker is a task)."""
