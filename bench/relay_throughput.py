@@ -201,10 +201,12 @@ class TimedStore(SqlOutboxStore):
         self.marked = 0
         self.all_marked = asyncio.Event()
 
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+    async def fetch_due(
+        self, shards: Collection[int], limit: int, *, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
         started = time.perf_counter()
         try:
-            return await super().fetch_due(shards, limit)
+            return await super().fetch_due(shards, limit, exclude=exclude)
         finally:
             self.clock.fetch += time.perf_counter() - started
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
     BigInteger,
     Integer,
     String,
+    all_,
     and_,
     any_,
     bindparam,
@@ -40,6 +41,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     union_all,
     update,
@@ -64,6 +66,9 @@ from outbox.notify import PostgresCommitListener
 from outbox.tables import OutboxTables, check_tables
 
 __all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
+
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
+"""For the relay's marks on PostgreSQL: see :meth:`SqlOutboxStore.mark_published`."""
 
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
@@ -108,12 +113,16 @@ class OutboxStore(ABC):
         """Add messages inside the caller's open transaction ``tx``."""
 
     @abstractmethod
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+    async def fetch_due(
+        self, shards: Collection[int], limit: int, *, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
         """Return up to ``limit`` committed, due, unparked rows of ``shards`` in id order.
 
         A row with an earlier parked row of the same topic and key is held
         back, so that a key's messages on a topic are never published out of
-        order; other topics and keys go on.
+        order; other topics and keys go on. Rows whose id is in ``exclude``
+        are skipped: the relay passes the rows it is still publishing or
+        marking when it reads the next batch ahead.
         """
 
     @abstractmethod
@@ -402,6 +411,14 @@ class SqlOutboxStore(OutboxStore):
         t = self.tables.outbox
         shards: Any = bindparam("shards", expanding=True)
         limit = bindparam("limit", type_=Integer())
+        # Rows the relay still has in flight (read ahead while publishing).
+        # PostgreSQL gets an array, so the statement's text, and its cached
+        # plan, do not depend on how many there are.
+        not_in_flight: Any
+        if self.dialect == "postgresql":
+            not_in_flight = t.c.id != all_(bindparam("exclude", type_=ARRAY(BigInteger())))
+        else:
+            not_in_flight = t.c.id.not_in(bindparam("exclude", expanding=True))
         columns = (
             t.c.id,
             t.c.message_id,
@@ -429,6 +446,7 @@ class SqlOutboxStore(OutboxStore):
                 t.c.shard.in_(shards),
                 self._pending(),
                 t.c.due_at_ms.is_(None),
+                not_in_flight,
                 ~self._held_back(),
             )
             .order_by(t.c.id)
@@ -442,6 +460,7 @@ class SqlOutboxStore(OutboxStore):
                 self._pending(),
                 t.c.due_at_ms.is_not(None),
                 t.c.due_at_ms <= select(db_now_ms()).scalar_subquery(),
+                not_in_flight,
                 ~self._held_back(),
             )
             .order_by(t.c.due_at_ms, t.c.id)
@@ -457,10 +476,12 @@ class SqlOutboxStore(OutboxStore):
             ~self._held_back(),
         )
 
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+    async def fetch_due(
+        self, shards: Collection[int], limit: int, *, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
         if not shards:
             return []
-        params = {"shards": sorted(shards), "limit": limit}
+        params = {"shards": sorted(shards), "limit": limit, "exclude": list(exclude)}
         async with self._begin("could not read the outbox") as conn:
             result = await conn.execute(self._fetch, params)
             return [_stored(row) for row in result]
@@ -491,6 +512,12 @@ class SqlOutboxStore(OutboxStore):
             statement = self._mark_fenced
             params.update(owner=fence.owner, fences=fences)
         async with self._begin("could not mark outbox rows as published") as conn:
+            if self.dialect == "postgresql":
+                # A mark lost to a database crash only makes the relay publish
+                # those rows again (at-least-once allows it), so the relay need
+                # not wait for the WAL flush: on a busy server that wait was
+                # most of the mark's time.
+                await conn.execute(_ASYNC_COMMIT)
             result = await conn.execute(statement, params)
             return int(result.rowcount)
 
