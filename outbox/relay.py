@@ -5,6 +5,19 @@ One round: read up to ``batch_size`` due rows of the shards this relay holds
 acknowledged ones in one statement. A crash between publish and mark only
 causes duplicates, never a loss (at-least-once).
 
+Rounds are pipelined while the outbox has a backlog: the next batch is read
+while the current one is being published (the read leaves out every row still
+in flight here, by id, so that no row is published twice by one relay), and
+the current batch is marked while the next one is being published (one mark
+at a time). A row is never marked before its acknowledgement. The pipeline
+stops after a batch that had any failure, when a rebalance is due or the
+relay stops: the batch read ahead is then dropped unsent and read again after
+the failed batch was settled, so nothing read before a failure overtakes the
+row that failed (parked rows then hold their key back in the read itself).
+Per-key order within a batch is the publisher's job (see
+:mod:`outbox.kafka`): a batch is published only once the previous one was
+wholly acknowledged.
+
 Fencing: the relay asks before each send whether it still holds the shard's
 lease with more than a safety margin (a fifth of ``lease_ttl``) left, under
 the epoch it read the batch with; once not, it stops sending the batch and
