@@ -7,8 +7,9 @@ and marks them in one statement.
 
 There is no id high-water mark anywhere: a row is pending until it is marked,
 so a transaction that took a lower id but committed later is simply picked up
-by the next read, and SQLite's reuse of row ids cannot hide a row. Rows are
-marked by ``(id, message_id)`` so that a reused id can never mark the wrong row.
+by the next read, and SQLite's reuse of row ids cannot hide a row. On SQLite rows
+are marked by ``(id, message_id)`` so that a reused id can never mark the wrong
+row; PostgreSQL's ids come from a sequence and are never reused.
 
 Rows of one key are published in id order. On PostgreSQL ids are handed out
 when rows are inserted, not when they commit: two transactions that write the
@@ -69,6 +70,9 @@ __all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transa
 
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 """For the relay's marks on PostgreSQL: see :meth:`SqlOutboxStore.mark_published`."""
+
+_CUSTOM_PLAN = text("SET LOCAL plan_cache_mode = force_custom_plan")
+"""For the relay's reads on PostgreSQL: see :meth:`SqlOutboxStore.fetch_due`."""
 
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
@@ -237,13 +241,17 @@ class SqlOutboxStore(OutboxStore):
             ),
             attempts=0,
         )
-        # Rows are identified by id AND message id, since SQLite reuses ids (a
-        # message id names one row). PostgreSQL gets arrays, so the statement
-        # text is the same for every batch size and its plan stays cached.
+        # On SQLite rows are identified by id AND message id, since SQLite
+        # reuses ids (a message id names one row). PostgreSQL's ids come from a
+        # sequence and are never reused, so the id alone names the row there;
+        # matching the message ids as well made the planner expect almost no
+        # rows and rescan the batch's ids once per lease row in the fenced mark
+        # (16 index scans of 2,000 ids: 45 ms instead of 15). PostgreSQL gets
+        # an array, so the statement text is the same for every batch size
+        # and its plan stays cached.
         if self.dialect == "postgresql":
             ids = bindparam("ids", type_=ARRAY(BigInteger()))
-            message_ids = bindparam("message_ids", type_=ARRAY(String()))
-            match = [t.c.id == any_(ids), t.c.message_id == any_(message_ids)]
+            match = [t.c.id == any_(ids)]
         else:
             match = [
                 t.c.id.in_(bindparam("ids", expanding=True)),
@@ -483,6 +491,12 @@ class SqlOutboxStore(OutboxStore):
             return []
         params = {"shards": sorted(shards), "limit": limit, "exclude": list(exclude)}
         async with self._begin("could not read the outbox") as conn:
+            if self.dialect == "postgresql":
+                # psycopg prepares a statement run often, and PostgreSQL may then
+                # switch to a generic plan: one that knows neither the limit nor
+                # the rows left out, and compares every row with each of those.
+                # Planning the fetch each time costs well under a millisecond.
+                await conn.execute(_CUSTOM_PLAN)
             result = await conn.execute(self._fetch, params)
             return [_stored(row) for row in result]
 
@@ -500,10 +514,9 @@ class SqlOutboxStore(OutboxStore):
     ) -> int:
         if not messages:
             return 0
-        params: dict[str, Any] = {
-            "ids": [m.id for m in messages],
-            "message_ids": [m.message_id for m in messages],
-        }
+        params: dict[str, Any] = {"ids": [m.id for m in messages]}
+        if self.dialect != "postgresql":
+            params["message_ids"] = [m.message_id for m in messages]
         statement = self._mark
         if fence is not None:
             fences = sorted(fence.epochs.items())
