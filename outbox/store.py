@@ -78,16 +78,6 @@ _CUSTOM_PLAN = text("SET LOCAL plan_cache_mode = force_custom_plan")
 """For the relay's reads on PostgreSQL: see :meth:`SqlOutboxStore.fetch_due`."""
 
 
-def _id_array(name: str) -> Any:
-    """A ``bigint[]`` parameter bound as one array literal, such as ``{1,2,3}``.
-
-    psycopg dumps a Python list element by element in Python; the relay binds
-    up to thousands of ids per statement (a batch, the rows in flight), and
-    one ``",".join`` is far cheaper.
-    """
-    return cast(bindparam(name, type_=String()), ARRAY(BigInteger()))
-
-
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
 
@@ -259,7 +249,7 @@ class SqlOutboxStore(OutboxStore):
         # message id names one row). PostgreSQL gets arrays, so the statement
         # text is the same for every batch size.
         if self.dialect == "postgresql":
-            ids = _id_array("ids")
+            ids = bindparam("ids", type_=ARRAY(BigInteger()))
             message_ids = bindparam("message_ids", type_=ARRAY(String()))
             match = [t.c.id == any_(ids), t.c.message_id == any_(message_ids)]
         else:
@@ -295,12 +285,6 @@ class SqlOutboxStore(OutboxStore):
             .values(published_at_ms=db_now_ms())
         )
         self._relay_queries()
-
-    def _ids(self, ids: Iterable[int]) -> str | list[int]:
-        """Row ids as a bound value: one array literal on PostgreSQL (see ``_id_array``)."""
-        if self.dialect == "postgresql":
-            return "{" + ",".join(map(str, ids)) + "}"
-        return list(ids)
 
     # -- writing --------------------------------------------------------------
 
@@ -448,7 +432,7 @@ class SqlOutboxStore(OutboxStore):
         # plan, do not depend on how many there are.
         not_in_flight: Any
         if self.dialect == "postgresql":
-            not_in_flight = t.c.id != all_(_id_array("exclude"))
+            not_in_flight = t.c.id != all_(bindparam("exclude", type_=ARRAY(BigInteger())))
         else:
             not_in_flight = t.c.id.not_in(bindparam("exclude", expanding=True))
         columns = (
@@ -513,7 +497,7 @@ class SqlOutboxStore(OutboxStore):
     ) -> list[StoredMessage]:
         if not shards:
             return []
-        params = {"shards": sorted(shards), "limit": limit, "exclude": self._ids(exclude)}
+        params = {"shards": sorted(shards), "limit": limit, "exclude": list(exclude)}
         async with self._begin("could not read the outbox") as conn:
             if self.dialect == "postgresql":
                 # psycopg prepares a statement run often, and PostgreSQL may then
@@ -553,7 +537,7 @@ class SqlOutboxStore(OutboxStore):
         if not messages:
             return 0
         params: dict[str, Any] = {
-            "ids": self._ids(m.id for m in messages),
+            "ids": [m.id for m in messages],
             "message_ids": [m.message_id for m in messages],
         }
         statement = self._mark
