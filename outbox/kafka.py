@@ -25,16 +25,53 @@ What aiokafka does not say plainly, and how it is handled here:
 * A broker without idempotent producers (the embedded test broker, old or
   restricted clusters) fails ``InitProducerId`` with ``UnknownError [-1]``;
   ``start()`` says how to fix that instead.
+
+How a batch is published, and the order it keeps
+-------------------------------------------------
+
+:meth:`KafkaPublisher.publish` does not call ``producer.send()`` per record.
+It sorts the batch into *lanes*, one per topic partition (the producer's own
+partitioner picks it, as ``send()`` would), fills aiokafka record batches
+(``create_batch()``, closed, so they leave at once without ``linger_ms``)
+and hands each lane's batches to ``send_batch()`` one after the other: a
+lane's next record batch goes out only once the previous one was
+acknowledged. All lanes run at the same time, so a round costs about one
+produce round trip per ``max_batch_size`` bytes of its busiest partition.
+
+What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
+
+* A record batch is appended whole or not at all, so its records share one
+  outcome; records of one key are in one partition, hence one lane, in
+  commit order.
+* Without the idempotent producer, aiokafka retries a failed request but
+  gives up on a batch once it expired (``request_timeout_ms``) or got a
+  final error, and then sends the *next* batch of the partition: with
+  several batches of a partition queued, a key's later record could reach
+  the log while an earlier one never did. A lane never queues a second
+  batch before the first is acknowledged, so this cannot happen: once a
+  lane's batch fails, the rest of the lane is not sent
+  (:class:`~outbox.publisher.HeldBackError`: the rows stay pending and no
+  attempt is counted) and a key's first deliveries stay in commit order.
+  aiokafka sends at most one request per broker at a time (and re-queues a
+  retried batch at the head of its partition), so retries inside the
+  producer do not reorder either.
+* With the idempotent producer the same holds; the lanes cost nothing
+  extra there.
+* ``producer._serialize`` (the size check against ``max_request_size``)
+  and ``producer._partition`` are aiokafka internals, used so that a record
+  is refused and placed exactly as ``send()`` would; the version range in
+  pyproject.toml pins them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidTopicError,
@@ -53,7 +90,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from outbox.errors import MessageTooLargeError, PublishError
 from outbox.failures import ErrorKind, classify
 from outbox.message import StoredMessage
-from outbox.publisher import Publisher
+from outbox.publisher import HeldBackError, NotSentError, Publisher, current_send_gate
 from outbox.settings import KafkaSettings
 
 __all__ = ["KafkaPublisher", "ensure_topics", "translate_kafka_error"]
@@ -89,6 +126,9 @@ class KafkaPublisher(Publisher):
     The producer is created on :meth:`start` and re-created after a failed
     start, so a relay started while the broker is down recovers by itself;
     a producer whose background sender has died is replaced too.
+
+    :meth:`publish` sends a batch in per-partition lanes of record batches
+    (see the module docstring); :meth:`send` still publishes one record.
     """
 
     def __init__(self, settings: KafkaSettings) -> None:
@@ -192,6 +232,155 @@ class KafkaPublisher(Publisher):
 
     def translate(self, exc: BaseException) -> PublishError:
         return translate_kafka_error(exc)
+
+    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
+        """Publish ``batch`` in per-partition lanes; one outcome per record, in order.
+
+        A record refused before sending (too large, an unknown topic) fails
+        alone, and later records of its topic and key are held back; a
+        record batch whose acknowledgement fails fails all its records, and
+        the rest of its lane is held back. Once the send gate refuses a
+        record, nothing more is sent (:class:`NotSentError`).
+        """
+        await self.start()
+        producer = self._producer
+        assert producer is not None
+        run = _Run(batch, current_send_gate())
+        lanes: dict[TopicPartition, list[_Item]] = {}
+        topic_errors: dict[str, PublishError | None] = {}
+        placed: dict[tuple[str, bytes], int] = {}
+        refused = run.refused
+        for index, message in enumerate(batch):
+            topic = message.topic
+            key = (topic, message.key) if message.key is not None else None
+            if key is not None and key in refused:
+                run.outcomes[index] = HeldBackError()
+                continue
+            if topic not in topic_errors:
+                topic_errors[topic] = await self._metadata_error(producer, topic)
+            error = topic_errors[topic]
+            headers = list(message.headers)
+            if error is None:
+                try:
+                    key_bytes, value_bytes = producer._serialize(
+                        message.key, message.value, headers
+                    )
+                    partition = placed.get(key) if key is not None else None
+                    if partition is None:
+                        partition = producer._partition(
+                            topic, None, message.key, message.value, key_bytes, value_bytes
+                        )
+                        if key is not None:
+                            placed[key] = partition
+                except KafkaError as exc:
+                    error = translate_kafka_error(exc)
+            if error is not None:
+                run.outcomes[index] = error
+                if key is not None:
+                    refused.add(key)
+                continue
+            lane = lanes.setdefault(TopicPartition(topic, partition), [])
+            lane.append(_Item(index, message, key, key_bytes, value_bytes, headers))
+        await asyncio.gather(
+            *(self._send_lane(producer, run, tp, lane) for tp, lane in lanes.items())
+        )
+        return run.outcomes
+
+    async def _metadata_error(self, producer: AIOKafkaProducer, topic: str) -> PublishError | None:
+        """Why records for ``topic`` cannot be sent now; ``None`` once its partitions are known."""
+        try:
+            if producer.client.cluster.partitions_for_topic(topic) is None:
+                await self._check_topic(producer, topic)
+            await producer.client._wait_on_metadata(topic)
+        except PublishError as exc:
+            return exc
+        except (KafkaError, TimeoutError) as exc:
+            return translate_kafka_error(exc)
+        return None
+
+    async def _send_lane(
+        self, producer: AIOKafkaProducer, run: _Run, tp: TopicPartition, lane: list[_Item]
+    ) -> None:
+        """Send one partition's records, one record batch at a time, each acknowledged first."""
+        outcomes = run.outcomes
+        position = 0
+        while position < len(lane):
+            builder = producer.create_batch()
+            chunk: list[_Item] = []
+            while position < len(lane):
+                item = lane[position]
+                if item.key is not None and item.key in run.refused:
+                    outcomes[item.index] = HeldBackError()
+                    position += 1
+                    continue
+                if not run.may_send(item.message):
+                    break
+                if (
+                    builder.append(
+                        timestamp=None,
+                        key=item.key_bytes,
+                        value=item.value_bytes,
+                        headers=item.headers,
+                    )
+                    is None
+                ):
+                    if not chunk:  # cannot happen: an empty batch takes any record
+                        raise RuntimeError("an empty record batch refused a record")
+                    break
+                chunk.append(item)
+                position += 1
+            if chunk:
+                builder.close()  # full control over its records; sent without lingering
+                try:
+                    ack = await producer.send_batch(builder, tp.topic, partition=tp.partition)
+                    await ack
+                except Exception as exc:
+                    error = self.translate(exc)
+                    for failed in chunk:
+                        outcomes[failed.index] = error
+                        if failed.key is not None:
+                            run.refused.add(failed.key)
+                    # A later batch of the partition could land while this one did
+                    # not (see the module docstring): hold the rest of the lane back.
+                    for held in lane[position:]:
+                        outcomes[held.index] = HeldBackError()
+                    return
+            if run.stopped:
+                for item in lane[position:]:
+                    outcomes[item.index] = NotSentError()
+                return
+
+
+@dataclass(slots=True)
+class _Item:
+    """A record of a lane: its place in the batch, and its serialized parts."""
+
+    index: int
+    message: StoredMessage
+    key: tuple[str, bytes] | None
+    key_bytes: bytes | None
+    value_bytes: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class _Run:
+    """What the lanes of one publish call share: outcomes, refused keys, the send gate."""
+
+    batch: Sequence[StoredMessage]
+    gate: Callable[[StoredMessage], bool] | None
+    outcomes: list[PublishError | None] = field(init=False)
+    refused: set[tuple[str, bytes]] = field(default_factory=set)
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.outcomes = [None] * len(self.batch)
+
+    def may_send(self, message: StoredMessage) -> bool:
+        """Ask the gate; once it refuses, every lane stops sending."""
+        if not self.stopped and self.gate is not None and not self.gate(message):
+            self.stopped = True
+        return not self.stopped
 
 
 def _sender_alive(producer: AIOKafkaProducer) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "NotSentError",
     "PublishedRecord",
     "Publisher",
+    "current_send_gate",
     "send_gate",
 ]
 
@@ -67,6 +68,11 @@ def send_gate(gate: Callable[[StoredMessage], bool]) -> Iterator[None]:
         yield
     finally:
         _GATE.reset(token)
+
+
+def current_send_gate() -> Callable[[StoredMessage], bool] | None:
+    """The gate set by :func:`send_gate` around this call, if any (for publishers)."""
+    return _GATE.get()
 
 
 class Publisher(ABC):
@@ -118,7 +124,7 @@ class Publisher(ABC):
         acks: list[tuple[int, Awaitable[None]]] = []
         refused: set[tuple[str, bytes]] = set()
         in_flight: dict[tuple[str, bytes], asyncio.Future[None]] = {}
-        gate = _GATE.get()
+        gate = current_send_gate()
         stopped = False
         for index, message in enumerate(batch):
             key = (message.topic, message.key) if message.key is not None else None

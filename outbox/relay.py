@@ -5,6 +5,19 @@ One round: read up to ``batch_size`` due rows of the shards this relay holds
 acknowledged ones in one statement. A crash between publish and mark only
 causes duplicates, never a loss (at-least-once).
 
+Rounds are pipelined while the outbox has a backlog: the next batch is read
+while the current one is being published (the read leaves out every row still
+in flight here, by id, so that no row is published twice by one relay), and
+the current batch is marked while the next one is being published (one mark
+at a time). A row is never marked before its acknowledgement. The pipeline
+stops after a batch that had any failure, when a rebalance is due or the
+relay stops: the batch read ahead is then dropped unsent and read again after
+the failed batch was settled, so nothing read before a failure overtakes the
+row that failed (parked rows then hold their key back in the read itself).
+Per-key order within a batch is the publisher's job (see
+:mod:`outbox.kafka`): a batch is published only once the previous one was
+wholly acknowledged.
+
 Fencing: the relay asks before each send whether it still holds the shard's
 lease with more than a safety margin (a fifth of ``lease_ttl``) left, under
 the epoch it read the batch with; once not, it stops sending the batch and
@@ -430,6 +443,24 @@ class Relay:
                 pending; the caller should back off).
             StoreError: The database failed.
         """
+        return await self._publish_rounds(pipelined=False)
+
+    async def _publish_rounds(self, *, pipelined: bool) -> int:
+        """Publish rounds of due rows; return how many rows the last round read.
+
+        Pipelined, the next batch is read while the current one is being
+        published, and the current one is marked while the next one is being
+        published. It goes on while batches come back full and every record
+        of the previous round was acknowledged; a round with any failure, a
+        rebalance that is due, or stop() ends it: the batch read ahead is
+        dropped unsent (its rows stay pending, read again next time), so that
+        nothing read before a failure overtakes a row that failed.
+
+        A row is never read twice while it is in flight here: the read ahead
+        excludes the ids of the batch being published and of the batch being
+        marked. A row is marked only after its acknowledgement.
+        """
+        limit = self.settings.batch_size
         async with self._publishing:
             if self._rebalance_due:
                 self._rebalance_due = False
@@ -438,45 +469,106 @@ class Relay:
             if not shards:
                 return 0
             fence = self.store.fence(self.name)
-            batch = await self.store.fetch_due(shards, self.settings.batch_size)
-            if not batch:
-                return 0
-            self._lease_lost = False
-            with send_gate(lambda message: self._may_send(message, fence)):
-                outcomes = await self.publisher.publish(batch)
-            crash_point("relay.after_publish")
-            done = self._in_order(batch, outcomes)
-            marked = await self.store.mark_published(done, fence=fence)
-            if marked < len(done) and fence is not None:
-                log.warning(
-                    "relay %s: %d of %d published rows were not marked: it lost their "
-                    "shard's lease (their new holder publishes them) or they were marked already",
-                    self.name,
-                    len(done) - marked,
-                    len(done),
-                )
-            self._published += marked
-            self._batches += 1
-            transient: PublishError | None = None
-            for message, error in zip(batch, outcomes, strict=True):
-                if error is None or isinstance(error, HeldBackError):
-                    continue
-                park = not error.retriable
-                await self.store.record_failure(message, str(error), park=park)
-                if park:
-                    self._parked += 1
-                    log.error(
-                        "relay %s parked message %s for topic %r: %s",
-                        self.name,
-                        message.message_id,
-                        message.topic,
-                        error,
-                    )
-                else:
-                    transient = error
-            if transient is not None:
-                raise transient
+            batch = await self.store.fetch_due(shards, limit)
+            settling: asyncio.Task[None] | None = None
+            settling_ids: frozenset[int] = frozenset()
+            ahead: asyncio.Task[tuple[list[StoredMessage], LeaseFence | None]] | None = None
+            try:
+                while batch:
+                    ids = frozenset(m.id for m in batch)
+                    if pipelined and len(batch) == limit and self._may_read_ahead():
+                        ahead = asyncio.create_task(self._read_ahead(ids | settling_ids))
+                    outcomes = await self._send(batch, fence)
+                    if settling is not None:
+                        await settling  # one mark at a time; raises what it raised
+                    settling = asyncio.create_task(self._settle(batch, outcomes, fence))
+                    settling_ids = ids
+                    if ahead is None:
+                        break
+                    read_ahead, ahead = ahead, None
+                    next_batch, next_fence = await read_ahead
+                    if any(o is not None for o in outcomes) or not self._may_read_ahead():
+                        break  # drop the batch read ahead: read again after settling
+                    if not next_batch:
+                        break
+                    batch, fence = next_batch, next_fence
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+                if settling is not None:
+                    # Its acknowledged rows must still be marked; the first error wins.
+                    await asyncio.gather(asyncio.shield(settling), return_exceptions=True)
+                raise
+            if settling is not None:
+                await settling
             return len(batch)
+
+    def _may_read_ahead(self) -> bool:
+        """Whether the next batch may be read while this one is published."""
+        return not (self._stopping.is_set() or self._rebalance_due or self._lease_lost)
+
+    async def _read_ahead(
+        self, in_flight: frozenset[int]
+    ) -> tuple[list[StoredMessage], LeaseFence | None]:
+        shards = self._held_shards()
+        if not shards:
+            return [], None
+        fence = self.store.fence(self.name)
+        batch = await self.store.fetch_due(shards, self.settings.batch_size, exclude=in_flight)
+        return batch, fence
+
+    async def _send(
+        self, batch: Sequence[StoredMessage], fence: LeaseFence | None
+    ) -> list[PublishError | None]:
+        self._lease_lost = False
+        with send_gate(lambda message: self._may_send(message, fence)):
+            outcomes = await self.publisher.publish(batch)
+        crash_point("relay.after_publish")
+        return outcomes
+
+    async def _settle(
+        self,
+        batch: Sequence[StoredMessage],
+        outcomes: Sequence[PublishError | None],
+        fence: LeaseFence | None,
+    ) -> None:
+        """Mark the acknowledged rows (one statement), record the failures.
+
+        Raises:
+            PublishError: The last transient failure of the batch (the caller backs off).
+        """
+        done = self._in_order(batch, outcomes)
+        marked = await self.store.mark_published(done, fence=fence)
+        if marked < len(done) and fence is not None:
+            log.warning(
+                "relay %s: %d of %d published rows were not marked: it lost their "
+                "shard's lease (their new holder publishes them) or they were marked already",
+                self.name,
+                len(done) - marked,
+                len(done),
+            )
+        self._published += marked
+        self._batches += 1
+        transient: PublishError | None = None
+        for message, error in zip(batch, outcomes, strict=True):
+            if error is None or isinstance(error, HeldBackError):
+                continue
+            park = not error.retriable
+            await self.store.record_failure(message, str(error), park=park)
+            if park:
+                self._parked += 1
+                log.error(
+                    "relay %s parked message %s for topic %r: %s",
+                    self.name,
+                    message.message_id,
+                    message.topic,
+                    error,
+                )
+            else:
+                transient = error
+        if transient is not None:
+            raise transient
 
     def _may_send(self, message: StoredMessage, fence: LeaseFence | None) -> bool:
         """Whether this relay can still be sure it holds the lease of ``message``'s shard.
@@ -555,7 +647,7 @@ class Relay:
         transient = 0
         while not self._stopping.is_set():
             try:
-                read = await self.publish_once()
+                read = await self._publish_rounds(pipelined=True)
                 if read < self.settings.batch_size:
                     await self._idle_wait()
             except Exception as exc:

@@ -17,36 +17,50 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from datetime import timedelta
 
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
     OutboxTables,
+    PublishError,
     Relay,
     RelaySettings,
     SqlOutboxStore,
     StoredMessage,
     create_engine,
 )
+from outbox.publisher import NotSentError
 
 
 class SlowPublisher(KafkaPublisher):
-    """Sends like KafkaPublisher, after a delay, and logs each send."""
+    """Publishes like KafkaPublisher, one record at a time after a delay, logging each send.
+
+    Record by record, so that the relay's send gate is asked before each one,
+    and the relay can be frozen between two sends.
+    """
 
     def __init__(self, settings: KafkaSettings, delay: float, sent_log: str | None) -> None:
         super().__init__(settings)
         self.delay = delay
         self.sent_log = sent_log
 
-    async def send(self, message: StoredMessage) -> Awaitable[None]:
-        ack = await super().send(message)
-        if self.sent_log:
-            with open(self.sent_log, "a") as log:
-                log.write(message.message_id + "\n")
-        await asyncio.sleep(self.delay)  # a slow relay: frozen, it is between two sends
-        return ack
+    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
+        outcomes: list[PublishError | None] = []
+        for message in batch:
+            if outcomes and isinstance(outcomes[-1], NotSentError):
+                outcomes.append(NotSentError())  # the gate closed: nothing more
+                continue
+            (outcome,) = await super().publish([message])
+            outcomes.append(outcome)
+            if isinstance(outcome, NotSentError):
+                continue
+            if self.sent_log:
+                with open(self.sent_log, "a") as log:
+                    log.write(message.message_id + "\n")
+            await asyncio.sleep(self.delay)  # a slow relay: frozen, it is between two sends
+        return outcomes
 
 
 async def main(url: str, servers: str, name: str) -> None:

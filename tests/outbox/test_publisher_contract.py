@@ -92,6 +92,21 @@ class PublisherContract(ABC):
             sent = [m.value for m in batch if m.key == key]
             assert [value for k, value, _ in received if k == key] == sent
 
+    async def test_a_keys_order_holds_across_many_record_batches(
+        self, publisher: Publisher, topic: str
+    ) -> None:
+        """A batch far larger than one producer record batch (16 KiB) per partition."""
+        keys = [b"order-1", b"order-2", b"order-3", b"order-4"]
+        batch = [stored(topic, keys[i % 4], b"%05d:" % i + b"v" * 300) for i in range(2000)]
+
+        assert await publisher.publish(batch) == [None] * 2000
+
+        received = await self.read_back(topic, 2000)
+        assert len(received) == 2000
+        for key in keys:
+            sent = [m.value for m in batch if m.key == key]
+            assert [value for k, value, _ in received if k == key] == sent
+
     async def test_key_value_and_headers_are_preserved(
         self, publisher: Publisher, topic: str
     ) -> None:

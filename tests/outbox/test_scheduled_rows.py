@@ -68,7 +68,8 @@ async def store(database_url: str) -> AsyncIterator[SqlOutboxStore]:
 def _explain(engine: AsyncEngine, store: SqlOutboxStore, prefix: str) -> tuple[str, Any]:
     """The relay's fetch statement behind ``prefix`` (EXPLAIN ...), with its parameters."""
     compiled = store._fetch.compile(dialect=engine.dialect)
-    state = compiled.construct_expanded_state({"shards": list(range(SHARDS)), "limit": 100})
+    params = {"shards": list(range(SHARDS)), "limit": 100, "exclude": []}
+    state = compiled.construct_expanded_state(params)
     if state.positiontup is not None:
         return f"{prefix} {state.statement}", tuple(state.positional_parameters)
     return f"{prefix} {state.statement}", state.parameters
