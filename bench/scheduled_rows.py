@@ -25,28 +25,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_POSTGRES_URL, Progress, machine_facts, scratch_database
 
 from outbox import OutboxMessage, OutboxTables, SqlOutboxStore, create_engine
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SHARDS = 16
 BATCH = 100
 INSERT_CHUNK = 5000
@@ -64,21 +59,12 @@ async def database(kind: str, server: str) -> AsyncIterator[tuple[AsyncEngine, s
             finally:
                 await engine.dispose()
         return
-    libpq = make_url(server).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        version = conn.execute("SHOW server_version").fetchone()
-    url = make_url(server).set(drivername="postgresql+psycopg", database=name)
-    engine = create_engine(url.render_as_string(hide_password=False))
-    try:
-        yield engine, f"PostgreSQL {version[0] if version else '?'}, scratch database {name}"
-    finally:
-        await engine.dispose()
-        with psycopg.connect(libpq, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    async with scratch_database(server) as scratch:
+        engine = create_engine(scratch.url.render_as_string(hide_password=False))
+        try:
+            yield engine, f"PostgreSQL {scratch.version}, scratch database {scratch.name}"
+        finally:
+            await engine.dispose()
 
 
 def _ready(count: int, prefix: str) -> list[OutboxMessage]:
@@ -126,13 +112,15 @@ async def _time(store: SqlOutboxStore, due: int) -> float:
     return elapsed * 1000
 
 
-async def measure(kind: str, args: argparse.Namespace) -> tuple[str, list[float], list[float]]:
+async def measure(
+    kind: str, args: argparse.Namespace, progress: Progress
+) -> tuple[str, list[float], list[float]]:
     """Fetch times (ms) on the plain and the scheduled outbox of one database."""
     async with database(kind, args.database_url) as (engine, description):
-        started = time.perf_counter()
         plain = await _outbox(engine, "plain", 0, args.due)
+        progress.step(f"{kind}: writing {args.scheduled:,} scheduled rows")
         scheduled = await _outbox(engine, "scheduled", args.scheduled, args.due)
-        print(f"{kind}: outboxes written in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        progress.step(f"{kind}: timing {args.repeat} fetches of each outbox")
         for _ in range(WARMUP):
             await _time(plain, args.due)
             await _time(scheduled, args.due)
@@ -141,6 +129,7 @@ async def measure(kind: str, args: argparse.Namespace) -> tuple[str, list[float]
         for _ in range(args.repeat):
             without.append(await _time(plain, args.due))
             with_rows.append(await _time(scheduled, args.due))
+        progress.step(f"{kind}: done")
         return description, without, with_rows
 
 
@@ -148,52 +137,26 @@ def _p90(values: list[float]) -> float:
     return statistics.quantiles(values, n=10)[-1]
 
 
-def _code_version() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "outbox"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"git {commit}" + (" + uncommitted changes in outbox/" if changed else "")
-
-
 async def main(args: argparse.Namespace) -> None:
     kinds = ("postgresql", "sqlite") if args.database == "both" else (args.database,)
-    results = [(kind, *(await measure(kind, args))) for kind in kinds]
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    print("choreosaga scheduled rows benchmark: fetch_due with and without scheduled rows")
-    print(f"  machine   : {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"  python    : {platform.python_implementation()} {platform.python_version()}")
-    print(f"  code      : {_code_version()}")
-    print(
-        f"  libraries : SQLAlchemy {version('sqlalchemy')}, psycopg {version('psycopg')}, "
-        f"aiosqlite {version('aiosqlite')}"
+    progress = Progress(3 * len(kinds))
+    results = [(kind, *(await measure(kind, args, progress))) for kind in kinds]
+    extra = [(f"{kind} db", description) for kind, description, _, _ in results]
+    extra.append(
+        (
+            "workload",
+            f"{args.due} due rows; {args.scheduled:,} rows scheduled a day ahead (written "
+            f"first) in the second outbox; fetch_due over {SHARDS} shards, batch {BATCH}, "
+            f"{args.repeat} fetches each, interleaved",
+        )
     )
-    for kind, description, _, _ in results:
-        print(f"  {kind:<10}: {description}")
+    postgres = args.database_url if "postgresql" in kinds else None
     print(
-        f"  workload  : {args.due} due rows; {args.scheduled:,} rows scheduled a day ahead "
-        f"(written first) in the second outbox; fetch_due over {SHARDS} shards, "
-        f"batch {BATCH}, {args.repeat} fetches each, interleaved"
+        machine_facts(
+            "choreosaga scheduled rows benchmark: fetch_due with and without scheduled rows",
+            postgres_url=postgres,
+            extra=extra,
+        )
     )
     print()
     header = (
