@@ -95,12 +95,18 @@ class Batch:
         savepoint that wrote keeps its subtransaction id until the commit
         anyway, so nesting costs the server no more.) What the ORM would
         otherwise do for us is done here: the record's pending
-        objects are flushed inside its savepoint, and after a rollback to it
-        the identity map is emptied, so that no later record sees an object
-        whose row was rolled back (every earlier record's objects were flushed,
-        so nothing is lost). Should anything leave the session unusable (a
-        failed flush), the next statement fails and the batch falls back to
-        one transaction per record.
+        objects are flushed inside its savepoint, and after it, whatever its
+        outcome, the identity map is emptied. Each record then starts with an
+        empty identity map, as it would in a session of its own: an object an
+        earlier record loaded (and that something still references, such as a
+        relationship cycle the garbage collector has not freed) would
+        otherwise come back from ``session.get`` or a query with the
+        attributes that record saw, not the row as it is now (changed since
+        by a Core statement, or rolled back), and its next change would
+        overwrite the row with them. Every earlier record's objects were
+        flushed, so nothing is lost. Should anything leave the session
+        unusable (a failed flush), the next statement fails and the batch
+        falls back to one transaction per record.
         """
         assert self.session is not None
         assert self.connection is not None
@@ -110,6 +116,7 @@ class Batch:
             result = await run()
             if session.new or session.dirty or session.deleted:
                 await session.flush()
+            session.expunge_all()
         except BaseException as exc:
             session.expunge_all()
             try:
