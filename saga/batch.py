@@ -68,6 +68,19 @@ class Batch:
         self.joinable = False
         """Whether the record in progress may use the batch's transaction."""
         self.pending: dict[str, int] = {}
+        self._committed: list[Callable[[], None]] = []
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once the record in progress is committed (at once if it is already).
+
+        For what must happen once per record, not once per pass: a batch
+        whose transaction is lost drops its hooks, and its records, redone,
+        register them again.
+        """
+        if self.session is None or not self.joinable:
+            hook()
+        else:
+            self._committed.append(hook)
 
     async def join(self) -> AsyncSession:
         if self.session is None:
@@ -137,6 +150,7 @@ class Batch:
         session, self.session = self.session, None
         self.connection = None
         wrote, self.wrote = self.wrote, False
+        hooks, self._committed = self._committed, []
         if session is None:
             return
         try:
@@ -148,11 +162,14 @@ class Batch:
             raise BatchLost(exc, classify(exc)) from exc
         await session.close()
         self.pending.clear()
+        for hook in hooks:
+            hook()
 
     async def abandon(self) -> None:
         session, self.session = self.session, None
         self.connection = None
         self.wrote = False
+        self._committed = []
         if session is not None:
             await close_quietly(session)
 

@@ -39,6 +39,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvid
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from outbox import OutboxMessage, Publisher, PublishError, Relay, StoredMessage, Transaction
+from saga.batch import CURRENT
 from saga.choreography import COMPENSATE, SAGA_ENDED
 from saga.envelope import Envelope, H
 from saga.errors import DecodeError
@@ -187,7 +188,19 @@ class ServiceTelemetry:
             )
             await self._refresh_gauges()
             if envelope is not None and envelope.stamp is not None:
-                self._saga_ended(envelope, record.topic, outcome)
+                ended = envelope  # bound for the closure (mypy keeps the narrowing)
+
+                def saga_ended() -> None:
+                    self._saga_ended(ended, record.topic, outcome)
+
+                # Inside a batch, once the record is committed: a batch whose
+                # transaction is lost redoes its records, and an end handled
+                # twice would be counted twice.
+                batch = CURRENT.get()
+                if batch is None:
+                    saga_ended()
+                else:
+                    batch.after_commit(saga_ended)
 
         return traced
 
