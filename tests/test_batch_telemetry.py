@@ -1,10 +1,10 @@
-"""Telemetry of a batch that is redone: a saga's end is counted once.
+"""Telemetry of a batch that is redone: a saga's end is counted once, the outage too.
 
 When a batch's transaction is lost (the connection dies), its records are
 redone from the first uncommitted one. Spans show both passes; the
 ``saga.duration`` metric, which counts sagas ending, must count each end
-once, when it is committed. ``process_batch`` is driven directly, on
-PostgreSQL, no broker needed.
+once, when it is committed, and the outage metric must count the outage.
+``process_batch`` is driven directly, on PostgreSQL, no broker needed.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def ended_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[
     )
 
 
-async def test_a_saga_end_in_a_redone_batch_is_counted_once(initiator: Service) -> None:
+async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator: Service) -> None:
     killed: list[str] = []
 
     @initiator.on_saga_end("s")
@@ -118,3 +118,5 @@ async def test_a_saga_end_in_a_redone_batch_is_counted_once(initiator: Service) 
                 points.setdefault(metric.name, []).extend(metric.data.data_points)
     # Two sagas ended, each once, though the first one's end was handled twice.
     assert sum(p.count for p in points["saga.duration"]) == 2
+    # The outage the batch waited out (between records) is in the metric too.
+    assert sum(p.value for p in points["saga.handler.outage_waits"]) == 1

@@ -204,6 +204,18 @@ class ServiceTelemetry:
 
         return traced
 
+    def wrap_batch_outage(self, count: Callable[[], None]) -> Callable[[], None]:
+        """A batch's lost transaction, counted in the outage metric too.
+
+        Between records, where :meth:`wrap_process` sees no counter move.
+        """
+
+        def counted() -> None:
+            count()
+            self.metrics.outage()
+
+        return counted
+
     def _saga_ended(self, envelope: Envelope, topic: str, outcome: str) -> None:
         part = self._sagas.get(topic)
         if part is None or not part.initiator or envelope.type != SAGA_ENDED:
@@ -347,6 +359,7 @@ def instrument(
     )
     processor = service.processor
     processor.process = telemetry.wrap_process(processor.process)  # type: ignore[method-assign,assignment]
+    processor.batch_outage = telemetry.wrap_batch_outage(processor.batch_outage)  # type: ignore[method-assign]
     store = service.outbox
     store.add = telemetry.wrap_outbox_add(store.add)  # type: ignore[method-assign,assignment]
     service.relay.publisher = TracingPublisher(
