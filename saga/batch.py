@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox import ErrorKind, SqlOutboxStore, classify
 from outbox.store import NOTIFY_LATER
+
+if TYPE_CHECKING:
+    from saga.processing import ServiceStats
 
 __all__ = ["CURRENT", "Batch", "BatchLost"]
 
@@ -160,10 +163,23 @@ class Batch:
         except Exception as exc:
             await close_quietly(session)
             raise BatchLost(exc, classify(exc)) from exc
+        except BaseException:
+            # Cancelled while committing: whatever the outcome, the session
+            # (no longer the batch's, which ``abandon`` would close) must
+            # give its connection back, or it stays checked out in its
+            # transaction, holding the batch's locks.
+            await close_quietly(session)
+            raise
         await session.close()
         self.pending.clear()
         for hook in hooks:
             hook()
+
+    def take_back(self, stats: ServiceStats) -> None:
+        """Uncount the records not committed (they come again, and are counted then)."""
+        for name, count in self.pending.items():
+            setattr(stats, name, getattr(stats, name) - count)
+        self.pending.clear()
 
     async def abandon(self) -> None:
         session, self.session = self.session, None

@@ -267,8 +267,7 @@ class Processor:
                 return
             except BatchLost as lost:
                 await batch.abandon()
-                for name, count in batch.pending.items():
-                    setattr(self.stats, name, getattr(self.stats, name) - count)
+                batch.take_back(self.stats)
                 if lost.kind is not ErrorKind.OUTAGE:
                     log.warning(
                         "%s: a batch's transaction failed (%s): %s; its %d uncommitted record(s) "
@@ -291,6 +290,9 @@ class Processor:
                     delay,
                 )
                 await asyncio.sleep(delay)
+            except BaseException:  # cancelled: its uncommitted records roll back below
+                batch.take_back(self.stats)
+                raise
             finally:
                 # A cancelled batch (its partition revoked) rolls back here.
                 batch.joinable = False
@@ -300,9 +302,7 @@ class Processor:
     def batch_outage(self) -> None:
         """Count an outage that took a batch's transaction with it (its records are redone).
 
-        A seam of its own, looked up on the instance like :meth:`process`:
-        the outage happens between records, where an interceptor wrapping
-        :meth:`process` does not see it.
+        A seam (looked up on the instance): telemetry wrapping :meth:`process` cannot see it.
         """
         self.stats.outage_waits += 1
 

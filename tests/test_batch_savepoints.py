@@ -9,6 +9,7 @@ earlier record of the batch saw it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
@@ -189,3 +190,44 @@ async def test_a_record_sees_rows_as_they_are_not_as_an_earlier_record_loaded_th
     async with direct.engine.connect() as conn:
         qty = (await conn.execute(sa.select(Stock.__table__.c.qty))).scalar_one()
     assert qty == 108
+
+
+async def test_a_batch_cancelled_mid_way_counts_nothing_it_rolled_back(direct: Direct) -> None:
+    started = asyncio.Event()
+
+    async def hang(ctx: MessageContext) -> None:
+        started.set()
+        await asyncio.Event().wait()  # the partition is revoked, or the service stops
+
+    direct.behaviour[2] = hang
+    task = asyncio.create_task(direct.service.processor.process_batch(direct.records([0, 1, 2])))
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await direct.effects_by_seq() == {}  # rolled back: they come again
+    assert direct.service.stats.processed == 0
+    assert direct.engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_batch_cancelled_in_its_commit_gives_its_connection_back(direct: Direct) -> None:
+    committing = asyncio.Event()
+
+    async def slow_commit(ctx: MessageContext) -> None:
+        session = ctx.session
+
+        async def commit() -> None:
+            committing.set()
+            await asyncio.Event().wait()  # a commit the grace period does not wait for
+
+        session.commit = commit  # type: ignore[method-assign]
+
+    direct.behaviour[1] = slow_commit
+    task = asyncio.create_task(direct.service.processor.process_batch(direct.records([0, 1])))
+    await asyncio.wait_for(committing.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert direct.engine.sync_engine.pool.checkedout() == 0
