@@ -1,9 +1,10 @@
-"""Telemetry of a batch that is redone: a saga's end is counted once, the outage too.
+"""Telemetry of batches: a redone batch counts a saga's end once, and its outage.
 
 When a batch's transaction is lost (the connection dies), its records are
 redone from the first uncommitted one. Spans show both passes; the
 ``saga.duration`` metric, which counts sagas ending, must count each end
 once, when it is committed, and the outage metric must count the outage.
+The gauges are read from the database while no batch holds a connection.
 ``process_batch`` is driven directly, on PostgreSQL, no broker needed.
 """
 
@@ -34,7 +35,8 @@ ITEM = "choreosaga.test.Item"
 
 @pytest.fixture
 async def initiator(postgres_url: str) -> AsyncIterator[Service]:
-    engine = create_engine(postgres_url)
+    # One connection, as when every connection of the pool is a partition's batch.
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=2)
     service = Service(
         "alpha",
         engine=engine,
@@ -120,3 +122,45 @@ async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator
     assert sum(p.count for p in points["saga.duration"]) == 2
     # The outage the batch waited out (between records) is in the metric too.
     assert sum(p.value for p in points["saga.handler.outage_waits"]) == 1
+
+
+async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connection(
+    initiator: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    @initiator.on_saga_end("s")
+    async def end(ctx: SagaContext) -> None:
+        pass
+
+    reader = InMemoryMetricReader()
+    telemetry = instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    telemetry.refresh_interval = 0.0
+    await initiator.create_tables()
+    stamps = []
+    for saga_id in ("s-1", "s-2", "s-3"):
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamps.append(
+                await initiator.start_saga(
+                    session,
+                    "s",
+                    saga_id=saga_id,
+                    event_type=ITEM,
+                    data={"key": saga_id, "seq": 0, "note": ""},
+                )
+            )
+    records = [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
+
+    await initiator.processor.process_batch(records)
+
+    assert initiator.stats.processed == 3
+    assert "could not refresh its gauges" not in caplog.text
+    data = reader.get_metrics_data()
+    assert data is not None
+    in_flight = [
+        point.value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "saga.in_flight"
+        for point in metric.data.data_points
+    ]
+    assert sum(in_flight) == 0  # read after the batch committed: all three ended

@@ -8,7 +8,9 @@ before it starts, and changes nothing else:
   (``traceparent``/``tracestate``; a malformed one is ignored and the span
   starts a new trace). The span stays current while the handler runs
   (``saga.tracecontext``), so the messages it emits carry it: a saga's
-  messages across every service form one trace, compensations included;
+  messages across every service form one trace, compensations included.
+  Around each batch (``process_batch``) the gauges are refreshed, and an
+  outage that loses a batch (``batch_outage``) is counted;
 * the outbox writes (``service.outbox.add``): an INTERNAL ``outbox write``
   span, child of the current one;
 * the relay's publisher: one PRODUCER span per record, ``<topic> publish``,
@@ -186,7 +188,9 @@ class ServiceTelemetry:
                 retries=stats.retries - retried,
                 outages=stats.outage_waits - waited,
             )
-            await self._refresh_gauges()
+            batch = CURRENT.get()
+            if batch is None:
+                await self._refresh_gauges()  # inside a batch: once it is done
             if envelope is not None and envelope.stamp is not None:
                 ended = envelope  # bound for the closure (mypy keeps the narrowing)
 
@@ -196,13 +200,28 @@ class ServiceTelemetry:
                 # Inside a batch, once the record is committed: a batch whose
                 # transaction is lost redoes its records, and an end handled
                 # twice would be counted twice.
-                batch = CURRENT.get()
                 if batch is None:
                     saga_ended()
                 else:
                     batch.after_commit(saga_ended)
 
         return traced
+
+    def wrap_process_batch(
+        self, process_batch: Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Awaitable[None]]
+    ) -> Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Awaitable[None]]:
+        """Refresh the gauges after a batch, not while it holds its connection.
+
+        Reading them from inside the batch would take a second connection
+        from the pool: with every connection held by a partition's batch,
+        each would wait for another's until the pool timed out.
+        """
+
+        async def refreshed(records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+            await process_batch(records)
+            await self._refresh_gauges()
+
+        return refreshed
 
     def wrap_batch_outage(self, count: Callable[[], None]) -> Callable[[], None]:
         """A batch's lost transaction, counted in the outage metric too.
@@ -359,6 +378,7 @@ def instrument(
     )
     processor = service.processor
     processor.process = telemetry.wrap_process(processor.process)  # type: ignore[method-assign,assignment]
+    processor.process_batch = telemetry.wrap_process_batch(processor.process_batch)  # type: ignore[method-assign,assignment]
     processor.batch_outage = telemetry.wrap_batch_outage(processor.batch_outage)  # type: ignore[method-assign]
     store = service.outbox
     store.add = telemetry.wrap_outbox_add(store.add)  # type: ignore[method-assign,assignment]
