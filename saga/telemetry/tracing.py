@@ -39,6 +39,8 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxMessage, Publisher, PublishError, Relay, StoredMessage, Transaction
 from saga.batch import CURRENT
@@ -240,10 +242,13 @@ class ServiceTelemetry:
         if part is None or not part.initiator or envelope.type != SAGA_ENDED:
             return
         # The initiator skips its own announcements (its view already holds
-        # them, see Participation.concerns): they count too.
-        own = envelope.source == part.source
-        if outcome != "processed" and not (own and outcome == "ignored"):
+        # them, see Participation.concerns), and so no inbox row tells a
+        # redelivery: they are counted when written (see _count_own_ends).
+        if outcome != "processed" or envelope.source == part.source:
             return
+        self._record_end(envelope)
+
+    def _record_end(self, envelope: Envelope) -> None:
         assert envelope.stamp is not None
         status = str(envelope.data.get("status") or envelope.stamp.status.value)
         if status in {s.value for s in SagaStatus if s.is_terminal}:
@@ -276,8 +281,40 @@ class ServiceTelemetry:
                 },
             ):
                 await add(tx, batch)
+            self._count_own_ends(tx, batch)
 
         return traced
+
+    def _count_own_ends(self, tx: Transaction, messages: list[OutboxMessage]) -> None:
+        """Count the ends the initiator announces itself, once ``tx`` commits.
+
+        It skips them when they come back, whether for the first time or
+        again; what it wrote is counted once, and only if it committed.
+        """
+        ends: list[Envelope] = []
+        for message in messages:
+            part = self._sagas.get(message.topic)
+            if part is None or not part.initiator or part.source is None:
+                continue  # (with a source shared with others, ends are counted when consumed)
+            if _header(message.headers, H.TYPE) != SAGA_ENDED:
+                continue
+            try:
+                ends.append(
+                    self.service.envelopes.decode(message.key, message.value, message.headers)
+                )
+            except DecodeError:
+                continue
+        if not ends:
+            return
+
+        def committed(*_: Any) -> None:
+            for envelope in ends:
+                self._record_end(envelope)
+
+        if isinstance(tx, AsyncSession):
+            sa_event.listen(tx.sync_session, "after_commit", committed, once=True)
+        else:  # a connection of the caller's: no event after its commit
+            committed()
 
 
 def _outcome(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
