@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox import ErrorKind, SqlOutboxStore, classify
 from outbox.store import NOTIFY_LATER
+
+if TYPE_CHECKING:
+    from saga.processing import ServiceStats
 
 __all__ = ["CURRENT", "Batch", "BatchLost"]
 
@@ -68,6 +71,19 @@ class Batch:
         self.joinable = False
         """Whether the record in progress may use the batch's transaction."""
         self.pending: dict[str, int] = {}
+        self._committed: list[Callable[[], None]] = []
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once the record in progress is committed (at once if it is already).
+
+        For what must happen once per record, not once per pass: a batch
+        whose transaction is lost drops its hooks, and its records, redone,
+        register them again.
+        """
+        if self.session is None or not self.joinable:
+            hook()
+        else:
+            self._committed.append(hook)
 
     async def join(self) -> AsyncSession:
         if self.session is None:
@@ -95,12 +111,18 @@ class Batch:
         savepoint that wrote keeps its subtransaction id until the commit
         anyway, so nesting costs the server no more.) What the ORM would
         otherwise do for us is done here: the record's pending
-        objects are flushed inside its savepoint, and after a rollback to it
-        the identity map is emptied, so that no later record sees an object
-        whose row was rolled back (every earlier record's objects were flushed,
-        so nothing is lost). Should anything leave the session unusable (a
-        failed flush), the next statement fails and the batch falls back to
-        one transaction per record.
+        objects are flushed inside its savepoint, and after it, whatever its
+        outcome, the identity map is emptied. Each record then starts with an
+        empty identity map, as it would in a session of its own: an object an
+        earlier record loaded (and that something still references, such as a
+        relationship cycle the garbage collector has not freed) would
+        otherwise come back from ``session.get`` or a query with the
+        attributes that record saw, not the row as it is now (changed since
+        by a Core statement, or rolled back), and its next change would
+        overwrite the row with them. Every earlier record's objects were
+        flushed, so nothing is lost. Should anything leave the session
+        unusable (a failed flush), the next statement fails and the batch
+        falls back to one transaction per record.
         """
         assert self.session is not None
         assert self.connection is not None
@@ -110,6 +132,7 @@ class Batch:
             result = await run()
             if session.new or session.dirty or session.deleted:
                 await session.flush()
+            session.expunge_all()
         except BaseException as exc:
             session.expunge_all()
             try:
@@ -130,6 +153,7 @@ class Batch:
         session, self.session = self.session, None
         self.connection = None
         wrote, self.wrote = self.wrote, False
+        hooks, self._committed = self._committed, []
         if session is None:
             return
         try:
@@ -139,13 +163,29 @@ class Batch:
         except Exception as exc:
             await close_quietly(session)
             raise BatchLost(exc, classify(exc)) from exc
+        except BaseException:
+            # Cancelled while committing: whatever the outcome, the session
+            # (no longer the batch's, which ``abandon`` would close) must
+            # give its connection back, or it stays checked out in its
+            # transaction, holding the batch's locks.
+            await close_quietly(session)
+            raise
         await session.close()
+        self.pending.clear()
+        for hook in hooks:
+            hook()
+
+    def take_back(self, stats: ServiceStats) -> None:
+        """Uncount the records not committed (they come again, and are counted then)."""
+        for name, count in self.pending.items():
+            setattr(stats, name, getattr(stats, name) - count)
         self.pending.clear()
 
     async def abandon(self) -> None:
         session, self.session = self.session, None
         self.connection = None
         self.wrote = False
+        self._committed = []
         if session is not None:
             await close_quietly(session)
 

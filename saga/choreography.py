@@ -186,7 +186,8 @@ class Participation:
     initiator: bool = False
     """Whether this service starts the saga and owns its deadline."""
     source: str | None = None
-    """CloudEvents source of what this service emits (to recognise its own messages)."""
+    """CloudEvents source that only this service's messages carry (to recognise its
+    own messages); ``None`` when the service's source may be shared by others."""
 
     def performs(self, step: str) -> bool:
         """Whether this service performs ``step``."""
@@ -206,7 +207,10 @@ class Participation:
         spares the initiator two of its transactions per saga. Its own
         messages that ask for work still count: ``DeadlineReached`` (sent to
         itself, for later), ``Compensate`` (possibly for its own step), and a
-        step's trigger.
+        step's trigger. A message is this service's own only by a source no
+        other service uses (``source``): with a shared one, skipping would
+        also skip the other services' steps and ends, and the initiator's view
+        would never move.
         """
         if envelope.type in self.steps:
             return True

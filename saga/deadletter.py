@@ -59,6 +59,8 @@ __all__ = [
     "Failure",
     "dead_letter_message",
     "dead_letter_topic",
+    "replayed",
+    "replayed_for_another_group",
 ]
 
 DEAD_LETTER_PREFIX = "dlq_"
@@ -70,6 +72,20 @@ REPLAY_HEADER = "dlq_replay"
 REPLAY_GROUP_HEADER = "dlq_replay_group"
 """Header a replayed record carries: the consumer group it is meant for. Other
 groups that read the original topic skip it (they handled the record before)."""
+
+
+def replayed(headers: Sequence[tuple[str, bytes | None]]) -> bool:
+    """Whether a record with ``headers`` is a replayed dead letter (``saga dlq replay``)."""
+    return any(name == REPLAY_HEADER for name, _ in headers)
+
+
+def replayed_for_another_group(headers: Sequence[tuple[str, bytes | None]], group: str) -> bool:
+    """Whether a record with ``headers`` is a dead letter replayed for a group not ``group``."""
+    for name, value in headers:
+        if name == REPLAY_GROUP_HEADER:
+            return (value or b"").decode("utf-8", "replace") != group
+    return False
+
 
 _FIELDS = (
     "error_type",

@@ -97,7 +97,12 @@ class ServiceSettings:
     by themselves as load rises (records arrive while the previous batch runs)."""
 
     source: str | None = None
-    """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``."""
+    """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``.
+
+    Several services may share a source set here. A service recognises the
+    saga messages it sent itself, and skips them, only by the default source,
+    which names it alone: with a source of your own every saga message is
+    handled (its own ones change nothing, at the cost of a transaction)."""
 
     saga_topic_prefix: str = "saga."
     """A saga's events travel on the topic ``<prefix><saga name>``."""
@@ -288,8 +293,12 @@ class Service:
         check_step_name(saga)
         part = self._sagas.get(saga)
         if part is None:
+            # Own messages are recognised by the default source only: it names
+            # this service alone, whereas a source set in the settings may be
+            # shared by several services (see Participation.concerns).
+            own = self.source if self.settings.source is None else None
             part = self._sagas[saga] = Participation(
-                saga=saga, topic=self.saga_topic(saga), source=self.source
+                saga=saga, topic=self.saga_topic(saga), source=own
             )
             self._saga_topics[part.topic] = part
         return part

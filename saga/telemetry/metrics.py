@@ -12,7 +12,8 @@ Instruments (meter ``choreosaga``), each with the ``service`` attribute:
   (histogram): attempts repeated after a transient error or a bug, and how
   many one record needed (recorded for records that needed any);
 * ``saga.handler.outage_waits`` (counter): attempts repeated because the
-  database was unavailable;
+  database was unavailable, a batch redone after its transaction was lost
+  included;
 * ``saga.duration`` (histogram, s): start to end of a saga, by ``saga.name``
   and ``saga.status``, recorded at the initiator when it learns the end;
 * ``outbox.relay.published`` (counter) and ``outbox.relay.batch_size``
@@ -100,6 +101,10 @@ class SagaMetrics:
             self.retry_depth.record(retries, {**self._base, "saga.step": step})
         if outages:
             self.outage_waits.add(outages, self._base)
+
+    def outage(self) -> None:
+        """Record a batch redone because the database was unavailable."""
+        self.outage_waits.add(1, self._base)
 
     def saga_ended(self, *, saga: str, status: str, seconds: float) -> None:
         """Record a saga's time to its end."""

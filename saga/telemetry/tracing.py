@@ -8,7 +8,9 @@ before it starts, and changes nothing else:
   (``traceparent``/``tracestate``; a malformed one is ignored and the span
   starts a new trace). The span stays current while the handler runs
   (``saga.tracecontext``), so the messages it emits carry it: a saga's
-  messages across every service form one trace, compensations included;
+  messages across every service form one trace, compensations included.
+  Around each batch (``process_batch``) the gauges are refreshed, and an
+  outage that loses a batch (``batch_outage``) is counted;
 * the outbox writes (``service.outbox.add``): an INTERNAL ``outbox write``
   span, child of the current one;
 * the relay's publisher: one PRODUCER span per record, ``<topic> publish``,
@@ -37,8 +39,11 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxMessage, Publisher, PublishError, Relay, StoredMessage, Transaction
+from saga.batch import CURRENT
 from saga.choreography import COMPENSATE, SAGA_ENDED
 from saga.envelope import Envelope, H
 from saga.errors import DecodeError
@@ -185,21 +190,65 @@ class ServiceTelemetry:
                 retries=stats.retries - retried,
                 outages=stats.outage_waits - waited,
             )
-            await self._refresh_gauges()
+            batch = CURRENT.get()
+            if batch is None:
+                await self._refresh_gauges()  # inside a batch: once it is done
             if envelope is not None and envelope.stamp is not None:
-                self._saga_ended(envelope, record.topic, outcome)
+                ended = envelope  # bound for the closure (mypy keeps the narrowing)
+
+                def saga_ended() -> None:
+                    self._saga_ended(ended, record.topic, outcome)
+
+                # Inside a batch, once the record is committed: a batch whose
+                # transaction is lost redoes its records, and an end handled
+                # twice would be counted twice.
+                if batch is None:
+                    saga_ended()
+                else:
+                    batch.after_commit(saga_ended)
 
         return traced
+
+    def wrap_process_batch(
+        self, process_batch: Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Awaitable[None]]
+    ) -> Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Awaitable[None]]:
+        """Refresh the gauges after a batch, not while it holds its connection.
+
+        Reading them from inside the batch would take a second connection
+        from the pool: with every connection held by a partition's batch,
+        each would wait for another's until the pool timed out.
+        """
+
+        async def refreshed(records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+            await process_batch(records)
+            await self._refresh_gauges()
+
+        return refreshed
+
+    def wrap_batch_outage(self, count: Callable[[], None]) -> Callable[[], None]:
+        """A batch's lost transaction, counted in the outage metric too.
+
+        Between records, where :meth:`wrap_process` sees no counter move.
+        """
+
+        def counted() -> None:
+            count()
+            self.metrics.outage()
+
+        return counted
 
     def _saga_ended(self, envelope: Envelope, topic: str, outcome: str) -> None:
         part = self._sagas.get(topic)
         if part is None or not part.initiator or envelope.type != SAGA_ENDED:
             return
         # The initiator skips its own announcements (its view already holds
-        # them, see Participation.concerns): they count too.
-        own = envelope.source == part.source
-        if outcome != "processed" and not (own and outcome == "ignored"):
+        # them, see Participation.concerns), and so no inbox row tells a
+        # redelivery: they are counted when written (see _count_own_ends).
+        if outcome != "processed" or envelope.source == part.source:
             return
+        self._record_end(envelope)
+
+    def _record_end(self, envelope: Envelope) -> None:
         assert envelope.stamp is not None
         status = str(envelope.data.get("status") or envelope.stamp.status.value)
         if status in {s.value for s in SagaStatus if s.is_terminal}:
@@ -232,8 +281,40 @@ class ServiceTelemetry:
                 },
             ):
                 await add(tx, batch)
+            self._count_own_ends(tx, batch)
 
         return traced
+
+    def _count_own_ends(self, tx: Transaction, messages: list[OutboxMessage]) -> None:
+        """Count the ends the initiator announces itself, once ``tx`` commits.
+
+        It skips them when they come back, whether for the first time or
+        again; what it wrote is counted once, and only if it committed.
+        """
+        ends: list[Envelope] = []
+        for message in messages:
+            part = self._sagas.get(message.topic)
+            if part is None or not part.initiator or part.source is None:
+                continue  # (with a source shared with others, ends are counted when consumed)
+            if _header(message.headers, H.TYPE) != SAGA_ENDED:
+                continue
+            try:
+                ends.append(
+                    self.service.envelopes.decode(message.key, message.value, message.headers)
+                )
+            except DecodeError:
+                continue
+        if not ends:
+            return
+
+        def committed(*_: Any) -> None:
+            for envelope in ends:
+                self._record_end(envelope)
+
+        if isinstance(tx, AsyncSession):
+            sa_event.listen(tx.sync_session, "after_commit", committed, once=True)
+        else:  # a connection of the caller's: no event after its commit
+            committed()
 
 
 def _outcome(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
@@ -334,6 +415,8 @@ def instrument(
     )
     processor = service.processor
     processor.process = telemetry.wrap_process(processor.process)  # type: ignore[method-assign,assignment]
+    processor.process_batch = telemetry.wrap_process_batch(processor.process_batch)  # type: ignore[method-assign,assignment]
+    processor.batch_outage = telemetry.wrap_batch_outage(processor.batch_outage)  # type: ignore[method-assign]
     store = service.outbox
     store.add = telemetry.wrap_outbox_add(store.add)  # type: ignore[method-assign,assignment]
     service.relay.publisher = TracingPublisher(

@@ -1,0 +1,233 @@
+"""A batch's savepoints on both databases, with ``process_batch`` called directly.
+
+No broker: records are built in memory and dead letters land in the outbox
+(the relay is not started). On PostgreSQL and on SQLite (the embedded
+default), one record's failure must roll back only its own savepoint, inbox
+row included, and each record must see the database as it is, not as an
+earlier record of the batch saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import ConsumerRecord
+from support import core_codec
+
+from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
+from saga.context import MessageContext
+from saga.envelope import Envelope, EnvelopeCodec
+from saga.service import Service, ServiceSettings
+
+ITEM = "choreosaga.test.Item"
+TOPIC = "items"
+OUT = "items.out"
+
+
+class Direct:
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        self.codec = core_codec()
+        self.envelopes = EnvelopeCodec(self.codec)
+        metadata = sa.MetaData()
+        self.effects = sa.Table(
+            "effects",
+            metadata,
+            sa.Column("row", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("seq", sa.Integer, nullable=False),
+        )
+        self.metadata = metadata
+        self.tables = OutboxTables(sa.MetaData())
+        self.behaviour: dict[int, Callable[[MessageContext], Awaitable[None]]] = {}
+        self.calls: dict[int, int] = {}
+        self.service = Service(
+            "direct",
+            engine=self.engine,
+            kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+            codec=self.codec,
+            tables=self.tables,
+            settings=ServiceSettings(
+                shards=4,
+                retry=RetryPolicy(initial_interval=timedelta(milliseconds=1), maximum_attempts=2),
+            ),
+        )
+
+        @self.service.subscribe(TOPIC, ITEM)
+        async def handle(ctx: MessageContext) -> None:
+            seq = int(ctx.data["seq"])
+            self.calls[seq] = self.calls.get(seq, 0) + 1
+            await ctx.session.execute(sa.insert(self.effects).values(seq=seq))
+            behaviour = self.behaviour.get(seq)
+            if behaviour is not None:
+                await behaviour(ctx)
+            ctx.emit(ITEM, {**ctx.data, "note": "seen"}, topic=OUT)
+
+    async def setup(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all)
+        await self.service.create_tables()
+
+    def records(self, seqs: list[int]) -> list[ConsumerRecord[bytes, bytes]]:
+        out = []
+        for offset, seq in enumerate(seqs):
+            envelope = Envelope(type=ITEM, data={"key": "k", "seq": seq, "note": ""}, source="/t")
+            key, value, headers = self.envelopes.encode(envelope)
+            out.append(
+                ConsumerRecord(
+                    topic=TOPIC,
+                    partition=0,
+                    offset=offset,
+                    timestamp=0,
+                    timestamp_type=0,
+                    key=key,
+                    value=value,
+                    checksum=None,
+                    serialized_key_size=0,
+                    serialized_value_size=len(value),
+                    headers=list(headers),
+                )
+            )
+        return out
+
+    async def effects_by_seq(self) -> dict[int, int]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(self.effects.c.seq))).scalars().all()
+        found: dict[int, int] = {}
+        for seq in rows:
+            found[seq] = found.get(seq, 0) + 1
+        return found
+
+    async def outbox_topics(self) -> list[str]:
+        o = self.tables.outbox
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(sa.select(o.c.topic).order_by(o.c.id))).scalars())
+
+    async def inbox_count(self) -> int:
+        i = self.tables.inbox
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(i))).scalar_one())
+
+
+@pytest.fixture
+async def direct(database_url: str) -> AsyncIterator[Direct]:
+    d = Direct(database_url)
+    await d.setup()
+    yield d
+    await d.engine.dispose()
+
+
+async def test_a_bug_rolls_back_its_savepoint_only_inbox_row_included(direct: Direct) -> None:
+    async def bug(ctx: MessageContext) -> None:
+        raise KeyError("x")
+
+    direct.behaviour[2] = bug
+    await direct.service.processor.process_batch(direct.records([0, 1, 2, 3, 4]))
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 3: 1, 4: 1}
+    topics = await direct.outbox_topics()
+    assert topics.count(OUT) == 4
+    assert topics.count(TOPIC + ".dlq") == 1
+    s = direct.service.stats
+    assert (s.processed, s.dead_lettered) == (4, 1)
+    # The bug's inbox row went with its savepoint: a replay of it would run.
+    assert await direct.inbox_count() == 4 + 1  # four records + the dead letter's position
+
+
+from sqlalchemy.orm import (  # noqa: E402
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    selectinload,
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Warehouse(Base):
+    __tablename__ = "warehouse"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stocks: Mapped[list[Stock]] = relationship(back_populates="warehouse")
+
+
+class Stock(Base):
+    __tablename__ = "stock"
+    sku: Mapped[str] = mapped_column(sa.String(20), primary_key=True)
+    warehouse_id: Mapped[int] = mapped_column(sa.ForeignKey("warehouse.id"))
+    qty: Mapped[int]
+    warehouse: Mapped[Warehouse] = relationship(back_populates="stocks")
+
+
+async def test_a_record_sees_rows_as_they_are_not_as_an_earlier_record_loaded_them(
+    direct: Direct,
+) -> None:
+    async with direct.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(sa.insert(Warehouse.__table__).values(id=1))
+        await conn.execute(sa.insert(Stock.__table__).values(sku="a", warehouse_id=1, qty=100))
+
+    async def take(ctx: MessageContext) -> None:
+        # The warehouse's stock list, as a handler checking the whole warehouse would load it.
+        stock = await ctx.session.get(
+            Stock, "a", options=[selectinload(Stock.warehouse).selectinload(Warehouse.stocks)]
+        )
+        assert stock is not None
+        stock.qty -= 1
+
+    async def restock(ctx: MessageContext) -> None:
+        table = Stock.__table__
+        await ctx.session.execute(
+            sa.update(table).where(table.c.sku == "a").values(qty=table.c.qty + 10)
+        )
+
+    direct.behaviour.update({0: take, 1: restock, 2: take})
+    await direct.service.processor.process_batch(direct.records([0, 1, 2]))
+    async with direct.engine.connect() as conn:
+        qty = (await conn.execute(sa.select(Stock.__table__.c.qty))).scalar_one()
+    assert qty == 108
+
+
+async def test_a_batch_cancelled_mid_way_counts_nothing_it_rolled_back(direct: Direct) -> None:
+    started = asyncio.Event()
+
+    async def hang(ctx: MessageContext) -> None:
+        started.set()
+        await asyncio.Event().wait()  # the partition is revoked, or the service stops
+
+    direct.behaviour[2] = hang
+    task = asyncio.create_task(direct.service.processor.process_batch(direct.records([0, 1, 2])))
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await direct.effects_by_seq() == {}  # rolled back: they come again
+    assert direct.service.stats.processed == 0
+    assert direct.engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_batch_cancelled_in_its_commit_gives_its_connection_back(direct: Direct) -> None:
+    committing = asyncio.Event()
+
+    async def slow_commit(ctx: MessageContext) -> None:
+        session = ctx.session
+
+        async def commit() -> None:
+            committing.set()
+            await asyncio.Event().wait()  # a commit the grace period does not wait for
+
+        session.commit = commit  # type: ignore[method-assign]
+
+    direct.behaviour[1] = slow_commit
+    task = asyncio.create_task(direct.service.processor.process_batch(direct.records([0, 1])))
+    await asyncio.wait_for(committing.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert direct.engine.sync_engine.pool.checkedout() == 0

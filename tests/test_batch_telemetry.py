@@ -1,0 +1,166 @@
+"""Telemetry of batches: a redone batch counts a saga's end once, and its outage.
+
+When a batch's transaction is lost (the connection dies), its records are
+redone from the first uncommitted one. Spans show both passes; the
+``saga.duration`` metric, which counts sagas ending, must count each end
+once, when it is committed, and the outage metric must count the outage.
+The gauges are read from the database while no batch holds a connection.
+``process_batch`` is driven directly, on PostgreSQL, no broker needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import ConsumerRecord
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from sqlalchemy.ext.asyncio import AsyncSession
+from support import core_codec
+
+from outbox import KafkaSettings, OutboxTables, create_engine
+from saga import SagaContext, SagaStatus
+from saga.choreography import SAGA_ENDED
+from saga.envelope import Envelope
+from saga.service import Service, ServiceSettings
+from saga.stamp import Stamp
+from saga.telemetry import instrument
+
+ITEM = "choreosaga.test.Item"
+
+
+@pytest.fixture
+async def initiator(postgres_url: str) -> AsyncIterator[Service]:
+    # One connection, as when every connection of the pool is a partition's batch.
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    service = Service(
+        "alpha",
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        codec=core_codec(),
+        tables=OutboxTables(sa.MetaData()),
+        settings=ServiceSettings(shards=4),
+    )
+    yield service
+    await engine.dispose()
+
+
+def ended_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[bytes, bytes]:
+    """The end of ``stamp``'s saga as another service announces it."""
+    envelope = Envelope(
+        type=SAGA_ENDED,
+        data={"status": "COMPLETED", "reason": None},
+        source="/choreosaga/beta",
+        key=stamp.saga_id.encode(),
+        correlation_id=stamp.correlation_id,
+        stamp=replace(stamp, status=SagaStatus.COMPLETED, version=stamp.version + 1),
+    )
+    key, value, headers = service.envelopes.encode(envelope)
+    return ConsumerRecord(
+        topic=service.saga_topic("s"),
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value),
+        headers=list(headers),
+    )
+
+
+async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator: Service) -> None:
+    killed: list[str] = []
+
+    @initiator.on_saga_end("s")
+    async def end(ctx: SagaContext) -> None:
+        if ctx.saga_id == "s-2" and not killed:
+            # The server ends this very connection: the batch's transaction is gone.
+            killed.append(ctx.saga_id)
+            await ctx.session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    reader = InMemoryMetricReader()
+    instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    await initiator.create_tables()
+    stamps = []
+    for saga_id in ("s-1", "s-2"):
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamps.append(
+                await initiator.start_saga(
+                    session,
+                    "s",
+                    saga_id=saga_id,
+                    event_type=ITEM,
+                    data={"key": saga_id, "seq": 0, "note": ""},
+                )
+            )
+    records = [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
+
+    await initiator.processor.process_batch(records)
+
+    assert killed == ["s-2"]
+    for saga_id in ("s-1", "s-2"):
+        stamp = await initiator.saga_state(saga_id)
+        assert stamp is not None
+        assert stamp.status is SagaStatus.COMPLETED
+    assert initiator.stats.processed == 2
+    assert initiator.stats.outage_waits == 1
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    # Two sagas ended, each once, though the first one's end was handled twice.
+    assert sum(p.count for p in points["saga.duration"]) == 2
+    # The outage the batch waited out (between records) is in the metric too.
+    assert sum(p.value for p in points["saga.handler.outage_waits"]) == 1
+
+
+async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connection(
+    initiator: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    @initiator.on_saga_end("s")
+    async def end(ctx: SagaContext) -> None:
+        pass
+
+    reader = InMemoryMetricReader()
+    telemetry = instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    telemetry.refresh_interval = 0.0
+    await initiator.create_tables()
+    stamps = []
+    for saga_id in ("s-1", "s-2", "s-3"):
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamps.append(
+                await initiator.start_saga(
+                    session,
+                    "s",
+                    saga_id=saga_id,
+                    event_type=ITEM,
+                    data={"key": saga_id, "seq": 0, "note": ""},
+                )
+            )
+    records = [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
+
+    await initiator.processor.process_batch(records)
+
+    assert initiator.stats.processed == 3
+    assert "could not refresh its gauges" not in caplog.text
+    data = reader.get_metrics_data()
+    assert data is not None
+    in_flight = [
+        point.value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "saga.in_flight"
+        for point in metric.data.data_points
+    ]
+    assert sum(in_flight) == 0  # read after the batch committed: all three ended
