@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -187,8 +187,11 @@ class SagaContext(MessageContext):
         stamp: Stamp,
         step: str | None,
         topic: str,
+        longest_schedule: timedelta | None = None,
     ) -> None:
         super().__init__(session=session, envelope=envelope, record=record, source=source)
+        self.longest_schedule = longest_schedule
+        """How far ahead :meth:`schedule` may go (the saga views' retention), if limited."""
         self.stamp = stamp
         """The saga's state as of this message (read it; the framework updates it)."""
         self.step = step
@@ -206,6 +209,39 @@ class SagaContext(MessageContext):
     def saga_id(self) -> str:
         """Id of the saga."""
         return self.stamp.saga_id
+
+    def schedule(
+        self,
+        event_type: str,
+        data: Mapping[str, Any],
+        *,
+        delay: timedelta | None = None,
+        deliver_at: datetime | None = None,
+        topic: str | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        """Emit an event published only once due, at most the saga retention ahead.
+
+        Raises:
+            ConfigurationError: The event would be due later than the
+                service's saga views are kept (``ServiceSettings.saga_retention``).
+                By then the saga may have ended and its view been purged, and
+                the late event would start the saga over as a new one. Raised
+                in a handler, it is a bug: the message is dead-lettered and the
+                saga suspended.
+        """
+        limit = self.longest_schedule
+        if limit is not None and (delay is None) != (deliver_at is None):
+            if deliver_at is not None and deliver_at.tzinfo is None:
+                raise ConfigurationError("deliver_at must be timezone-aware")
+            ahead = delay if deliver_at is None else deliver_at - datetime.now(UTC)
+            if ahead is not None and ahead > limit:
+                raise ConfigurationError(
+                    f"cannot schedule {event_type} {ahead} ahead: saga views are kept "
+                    f"for {limit} (ServiceSettings.saga_retention), and an event due "
+                    "later could find its saga purged and start it over"
+                )
+        super().schedule(event_type, data, delay=delay, deliver_at=deliver_at, topic=topic, key=key)
 
     def _default_topic(self) -> str:
         return self.saga_topic

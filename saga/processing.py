@@ -199,6 +199,8 @@ class Processor:
         stats: Counters to update.
         subscriptions: Plain handlers by (topic, event type).
         sagas: The service's sagas by the topic that carries their events.
+        longest_saga_schedule: How far ahead a saga handler may schedule a
+            message (the saga views' retention), if there is a limit.
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class Processor:
         stats: ServiceStats,
         subscriptions: Mapping[tuple[str, str], Subscription],
         sagas: Mapping[str, Participation],
+        longest_saga_schedule: timedelta | None = None,
     ) -> None:
         self.name = name
         self.group = group
@@ -231,6 +234,7 @@ class Processor:
         self.stats = stats
         self._subscriptions = subscriptions
         self._sagas = sagas
+        self.longest_saga_schedule = longest_saga_schedule
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Handle records of one partition, in offset order, in as few transactions as possible.
@@ -485,6 +489,7 @@ class Processor:
             stamp=envelope.stamp,
             step=None,
             topic=part.topic,
+            longest_schedule=self.longest_saga_schedule,
         )
 
     async def _transaction(self, handler: H, envelope: Envelope, info: RecordInfo) -> bool:

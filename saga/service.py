@@ -246,6 +246,7 @@ class Service:
             stats=self.stats,
             subscriptions=self._subscriptions,
             sagas=self._saga_topics,
+            longest_saga_schedule=self.settings.effective_saga_retention,
         )
         """The per-record pipeline (decode, inbox, handler, outbox, commit)."""
         self._consumer_factory = consumer or self._kafka_consumer

@@ -318,3 +318,48 @@ async def test_default_retentions_start_without_a_warning(
 def test_a_retention_that_is_not_positive_is_refused(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         ServiceSettings(**fields)
+
+
+async def test_a_step_scheduling_past_the_saga_retention_is_a_bug_not_a_second_saga(
+    codec: AvroCodec,
+) -> None:
+    # An event due after the views are purged would find no view and start
+    # the saga over: the step that schedules it is stopped instead (dead
+    # letter, saga suspended), so a person fixes the delay or the retention.
+    settings = ServiceSettings(
+        relay=RelaySettings(poll_interval=timedelta(milliseconds=20)),
+        saga_retention=timedelta(days=30),
+        retry=RetryPolicy(maximum_attempts=1),
+    )
+    booked: list[str] = []
+    async with SagaHarness(codec, settings=settings) as harness:
+        trips_, flights, hotels = (harness.service(n) for n in ("trips", "flights", "hotels"))
+
+        @trips_.on_saga_end("book_trip")
+        async def ended(ctx: SagaContext) -> None:
+            pass
+
+        @flights.step("book_seat", saga="book_trip", on="example.retention.TripRequested")
+        async def book_seat(ctx: SagaContext) -> None:
+            later = timedelta(days=1) if ctx.saga_id == "soon" else timedelta(days=31)
+            ctx.schedule("example.retention.SeatBooked", {"trip_id": ctx.saga_id}, delay=later)
+            ctx.emit("example.retention.SeatBooked", {"trip_id": ctx.saga_id})
+
+        @hotels.step("book_room", saga="book_trip", on="example.retention.SeatBooked")
+        async def book_room(ctx: SagaContext) -> None:
+            booked.append(ctx.saga_id)
+            ctx.complete()
+
+        await harness.start()
+        await book(harness, "soon")
+        assert (await harness.run_until_ended("soon")).status is SagaStatus.COMPLETED
+        await book(harness, "too-late")
+        async with asyncio.timeout(10):
+            while not (view := (await harness.stamps("too-late")).get("flights")) or not (
+                view.suspended
+            ):
+                await asyncio.sleep(0.05)
+        assert view.suspension is not None
+        assert "saga_retention" in view.suspension.error
+        assert booked == ["soon"]
+        assert not harness.published(COMPENSATE)
