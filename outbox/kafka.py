@@ -57,6 +57,11 @@ What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
   producer do not reorder either.
 * With the idempotent producer the same holds; the lanes cost nothing
   extra there.
+* A broker refuses a record batch larger than its ``message.max.bytes``
+  (or the topic's ``max.message.bytes``) as a whole, and that limit can be
+  below ``max_batch_size``: a lane then sends that batch's records again,
+  one per record batch, so that only a record too large on its own is
+  parked, never its neighbours of other keys.
 * ``producer._serialize`` (the size check against ``max_request_size``)
   and ``producer._partition`` are aiokafka internals, used so that a record
   is refused and placed exactly as ``send()`` would; the version range in
@@ -304,15 +309,20 @@ class KafkaPublisher(Publisher):
         """Send one partition's records, one record batch at a time, each acknowledged first."""
         outcomes = run.outcomes
         position = 0
+        # Up to this position, each record batch holds one record (see below).
+        one_by_one = 0
         while position < len(lane):
             builder = producer.create_batch()
             chunk: list[_Item] = []
+            start = position
             while position < len(lane):
                 item = lane[position]
                 if item.key is not None and item.key in run.refused:
                     outcomes[item.index] = HeldBackError()
                     position += 1
                     continue
+                if chunk and position < one_by_one:
+                    break
                 if not run.may_send(item.message):
                     break
                 if (
@@ -336,6 +346,16 @@ class KafkaPublisher(Publisher):
                     await ack
                 except Exception as exc:
                     error = self.translate(exc)
+                    if isinstance(error, MessageTooLargeError) and len(chunk) > 1:
+                        # The broker refused the record batch as a whole (its
+                        # message.max.bytes, or the topic's, is below
+                        # max_batch_size): none of it was appended. Send those
+                        # records again one per batch, so that only a record too
+                        # large on its own fails (and is parked), not its
+                        # neighbours of other keys.
+                        one_by_one = position
+                        position = start
+                        continue
                     for failed in chunk:
                         outcomes[failed.index] = error
                         if failed.key is not None:

@@ -1,0 +1,117 @@
+"""KafkaPublisher's per-partition lanes against errors a broker reports for a whole record batch.
+
+A broker refuses a record batch larger than its ``message.max.bytes`` (or the
+topic's ``max.message.bytes``) as a whole. When that limit is below the
+producer's ``max_batch_size``, a batch of small records can be refused
+although each record fits: only a record too large on its own may be parked,
+never its neighbours of other keys. The embedded broker does not enforce such
+a limit, so the publisher's producer enforces one in front of it, exactly
+where the broker would answer: in the record batch's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka.errors import MessageSizeTooLargeError
+from support import read_topic
+
+from outbox import (
+    KafkaPublisher,
+    KafkaSettings,
+    OutboxMessage,
+    OutboxTables,
+    Relay,
+    RelaySettings,
+    SqlOutboxStore,
+    create_engine,
+)
+
+BROKER_LIMIT = 4_000
+"""The simulated broker's message.max.bytes: below aiokafka's 16 KiB max_batch_size."""
+
+
+class LimitedBrokerPublisher(KafkaPublisher):
+    """A KafkaPublisher whose broker refuses record batches above BROKER_LIMIT bytes."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        super().__init__(settings)
+        self.refused_batches = 0
+
+    async def start(self) -> None:
+        await super().start()
+        producer = self._producer
+        assert producer is not None
+        if getattr(producer, "_limited", False):
+            return
+        real_send_batch = producer.send_batch
+
+        async def send_batch(builder: Any, topic: str, *, partition: int) -> Any:
+            if builder.size() > BROKER_LIMIT:
+                self.refused_batches += 1
+                refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                refused.set_exception(MessageSizeTooLargeError())
+                return refused
+            return await real_send_batch(builder, topic, partition=partition)
+
+        producer.send_batch = send_batch
+        producer._limited = True
+
+
+@pytest.fixture
+async def engine(postgres_url: str) -> AsyncIterator[Any]:
+    engine = create_engine(postgres_url)
+    await OutboxTables().create_all(engine)
+    yield engine
+    await engine.dispose()
+
+
+async def test_record_batch_refused_as_too_large_parks_only_the_record_too_large_alone(
+    engine: Any, kafka_settings: KafkaSettings, new_topic: Any
+) -> None:
+    topic = await new_topic(partitions=1)
+    tables = OutboxTables()
+    store = SqlOutboxStore(engine, tables, shards=4)
+    keys = [f"k{n}" for n in range(10)]
+    items = [(k, f"{k}:{seq}:".encode() + b"." * 300) for seq in range(4) for k in keys]
+    big = 17  # k7, seq 1: too large for the broker even alone
+    big_key = items[big][0]
+    items[big] = (big_key, items[big][1] + b"x" * BROKER_LIMIT)
+    async with engine.begin() as conn:
+        await store.add(
+            conn, [OutboxMessage(topic=topic, key=k.encode(), value=v) for k, v in items]
+        )
+    publisher = LimitedBrokerPublisher(kafka_settings)
+    settings = RelaySettings(batch_size=100, poll_interval=timedelta(milliseconds=100))
+    t = tables.outbox
+
+    async def unpublished() -> list[bytes]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(t.c.value).where(t.c.published_at_ms.is_(None)).order_by(t.c.id)
+            )
+            return [r.value for r in rows]
+
+    # The big row and the two later rows of its key stay; everything else goes.
+    expected_left = [v for k, v in items[big:] if k == big_key]
+    async with Relay(store, publisher, settings) as relay:
+        for _ in range(100):
+            if await unpublished() == expected_left:
+                break
+            await asyncio.sleep(0.1)
+        parked = await store.parked()
+
+    assert publisher.refused_batches >= 1, "the broker never refused a record batch"
+    assert [p.message.value for p in parked] == [items[big][1]]
+    assert relay.stats.parked == 1
+    assert await unpublished() == expected_left
+    delivered = len(items) - len(expected_left)
+    records = await read_topic(kafka_settings, topic, delivered, timeout=30)
+    assert sorted(r.value for r in records) == sorted(
+        v for v in (v for _, v in items) if v not in expected_left
+    )
