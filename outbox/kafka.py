@@ -59,9 +59,13 @@ What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
   extra there.
 * A broker refuses a record batch larger than its ``message.max.bytes``
   (or the topic's ``max.message.bytes``) as a whole, and that limit can be
-  below ``max_batch_size``: a lane then sends that batch's records again,
-  one per record batch, so that only a record too large on its own is
-  parked, never its neighbours of other keys.
+  below ``max_batch_size``: without the idempotent producer a lane then
+  sends that batch's records again, one per record batch, so that only a
+  record too large on its own is parked, never its neighbours of other keys.
+  With it, aiokafka does not give back the sequence numbers of a batch the
+  broker refused: the next batch of that partition is refused as out of
+  order (OUT_OF_ORDER_SEQUENCE_NUMBER) until the producer is replaced, so
+  the lane does not try again in the same call.
 * ``producer._serialize`` (the size check against ``max_request_size``)
   and ``producer._partition`` are aiokafka internals, used so that a record
   is refused and placed exactly as ``send()`` would; the version range in
@@ -346,13 +350,20 @@ class KafkaPublisher(Publisher):
                     await ack
                 except Exception as exc:
                     error = self.translate(exc)
-                    if isinstance(error, MessageTooLargeError) and len(chunk) > 1:
+                    if (
+                        isinstance(error, MessageTooLargeError)
+                        and len(chunk) > 1
+                        and not self.settings.enable_idempotence
+                    ):
                         # The broker refused the record batch as a whole (its
                         # message.max.bytes, or the topic's, is below
                         # max_batch_size): none of it was appended. Send those
                         # records again one per batch, so that only a record too
                         # large on its own fails (and is parked), not its
-                        # neighbours of other keys.
+                        # neighbours of other keys. Not with the idempotent
+                        # producer: aiokafka has used up the refused batch's
+                        # sequence numbers, and the broker would refuse the
+                        # next batch of the partition as out of order.
                         one_by_one = position
                         position = start
                         continue
