@@ -268,6 +268,11 @@ class KafkaPublisher(Publisher):
             if topic not in topic_errors:
                 topic_errors[topic] = await self._metadata_error(producer, topic)
             error = topic_errors[topic]
+            if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
+                # Known when its first record was placed, but a metadata refresh
+                # since (an answer with an error for this topic, during a leader
+                # election say) made aiokafka forget its partitions: ask again.
+                error = await self._metadata_error(producer, topic)
             headers = list(message.headers)
             if error is None:
                 try:

@@ -29,6 +29,7 @@ from outbox import (
     Relay,
     RelaySettings,
     SqlOutboxStore,
+    StoredMessage,
     create_engine,
 )
 
@@ -115,3 +116,54 @@ async def test_record_batch_refused_as_too_large_parks_only_the_record_too_large
     assert sorted(r.value for r in records) == sorted(
         v for v in (v for _, v in items) if v not in expected_left
     )
+
+
+class MetadataDroppingPublisher(KafkaPublisher):
+    """Loses one topic's metadata while it asks the broker about another, the first time.
+
+    As a metadata refresh does when the broker's answer carries an error for
+    that topic (a leader election, for example): aiokafka then forgets the
+    topic's partitions until the next refresh.
+    """
+
+    def __init__(self, settings: KafkaSettings, *, drop: str, while_checking: str) -> None:
+        super().__init__(settings)
+        self.drop = drop
+        self.while_checking = while_checking
+        self.dropped = False
+
+    async def _metadata_error(self, producer: Any, topic: str) -> Any:
+        if topic == self.while_checking and not self.dropped:
+            producer.client.cluster._partitions.pop(self.drop, None)
+            self.dropped = True
+        return await super()._metadata_error(producer, topic)
+
+
+async def test_topic_forgotten_by_a_metadata_refresh_mid_batch_is_looked_up_again(
+    kafka_settings: KafkaSettings, new_topic: Any
+) -> None:
+    first, second = await new_topic(partitions=2), await new_topic(partitions=2)
+    publisher = MetadataDroppingPublisher(kafka_settings, drop=first, while_checking=second)
+
+    def message(n: int, topic: str, key: bytes) -> StoredMessage:
+        return StoredMessage(
+            id=n,
+            message_id=f"m{n}",
+            topic=topic,
+            key=key,
+            value=key + b":%d" % n,
+            headers=(),
+            shard=0,
+            attempts=0,
+        )
+
+    batch = [message(1, first, b"a"), message(2, second, b"b"), message(3, first, b"c")]
+    async with publisher:
+        outcomes = await publisher.publish(batch)
+
+    assert publisher.dropped
+    assert outcomes == [None, None, None]
+    assert sorted(r.value for r in await read_topic(kafka_settings, first, 2, timeout=20)) == [
+        b"a:1",
+        b"c:3",
+    ]
