@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import CorruptRecordException, MessageSizeTooLargeError
 from support import read_topic
 
 from outbox import (
@@ -167,3 +167,95 @@ async def test_topic_forgotten_by_a_metadata_refresh_mid_batch_is_looked_up_agai
         b"a:1",
         b"c:3",
     ]
+
+
+class _Recorded:
+    """A record batch builder that remembers the values appended to it."""
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.values: list[bytes] = []
+
+    def append(self, **record: Any) -> Any:
+        metadata = self.builder.append(**record)
+        if metadata is not None:
+            self.values.append(record["value"])
+        return metadata
+
+    def close(self) -> None:
+        self.builder.close()
+
+
+class PoisonRefusingPublisher(KafkaPublisher):
+    """A KafkaPublisher whose broker refuses every record batch holding a "poison" record.
+
+    As Apache Kafka refuses a record without a key on a compacted topic
+    (CORRUPT_MESSAGE, or INVALID_RECORD on newer brokers), every time: the
+    whole record batch fails, whatever else it holds.
+    """
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        super().__init__(settings)
+        self.refused_batches = 0
+
+    async def start(self) -> None:
+        await super().start()
+        producer = self._producer
+        assert producer is not None
+        if getattr(producer, "_poisoned", False):
+            return
+        real_create, real_send = producer.create_batch, producer.send_batch
+
+        async def send_batch(batch: _Recorded, topic: str, *, partition: int) -> Any:
+            if any(v.startswith(b"poison") for v in batch.values):
+                self.refused_batches += 1
+                refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                refused.set_exception(CorruptRecordException())
+                return refused
+            return await real_send(batch.builder, topic, partition=partition)
+
+        producer.create_batch = lambda: _Recorded(real_create())
+        producer.send_batch = send_batch
+        producer._poisoned = True
+
+
+async def test_record_the_broker_always_refuses_holds_back_only_its_own_key(
+    engine: Any, kafka_settings: KafkaSettings, new_topic: Any
+) -> None:
+    topic = await new_topic(partitions=1)
+    tables = OutboxTables()
+    store = SqlOutboxStore(engine, tables, shards=4)
+    keys = [f"k{n}" for n in range(10)]
+    items = [(k, f"{k}:{seq}".encode()) for seq in range(5) for k in keys]
+    poison = 13  # k3, seq 1
+    poison_key = items[poison][0]
+    items[poison] = (poison_key, b"poison:" + items[poison][1])
+    async with engine.begin() as conn:
+        await store.add(
+            conn, [OutboxMessage(topic=topic, key=k.encode(), value=v) for k, v in items]
+        )
+    publisher = PoisonRefusingPublisher(kafka_settings)
+    settings = RelaySettings(batch_size=100, poll_interval=timedelta(milliseconds=100))
+    t = tables.outbox
+
+    async def unpublished() -> list[bytes]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(t.c.value).where(t.c.published_at_ms.is_(None)).order_by(t.c.id)
+            )
+            return [r.value for r in rows]
+
+    # The refused row and the later rows of its key wait; every other key goes.
+    expected_left = [v for k, v in items[poison:] if k == poison_key]
+    async with Relay(store, publisher, settings):
+        for _ in range(100):
+            if await unpublished() == expected_left:
+                break
+            await asyncio.sleep(0.1)
+        left = await unpublished()
+
+    assert publisher.refused_batches >= 1
+    assert left == expected_left
+    delivered = sorted(v for k, v in items if v not in expected_left)
+    records = await read_topic(kafka_settings, topic, len(delivered), timeout=30)
+    assert sorted(r.value for r in records) == delivered
