@@ -57,6 +57,18 @@ What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
   producer do not reorder either.
 * With the idempotent producer the same holds; the lanes cost nothing
   extra there.
+* A broker refuses a record batch as a whole for what is in it: larger
+  than its ``message.max.bytes`` (or the topic's ``max.message.bytes``),
+  which can be below ``max_batch_size``, or one record it will never take
+  (no key on a compacted topic). Nothing of it was appended, and the broker
+  is answering: without the idempotent producer a lane then sends that
+  batch's records again, one per record batch, so that only the record at
+  fault fails (parked when it is too large, else tried again next round
+  while its key waits), and the lane goes on with its other keys. With it,
+  aiokafka does not give back the sequence numbers of a refused batch: the
+  next batch of that partition is refused as out of order
+  (OUT_OF_ORDER_SEQUENCE_NUMBER) until the producer is replaced, so the
+  lane stops there as after any failure.
 * ``producer._serialize`` (the size check against ``max_request_size``)
   and ``producer._partition`` are aiokafka internals, used so that a record
   is refused and placed exactly as ``send()`` would; the version range in
@@ -74,6 +86,7 @@ from typing import cast
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
+    BrokerResponseError,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -259,6 +272,11 @@ class KafkaPublisher(Publisher):
             if topic not in topic_errors:
                 topic_errors[topic] = await self._metadata_error(producer, topic)
             error = topic_errors[topic]
+            if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
+                # Known when its first record was placed, but a metadata refresh
+                # since (an answer with an error for this topic, during a leader
+                # election say) made aiokafka forget its partitions: ask again.
+                error = await self._metadata_error(producer, topic)
             headers = list(message.headers)
             if error is None:
                 try:
@@ -304,15 +322,20 @@ class KafkaPublisher(Publisher):
         """Send one partition's records, one record batch at a time, each acknowledged first."""
         outcomes = run.outcomes
         position = 0
+        # Up to this position, each record batch holds one record (see below).
+        one_by_one = 0
         while position < len(lane):
             builder = producer.create_batch()
             chunk: list[_Item] = []
+            start = position
             while position < len(lane):
                 item = lane[position]
                 if item.key is not None and item.key in run.refused:
                     outcomes[item.index] = HeldBackError()
                     position += 1
                     continue
+                if chunk and position < one_by_one:
+                    break
                 if not run.may_send(item.message):
                     break
                 if (
@@ -336,10 +359,34 @@ class KafkaPublisher(Publisher):
                     await ack
                 except Exception as exc:
                     error = self.translate(exc)
+                    # The broker answered and refused this record batch for what
+                    # is in it (too large, a record it will not take): not an
+                    # outage, and nothing of the batch was appended.
+                    refused_batch = (
+                        isinstance(exc, BrokerResponseError)
+                        and not exc.retriable
+                        and not self.settings.enable_idempotence
+                    )
+                    if refused_batch and len(chunk) > 1:
+                        # The broker's message.max.bytes (or the topic's) may be
+                        # below max_batch_size, or one record may be refused:
+                        # send those records again one per batch, so that only
+                        # the record at fault fails (and is parked when it can
+                        # never be published), not its neighbours of other keys.
+                        # Not with the idempotent producer: aiokafka has used
+                        # up the refused batch's sequence numbers, and the
+                        # broker would refuse the next batch as out of order.
+                        one_by_one = position
+                        position = start
+                        continue
                     for failed in chunk:
                         outcomes[failed.index] = error
                         if failed.key is not None:
                             run.refused.add(failed.key)
+                    if refused_batch:
+                        # One record refused: its key's later records are held
+                        # back above; the other keys of the lane go on.
+                        continue
                     # A later batch of the partition could land while this one did
                     # not (see the module docstring): hold the rest of the lane back.
                     for held in lane[position:]:

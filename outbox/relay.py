@@ -494,8 +494,11 @@ class Relay:
                     batch, fence = next_batch, next_fence
             except BaseException:
                 if ahead is not None:
-                    ahead.cancel()
-                    await asyncio.gather(ahead, return_exceptions=True)
+                    # Let the read ahead finish and drop what it read: cancelled in
+                    # the middle of its statement, it could leave its connection
+                    # behind with its transaction open (on SQLite, holding the
+                    # database's write lock, so that every writer waited).
+                    await asyncio.gather(asyncio.shield(ahead), return_exceptions=True)
                 if settling is not None:
                     # Its acknowledged rows must still be marked; the first error wins.
                     await asyncio.gather(asyncio.shield(settling), return_exceptions=True)

@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -47,7 +47,14 @@ from typing import Any
 from aiokafka import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from outbox import KafkaPublisher, KafkaSettings, Publisher, RelaySettings, ensure_topics
+from outbox import (
+    KafkaPublisher,
+    KafkaSettings,
+    Publisher,
+    PublishError,
+    RelaySettings,
+    ensure_topics,
+)
 from outbox.message import StoredMessage
 from saga.choreography import SagaHandler
 from saga.codec import AvroCodec
@@ -114,18 +121,31 @@ class _Recording(Publisher):
 
     async def send(self, message: StoredMessage) -> Awaitable[None]:
         ack = await self.inner.send(message)
-        record = _Record(
-            message.topic,
-            message.key,
-            message.value,
-            tuple((name, value or b"") for name, value in message.headers),
-        )
 
         async def recorded() -> None:
             await ack
-            self.log.append(record)
+            self.log.append(_record(message))
 
         return recorded()
+
+    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
+        # The inner publisher's own batch path (per-partition lanes on Kafka):
+        # the base class's record-by-record sends would pipeline a key's
+        # records, which without the idempotent producer may land a key's
+        # next record although the previous one never did.
+        outcomes = await self.inner.publish(batch)
+        acknowledged = zip(batch, outcomes, strict=True)
+        self.log.extend(_record(message) for message, error in acknowledged if error is None)
+        return outcomes
+
+
+def _record(message: StoredMessage) -> _Record:
+    return _Record(
+        message.topic,
+        message.key,
+        message.value,
+        tuple((name, value or b"") for name, value in message.headers),
+    )
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,18 @@ from support import read_topic
 from outbox import (
     KafkaPublisher,
     KafkaSettings,
+    MemoryPublisher,
     OutboxMessage,
     OutboxTables,
     PublishError,
     Relay,
     RelaySettings,
+    RetryPolicy,
     SqlOutboxStore,
     StoredMessage,
     create_engine,
 )
+from outbox.failures import ErrorKind
 
 SETTINGS = RelaySettings(
     batch_size=50,
@@ -242,3 +245,82 @@ async def test_failures_in_the_middle_of_the_pipeline_lose_nothing_and_keep_orde
     for key in keys:
         expected = list(range(big_seq if key == big_key else per_key))
         assert order[key] == expected, f"{key}: {order[key]}"
+
+
+class ReadAheadSignal(SqlOutboxStore):
+    """The SQL store, setting an event whenever a read ahead (one that leaves rows out) starts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reading = asyncio.Event()
+
+    async def fetch_due(
+        self, shards: Collection[int], limit: int, *, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
+        if exclude:
+            self.reading.set()
+        return await super().fetch_due(shards, limit, exclude=exclude)
+
+
+class OutagePublisher(MemoryPublisher):
+    """Fails its first ``failures`` publish calls while the next batch is being read ahead."""
+
+    def __init__(self, store: ReadAheadSignal, failures: int) -> None:
+        super().__init__()
+        self.store = store
+        self.failures = failures
+        self.calls = 0
+
+    async def publish(self, batch: Sequence[StoredMessage]) -> list[PublishError | None]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            # The broker turns out to be unreachable a moment into the read ahead.
+            self.store.reading.clear()
+            await self.store.reading.wait()
+            await asyncio.sleep(self.calls % 7 / 1000)
+            raise PublishError("broker unreachable", retriable=True, kind=ErrorKind.OUTAGE)
+        return await super().publish(batch)
+
+
+async def test_publish_failing_while_the_next_batch_is_read_leaves_sqlite_usable(
+    sqlite_url: str,
+) -> None:
+    """A read ahead is never cancelled in the middle of its statement.
+
+    On SQLite a read holds the database's write lock (BEGIN IMMEDIATE); a
+    read cancelled half-way left its connection, and the lock, behind: the
+    application's next write and the relay's next read waited for good.
+    """
+    engine = create_engine(sqlite_url)
+    tables = OutboxTables()
+    await tables.create_all(engine)
+    store = ReadAheadSignal(engine, tables, shards=1)
+    total = 10_000
+    async with engine.begin() as conn:
+        await store.add(
+            conn, [OutboxMessage(topic="t", key=b"k%d" % (i % 7), value=b"v") for i in range(total)]
+        )
+    publisher = OutagePublisher(store, failures=60)
+    quick = RetryPolicy(
+        initial_interval=timedelta(milliseconds=1),
+        maximum_interval=timedelta(milliseconds=2),
+        maximum_attempts=0,
+    )
+    settings = RelaySettings(
+        batch_size=1000, poll_interval=timedelta(milliseconds=50), backoff=quick
+    )
+    try:
+        async with Relay(store, publisher, settings) as relay:
+            async with asyncio.timeout(30):
+                while publisher.calls <= publisher.failures:
+                    await asyncio.sleep(0.01)
+            # The application can still write, and the relay drains the outbox.
+            async with asyncio.timeout(10):
+                async with engine.begin() as conn:
+                    await store.add(conn, [OutboxMessage(topic="t", key=b"x", value=b"v")])
+                while (await store.stats()).pending:
+                    await asyncio.sleep(0.05)
+        assert relay.stats.published == total + 1
+        assert len(publisher.topic("t")) == total + 1
+    finally:
+        await engine.dispose()

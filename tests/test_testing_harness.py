@@ -167,3 +167,42 @@ async def test_a_retriable_injected_failure_is_retried(harness: SagaHarness) -> 
     await book(harness, "trip-4")
 
     assert (await harness.run_until_ended("trip-4")).status is SagaStatus.COMPLETED
+
+
+async def test_harness_on_kafka_publishes_through_the_kafka_publishers_own_batch_path() -> None:
+    """On Kafka the harness records what its KafkaPublisher acknowledged, and nothing else.
+
+    It must publish through the publisher's own ``publish`` (per-partition
+    lanes on Kafka), not record by record: without the idempotent producer
+    (the embedded broker has none) a key's next record sent before the
+    previous one was acknowledged could reach the topic although that one
+    never did, and the saga's events would arrive out of order.
+    """
+    from outbox import MemoryPublisher, PublishError, StoredMessage
+    from saga.testing import _Recording
+
+    def message(n: int) -> StoredMessage:
+        return StoredMessage(
+            id=n,
+            message_id=f"m{n}",
+            topic="orders",
+            key=b"saga-1",
+            value=f"step {n}".encode(),
+            headers=(),
+            shard=0,
+            attempts=0,
+        )
+
+    # An inner publisher that keeps a key in order without idempotence, and
+    # whose broker fails the first record's acknowledgement.
+    inner = MemoryPublisher(
+        pipelines_keys=False,
+        fail_ack=lambda m: PublishError("expired", retriable=True) if m.id == 1 else None,
+    )
+    log: list[Any] = []
+    outcomes = await _Recording(inner, log).publish([message(1), message(2)])
+
+    assert outcomes[0] is not None
+    assert outcomes[1] is not None, "the second step went out although the first never did"
+    assert [r.value for r in inner.records] == []
+    assert log == []
