@@ -66,9 +66,12 @@ What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
   fault fails (parked when it is too large, else tried again next round
   while its key waits), and the lane goes on with its other keys. With it,
   aiokafka does not give back the sequence numbers of a refused batch: the
-  next batch of that partition is refused as out of order
-  (OUT_OF_ORDER_SEQUENCE_NUMBER) until the producer is replaced, so the
-  lane stops there as after any failure.
+  next batch of that partition would be refused as out of order
+  (OUT_OF_ORDER_SEQUENCE_NUMBER), so the lane stops there as after any
+  failure. After any batch the broker refused (a non-retriable answer,
+  out-of-order sequence numbers included), the publisher replaces its
+  producer before the next batch: a new producer id starts its sequence
+  numbers afresh, and the held-back rows go out in the next round.
 * ``producer._serialize`` (the size check against ``max_request_size``)
   and ``producer._partition`` are aiokafka internals, used so that a record
   is refused and placed exactly as ``send()`` would; the version range in
@@ -151,18 +154,31 @@ class KafkaPublisher(Publisher):
         self.pipelines_keys = settings.enable_idempotence
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._renew = False
+        """Replace the producer before the next batch (a record batch was refused)."""
+        self.renewals = 0
+        """Producers replaced after the broker refused a record batch."""
 
     async def start(self) -> None:
         async with self._lock:
             if self._producer is not None:
-                if _sender_alive(self._producer):
+                renew, alive = self._renew, _sender_alive(self._producer)
+                if alive and not renew:
                     return
                 dead, self._producer = self._producer, None
-                log.error("the Kafka producer's sender task ended; replacing the producer")
+                self._renew = False
+                if not alive:
+                    log.error("the Kafka producer's sender task ended; replacing the producer")
+                else:
+                    # The idempotent producer keeps the sequence numbers of a
+                    # refused batch: every later batch of its partition would be
+                    # refused as out of order. A new producer starts afresh.
+                    self.renewals += 1
+                    log.warning("the broker refused a record batch; replacing the producer")
                 try:
                     await dead.stop()
                 except Exception as exc:  # it is being thrown away: say so, go on
-                    log.warning("stopping the dead Kafka producer failed: %r", exc)
+                    log.warning("stopping the replaced Kafka producer failed: %r", exc)
             producer = AIOKafkaProducer(**self.settings.producer_kwargs())
             try:
                 await producer.start()
@@ -362,11 +378,10 @@ class KafkaPublisher(Publisher):
                     # The broker answered and refused this record batch for what
                     # is in it (too large, a record it will not take): not an
                     # outage, and nothing of the batch was appended.
-                    refused_batch = (
-                        isinstance(exc, BrokerResponseError)
-                        and not exc.retriable
-                        and not self.settings.enable_idempotence
-                    )
+                    refused = isinstance(exc, BrokerResponseError) and not exc.retriable
+                    if refused:
+                        self._renew = True
+                    refused_batch = refused and not self.settings.enable_idempotence
                     if refused_batch and len(chunk) > 1:
                         # The broker's message.max.bytes (or the topic's) may be
                         # below max_batch_size, or one record may be refused:
