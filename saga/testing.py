@@ -168,10 +168,21 @@ class InMemoryConsumer(Consumer):
     The in-memory side of :class:`~saga.consumer.Consumer`: the service runs
     exactly as with Kafka (``Service.start`` starts it), one ordered log per
     topic, no partitions and no rebalances. What has arrived on a topic is
-    handed over as one batch (at most 50 records), as the Kafka consumer does.
+    handed over as one batch (at most ``batch_max_records``), as the Kafka
+    consumer does.
     """
 
-    def __init__(self, broker: InMemoryBroker, topics: frozenset[str], process: Process) -> None:
+    def __init__(
+        self,
+        broker: InMemoryBroker,
+        topics: frozenset[str],
+        process: Process,
+        *,
+        batch_max_records: int = _BATCH_MAX,
+    ) -> None:
+        if batch_max_records < 1:
+            raise ConfigurationError("batch_max_records must be positive")
+        self.batch_max_records = batch_max_records
         self.broker = broker
         self.topics = topics
         self.process = process
@@ -215,7 +226,7 @@ class InMemoryConsumer(Consumer):
                 # What has arrived goes as one batch, as the Kafka consumer does.
                 while self.cursors.get(topic, 0) < len(records):
                     start = self.cursors.get(topic, 0)
-                    end = min(len(records), start + _BATCH_MAX)
+                    end = min(len(records), start + self.batch_max_records)
                     self.busy = True
                     try:
                         await self._process(records[start:end], start)
@@ -328,7 +339,9 @@ class SagaHarness:
     def _in_memory_consumer(
         self, _group: str, topics: frozenset[str], process: Process
     ) -> InMemoryConsumer:
-        consumer = InMemoryConsumer(self._broker, topics, process)
+        consumer = InMemoryConsumer(
+            self._broker, topics, process, batch_max_records=self.settings.batch_max_records
+        )
         self._consumers.append(consumer)
         return consumer
 

@@ -6,6 +6,7 @@ take well under a second) and on the session's Kafka broker with PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -206,3 +207,36 @@ async def test_harness_on_kafka_publishes_through_the_kafka_publishers_own_batch
     assert outcomes[1] is not None, "the second step went out although the first never did"
     assert [r.value for r in inner.records] == []
     assert log == []
+
+
+async def test_the_in_memory_consumer_hands_over_batches_of_at_most_the_services_size() -> None:
+    from outbox import StoredMessage
+    from saga.testing import InMemoryBroker, InMemoryConsumer
+
+    broker = InMemoryBroker()
+    for n in range(7):
+        await broker.send(
+            StoredMessage(
+                id=n,
+                message_id=f"m{n}",
+                topic="t",
+                key=None,
+                value=b"x",
+                headers=(),
+                shard=0,
+                attempts=0,
+            )
+        )
+    batches: list[list[int]] = []
+
+    async def process(records: Any) -> None:
+        batches.append([r.offset for r in records])
+
+    consumer = InMemoryConsumer(broker, frozenset({"t"}), process, batch_max_records=3)
+    await consumer.start()
+    try:
+        while not consumer.caught_up():
+            await asyncio.sleep(0.01)
+    finally:
+        await consumer.stop()
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
