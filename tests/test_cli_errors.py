@@ -191,6 +191,10 @@ def test_ctrl_c_cleans_up_and_exits_130() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal sends it: a test run started in the background
+        # by a shell (a CI script's `cmd &`) has SIGINT ignored, and the demo
+        # would inherit that and never see the signal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert demo.stdout is not None
     first = demo.stdout.readline()
