@@ -628,7 +628,7 @@ def report(
         if phase.e2e_ms:
             p50 = percentile(phase.e2e_ms, 0.5)
             out.append(f"  {phase.label}: saga p50 {p50:.1f} ms = {p50 / floor:.1f}x the floor")
-    out += ["", "Targets (issue 10):"]
+    out += ["", "Targets:"]
     for phase in phases[:2]:
         if phase.e2e_ms:
             p50, p99 = percentile(phase.e2e_ms, 0.5), percentile(phase.e2e_ms, 0.99)

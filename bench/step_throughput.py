@@ -27,7 +27,7 @@ Run from the project root::
     .venv/bin/python bench/step_throughput.py --messages 1000 --batch-size 200
     .venv/bin/python bench/step_throughput.py --profile    # cProfile of the library, largest batch
 
-The target (issue 10): the library at batch 200 at least 0.50 of the raw SQL loop.
+The target: the library at batch 200 at least 0.50 of the raw SQL loop.
 """
 
 from __future__ import annotations
