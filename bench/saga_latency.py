@@ -283,6 +283,16 @@ class Tap:
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 
+    def seen(self) -> dict[str, int]:
+        """The record timestamps read so far, by message id; raises if the tap died."""
+        task = self._task
+        if task is not None and task.done():
+            error = None if task.cancelled() else task.exception()
+            raise RuntimeError(
+                "the saga topic tap stopped reading: per-hop figures would be incomplete"
+            ) from error
+        return self.timestamps
+
     async def _run(self) -> None:
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
@@ -698,7 +708,7 @@ async def measure(
     rows, received, _ = await read_rows(shop, set(ids))
     cpu = meter.read()
     placed = {i: placer.placed[i] for i in ids}
-    result = figures(label, placed, rows, received, tap.timestamps)
+    result = figures(label, placed, rows, received, tap.seen())
     result.cpu = cpu
     return result
 

@@ -214,8 +214,12 @@ class Relay:
         except BaseException:
             self._state = _State.CLOSED
             self._ended.set()
-            with contextlib.suppress(Exception):
+            try:
                 await self.publisher.stop()
+            except Exception as exc:  # the start's own error is the one raised
+                log.warning(
+                    "relay %s: stopping its publisher after a failed start: %r", self.name, exc
+                )
             raise
         self._publish_task = self._supervise("publish", self._publish_loop)
         self._tasks = [
