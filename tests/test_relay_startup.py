@@ -182,6 +182,25 @@ async def test_relay_start_against_a_broker_refusing_idempotent_producers_raises
         await engine.dispose()
 
 
+class StopFailsPublisher(KafkaPublisher):
+    async def stop(self) -> None:
+        raise PublishError("the producer would not close", retriable=False)
+
+
+async def test_a_publisher_that_fails_to_stop_after_a_failed_start_is_logged_not_hidden(
+    postgres_url: str, kafka_settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(postgres_url)  # no tables: the start fails
+    relay_ = Relay(SqlOutboxStore(engine, OutboxTables()), StopFailsPublisher(kafka_settings))
+    try:
+        with pytest.raises(ConfigurationError, match=r"create_tables\(\)"):
+            await relay_.start()
+    finally:
+        await engine.dispose()
+    assert "the producer would not close" in caplog.text
+    assert "failed start" in caplog.text
+
+
 async def kill_blocked_queries(url: str, *, times: int) -> None:
     """Lock the outbox until a relay query waits on it, then terminate that query's backend."""
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
