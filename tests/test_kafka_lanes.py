@@ -72,6 +72,16 @@ async def engine(postgres_url: str) -> AsyncIterator[Any]:
     await engine.dispose()
 
 
+async def unpublished(engine: Any, tables: OutboxTables) -> list[bytes]:
+    """Values of the rows not yet published, in outbox order."""
+    t = tables.outbox
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(t.c.value).where(t.c.published_at_ms.is_(None)).order_by(t.c.id)
+        )
+        return [r.value for r in rows]
+
+
 async def test_record_batch_refused_as_too_large_parks_only_the_record_too_large_alone(
     engine: Any, kafka_settings: KafkaSettings, new_topic: Any
 ) -> None:
@@ -89,20 +99,12 @@ async def test_record_batch_refused_as_too_large_parks_only_the_record_too_large
         )
     publisher = LimitedBrokerPublisher(kafka_settings)
     settings = RelaySettings(batch_size=100, poll_interval=timedelta(milliseconds=100))
-    t = tables.outbox
-
-    async def unpublished() -> list[bytes]:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(t.c.value).where(t.c.published_at_ms.is_(None)).order_by(t.c.id)
-            )
-            return [r.value for r in rows]
 
     # The big row and the two later rows of its key stay; everything else goes.
     expected_left = [v for k, v in items[big:] if k == big_key]
     async with Relay(store, publisher, settings) as relay:
         for _ in range(100):
-            if await unpublished() == expected_left:
+            if await unpublished(engine, tables) == expected_left:
                 break
             await asyncio.sleep(0.1)
         parked = await store.parked()
@@ -110,7 +112,7 @@ async def test_record_batch_refused_as_too_large_parks_only_the_record_too_large
     assert publisher.refused_batches >= 1, "the broker never refused a record batch"
     assert [p.message.value for p in parked] == [items[big][1]]
     assert relay.stats.parked == 1
-    assert await unpublished() == expected_left
+    assert await unpublished(engine, tables) == expected_left
     delivered = len(items) - len(expected_left)
     records = await read_topic(kafka_settings, topic, delivered, timeout=30)
     assert sorted(r.value for r in records) == sorted(
@@ -236,23 +238,15 @@ async def test_record_the_broker_always_refuses_holds_back_only_its_own_key(
         )
     publisher = PoisonRefusingPublisher(kafka_settings)
     settings = RelaySettings(batch_size=100, poll_interval=timedelta(milliseconds=100))
-    t = tables.outbox
-
-    async def unpublished() -> list[bytes]:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(t.c.value).where(t.c.published_at_ms.is_(None)).order_by(t.c.id)
-            )
-            return [r.value for r in rows]
 
     # The refused row and the later rows of its key wait; every other key goes.
     expected_left = [v for k, v in items[poison:] if k == poison_key]
     async with Relay(store, publisher, settings):
         for _ in range(100):
-            if await unpublished() == expected_left and publisher.renewals:
+            if await unpublished(engine, tables) == expected_left and publisher.renewals:
                 break
             await asyncio.sleep(0.1)
-        left = await unpublished()
+        left = await unpublished(engine, tables)
 
     assert publisher.refused_batches >= 1
     # After a refused batch the producer is replaced (an idempotent one would
