@@ -27,7 +27,9 @@ transaction completing the saga at the order service writes its last row. Each h
 message, and the service whose step it triggers) is split with timestamps that exist
 anyway: the outbox row's ``created_at_ms`` (database clock, in the writing transaction),
 the Kafka record's timestamp (set by the relay's producer when it sends), the inbox row's
-``received_at_ms`` at the receiving service (the start of its transaction), and the
+``received_at_ms`` at the receiving service (the start of its transaction; for a record
+processed in a batch, under load, the batch's inbox write just before its commit, so its
+handler time shows under publish -> consume), and the
 ``created_at_ms`` of the rows that transaction wrote (``causation`` = the message):
 
 * commit -> publish: record timestamp - outbox ``created_at_ms`` (the rest of the writing

@@ -7,6 +7,15 @@ holds that transaction; :data:`CURRENT` names the batch of the task at hand
 (each partition worker is a task), so that the per-record pipeline, called
 through its unchanged seam ``Processor.process``, finds it.
 
+The batch also saves each record two round trips: it reads the inbox for
+all its records in one statement when its transaction begins
+(:meth:`Batch.claim` then answers for each record), and keeps the records'
+inbox keys and outbox messages until it commits, to write them in one
+statement each (:meth:`Batch.commit`). A record whose savepoint rolls back
+takes its deferred rows with it. The inbox write's ``ON CONFLICT DO
+NOTHING ... RETURNING`` tells the batch if another transaction recorded one
+of its messages since the read (:class:`BatchConflict`).
+
 Each savepoint holds a subtransaction id once it writes. PostgreSQL caches
 64 of them per transaction; a batch of more records that write makes the
 transaction "overflowed" until it commits, which costs other sessions'
@@ -20,19 +29,19 @@ into the hundreds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from outbox import ErrorKind, SqlOutboxStore, classify
+from outbox import ErrorKind, OutboxMessage, SqlInboxStore, SqlOutboxStore, classify
 from outbox.store import NOTIFY_LATER
 
 if TYPE_CHECKING:
     from saga.processing import ServiceStats
 
-__all__ = ["CURRENT", "Batch", "BatchLost"]
+__all__ = ["CURRENT", "Batch", "BatchConflict", "BatchLost"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,19 @@ class BatchLost(Exception):
         self.kind = kind
 
 
+class BatchConflict(Exception):
+    """Another transaction recorded some of the batch's messages first: redo the batch.
+
+    Only a second consumer of the same partition (one that lost it in a
+    rebalance and does not know yet) can do that. The redone batch finds those
+    messages recorded, and skips them as duplicates.
+    """
+
+
+InboxKey = tuple[str, str]
+"""``(source, message_id)``: a message, as the inbox knows it."""
+
+
 _SAVEPOINT = "SAVEPOINT choreosaga_record"
 _ROLLBACK_TO = "ROLLBACK TO SAVEPOINT choreosaga_record"
 
@@ -61,9 +83,28 @@ class Batch:
     be taken back if the transaction is lost.
     """
 
-    def __init__(self, engine: AsyncEngine, outbox: SqlOutboxStore) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        outbox: SqlOutboxStore,
+        inbox: SqlInboxStore | None = None,
+        consumer: str = "",
+        expected: Collection[InboxKey] = (),
+    ) -> None:
         self.engine = engine
         self.outbox = outbox
+        self.inbox = inbox
+        self.consumer = consumer
+        self._expected = set(expected)
+        """Inbox keys of the batch's records, read from their headers before they run."""
+        self._checked: set[InboxKey] = set()
+        """Keys looked up in the inbox in one statement (:meth:`claim` answers for them)."""
+        self._recorded: set[InboxKey] = set()
+        """Keys of ``_checked`` in the inbox, or written by a committed transaction of the batch."""
+        self._claims: dict[InboxKey, None] = {}
+        """Keys claimed in the open transaction, in order: written by :meth:`commit`."""
+        self._messages: list[OutboxMessage] = []
+        """Outbox messages of the open transaction: written by :meth:`commit`."""
         self.wrote = False
         """Whether a released savepoint of the open transaction wrote outbox rows."""
         self.session: AsyncSession | None = None
@@ -93,11 +134,35 @@ class Batch:
             try:
                 await session.begin()
                 self.connection = await session.connection()
+                unchecked = self._expected - self._checked
+                if unchecked and self.inbox is not None:
+                    self._recorded |= await self.inbox.recorded(session, self.consumer, unchecked)
+                    self._checked |= unchecked
             except BaseException:
                 await session.close()
                 raise
             self.session = session
         return self.session
+
+    def claim(self, consumer: str, key: InboxKey) -> bool | None:
+        """The inbox's answer for a record of the open transaction, without a statement.
+
+        ``True``: new, recorded in the inbox when the batch commits. ``False``:
+        a duplicate (recorded before, or earlier in this batch). ``None``: the
+        batch did not look this key up; the caller records it the usual way.
+        A concurrent consumer that records a claimed key first is caught when
+        the batch writes its claims (:class:`BatchConflict`).
+        """
+        if consumer != self.consumer or key not in self._checked:
+            return None
+        if key in self._recorded or key in self._claims:
+            return False
+        self._claims[key] = None
+        return True
+
+    def defer(self, messages: Sequence[OutboxMessage]) -> None:
+        """Write ``messages`` to the outbox when the batch commits, with the other records'."""
+        self._messages.extend(messages)
 
     async def savepoint(self, run: Callable[[], Awaitable[T]]) -> T:
         """Run one record's work inside a savepoint of the batch's transaction.
@@ -128,6 +193,7 @@ class Batch:
         assert self.connection is not None
         session, connection = self.session, self.connection
         await connection.exec_driver_sql(_SAVEPOINT)
+        claims, messages = len(self._claims), len(self._messages)
         try:
             result = await run()
             if session.new or session.dirty or session.deleted:
@@ -135,6 +201,10 @@ class Batch:
             session.expunge_all()
         except BaseException as exc:
             session.expunge_all()
+            # The record's deferred inbox and outbox rows go with its savepoint.
+            del self._messages[messages:]
+            if len(self._claims) > claims:
+                self._claims = dict.fromkeys(list(self._claims)[:claims])
             try:
                 await connection.exec_driver_sql(_ROLLBACK_TO)
             except Exception as lost:
@@ -154,12 +224,27 @@ class Batch:
         self.connection = None
         wrote, self.wrote = self.wrote, False
         hooks, self._committed = self._committed, []
+        claims, self._claims = list(self._claims), {}
+        messages, self._messages = self._messages, []
         if session is None:
             return
         try:
+            if claims:
+                assert self.inbox is not None
+                recorded = await self.inbox.record_many(session, self.consumer, claims)
+                if len(recorded) != len(claims):
+                    await close_quietly(session)
+                    raise BatchConflict(
+                        f"{len(claims) - len(recorded)} of the batch's {len(claims)} messages "
+                        "were recorded by another transaction first"
+                    )
+            if messages:
+                await self.outbox.add(session, messages)
             if wrote:
                 await self.outbox.notify(session)
             await session.commit()
+        except BatchConflict:
+            raise
         except Exception as exc:
             await close_quietly(session)
             raise BatchLost(exc, classify(exc)) from exc
@@ -171,6 +256,7 @@ class Batch:
             await close_quietly(session)
             raise
         await session.close()
+        self._recorded.update(claims)
         self.pending.clear()
         for hook in hooks:
             hook()
@@ -186,6 +272,8 @@ class Batch:
         self.connection = None
         self.wrote = False
         self._committed = []
+        self._claims = {}
+        self._messages = []
         if session is not None:
             await close_quietly(session)
 

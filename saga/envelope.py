@@ -290,6 +290,24 @@ class EnvelopeCodec:
             stamp=self._stamp(found, raw),
         )
 
+    def identity(self, headers: Sequence[tuple[str, bytes | None]]) -> tuple[str, str] | None:
+        """A record's ``(source, id)`` from its headers alone, or ``None`` if they are unreadable.
+
+        Cheap (no payload decoding), for looking up a batch's messages in the
+        inbox before they run; :meth:`decode` still validates every record.
+        """
+        if len(headers) > self.limits.max_headers:
+            return None
+        found = _header_map(headers)
+        try:
+            source = self._optional(found, H.SOURCE, b"")
+            message_id = self._optional(found, H.ID, b"")
+        except DecodeError:
+            return None
+        if source is None or message_id is None:
+            return None
+        return source, message_id
+
     def read_stamp(self, headers: Mapping[str, bytes]) -> Stamp | None:
         """The stamp a record's headers carry (current or legacy form), within the limits.
 

@@ -231,3 +231,64 @@ async def test_a_batch_cancelled_in_its_commit_gives_its_connection_back(direct:
         await task
 
     assert direct.engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_record_whose_flush_fails_writes_nothing_and_the_others_once(
+    direct: Direct,
+) -> None:
+    async with direct.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(sa.insert(Warehouse.__table__).values(id=1))
+
+    async def taken_key(ctx: MessageContext) -> None:
+        ctx.session.add(Warehouse(id=1))  # fails when the savepoint flushes it
+
+    direct.behaviour[2] = taken_key
+    await direct.service.processor.process_batch(direct.records([0, 1, 2, 3]))
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 3: 1}
+    topics = await direct.outbox_topics()
+    assert topics.count(OUT) == 3  # not the failed record's event, no second copy of any
+    assert topics.count(TOPIC + ".dlq") == 1
+    assert (direct.service.stats.processed, direct.service.stats.dead_lettered) == (3, 1)
+
+
+@pytest.fixture
+async def direct_pg(postgres_url: str) -> AsyncIterator[Direct]:
+    d = Direct(postgres_url)
+    await d.setup()
+    yield d
+    await d.engine.dispose()
+
+
+async def test_a_message_another_consumer_records_mid_batch_is_not_applied_twice(
+    direct_pg: Direct,
+) -> None:
+    """A zombie consumer of the partition commits one of the batch's messages first.
+
+    The batch looked its messages up in the inbox when it began, so it sees
+    that message as new; its handler runs here too. The batch must find out
+    when it records its messages, roll back, and redo its records: the
+    message is then a duplicate, and every other one is applied once.
+    """
+    direct = direct_pg
+    records = direct.records([0, 1, 2, 3])
+    zombie = direct.envelopes.decode(records[2].key, records[2].value, records[2].headers)
+    inbox = direct.tables.inbox
+
+    async def zombie_commits_record_2(ctx: MessageContext) -> None:
+        if direct.calls[0] == 1:
+            async with direct.engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(inbox).values(
+                        consumer="direct", source="/t", message_id=zombie.id, received_at_ms=0
+                    )
+                )
+
+    direct.behaviour[0] = zombie_commits_record_2
+    await direct.service.processor.process_batch(records)
+
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 3: 1}
+    assert (await direct.outbox_topics()).count(OUT) == 3
+    stats = direct.service.stats
+    assert (stats.processed, stats.duplicates, stats.dead_lettered) == (3, 1, 0)
+    assert direct.calls == {0: 2, 1: 2, 2: 1, 3: 2}  # the first pass was rolled back
