@@ -10,6 +10,7 @@ earlier record of the batch saw it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
@@ -112,12 +113,20 @@ class Direct:
             return int((await conn.execute(sa.select(sa.func.count()).select_from(i))).scalar_one())
 
 
+@contextlib.asynccontextmanager
+async def direct_on(url: str) -> AsyncIterator[Direct]:
+    d = Direct(url)
+    await d.setup()
+    try:
+        yield d
+    finally:
+        await d.engine.dispose()
+
+
 @pytest.fixture
 async def direct(database_url: str) -> AsyncIterator[Direct]:
-    d = Direct(database_url)
-    await d.setup()
-    yield d
-    await d.engine.dispose()
+    async with direct_on(database_url) as d:
+        yield d
 
 
 async def test_a_bug_rolls_back_its_savepoint_only_inbox_row_included(direct: Direct) -> None:
@@ -163,13 +172,21 @@ class Stock(Base):
     warehouse: Mapped[Warehouse] = relationship(back_populates="stocks")
 
 
-async def test_a_record_sees_rows_as_they_are_not_as_an_earlier_record_loaded_them(
-    direct: Direct,
-) -> None:
+async def one_warehouse(direct: Direct, stock: int | None = None) -> None:
+    """Warehouse 1, and ``stock`` of sku "a" in it."""
     async with direct.engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
         await conn.execute(sa.insert(Warehouse.__table__).values(id=1))
-        await conn.execute(sa.insert(Stock.__table__).values(sku="a", warehouse_id=1, qty=100))
+        if stock is not None:
+            await conn.execute(
+                sa.insert(Stock.__table__).values(sku="a", warehouse_id=1, qty=stock)
+            )
+
+
+async def test_a_record_sees_rows_as_they_are_not_as_an_earlier_record_loaded_them(
+    direct: Direct,
+) -> None:
+    await one_warehouse(direct, stock=100)
 
     async def take(ctx: MessageContext) -> None:
         # The warehouse's stock list, as a handler checking the whole warehouse would load it.
@@ -236,9 +253,7 @@ async def test_a_batch_cancelled_in_its_commit_gives_its_connection_back(direct:
 async def test_a_record_whose_flush_fails_writes_nothing_and_the_others_once(
     direct: Direct,
 ) -> None:
-    async with direct.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.execute(sa.insert(Warehouse.__table__).values(id=1))
+    await one_warehouse(direct)
 
     async def taken_key(ctx: MessageContext) -> None:
         ctx.session.add(Warehouse(id=1))  # fails when the savepoint flushes it
@@ -254,10 +269,9 @@ async def test_a_record_whose_flush_fails_writes_nothing_and_the_others_once(
 
 @pytest.fixture
 async def direct_pg(postgres_url: str) -> AsyncIterator[Direct]:
-    d = Direct(postgres_url)
-    await d.setup()
-    yield d
-    await d.engine.dispose()
+    """Two transactions at once: PostgreSQL only (SQLite runs one writer at a time)."""
+    async with direct_on(postgres_url) as d:
+        yield d
 
 
 async def test_a_message_another_consumer_records_mid_batch_is_not_applied_twice(
