@@ -26,6 +26,31 @@ def core_codec() -> AvroCodec:
     return AvroCodec(registry)
 
 
+def consumer_record(
+    topic: str,
+    offset: int,
+    key: bytes | None,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    *,
+    partition: int = 0,
+) -> ConsumerRecord[bytes, bytes]:
+    """A record as the consumer would hand it to a service, built without a broker."""
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value),
+        headers=list(headers),
+    )
+
+
 async def read_topic(
     settings: KafkaSettings, topic: str, count: int, *, timeout: float = 30.0
 ) -> list[ConsumerRecord[bytes, bytes]]:

@@ -17,7 +17,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from aiokafka import ConsumerRecord
-from support import core_codec
+from support import consumer_record, core_codec
 
 from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
 from saga.context import MessageContext
@@ -76,22 +76,7 @@ class Direct:
         out = []
         for offset, seq in enumerate(seqs):
             envelope = Envelope(type=ITEM, data={"key": "k", "seq": seq, "note": ""}, source="/t")
-            key, value, headers = self.envelopes.encode(envelope)
-            out.append(
-                ConsumerRecord(
-                    topic=TOPIC,
-                    partition=0,
-                    offset=offset,
-                    timestamp=0,
-                    timestamp_type=0,
-                    key=key,
-                    value=value,
-                    checksum=None,
-                    serialized_key_size=0,
-                    serialized_value_size=len(value),
-                    headers=list(headers),
-                )
-            )
+            out.append(consumer_record(TOPIC, offset, *self.envelopes.encode(envelope)))
         return out
 
     async def effects_by_seq(self) -> dict[int, int]:

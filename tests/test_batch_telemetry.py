@@ -20,7 +20,7 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import core_codec
+from support import consumer_record, core_codec
 
 from outbox import KafkaSettings, OutboxTables, create_engine
 from saga import SagaContext, SagaStatus
@@ -60,19 +60,7 @@ def ended_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[
         stamp=replace(stamp, status=SagaStatus.COMPLETED, version=stamp.version + 1),
     )
     key, value, headers = service.envelopes.encode(envelope)
-    return ConsumerRecord(
-        topic=service.saga_topic("s"),
-        partition=0,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=key,
-        value=value,
-        checksum=None,
-        serialized_key_size=len(key or b""),
-        serialized_value_size=len(value),
-        headers=list(headers),
-    )
+    return consumer_record(service.saga_topic("s"), offset, key, value, list(headers))
 
 
 async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator: Service) -> None:

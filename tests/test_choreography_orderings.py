@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncSession
+from support import consumer_record
 
 from outbox.message import decode_headers
 from saga import (
@@ -91,19 +91,7 @@ class Partition:
         offset = self.delivered
         self.delivered += 1
         for service in self.services:
-            record = ConsumerRecord(
-                topic="saga.trip",
-                partition=0,
-                offset=offset,
-                timestamp=0,
-                timestamp_type=0,
-                key=key,
-                value=value,
-                checksum=None,
-                serialized_key_size=len(key or b""),
-                serialized_value_size=len(value),
-                headers=headers,
-            )
+            record = consumer_record("saga.trip", offset, key, value, headers)
             await service.processor.process(record)  # what the consumer calls
             await self.collect(service)
 

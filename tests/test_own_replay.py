@@ -15,9 +15,8 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import core_codec
+from support import consumer_record, core_codec
 
 from outbox import KafkaSettings, OutboxTables, create_engine
 from saga import SagaContext
@@ -97,21 +96,7 @@ async def test_a_replayed_dead_letter_of_its_own_message_resumes_the_saga(
         (REPLAY_HEADER, b"ref"),
         (REPLAY_GROUP_HEADER, initiator.processor.group.encode()),
     ]
-    await initiator.processor.process(
-        ConsumerRecord(
-            topic=topic,
-            partition=0,
-            offset=7,
-            timestamp=0,
-            timestamp_type=0,
-            key=key,
-            value=value,
-            checksum=None,
-            serialized_key_size=len(key or b""),
-            serialized_value_size=len(value),
-            headers=replayed,
-        )
-    )
+    await initiator.processor.process(consumer_record(topic, 7, key, value, replayed))
 
     view = await initiator.saga_state("s-1")
     assert view is not None

@@ -19,7 +19,7 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import core_codec
+from support import consumer_record, core_codec
 
 from outbox import KafkaSettings, OutboxTables, create_engine
 from outbox.message import decode_headers
@@ -68,19 +68,7 @@ async def outbox_records(service: Service, topic: str) -> list[ConsumerRecord[by
             )
         ).all()
     return [
-        ConsumerRecord(
-            topic=topic,
-            partition=0,
-            offset=offset,
-            timestamp=0,
-            timestamp_type=0,
-            key=key,
-            value=value,
-            checksum=None,
-            serialized_key_size=len(key or b""),
-            serialized_value_size=len(value),
-            headers=list(decode_headers(headers)),
-        )
+        consumer_record(topic, offset, key, value, list(decode_headers(headers)))
         for offset, (key, value, headers) in enumerate(found)
     ]
 

@@ -18,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from conftest import NewTopicFactory
 from sqlalchemy import select, text
+from support import consumer_record
 
 from saga import (
     AvroCodec,
@@ -243,3 +244,45 @@ def test_the_public_surface_of_saga_observe_is_pinned() -> None:
         "trace_from_log",
         "trace_from_service",
     ]
+
+
+async def test_a_batch_is_stored_whole_or_not_at_all(database_url: str) -> None:
+    """The records of one fetch share a transaction: a failure mid-batch stores none of
+    them, and the consumer's retry of the batch then stores each one once."""
+    codec = EnvelopeCodec(CODEC)
+    now = datetime.now(UTC)
+    ended = {"status": "COMPLETED", "reason": None}
+    envelopes = [
+        stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order") for n in range(3)
+    ]
+    records = [
+        consumer_record("saga.place_order", offset, *codec.encode(envelope))
+        for offset, envelope in enumerate(envelopes)
+    ]
+    engine = create_engine(database_url)
+    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
+    await observer.create_tables()
+    real = observer.log.record
+    calls = 0
+
+    async def fails_once_on_the_third(tx, message):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("the log's disk is full")
+        await real(tx, message)
+
+    observer.log.record = fails_once_on_the_third  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError):
+            await observer.process_batch(records)
+        assert await observer.log.summaries(engine) == []
+        assert observer.stats.stored == 0
+        await observer.process_batch(records)  # the consumer retries the batch
+        summaries = await observer.log.summaries(engine)
+        assert sorted(s.saga_id for s in summaries) == ["order-0", "order-1", "order-2"]
+        assert (observer.stats.stored, observer.stats.duplicates) == (3, 0)
+        await observer.process_batch(records)  # redelivered after the commit
+        assert (observer.stats.stored, observer.stats.duplicates) == (3, 3)
+    finally:
+        await engine.dispose()

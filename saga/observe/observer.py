@@ -1,9 +1,10 @@
 """``saga observe``: a process that fills the saga log from the saga topics.
 
 It joins its own consumer group (``saga-observer`` by default) on every topic
-matching its patterns, and for each record, in one transaction of its own
-database, records the message id in the inbox (a redelivery stops there) and
-writes the message's row and its saga's merged row (:mod:`saga.observe.log`).
+matching its patterns, and for each record records the message id in the
+inbox (a redelivery stops there) and writes the message's row and its saga's
+merged row (:mod:`saga.observe.log`), in its own database: the records fetched
+for one partition (at most 50) in one transaction.
 It runs on the same consumer runtime as the services
 (:class:`~saga.consumer.PartitionedConsumer`): partitions in parallel, offsets
 committed after the database commit.
@@ -33,7 +34,7 @@ from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
 from saga.errors import BrokerError, ConfigurationError, DecodeError
 from saga.observe.log import SagaLog
-from saga.observe.message import observe_record
+from saga.observe.message import ObservedMessage, observe_record
 from saga.observe.topics import DEFAULT_PATTERNS, matching_topics
 
 __all__ = ["ObserverSettings", "ObserverStats", "SagaObserver"]
@@ -129,12 +130,35 @@ class SagaObserver:
         await create_tables(self.engine, [self.tables.inbox, self.log.messages, self.log.sagas])
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
-        """Store a partition's records in order (the consumer's ``process`` callback)."""
-        for record in records:
-            await self.process(record)
+        """Store a partition's records in order, in one transaction (the consumer's callback).
+
+        Should the transaction fail, nothing of the batch is stored and the
+        consumer tries the batch again; the inbox skips what an earlier try
+        committed.
+        """
+        observed = [o for o in map(self._observe, records) if o is not None]
+        if not observed:
+            return
+        stored = duplicates = 0
+        async with self.engine.begin() as conn:
+            for message in observed:
+                recorded = await self.inbox.record(
+                    conn, self.settings.group_id, message.message_id, source=message.source[:200]
+                )
+                if not recorded:
+                    duplicates += 1
+                    continue
+                await self.log.record(conn, message)
+                stored += 1
+        self.stats.stored += stored
+        self.stats.duplicates += duplicates
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Store one record."""
+        await self.process_batch([record])
+
+    def _observe(self, record: ConsumerRecord[bytes, bytes]) -> ObservedMessage | None:
+        """What the log keeps of ``record``; ``None`` (counted as skipped) if nothing."""
         try:
             observed = observe_record(
                 self.codec,
@@ -154,19 +178,10 @@ class SagaObserver:
                 record.offset,
                 exc,
             )
-            return
+            return None
         if observed is None:
             self.stats.skipped += 1
-            return
-        async with self.engine.begin() as conn:
-            recorded = await self.inbox.record(
-                conn, self.settings.group_id, observed.message_id, source=observed.source[:200]
-            )
-            if not recorded:
-                self.stats.duplicates += 1
-                return
-            await self.log.record(conn, observed)
-        self.stats.stored += 1
+        return observed
 
     async def start(self) -> None:
         """Match the topics, join the group and run until :meth:`stop`."""
