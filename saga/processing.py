@@ -332,9 +332,15 @@ class Processor:
         keys = []
         for record in records:
             identity = self.envelopes.identity(record.headers)
-            # An id the inbox refuses is left to the record's own transaction to report.
-            if identity is not None and len(identity[1]) <= 200:
-                keys.append((_inbox_text(identity[0]), identity[1]))
+            if identity is None:
+                continue
+            key = (_inbox_text(identity[0]), identity[1])
+            # A key the inbox refuses (an id over 200 characters, a NUL that
+            # PostgreSQL text cannot hold) would fail the batch's read, and so
+            # every record of the batch: it is left to its own record's
+            # transaction to report.
+            if len(key[1]) <= 200 and "\x00" not in key[0] + key[1]:
+                keys.append(key)
         return keys
 
     def batch_outage(self) -> None:
