@@ -592,10 +592,8 @@ class Processor:
             return False
         with use_trace_headers(envelope.traceparent, envelope.tracestate):
             messages = await work(context(session))
-        if batch is None:
-            await self.outbox.add(session, messages)
-        else:
-            batch.defer(messages)
+        # In a batch, written when it commits (outbox.store.WRITE_LATER).
+        await self.outbox.add(session, messages)
         return True
 
     # -- dead letters ------------------------------------------------------------------

@@ -9,12 +9,17 @@ records' order, whoever wrote them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
-from test_batch_savepoints import TOPIC, Direct
+import sqlalchemy as sa
+from test_batch_savepoints import ITEM, OUT, TOPIC, Direct
 
 from outbox import RetryPolicy
+from outbox.message import decode_headers
+from saga.context import MessageContext
+from saga.envelope import Envelope
 
 
 @pytest.fixture
@@ -31,6 +36,22 @@ async def direct_pg(postgres_url: str) -> AsyncIterator[Direct]:
     await d.setup()
     yield d
     await d.engine.dispose()
+
+
+async def outbox_notes(direct: Direct) -> list[tuple[int, str]]:
+    """``(seq, note)`` of the outbox rows on ``OUT``, in id order (the relay's order per key)."""
+    o = direct.tables.outbox
+    async with direct.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(o.c.key, o.c.value, o.c.headers).where(o.c.topic == OUT).order_by(o.c.id)
+            )
+        ).all()
+    notes = []
+    for key, value, headers in rows:
+        envelope = direct.envelopes.decode(key, value, decode_headers(headers))
+        notes.append((int(envelope.data["seq"]), str(envelope.data["note"])))
+    return notes
 
 
 async def test_a_record_whose_id_the_database_refuses_fails_alone(direct_pg: Direct) -> None:
@@ -52,3 +73,31 @@ async def test_a_record_whose_id_the_database_refuses_fails_alone(direct_pg: Dir
     s = direct.service.stats
     assert (s.processed, s.dead_lettered, s.retries) == (3, 1, 0)
     assert (await direct.outbox_topics()).count(TOPIC + ".dlq") == 1  # record 2's only
+
+
+async def test_outbox_rows_follow_record_order_when_a_handler_publishes_itself(
+    direct: Direct,
+) -> None:
+    """Record 1 writes to the outbox with ``Service.publish`` in its own transaction.
+
+    Its row must come after record 0's emitted event (same key): the relay
+    publishes a key's rows in id order.
+    """
+
+    async def publish(ctx: MessageContext) -> None:
+        envelope = Envelope(
+            type=ITEM, data={"key": "k", "seq": 1, "note": "published"}, source="/t", key=b"k"
+        )
+        await direct.service.publish(ctx.session, envelope, topic=OUT)
+
+    direct.behaviour[1] = publish
+    # Keyed records: what they emit has their key, the key the handler publishes with.
+    records = [dataclasses.replace(r, key=b"k") for r in direct.records([0, 1, 2])]
+    await direct.service.processor.process_batch(records)
+
+    assert await outbox_notes(direct) == [
+        (0, "seen"),
+        (1, "published"),
+        (1, "seen"),
+        (2, "seen"),
+    ]
