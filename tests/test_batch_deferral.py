@@ -14,12 +14,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_batch_savepoints import ITEM, OUT, TOPIC, Direct
 
 from outbox import RetryPolicy
 from outbox.message import decode_headers
 from saga.context import MessageContext
 from saga.envelope import Envelope
+from saga.telemetry import instrument
 
 
 @pytest.fixture
@@ -101,3 +105,23 @@ async def test_outbox_rows_follow_record_order_when_a_handler_publishes_itself(
         (1, "seen"),
         (2, "seen"),
     ]
+
+
+async def test_each_records_outbox_write_is_in_its_own_trace(direct: Direct) -> None:
+    """With telemetry, a record's ``outbox write`` span is a child of that record's span.
+
+    Not one span for the whole batch, outside every record's trace.
+    """
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    instrument(direct.service, tracer_provider=provider)
+
+    await direct.service.processor.process_batch(direct.records([0, 1, 2]))
+
+    finished = spans.get_finished_spans()
+    processes = {s.context.span_id for s in finished if s.name == f"{TOPIC} process"}
+    writes = [s for s in finished if s.name == "outbox write"]
+    assert len(processes) == 3
+    assert sorted(s.parent.span_id for s in writes if s.parent) == sorted(processes)
+    assert len(writes) == 3
