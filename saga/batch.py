@@ -101,7 +101,13 @@ class Batch:
         self._expected = set(expected)
         """Inbox keys of the batch's records, read from their headers before they run."""
         self._checked: set[InboxKey] = set()
-        """Keys looked up in the inbox in one statement (:meth:`claim` answers for them)."""
+        """Keys looked up in the inbox in one statement (:meth:`claim` answers for them).
+
+        After a commit, only the keys known to be recorded: the next
+        transaction looks the others up again, since a record handled alone
+        in between (see ``Processor._leave_batch``) recorded its key outside
+        the batch, and a copy of it later in the batch must be found a
+        duplicate, not claimed again (a :class:`BatchConflict`)."""
         self._recorded: set[InboxKey] = set()
         """Keys of ``_checked`` in the inbox, or written by a committed transaction of the batch."""
         self._claims: dict[InboxKey, None] = {}
@@ -259,6 +265,7 @@ class Batch:
             raise
         await session.close()
         self._recorded.update(claims)
+        self._checked = set(self._recorded)
         self.pending.clear()
         for hook in hooks:
             hook()

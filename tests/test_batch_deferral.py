@@ -125,3 +125,30 @@ async def test_each_records_outbox_write_is_in_its_own_trace(direct: Direct) -> 
     assert len(processes) == 3
     assert sorted(s.parent.span_id for s in writes if s.parent) == sorted(processes)
     assert len(writes) == 3
+
+
+async def test_a_copy_of_a_record_committed_alone_is_a_duplicate_without_redoing_the_batch(
+    direct: Direct, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Record 0 fails once, so it is committed alone; a copy of it comes later in the batch.
+
+    The batch read the inbox before record 0 was committed: the copy must
+    still be recognised as a duplicate, without running its handler and
+    redoing the records after record 0 as if another consumer had taken it.
+    """
+
+    async def fails_once(ctx: MessageContext) -> None:
+        if direct.calls[0] == 1:
+            raise RuntimeError("first attempt")
+
+    direct.behaviour[0] = fails_once
+    first, second = direct.records([0, 1])
+    copy = dataclasses.replace(first, offset=2)
+
+    await direct.service.processor.process_batch([first, second, copy])
+
+    assert await direct.effects_by_seq() == {0: 1, 1: 1}
+    s = direct.service.stats
+    assert (s.processed, s.duplicates, s.dead_lettered) == (2, 1, 0)
+    assert direct.calls == {0: 2, 1: 1}  # record 0 twice (its failure), nothing redone
+    assert "another consumer" not in caplog.text
