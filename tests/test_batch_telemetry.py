@@ -20,9 +20,10 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase
 from support import core_codec
 
-from outbox import KafkaSettings, OutboxTables, create_engine
+from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
 from saga import SagaContext, SagaStatus
 from saga.choreography import SAGA_ENDED
 from saga.envelope import Envelope
@@ -164,3 +165,90 @@ async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connecti
         for point in metric.data.data_points
     ]
     assert sum(in_flight) == 0  # read after the batch committed: all three ended
+
+
+async def test_an_end_the_initiator_wrote_in_a_rolled_back_record_is_not_counted(
+    initiator: Service,
+) -> None:
+    """A step of the initiator completes saga s-2, then its record's flush fails.
+
+    The initiator counts the ends it announces itself when they are
+    committed: s-2's announcement was rolled back with its record's
+    savepoint (and its record dead-lettered), so only s-1 ended.
+    """
+    metadata = sa.MetaData()
+    marks = sa.Table("marks", metadata, sa.Column("id", sa.Integer, primary_key=True))
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Mark(Base):
+        __table__ = marks
+
+    @initiator.on_saga_end("s", retry=RetryPolicy(maximum_attempts=1))
+    async def end(ctx: SagaContext) -> None:
+        if ctx.saga_id == "s-2":
+            ctx.session.add(Mark(id=1))  # taken: fails when the record's savepoint flushes
+
+    @initiator.step("finish", saga="s", on=ITEM, retry=RetryPolicy(maximum_attempts=1))
+    async def finish(ctx: SagaContext) -> None:
+        ctx.complete()
+
+    reader = InMemoryMetricReader()
+    instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    await initiator.create_tables()
+    async with initiator.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+        await conn.execute(sa.insert(marks).values(id=1))
+    records = []
+    for offset, saga_id in enumerate(("s-1", "s-2")):
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamp = await initiator.start_saga(
+                session,
+                "s",
+                saga_id=saga_id,
+                event_type=ITEM,
+                data={"key": saga_id, "seq": 0, "note": ""},
+            )
+        records.append(step_record(initiator, stamp, offset))
+
+    await initiator.processor.process_batch(records)
+
+    assert (initiator.stats.processed, initiator.stats.dead_lettered) == (1, 1)
+    data = reader.get_metrics_data()
+    assert data is not None
+    ended = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "saga.duration"
+        for point in metric.data.data_points
+    ]
+    assert sum(p.count for p in ended) == 1
+
+
+def step_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[bytes, bytes]:
+    """The saga's first event, as another service would have sent it."""
+    envelope = Envelope(
+        type=ITEM,
+        data={"key": stamp.saga_id, "seq": 0, "note": ""},
+        source="/choreosaga/beta",
+        key=stamp.saga_id.encode(),
+        correlation_id=stamp.correlation_id,
+        stamp=stamp,
+    )
+    key, value, headers = service.envelopes.encode(envelope)
+    return ConsumerRecord(
+        topic=service.saga_topic("s"),
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value),
+        headers=list(headers),
+    )
