@@ -90,7 +90,7 @@ transaction then pays one round trip instead of one per add)."""
 WRITE_LATER = "outbox.write_later"
 """Key of ``tx.info``: a list to which :meth:`SqlOutboxStore.add` appends the
 messages instead of writing them; whoever set it writes them, in the order
-they were added, with :meth:`SqlOutboxStore.write_later` before committing (a
+they were added, with :meth:`SqlOutboxStore.write_deferred` before committing (a
 batch of many adds in one transaction then pays one statement). Every add on
 ``tx`` is deferred, the caller's own included (``Service.publish`` from a
 handler): outbox ids, which order a key's messages, then follow the order of
@@ -310,7 +310,7 @@ class SqlOutboxStore(OutboxStore):
             return
         await self._write(tx, messages)
 
-    async def write_later(self, tx: Transaction) -> None:
+    async def write_deferred(self, tx: Transaction) -> None:
         """Write the messages added to ``tx`` so far (see :data:`WRITE_LATER`), in one statement.
 
         Adds made after it are written at once.

@@ -247,7 +247,7 @@ class Batch:
                         f"{len(claims) - len(recorded)} of the batch's {len(claims)} messages "
                         "were recorded by another transaction first"
                     )
-            await self.outbox.write_later(session)
+            await self.outbox.write_deferred(session)
             if wrote:
                 await self.outbox.notify(session)
             await session.commit()
