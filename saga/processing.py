@@ -35,10 +35,14 @@ record still goes through :meth:`Processor.process`, the per-record seam that
 telemetry wraps, and each follows the error model as if it were alone:
 
 * the inbox is read once for the whole batch, when its transaction begins
-  (the ids come from the records' headers), and the batch's inbox rows and
-  outbox rows are written in one statement each just before it commits:
-  per record, only its savepoint and its handler's statements go to the
-  database. A duplicate is caught by that first read, or by the batch
+  (the ids come from the records' headers; a key the database would refuse
+  is left to its own record), and the batch's inbox rows and outbox rows
+  (every outbox add, a handler's own ``Service.publish`` included) are
+  written in one statement each just before it commits: per record, only
+  its savepoint and its handler's statements go to the database. A batch
+  split by a record handled alone reads the keys it does not know to be
+  recorded again when its next transaction begins: that record recorded
+  its key outside the batch. A duplicate is caught by that first read, or by the batch
   itself when its first copy is earlier in the same batch. A second
   consumer of the partition (one that lost it in a rebalance and does not
   know yet) may record one of the messages first: the batch's inbox write
