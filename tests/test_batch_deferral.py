@@ -152,3 +152,20 @@ async def test_a_copy_of_a_record_committed_alone_is_a_duplicate_without_redoing
     assert (s.processed, s.duplicates, s.dead_lettered) == (2, 1, 0)
     assert direct.calls == {0: 2, 1: 1}  # record 0 twice (its failure), nothing redone
     assert "another consumer" not in caplog.text
+
+
+async def test_what_a_failing_handler_published_itself_goes_with_its_savepoint(
+    direct: Direct,
+) -> None:
+    async def publish_then_fail(ctx: MessageContext) -> None:
+        envelope = Envelope(
+            type=ITEM, data={"key": "k", "seq": 1, "note": "published"}, source="/t"
+        )
+        await direct.service.publish(ctx.session, envelope, topic=OUT)
+        raise KeyError("bug")
+
+    direct.behaviour[1] = publish_then_fail
+    await direct.service.processor.process_batch(direct.records([0, 1, 2]))
+
+    assert await outbox_notes(direct) == [(0, "seen"), (2, "seen")]
+    assert direct.service.stats.dead_lettered == 1
