@@ -87,6 +87,15 @@ wake-up (``pg_notify``) to the caller, who sends it once with
 :meth:`SqlOutboxStore.notify` before committing (a batch of many adds in one
 transaction then pays one round trip instead of one per add)."""
 
+WRITE_LATER = "outbox.write_later"
+"""Key of ``tx.info``: a list to which :meth:`SqlOutboxStore.add` appends the
+messages instead of writing them; whoever set it writes them, in the order
+they were added, with :meth:`SqlOutboxStore.write_deferred` before committing (a
+batch of many adds in one transaction then pays one statement). Every add on
+``tx`` is deferred, the caller's own included (``Service.publish`` from a
+handler): outbox ids, which order a key's messages, then follow the order of
+the adds."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class OutboxStats:
@@ -295,6 +304,20 @@ class SqlOutboxStore(OutboxStore):
     # -- writing --------------------------------------------------------------
 
     async def add(self, tx: Transaction, messages: Iterable[OutboxMessage]) -> None:
+        later = tx.info.get(WRITE_LATER)
+        if later is not None:
+            later.extend(messages)
+            return
+        await self._write(tx, messages)
+
+    async def write_deferred(self, tx: Transaction) -> None:
+        """Write the messages added to ``tx`` so far (see :data:`WRITE_LATER`), in one statement.
+
+        Adds made after it are written at once.
+        """
+        await self._write(tx, tx.info.pop(WRITE_LATER, None) or [])
+
+    async def _write(self, tx: Transaction, messages: Iterable[OutboxMessage]) -> None:
         rows = [self._row(m) for m in messages]
         if not rows:
             return

@@ -11,7 +11,10 @@ The batch also saves each record two round trips: it reads the inbox for
 all its records in one statement when its transaction begins
 (:meth:`Batch.claim` then answers for each record), and keeps the records'
 inbox keys and outbox messages until it commits, to write them in one
-statement each (:meth:`Batch.commit`). A record whose savepoint rolls back
+statement each (:meth:`Batch.commit`). Every outbox add on the batch's
+session is kept, a handler's own ``Service.publish`` included
+(:data:`outbox.store.WRITE_LATER`), so that outbox ids, which order a key's
+messages, follow the order of the adds. A record whose savepoint rolls back
 takes its deferred rows with it. The inbox write's ``ON CONFLICT DO
 NOTHING ... RETURNING`` tells the batch if another transaction recorded one
 of its messages since the read (:class:`BatchConflict`).
@@ -29,14 +32,14 @@ into the hundreds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox import ErrorKind, OutboxMessage, SqlInboxStore, SqlOutboxStore, classify
-from outbox.store import NOTIFY_LATER
+from outbox.store import NOTIFY_LATER, WRITE_LATER
 
 if TYPE_CHECKING:
     from saga.processing import ServiceStats
@@ -98,13 +101,19 @@ class Batch:
         self._expected = set(expected)
         """Inbox keys of the batch's records, read from their headers before they run."""
         self._checked: set[InboxKey] = set()
-        """Keys looked up in the inbox in one statement (:meth:`claim` answers for them)."""
+        """Keys looked up in the inbox in one statement (:meth:`claim` answers for them).
+
+        After a commit, only the keys known to be recorded: the next
+        transaction looks the others up again, since a record handled alone
+        in between (see ``Processor._leave_batch``) recorded its key outside
+        the batch, and a copy of it later in the batch must be found a
+        duplicate, not claimed again (a :class:`BatchConflict`)."""
         self._recorded: set[InboxKey] = set()
         """Keys of ``_checked`` in the inbox, or written by a committed transaction of the batch."""
         self._claims: dict[InboxKey, None] = {}
         """Keys claimed in the open transaction, in order: written by :meth:`commit`."""
         self._messages: list[OutboxMessage] = []
-        """Outbox messages of the open transaction: written by :meth:`commit`."""
+        """Outbox messages added in the open transaction, in order: written by :meth:`commit`."""
         self.wrote = False
         """Whether a released savepoint of the open transaction wrote outbox rows."""
         self.session: AsyncSession | None = None
@@ -131,6 +140,10 @@ class Batch:
             session = AsyncSession(self.engine, expire_on_commit=False)
             # One wake-up for the relays per batch, sent before the commit.
             session.info[NOTIFY_LATER] = True
+            # Every outbox add of its records (a handler's own Service.publish
+            # included) is kept in order and written in one statement at the
+            # commit: outbox ids follow the records' order.
+            session.info[WRITE_LATER] = self._messages
             try:
                 await session.begin()
                 self.connection = await session.connection()
@@ -159,10 +172,6 @@ class Batch:
             return False
         self._claims[key] = None
         return True
-
-    def defer(self, messages: Sequence[OutboxMessage]) -> None:
-        """Write ``messages`` to the outbox when the batch commits, with the other records'."""
-        self._messages.extend(messages)
 
     async def savepoint(self, run: Callable[[], Awaitable[T]]) -> T:
         """Run one record's work inside a savepoint of the batch's transaction.
@@ -225,7 +234,7 @@ class Batch:
         wrote, self.wrote = self.wrote, False
         hooks, self._committed = self._committed, []
         claims, self._claims = list(self._claims), {}
-        messages, self._messages = self._messages, []
+        self._messages = []
         if session is None:
             return
         try:
@@ -238,8 +247,7 @@ class Batch:
                         f"{len(claims) - len(recorded)} of the batch's {len(claims)} messages "
                         "were recorded by another transaction first"
                     )
-            if messages:
-                await self.outbox.add(session, messages)
+            await self.outbox.write_deferred(session)
             if wrote:
                 await self.outbox.notify(session)
             await session.commit()
@@ -257,6 +265,7 @@ class Batch:
             raise
         await session.close()
         self._recorded.update(claims)
+        self._checked = set(self._recorded)
         self.pending.clear()
         for hook in hooks:
             hook()

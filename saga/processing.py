@@ -35,10 +35,14 @@ record still goes through :meth:`Processor.process`, the per-record seam that
 telemetry wraps, and each follows the error model as if it were alone:
 
 * the inbox is read once for the whole batch, when its transaction begins
-  (the ids come from the records' headers), and the batch's inbox rows and
-  outbox rows are written in one statement each just before it commits:
-  per record, only its savepoint and its handler's statements go to the
-  database. A duplicate is caught by that first read, or by the batch
+  (the ids come from the records' headers; a key the database would refuse
+  is left to its own record), and the batch's inbox rows and outbox rows
+  (every outbox add, a handler's own ``Service.publish`` included) are
+  written in one statement each just before it commits: per record, only
+  its savepoint and its handler's statements go to the database. A batch
+  split by a record handled alone reads the keys it does not know to be
+  recorded again when its next transaction begins: that record recorded
+  its key outside the batch. A duplicate is caught by that first read, or by the batch
   itself when its first copy is earlier in the same batch. A second
   consumer of the partition (one that lost it in a rebalance and does not
   know yet) may record one of the messages first: the batch's inbox write
@@ -332,9 +336,15 @@ class Processor:
         keys = []
         for record in records:
             identity = self.envelopes.identity(record.headers)
-            # An id the inbox refuses is left to the record's own transaction to report.
-            if identity is not None and len(identity[1]) <= 200:
-                keys.append((_inbox_text(identity[0]), identity[1]))
+            if identity is None:
+                continue
+            key = (_inbox_text(identity[0]), identity[1])
+            # A key the inbox refuses (an id over 200 characters, a NUL that
+            # PostgreSQL text cannot hold) would fail the batch's read, and so
+            # every record of the batch: it is left to its own record's
+            # transaction to report.
+            if len(key[1]) <= 200 and "\x00" not in key[0] + key[1]:
+                keys.append(key)
         return keys
 
     def batch_outage(self) -> None:
@@ -586,10 +596,8 @@ class Processor:
             return False
         with use_trace_headers(envelope.traceparent, envelope.tracestate):
             messages = await work(context(session))
-        if batch is None:
-            await self.outbox.add(session, messages)
-        else:
-            batch.defer(messages)
+        # In a batch, written when it commits (outbox.store.WRITE_LATER).
+        await self.outbox.add(session, messages)
         return True
 
     # -- dead letters ------------------------------------------------------------------

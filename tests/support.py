@@ -6,6 +6,7 @@ import ast
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -49,6 +50,20 @@ def consumer_record(
         serialized_value_size=len(value),
         headers=list(headers),
     )
+
+
+def metric_points(reader: Any, name: str) -> list[Any]:
+    """The data points of metric ``name`` an OpenTelemetry ``InMemoryMetricReader`` holds."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    return [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    ]
 
 
 async def read_topic(

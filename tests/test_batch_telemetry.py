@@ -20,9 +20,10 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import consumer_record, core_codec
+from sqlalchemy.orm import DeclarativeBase
+from support import consumer_record, core_codec, metric_points
 
-from outbox import KafkaSettings, OutboxTables, create_engine
+from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
 from saga import SagaContext, SagaStatus
 from saga.choreography import SAGA_ENDED
 from saga.envelope import Envelope
@@ -152,3 +153,68 @@ async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connecti
         for point in metric.data.data_points
     ]
     assert sum(in_flight) == 0  # read after the batch committed: all three ended
+
+
+async def test_an_end_the_initiator_wrote_in_a_rolled_back_record_is_not_counted(
+    initiator: Service,
+) -> None:
+    """A step of the initiator completes saga s-2, then its record's flush fails.
+
+    The initiator counts the ends it announces itself when they are
+    committed: s-2's announcement was rolled back with its record's
+    savepoint (and its record dead-lettered), so only s-1 ended.
+    """
+    metadata = sa.MetaData()
+    marks = sa.Table("marks", metadata, sa.Column("id", sa.Integer, primary_key=True))
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Mark(Base):
+        __table__ = marks
+
+    @initiator.on_saga_end("s", retry=RetryPolicy(maximum_attempts=1))
+    async def end(ctx: SagaContext) -> None:
+        if ctx.saga_id == "s-2":
+            ctx.session.add(Mark(id=1))  # taken: fails when the record's savepoint flushes
+
+    @initiator.step("finish", saga="s", on=ITEM, retry=RetryPolicy(maximum_attempts=1))
+    async def finish(ctx: SagaContext) -> None:
+        ctx.complete()
+
+    reader = InMemoryMetricReader()
+    instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    await initiator.create_tables()
+    async with initiator.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+        await conn.execute(sa.insert(marks).values(id=1))
+    records = []
+    for offset, saga_id in enumerate(("s-1", "s-2")):
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamp = await initiator.start_saga(
+                session,
+                "s",
+                saga_id=saga_id,
+                event_type=ITEM,
+                data={"key": saga_id, "seq": 0, "note": ""},
+            )
+        records.append(step_record(initiator, stamp, offset))
+
+    await initiator.processor.process_batch(records)
+
+    assert (initiator.stats.processed, initiator.stats.dead_lettered) == (1, 1)
+    assert sum(p.count for p in metric_points(reader, "saga.duration")) == 1
+
+
+def step_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[bytes, bytes]:
+    """The saga's first event, as another service would have sent it."""
+    envelope = Envelope(
+        type=ITEM,
+        data={"key": stamp.saga_id, "seq": 0, "note": ""},
+        source="/choreosaga/beta",
+        key=stamp.saga_id.encode(),
+        correlation_id=stamp.correlation_id,
+        stamp=stamp,
+    )
+    key, value, headers = service.envelopes.encode(envelope)
+    return consumer_record(service.saga_topic("s"), offset, key, value, list(headers))

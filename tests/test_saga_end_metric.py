@@ -11,7 +11,6 @@ directly, on PostgreSQL, no broker needed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -19,7 +18,7 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import consumer_record, core_codec
+from support import consumer_record, core_codec, metric_points
 
 from outbox import KafkaSettings, OutboxTables, create_engine
 from outbox.message import decode_headers
@@ -96,14 +95,4 @@ async def test_its_own_end_delivered_twice_is_counted_once(initiator: Service) -
     view = await initiator.saga_state("s-1")
     assert view is not None
     assert view.status is SagaStatus.COMPLETED
-    data = reader.get_metrics_data()
-    assert data is not None
-    points: list[Any] = [
-        point
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "saga.duration"
-        for point in metric.data.data_points
-    ]
-    assert sum(p.count for p in points) == 1
+    assert sum(p.count for p in metric_points(reader, "saga.duration")) == 1

@@ -12,7 +12,8 @@ before it starts, and changes nothing else:
   Around each batch (``process_batch``) the gauges are refreshed, and an
   outage that loses a batch (``batch_outage``) is counted;
 * the outbox writes (``service.outbox.add``): an INTERNAL ``outbox write``
-  span, child of the current one;
+  span, child of the current one (in a batch, each record's add, inside its
+  span; the rows are written when the batch commits);
 * the relay's publisher: one PRODUCER span per record, ``<topic> publish``,
   linked to the context written in the row (the span that emitted it).
 

@@ -127,6 +127,42 @@ class InboxStoreContract(ABC):
         assert second_won is (first_outcome == "rollback")
         assert await inbox.contains("payments", "m-1", source=SOURCE) is True
 
+    async def test_a_batch_records_only_the_messages_not_recorded_before(
+        self, engine: AsyncEngine, inbox: InboxStore
+    ) -> None:
+        """What a batch of messages relies on: one read up front, one write at the end.
+
+        ``record_many`` reports exactly the keys it recorded (a key recorded
+        before, by this consumer, is left out: the batch then knows another
+        transaction took it); ``recorded`` reads them back, for this consumer
+        only, past its statement's bound of 500 keys.
+        """
+        await self.record(engine, inbox, "ledger", "m-1", "/billing")
+        await self.record(engine, inbox, "shipping", "m-2", "/billing")
+        keys = [("/billing", "m-1"), ("/billing", "m-2"), ("/shipping", "m-1")]
+        async with engine.begin() as conn:
+            assert await inbox.record_many(conn, "ledger", keys) == set(keys[1:])
+        async with engine.begin() as conn:
+            assert await inbox.record_many(conn, "ledger", keys) == set()
+
+        many = [("/billing", f"n-{i}") for i in range(1200)]
+        async with engine.begin() as conn:
+            assert await inbox.record_many(conn, "ledger", many[::2]) == set(many[::2])
+        async with engine.begin() as conn:
+            assert await inbox.recorded(conn, "ledger", many + keys) == set(many[::2] + keys)
+            assert await inbox.recorded(conn, "shipping", keys) == {("/billing", "m-2")}
+
+    async def test_a_batch_rolled_back_records_nothing(
+        self, engine: AsyncEngine, inbox: InboxStore
+    ) -> None:
+        keys = [(SOURCE, "m-1"), (SOURCE, "m-2")]
+        with pytest.raises(Boom):
+            async with engine.begin() as conn:
+                assert await inbox.record_many(conn, "payments", keys) == set(keys)
+                raise Boom
+        async with engine.begin() as conn:
+            assert await inbox.recorded(conn, "payments", keys) == set()
+
     async def test_contains_sees_only_committed_records(
         self, engine: AsyncEngine, inbox: InboxStore
     ) -> None:
