@@ -275,9 +275,13 @@ class KafkaPublisher(Publisher):
         producer = self._producer
         assert producer is not None
         run = _Run(batch, current_send_gate())
-        lanes: dict[TopicPartition, list[_Item]] = {}
+        lanes: dict[tuple[str, int], list[_Item]] = {}
         topic_errors: dict[str, PublishError | None] = {}
         placed: dict[tuple[str, bytes], int] = {}
+        # Topics whose partitions were known when last looked at, with no await
+        # since: nothing else runs in between, so no metadata refresh can have
+        # made aiokafka forget them, and their records need not ask again.
+        known: set[str] = set()
         refused = run.refused
         for index, message in enumerate(batch):
             topic = message.topic
@@ -285,27 +289,36 @@ class KafkaPublisher(Publisher):
             if key is not None and key in refused:
                 run.outcomes[index] = HeldBackError()
                 continue
-            if topic not in topic_errors:
-                topic_errors[topic] = await self._metadata_error(producer, topic)
-            error = topic_errors[topic]
-            if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
-                # Known when its first record was placed, but a metadata refresh
-                # since (an answer with an error for this topic, during a leader
-                # election say) made aiokafka forget its partitions: ask again.
-                error = await self._metadata_error(producer, topic)
+            if topic in known:
+                error = None
+            else:
+                if topic not in topic_errors:
+                    topic_errors[topic] = await self._metadata_error(producer, topic)
+                    known.clear()
+                error = topic_errors[topic]
+                if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
+                    # Known when its first record was placed, but a metadata refresh
+                    # since (an answer with an error for this topic, during a leader
+                    # election say) made aiokafka forget its partitions: ask again.
+                    error = await self._metadata_error(producer, topic)
+                    known.clear()
+                if error is None:
+                    known.add(topic)
             headers = list(message.headers)
             if error is None:
                 try:
                     key_bytes, value_bytes = producer._serialize(
                         message.key, message.value, headers
                     )
-                    partition = placed.get(key) if key is not None else None
-                    if partition is None:
+                    key_partition = placed.get(key) if key is not None else None
+                    if key_partition is None:
                         partition = producer._partition(
                             topic, None, message.key, message.value, key_bytes, value_bytes
                         )
                         if key is not None:
                             placed[key] = partition
+                    else:
+                        partition = key_partition
                 except KafkaError as exc:
                     error = translate_kafka_error(exc)
             if error is not None:
@@ -313,10 +326,15 @@ class KafkaPublisher(Publisher):
                 if key is not None:
                     refused.add(key)
                 continue
-            lane = lanes.setdefault(TopicPartition(topic, partition), [])
+            lane = lanes.get((topic, partition))
+            if lane is None:
+                lane = lanes[topic, partition] = []
             lane.append(_Item(index, message, key, key_bytes, value_bytes, headers))
         await asyncio.gather(
-            *(self._send_lane(producer, run, tp, lane) for tp, lane in lanes.items())
+            *(
+                self._send_lane(producer, run, TopicPartition(topic, partition), lane)
+                for (topic, partition), lane in lanes.items()
+            )
         )
         return run.outcomes
 
