@@ -115,6 +115,10 @@ def _text_array(values: Sequence[str]) -> str:
     return '{"' + joined.replace("\0", '","') + '"}'
 
 
+_CONVERT_ROWS = 50
+"""Rows :meth:`SqlOutboxStore.fetch_due` turns into messages at a time."""
+
+
 Transaction = AsyncSession | AsyncConnection
 """The caller's open transaction: an ``AsyncSession`` or an ``AsyncConnection``."""
 
@@ -564,7 +568,13 @@ class SqlOutboxStore(OutboxStore):
                 # Planning the fetch each time costs well under a millisecond.
                 await conn.execute(_CUSTOM_PLAN)
             result = await conn.execute(self._fetch, params)
-            return stored_messages(result.all())
+            # In slices, so that few rows and decoded headers are alive at once
+            # whenever the allocations set off a garbage collection (see
+            # stored_messages).
+            messages: list[StoredMessage] = []
+            for rows in result.partitions(_CONVERT_ROWS):
+                messages += stored_messages(rows)
+            return messages
 
     async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
         if not shards:
