@@ -71,14 +71,8 @@ from outbox.tables import OutboxTables, check_tables
 
 __all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
 
-_ASYNC_COMMIT = text(
-    "SELECT set_config('synchronous_commit', 'off', true), "
-    "set_config('plan_cache_mode', 'force_custom_plan', true)"
-)
-"""For the relay's marks on PostgreSQL: see :meth:`SqlOutboxStore.mark_published`."""
-
-_CUSTOM_PLAN = text("SET LOCAL plan_cache_mode = force_custom_plan")
-"""For the relay's reads on PostgreSQL: see :meth:`SqlOutboxStore.fetch_due`."""
+_ASYNC_COMMIT = text("(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL")
+"""A condition of the relay's marks on PostgreSQL: see :meth:`SqlOutboxStore.mark_published`."""
 
 
 def _array_param(name: str, item_type: Any) -> Any:
@@ -281,6 +275,11 @@ class SqlOutboxStore(OutboxStore):
         self._callbacks: list[Callable[[], None]] = []
         self._leases: dict[str, ShardLeases] = {}
         self._shards_checked = False
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.dialect == "postgresql"
+            else None
+        )
         self._added_key = f"outbox-added-{id(self):x}"
         self._committed_key = f"outbox-committed-{id(self):x}"
         t = tables.outbox
@@ -298,7 +297,11 @@ class SqlOutboxStore(OutboxStore):
         if self.dialect == "postgresql":
             ids = _array_param("ids", BigInteger())
             message_ids = _array_param("message_ids", String())
-            match = [t.c.id == any_(ids), t.c.message_id == any_(message_ids)]
+            match: list[Any] = [
+                t.c.id == any_(ids),
+                t.c.message_id == any_(message_ids),
+                _ASYNC_COMMIT,
+            ]
         else:
             match = [
                 t.c.id.in_(bindparam("ids", expanding=True)),
@@ -465,6 +468,33 @@ class SqlOutboxStore(OutboxStore):
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, what) from exc
 
+    @contextlib.asynccontextmanager
+    async def _relay_statement(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """A connection for one of the relay's own statements, each atomic by itself.
+
+        On PostgreSQL: in autocommit, and never prepared by psycopg. A
+        transaction cost a BEGIN and a COMMIT round trip around the statement,
+        and keeping PostgreSQL off a generic plan (see :meth:`fetch_due`) one
+        more; unprepared, the statement is planned for its parameters every
+        time, and a round trip to PostgreSQL costs the relay as much CPU as a
+        hundred rows. SQLite: a transaction, as elsewhere.
+        """
+        if self._autocommit is None:
+            async with self._begin(what) as conn:
+                yield conn
+            return
+        try:
+            async with self._autocommit.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                threshold = driver.prepare_threshold
+                driver.prepare_threshold = None
+                try:
+                    yield conn
+                finally:
+                    driver.prepare_threshold = threshold
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, what) from exc
+
     def _pending(self) -> Any:
         t = self.tables.outbox
         return and_(t.c.published_at_ms.is_(None), t.c.parked_at_ms.is_(None))
@@ -560,13 +590,12 @@ class SqlOutboxStore(OutboxStore):
             return []
         in_flight = _int_array(exclude) if self.dialect == "postgresql" else list(exclude)
         params = {"shards": sorted(shards), "limit": limit, "exclude": in_flight}
-        async with self._begin("could not read the outbox") as conn:
-            if self.dialect == "postgresql":
-                # psycopg prepares a statement run often, and PostgreSQL may then
-                # switch to a generic plan: one that knows neither the limit nor
-                # the rows left out, and compares every row with each of those.
-                # Planning the fetch each time costs well under a millisecond.
-                await conn.execute(_CUSTOM_PLAN)
+        # Unprepared (see _relay_statement): psycopg prepares a statement run
+        # often, and PostgreSQL may then switch to a generic plan, one that
+        # knows neither the limit nor the rows left out and compares every row
+        # with each of those. Planning the fetch each time costs well under a
+        # millisecond.
+        async with self._relay_statement("could not read the outbox") as conn:
             result = await conn.execute(self._fetch, params)
             # In slices, so that few rows and decoded headers are alive at once
             # whenever the allocations set off a garbage collection (see
@@ -604,14 +633,14 @@ class SqlOutboxStore(OutboxStore):
                 return 0
             statement = self._mark_fenced
             params.update(owner=fence.owner, fences=fences)
-        async with self._begin("could not mark outbox rows as published") as conn:
-            if self.dialect == "postgresql":
-                # A mark lost to a database crash only makes the relay publish
-                # those rows again (at-least-once allows it), so the relay need
-                # not wait for the WAL flush: on a busy server that wait was
-                # most of the mark's time. Planned for its own parameters (see
-                # fetch_due), "message id in the batch" stays a hash lookup.
-                await conn.execute(_ASYNC_COMMIT)
+        # On PostgreSQL the statement commits without waiting for the WAL
+        # flush (_ASYNC_COMMIT: set for the statement's own transaction, before
+        # it touches a row): a mark lost to a database crash only makes the
+        # relay publish those rows again (at-least-once allows it), and on a
+        # busy server that wait was most of the mark's time. Planned for its
+        # own parameters (see _relay_statement), "message id in the batch"
+        # stays a hash lookup.
+        async with self._relay_statement("could not mark outbox rows as published") as conn:
             result = await conn.execute(statement, params)
             return int(result.rowcount)
 
