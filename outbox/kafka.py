@@ -275,9 +275,17 @@ class KafkaPublisher(Publisher):
         producer = self._producer
         assert producer is not None
         run = _Run(batch, current_send_gate())
-        lanes: dict[TopicPartition, list[_Item]] = {}
+        # A lane holds positions in the batch, not an object per record: a
+        # batch lives long enough for the garbage collector to move what it
+        # holds to its oldest generation, and every object moved there brings
+        # the next full collection closer (see _Run).
+        lanes: dict[tuple[str, int], list[int]] = {}
         topic_errors: dict[str, PublishError | None] = {}
         placed: dict[tuple[str, bytes], int] = {}
+        # Topics whose partitions were known when last looked at, with no await
+        # since: nothing else runs in between, so no metadata refresh can have
+        # made aiokafka forget them, and their records need not ask again.
+        known: set[str] = set()
         refused = run.refused
         for index, message in enumerate(batch):
             topic = message.topic
@@ -285,27 +293,35 @@ class KafkaPublisher(Publisher):
             if key is not None and key in refused:
                 run.outcomes[index] = HeldBackError()
                 continue
-            if topic not in topic_errors:
-                topic_errors[topic] = await self._metadata_error(producer, topic)
-            error = topic_errors[topic]
-            if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
-                # Known when its first record was placed, but a metadata refresh
-                # since (an answer with an error for this topic, during a leader
-                # election say) made aiokafka forget its partitions: ask again.
-                error = await self._metadata_error(producer, topic)
-            headers = list(message.headers)
+            if topic in known:
+                error = None
+            else:
+                if topic not in topic_errors:
+                    topic_errors[topic] = await self._metadata_error(producer, topic)
+                    known.clear()
+                error = topic_errors[topic]
+                if error is None and producer.client.cluster.partitions_for_topic(topic) is None:
+                    # Known when its first record was placed, but a metadata refresh
+                    # since (an answer with an error for this topic, during a leader
+                    # election say) made aiokafka forget its partitions: ask again.
+                    error = await self._metadata_error(producer, topic)
+                    known.clear()
+                if error is None:
+                    known.add(topic)
             if error is None:
                 try:
-                    key_bytes, value_bytes = producer._serialize(
-                        message.key, message.value, headers
+                    serialized = producer._serialize(
+                        message.key, message.value, list(message.headers)
                     )
-                    partition = placed.get(key) if key is not None else None
-                    if partition is None:
+                    key_partition = placed.get(key) if key is not None else None
+                    if key_partition is None:
                         partition = producer._partition(
-                            topic, None, message.key, message.value, key_bytes, value_bytes
+                            topic, None, message.key, message.value, *serialized
                         )
                         if key is not None:
                             placed[key] = partition
+                    else:
+                        partition = key_partition
                 except KafkaError as exc:
                     error = translate_kafka_error(exc)
             if error is not None:
@@ -313,10 +329,17 @@ class KafkaPublisher(Publisher):
                 if key is not None:
                     refused.add(key)
                 continue
-            lane = lanes.setdefault(TopicPartition(topic, partition), [])
-            lane.append(_Item(index, message, key, key_bytes, value_bytes, headers))
+            run.keys[index] = key
+            run.serialized[index] = serialized
+            lane = lanes.get((topic, partition))
+            if lane is None:
+                lane = lanes[topic, partition] = []
+            lane.append(index)
         await asyncio.gather(
-            *(self._send_lane(producer, run, tp, lane) for tp, lane in lanes.items())
+            *(
+                self._send_lane(producer, run, TopicPartition(topic, partition), lane)
+                for (topic, partition), lane in lanes.items()
+            )
         )
         return run.outcomes
 
@@ -333,40 +356,46 @@ class KafkaPublisher(Publisher):
         return None
 
     async def _send_lane(
-        self, producer: AIOKafkaProducer, run: _Run, tp: TopicPartition, lane: list[_Item]
+        self, producer: AIOKafkaProducer, run: _Run, tp: TopicPartition, lane: list[int]
     ) -> None:
-        """Send one partition's records, one record batch at a time, each acknowledged first."""
-        outcomes = run.outcomes
+        """Send one partition's records, one record batch at a time, each acknowledged first.
+
+        ``lane`` holds the records' positions in the batch.
+        """
+        batch, keys, serialized, outcomes = run.batch, run.keys, run.serialized, run.outcomes
         position = 0
         # Up to this position, each record batch holds one record (see below).
         one_by_one = 0
         while position < len(lane):
             builder = producer.create_batch()
-            chunk: list[_Item] = []
+            chunk: list[int] = []
             start = position
             while position < len(lane):
-                item = lane[position]
-                if item.key is not None and item.key in run.refused:
-                    outcomes[item.index] = HeldBackError()
+                index = lane[position]
+                key = keys[index]
+                if key is not None and key in run.refused:
+                    outcomes[index] = HeldBackError()
                     position += 1
                     continue
                 if chunk and position < one_by_one:
                     break
-                if not run.may_send(item.message):
+                message = batch[index]
+                if not run.may_send(message):
                     break
+                key_bytes, value_bytes = serialized[index]
                 if (
                     builder.append(
                         timestamp=None,
-                        key=item.key_bytes,
-                        value=item.value_bytes,
-                        headers=item.headers,
+                        key=key_bytes,
+                        value=value_bytes,
+                        headers=list(message.headers),
                     )
                     is None
                 ):
                     if not chunk:  # cannot happen: an empty batch takes any record
                         raise RuntimeError("an empty record batch refused a record")
                     break
-                chunk.append(item)
+                chunk.append(index)
                 position += 1
             if chunk:
                 builder.close()  # full control over its records; sent without lingering
@@ -395,9 +424,9 @@ class KafkaPublisher(Publisher):
                         position = start
                         continue
                     for failed in chunk:
-                        outcomes[failed.index] = error
-                        if failed.key is not None:
-                            run.refused.add(failed.key)
+                        outcomes[failed] = error
+                        if (key := keys[failed]) is not None:
+                            run.refused.add(key)
                     if refused_batch:
                         # One record refused: its key's later records are held
                         # back above; the other keys of the lane go on.
@@ -405,38 +434,36 @@ class KafkaPublisher(Publisher):
                     # A later batch of the partition could land while this one did
                     # not (see the module docstring): hold the rest of the lane back.
                     for held in lane[position:]:
-                        outcomes[held.index] = HeldBackError()
+                        outcomes[held] = HeldBackError()
                     return
             if run.stopped:
-                for item in lane[position:]:
-                    outcomes[item.index] = NotSentError()
+                for index in lane[position:]:
+                    outcomes[index] = NotSentError()
                 return
-
-
-@dataclass(slots=True)
-class _Item:
-    """A record of a lane: its place in the batch, and its serialized parts."""
-
-    index: int
-    message: StoredMessage
-    key: tuple[str, bytes] | None
-    key_bytes: bytes | None
-    value_bytes: bytes | None
-    headers: list[tuple[str, bytes]]
 
 
 @dataclass
 class _Run:
-    """What the lanes of one publish call share: outcomes, refused keys, the send gate."""
+    """What the lanes of one publish call share: outcomes, refused keys, the send gate.
+
+    Per record, by its position in the batch: its topic and key, and its key
+    and value as serialized when it was placed (tuples of bytes, which the
+    garbage collector stops tracking; an object per record would be tracked
+    for as long as the batch lives).
+    """
 
     batch: Sequence[StoredMessage]
     gate: Callable[[StoredMessage], bool] | None
     outcomes: list[PublishError | None] = field(init=False)
+    keys: list[tuple[str, bytes] | None] = field(init=False)
+    serialized: list[tuple[bytes | None, bytes | None]] = field(init=False)
     refused: set[tuple[str, bytes]] = field(default_factory=set)
     stopped: bool = False
 
     def __post_init__(self) -> None:
         self.outcomes = [None] * len(self.batch)
+        self.keys = [None] * len(self.batch)
+        self.serialized = [(None, None)] * len(self.batch)
 
     def may_send(self, message: StoredMessage) -> bool:
         """Ask the gate; once it refuses, every lane stops sending."""

@@ -200,6 +200,21 @@ class OutboxStoreContract(ABC):
         stats = await store.stats()
         assert (stats.pending, stats.parked, stats.published) == (1, 0, 2)
 
+    async def test_rows_with_any_message_id_are_marked_and_left_out_while_in_flight(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """Message ids are the writer's: quotes, commas or "NULL" must not confuse the mark."""
+        odd = ['say "hi"', "back\\slash", "a,b", "{braced}", " spaced ", "NULL", "ünï ☃", '\\"']
+        await self.add(engine, store, *(message(message_id=i) for i in odd), message())
+        fetched = await self.fetch(store)
+        in_flight, rest = fetched[:4], fetched[4:]
+
+        every_shard = set(range(store.shards))
+        ahead = await store.fetch_due(every_shard, 100, exclude={m.id for m in in_flight})
+        assert self.ids(ahead) == self.ids(rest)
+        assert await store.mark_published(fetched[:-1]) == len(odd)
+        assert self.ids(await self.fetch(store)) == [fetched[-1].message_id]
+
     async def test_mark_published_needs_the_message_id_as_well_as_the_row_id(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
