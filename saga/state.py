@@ -41,7 +41,9 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    literal_column,
     select,
+    true,
     tuple_,
     union_all,
 )
@@ -169,8 +171,21 @@ class SagaStates:
             table.c.saga_name == bindparam("saga_name"), table.c.saga_id == bindparam("saga_id")
         )
         self._select_for_update = self._select.with_for_update()
-        self._advisory_lock = select(
-            func.pg_advisory_xact_lock(func.hashtext(bindparam("lock_key", type_=String())))
+        advisory_lock = func.pg_advisory_xact_lock(
+            func.hashtext(bindparam("lock_key", type_=String()))
+        )
+        # PostgreSQL: one round trip when the view exists (its row lock is
+        # enough), see load().
+        view = self._select_for_update.cte("saga_view")
+        lock = (
+            select(advisory_lock)
+            .where(~select(literal_column("1")).select_from(view).exists())
+            .cte("saga_lock")
+        )
+        locked = select(func.count()).select_from(lock).scalar_subquery().label("locked")
+        one = select(literal_column("1").label("one")).subquery("one")
+        self._select_or_lock = select(view.c.stamp, view.c.ended, locked).select_from(
+            one.outerjoin(view, true())
         )
         self._by_id = select(table.c.saga_name, table.c.stamp).where(
             table.c.saga_id == bindparam("saga_id")
@@ -197,20 +212,39 @@ class SagaStates:
     ) -> SagaView | None:
         """Read the view of saga ``saga_name`` ``saga_id`` inside ``tx``, locked until ``tx`` ends.
 
-        On PostgreSQL a transaction-scoped advisory lock on the saga comes
-        first: ``FOR UPDATE`` alone locks nothing while the row does not exist,
-        and two first messages of a saga must not both insert a view.
+        On PostgreSQL, ``FOR UPDATE`` alone locks nothing while the row does
+        not exist, and two first messages of a saga must not both insert a
+        view. So the locked read takes, in the same statement and only when
+        it finds no row, a transaction-scoped advisory lock on the saga, and
+        the row is then read again: a view that exists (the usual case) costs
+        one round trip, a missing one two, as when the lock always came first.
+        The second read must be a statement of its own: a statement sees the
+        rows committed when it began, and the lock may have waited for the
+        transaction that was inserting the view. Every writer of a view holds
+        its row lock, or the advisory lock while there is no row.
         (SQLite transactions already hold the database's write lock.)
         """
         key = {"saga_name": saga_name, "saga_id": saga_id}
         if lock and self._dialect == "postgresql":
-            await tx.execute(self._advisory_lock, {"lock_key": f"{saga_name}/{saga_id}"})
-        query = self._select_for_update if lock else self._select
+            found = await tx.execute(
+                self._select_or_lock, {**key, "lock_key": f"{saga_name}/{saga_id}"}
+            )
+            first = found.one()
+            if not first.locked:
+                return self._view(first.stamp, first.ended)
+            # There was no view: read again, under the advisory lock.
+            query = self._select_for_update
+        else:
+            query = self._select_for_update if lock else self._select
         row = (await tx.execute(query, key)).first()
-        if row is None:
+        return None if row is None else self._view(row.stamp, row.ended)
+
+    def _view(self, stamp: bytes | None, ended: str | None) -> SagaView | None:
+        if stamp is None:
             return None
-        ended = None if row.ended is None else SagaStatus(row.ended)
-        return SagaView(stamp=self._decode(row.stamp), ended=ended)
+        return SagaView(
+            stamp=self._decode(stamp), ended=None if ended is None else SagaStatus(ended)
+        )
 
     async def create(self, tx: Transaction, stamp: Stamp) -> bool:
         """Insert the first view of a new saga; ``False`` if this saga (name, id) exists."""

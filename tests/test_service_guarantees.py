@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from support import core_codec, read_topic
 
 from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine, ensure_topics
@@ -205,6 +205,35 @@ async def test_transient_failure_is_retried_without_leftovers(harness: Harness) 
     assert len(await h.rows(h.tables.outbox)) == 1
     records = await read_topic(h.kafka, h.topic_out, 1)
     assert len(records) == 1
+
+
+async def committed_offset(kafka: KafkaSettings, group: str, tp: TopicPartition) -> int | None:
+    """The offset ``group`` committed for ``tp``, as a monitoring tool reads it (no join)."""
+    reader = AIOKafkaConsumer(**kafka.consumer_kwargs(group))
+    await reader.start()
+    try:
+        return await reader.committed(tp)
+    finally:
+        await reader.stop()
+
+
+async def test_a_running_service_commits_its_offsets_without_being_stopped(
+    harness: Harness,
+) -> None:
+    """Offsets are committed an interval after processing (not per record), and not only at stop:
+    a group's lag reaches zero while its service runs on."""
+    h = harness
+    service = h.service(bind_out(h))
+    async with service:
+        for seq in range(3):
+            await h.send(h.item("k", seq), partition=0)
+        await until(lambda: service.stats.processed == 3)
+        tp = TopicPartition(h.topic_in, 0)
+        deadline = time.monotonic() + 10
+        while await committed_offset(h.kafka, "svc", tp) != 3:
+            assert time.monotonic() < deadline, "the offset was never committed"
+            await asyncio.sleep(0.1)
+        assert service.stats.processed == 3  # still running, nothing redone
 
 
 async def test_redelivered_messages_change_state_once(harness: Harness) -> None:

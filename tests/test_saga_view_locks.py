@@ -1,0 +1,95 @@
+"""A saga view is read under a lock held until the transaction ends, on real databases.
+
+Two messages of one saga handled at once (two consumers of a partition during
+a rebalance, or a batch and a dead letter) must not both start from the same
+old view: the second waits for the first transaction and merges into what it
+saved. That holds for the first messages of a saga too, when there is no row
+to lock yet (on PostgreSQL an advisory lock stands in for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox import create_engine
+from outbox.tables import create_tables
+from saga import AvroCodec, SagaStatus, SchemaRegistry
+from saga.stamp import Stamp
+from saga.state import SagaStates, SagaView
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[tuple[AsyncEngine, SagaStates]]:
+    engine = create_engine(database_url)
+    states = SagaStates(
+        MetaData(), AvroCodec(SchemaRegistry.default()), dialect=engine.dialect.name
+    )
+    await create_tables(engine, [states.table])
+    try:
+        yield engine, states
+    finally:
+        await engine.dispose()
+
+
+def stamp(version: int) -> Stamp:
+    return Stamp(
+        saga_name="book_trip",
+        saga_id="trip-1",
+        status=SagaStatus.RUNNING,
+        correlation_id="c-1",
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        version=version,
+    )
+
+
+async def second_reader(
+    engine: AsyncEngine, states: SagaStates, first_done: asyncio.Event
+) -> tuple[bool, SagaView | None]:
+    """Load the view in a transaction of its own; also tell whether the first had ended."""
+    async with engine.begin() as conn:
+        view = await states.load(conn, "book_trip", "trip-1")
+        return first_done.is_set(), view
+
+
+async def test_a_second_first_message_waits_for_the_view_the_first_creates(
+    store: tuple[AsyncEngine, SagaStates],
+) -> None:
+    engine, states = store
+    first_done = asyncio.Event()
+    async with engine.begin() as first:
+        assert await states.load(first, "book_trip", "trip-1") is None
+        second = asyncio.create_task(second_reader(engine, states, first_done))
+        await asyncio.sleep(0.3)  # the second transaction reads meanwhile, and must wait
+        await states.save(first, SagaView(stamp=stamp(version=1)))
+        first_done.set()
+    waited, view = await second
+    assert waited
+    assert view is not None
+    assert view.stamp.version == 1
+
+
+async def test_an_existing_view_stays_locked_until_its_reader_commits(
+    store: tuple[AsyncEngine, SagaStates],
+) -> None:
+    engine, states = store
+    async with engine.begin() as conn:
+        await states.save(conn, SagaView(stamp=stamp(version=1)))
+    first_done = asyncio.Event()
+    async with engine.begin() as first:
+        view = await states.load(first, "book_trip", "trip-1")
+        assert view is not None
+        assert view.stamp.version == 1
+        second = asyncio.create_task(second_reader(engine, states, first_done))
+        await asyncio.sleep(0.3)
+        await states.save(first, SagaView(stamp=stamp(version=2)))
+        first_done.set()
+    waited, view = await second
+    assert waited
+    assert view is not None
+    assert view.stamp.version == 2
