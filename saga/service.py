@@ -102,9 +102,11 @@ class ServiceSettings:
     The offset is always committed after the database commit, and at once when
     a partition is revoked or the service stops; in between, one offset commit
     covers whatever the partition processed during the interval instead of one
-    broker request per batch (at low load, per record). A crash redelivers at
-    most this interval's records, which the inbox recognises. ``timedelta(0)``
-    commits after every batch."""
+    broker request per batch (at low load, per record). A partition with
+    records waiting commits a second later than that, between two batches, so
+    as not to hold them up for the broker's answer. A crash redelivers at most
+    this interval's records (a second more under load), which the inbox
+    recognises. ``timedelta(0)`` commits after every batch."""
 
     source: str | None = None
     """CloudEvents ``source`` of emitted events; defaults to ``/choreosaga/<name>``.

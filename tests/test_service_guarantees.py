@@ -66,7 +66,9 @@ class Harness:
         await self.producer.stop()
         await self.engine.dispose()
 
-    def service(self, handler: Callable[[MessageContext], Any], name: str = "svc") -> Service:
+    def service(
+        self, handler: Callable[[MessageContext], Any], name: str = "svc", **settings: Any
+    ) -> Service:
         service = Service(
             name,
             engine=self.engine,
@@ -74,7 +76,7 @@ class Harness:
             codec=self.codec,
             tables=self.tables,
             settings=ServiceSettings(
-                shards=4, retry=RetryPolicy(initial_interval=timedelta(milliseconds=20))
+                shards=4, retry=RetryPolicy(initial_interval=timedelta(milliseconds=20)), **settings
             ),
         )
         service.add_handler(self.topic_in, ITEM, handler)
@@ -234,6 +236,31 @@ async def test_a_running_service_commits_its_offsets_without_being_stopped(
             assert time.monotonic() < deadline, "the offset was never committed"
             await asyncio.sleep(0.1)
         assert service.stats.processed == 3  # still running, nothing redone
+
+
+async def test_a_partition_that_never_drains_still_commits_its_offset(harness: Harness) -> None:
+    """Under load a busy partition does not wait for the broker after every batch, but its
+    committed offset still moves on while records keep waiting (a crash then redelivers only
+    the last second or so of them)."""
+    h = harness
+    slow = bind_out(h)
+
+    async def handler(ctx: MessageContext) -> None:
+        await asyncio.sleep(0.05)
+        await slow(ctx)
+
+    records = 80  # about 4 s of work, two records a batch: the partition never drains
+    for seq in range(records):
+        await h.send(h.item("k", seq), partition=0)
+    service = h.service(handler, batch_max_records=2)
+    tp = TopicPartition(h.topic_in, 0)
+    async with service:
+        deadline = time.monotonic() + 30
+        while not (await committed_offset(h.kafka, "svc", tp) or 0):
+            assert time.monotonic() < deadline, "the offset was never committed"
+            await asyncio.sleep(0.2)
+        assert service.stats.processed < records  # committed while records were waiting
+        await until(lambda: service.stats.processed == records, timeout=30)
 
 
 async def test_redelivered_messages_change_state_once(harness: Harness) -> None:
