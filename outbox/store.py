@@ -409,8 +409,23 @@ class SqlOutboxStore(OutboxStore):
         }
 
     async def check_ready(self) -> None:
+        self._require_psycopg()
         t = self.tables
         await check_tables(self.engine, [t.outbox, t.leases, t.relays])
+
+    def _require_psycopg(self) -> None:
+        """Refuse a PostgreSQL engine of another driver: the relay's statements need psycopg 3.
+
+        They bind id arrays as literals and turn off psycopg's prepared
+        statements (see :meth:`_relay_statement`); another driver accepts
+        the engine, and the writes, and fails the relay's first read.
+        """
+        driver = self.engine.dialect.driver
+        if self.dialect == "postgresql" and driver != "psycopg":
+            raise ConfigurationError(
+                f"the outbox relay reads PostgreSQL through psycopg 3, not {driver}: create "
+                "the engine with outbox.create_engine(url) or a postgresql+psycopg:// URL"
+            )
 
     def on_commit(self, callback: Callable[[], None]) -> None:
         if callback not in self._callbacks:
@@ -506,6 +521,7 @@ class SqlOutboxStore(OutboxStore):
             async with self._begin(what) as conn:
                 yield conn
             return
+        self._require_psycopg()
         try:
             async with self._autocommit.connect() as conn:
                 driver: Any = (await conn.get_raw_connection()).driver_connection

@@ -24,6 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 from support import core_codec, read_topic
 
 from outbox import (
@@ -175,6 +176,25 @@ async def test_relay_start_against_a_broker_refusing_idempotent_producers_raises
     relay_ = Relay(SqlOutboxStore(engine, tables), KafkaPublisher(settings))
     try:
         with pytest.raises(PublishError, match="KAFKA_ENABLE_IDEMPOTENCE=false"):
+            async with asyncio.timeout(STARTS_WITHIN):
+                await relay_.start()
+    finally:
+        await relay_.stop()
+        await engine.dispose()
+
+
+async def test_relay_on_an_engine_of_another_postgres_driver_is_refused_at_start(
+    postgres_url: str, kafka_settings: KafkaSettings
+) -> None:
+    """The relay reads and marks through psycopg 3 (autocommit, unprepared, array literals):
+    an engine of another driver is refused at start, saying what to use, not at its first round."""
+    pytest.importorskip("asyncpg")  # installed with the bench extra
+    engine = create_async_engine(make_url(postgres_url).set(drivername="postgresql+asyncpg"))
+    tables = OutboxTables()
+    await tables.create_all(engine)
+    relay_ = Relay(SqlOutboxStore(engine, tables), KafkaPublisher(kafka_settings))
+    try:
+        with pytest.raises(ConfigurationError, match="psycopg"):
             async with asyncio.timeout(STARTS_WITHIN):
                 await relay_.start()
     finally:
