@@ -188,7 +188,6 @@ async def test_relay_on_an_engine_of_another_postgres_driver_is_refused_at_start
 ) -> None:
     """The relay reads and marks through psycopg 3 (autocommit, unprepared, array literals):
     an engine of another driver is refused at start, saying what to use, not at its first round."""
-    pytest.importorskip("asyncpg")  # installed with the bench extra
     engine = create_async_engine(make_url(postgres_url).set(drivername="postgresql+asyncpg"))
     tables = OutboxTables()
     await tables.create_all(engine)
