@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from support import core_codec
+from support import consumer_record, core_codec
 
 from saga import (
     BrokerError,
@@ -632,19 +632,7 @@ async def test_a_different_record_at_a_reused_position_is_dead_lettered_too(
         pass
 
     def record(value: bytes) -> ConsumerRecord[bytes, bytes]:
-        return ConsumerRecord(
-            topic="orders",
-            partition=0,
-            offset=7,
-            timestamp=0,
-            timestamp_type=0,
-            key=b"k",
-            value=value,
-            checksum=None,
-            serialized_key_size=1,
-            serialized_value_size=len(value),
-            headers=[],
-        )
+        return consumer_record("orders", 7, b"k", value, [])
 
     try:
         await service.create_tables()

@@ -57,18 +57,28 @@ async def second_reader(
         return first_done.is_set(), view
 
 
+async def saves_while_another_reads(
+    engine: AsyncEngine, states: SagaStates, expected: int | None, saves: int
+) -> tuple[bool, SagaView | None]:
+    """Load the view (expecting version ``expected``) and, while holding it, let a second
+    transaction read it; then save version ``saves`` and commit. Returns what the second read
+    and whether it read only after the first had committed."""
+    first_done = asyncio.Event()
+    async with engine.begin() as first:
+        view = await states.load(first, "book_trip", "trip-1")
+        assert (view and view.stamp.version) == expected
+        second = asyncio.create_task(second_reader(engine, states, first_done))
+        await asyncio.sleep(0.3)  # the second transaction reads meanwhile, and must wait
+        await states.save(first, SagaView(stamp=stamp(version=saves)))
+        first_done.set()
+    return await second
+
+
 async def test_a_second_first_message_waits_for_the_view_the_first_creates(
     store: tuple[AsyncEngine, SagaStates],
 ) -> None:
     engine, states = store
-    first_done = asyncio.Event()
-    async with engine.begin() as first:
-        assert await states.load(first, "book_trip", "trip-1") is None
-        second = asyncio.create_task(second_reader(engine, states, first_done))
-        await asyncio.sleep(0.3)  # the second transaction reads meanwhile, and must wait
-        await states.save(first, SagaView(stamp=stamp(version=1)))
-        first_done.set()
-    waited, view = await second
+    waited, view = await saves_while_another_reads(engine, states, expected=None, saves=1)
     assert waited
     assert view is not None
     assert view.stamp.version == 1
@@ -80,16 +90,7 @@ async def test_an_existing_view_stays_locked_until_its_reader_commits(
     engine, states = store
     async with engine.begin() as conn:
         await states.save(conn, SagaView(stamp=stamp(version=1)))
-    first_done = asyncio.Event()
-    async with engine.begin() as first:
-        view = await states.load(first, "book_trip", "trip-1")
-        assert view is not None
-        assert view.stamp.version == 1
-        second = asyncio.create_task(second_reader(engine, states, first_done))
-        await asyncio.sleep(0.3)
-        await states.save(first, SagaView(stamp=stamp(version=2)))
-        first_done.set()
-    waited, view = await second
+    waited, view = await saves_while_another_reads(engine, states, expected=1, saves=2)
     assert waited
     assert view is not None
     assert view.stamp.version == 2
