@@ -19,8 +19,8 @@ on day 1. Two scratch PostgreSQL databases, side by side in one run:
 
 A *step* is the transaction a consumer runs for one saga message, through the
 library's own stores in an ``AsyncSession`` as ``saga.processing`` opens it:
-``SqlInboxStore.record`` (dedupe), ``SagaStates.load`` (advisory lock and
-``FOR UPDATE``), ``merge`` and ``SagaStates.save`` (upsert), and
+``SqlInboxStore.record`` (dedupe), ``SagaStates.load`` (``FOR UPDATE``, and
+an advisory lock while the view does not exist), ``merge`` and ``SagaStates.save`` (upsert), and
 ``SqlOutboxStore.add`` (one 200-byte event with a saga's headers), then the
 commit. Each saga gets two steps: the first inserts its view, the second
 updates it. Steps run one at a time, in rounds that alternate between the
@@ -374,8 +374,8 @@ async def main(args: argparse.Namespace) -> None:
                 ),
                 (
                     "step",
-                    "inbox.record + states.load (advisory lock, FOR UPDATE) + merge + "
-                    "states.save + outbox.add (1 event, 200-byte value) + commit",
+                    "inbox.record + states.load (FOR UPDATE; advisory lock for a new view) "
+                    "+ merge + states.save + outbox.add (1 event, 200-byte value) + commit",
                 ),
             ],
         )
