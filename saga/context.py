@@ -113,10 +113,24 @@ class MessageContext:
         """Emit an event that is published only once due (database clock).
 
         Give ``delay`` (after the commit) or ``deliver_at`` (aware datetime).
+
+        Raises:
+            ConfigurationError: In a saga handler, the event would be due later
+                than the service's saga views are kept
+                (``ServiceSettings.saga_retention``). By then the saga may have
+                ended and its view been purged, and the late event would start
+                the saga over as a new one. Raised in a handler, it is a bug:
+                the message is dead-lettered and the saga suspended.
         """
         if (delay is None) == (deliver_at is None):
             raise ConfigurationError("schedule() needs exactly one of delay and deliver_at")
+        self._check_due(event_type, delay, deliver_at)
         self._queue(event_type, data, topic=topic, key=key, delay=delay, deliver_at=deliver_at)
+
+    def _check_due(
+        self, event_type: str, delay: timedelta | None, deliver_at: datetime | None
+    ) -> None:
+        """Refuse a scheduled event due too late (a plain handler has no limit)."""
 
     def _queue(
         self,
@@ -210,38 +224,22 @@ class SagaContext(MessageContext):
         """Id of the saga."""
         return self.stamp.saga_id
 
-    def schedule(
-        self,
-        event_type: str,
-        data: Mapping[str, Any],
-        *,
-        delay: timedelta | None = None,
-        deliver_at: datetime | None = None,
-        topic: str | None = None,
-        key: bytes | None = None,
+    def _check_due(
+        self, event_type: str, delay: timedelta | None, deliver_at: datetime | None
     ) -> None:
-        """Emit an event published only once due, at most the saga retention ahead.
-
-        Raises:
-            ConfigurationError: The event would be due later than the
-                service's saga views are kept (``ServiceSettings.saga_retention``).
-                By then the saga may have ended and its view been purged, and
-                the late event would start the saga over as a new one. Raised
-                in a handler, it is a bug: the message is dead-lettered and the
-                saga suspended.
-        """
+        """At most the saga retention ahead (see :meth:`MessageContext.schedule`)."""
         limit = self.longest_schedule
-        if limit is not None and (delay is None) != (deliver_at is None):
-            if deliver_at is not None and deliver_at.tzinfo is None:
-                raise ConfigurationError("deliver_at must be timezone-aware")
-            ahead = delay if deliver_at is None else deliver_at - datetime.now(UTC)
-            if ahead is not None and ahead > limit:
-                raise ConfigurationError(
-                    f"cannot schedule {event_type} {ahead} ahead: saga views are kept "
-                    f"for {limit} (ServiceSettings.saga_retention), and an event due "
-                    "later could find its saga purged and start it over"
-                )
-        super().schedule(event_type, data, delay=delay, deliver_at=deliver_at, topic=topic, key=key)
+        if limit is None:
+            return
+        if deliver_at is not None and deliver_at.tzinfo is None:
+            raise ConfigurationError("deliver_at must be timezone-aware")
+        ahead = delay if deliver_at is None else deliver_at - datetime.now(UTC)
+        if ahead is not None and ahead > limit:
+            raise ConfigurationError(
+                f"cannot schedule {event_type} {ahead} ahead: saga views are kept "
+                f"for {limit} (ServiceSettings.saga_retention), and an event due "
+                "later could find its saga purged and start it over"
+            )
 
     def _default_topic(self) -> str:
         return self.saga_topic
