@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import KafkaSettings
+from outbox import KafkaSettings, OutboxTables
 from saga.codec import AvroCodec
 from saga.schemas import SchemaRegistry
+from saga.service import Service, ServiceSettings
 
 SCHEMAS = Path(__file__).parent / "schemas"
 
@@ -25,6 +28,19 @@ def core_codec() -> AvroCodec:
         # The parsed form: the canonical one drops defaults and logical types.
         registry.register(project.latest(name).parsed)
     return AvroCodec(registry)
+
+
+def offline_service(name: str, engine: AsyncEngine, **settings: Any) -> Service:
+    """A service whose records a test hands to ``service.processor`` itself: no broker is
+    ever contacted. Fresh outbox tables, the test codec, 4 shards unless ``settings`` say."""
+    return Service(
+        name,
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        codec=core_codec(),
+        tables=OutboxTables(sa.MetaData()),
+        settings=ServiceSettings(**{"shards": 4, **settings}),
+    )
 
 
 def consumer_record(

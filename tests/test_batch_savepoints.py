@@ -27,13 +27,12 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import consumer_record, core_codec
+from support import consumer_record, core_codec, offline_service
 
-from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
+from outbox import RetryPolicy, create_engine
 from outbox.message import decode_headers
 from saga.context import MessageContext
 from saga.envelope import Envelope, EnvelopeCodec
-from saga.service import Service, ServiceSettings
 from saga.telemetry import instrument
 
 ITEM = "choreosaga.test.Item"
@@ -54,20 +53,14 @@ class Direct:
             sa.Column("seq", sa.Integer, nullable=False),
         )
         self.metadata = metadata
-        self.tables = OutboxTables(sa.MetaData())
         self.behaviour: dict[int, Callable[[MessageContext], Awaitable[None]]] = {}
         self.calls: dict[int, int] = {}
-        self.service = Service(
+        self.service = offline_service(
             "direct",
-            engine=self.engine,
-            kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-            codec=self.codec,
-            tables=self.tables,
-            settings=ServiceSettings(
-                shards=4,
-                retry=RetryPolicy(initial_interval=timedelta(milliseconds=1), maximum_attempts=2),
-            ),
+            self.engine,
+            retry=RetryPolicy(initial_interval=timedelta(milliseconds=1), maximum_attempts=2),
         )
+        self.tables = self.service.tables
 
         @self.service.subscribe(TOPIC, ITEM)
         async def handle(ctx: MessageContext) -> None:

@@ -21,13 +21,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase
-from support import consumer_record, core_codec, metric_points
+from support import consumer_record, metric_points, offline_service
 
-from outbox import KafkaSettings, OutboxTables, RetryPolicy, create_engine
+from outbox import RetryPolicy, create_engine
 from saga import SagaContext, SagaStatus
 from saga.choreography import SAGA_ENDED
 from saga.envelope import Envelope
-from saga.service import Service, ServiceSettings
+from saga.service import Service
 from saga.stamp import Stamp
 from saga.telemetry import instrument
 
@@ -38,14 +38,7 @@ ITEM = "choreosaga.test.Item"
 async def initiator(postgres_url: str) -> AsyncIterator[Service]:
     # One connection, as when every connection of the pool is a partition's batch.
     engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=2)
-    service = Service(
-        "alpha",
-        engine=engine,
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        codec=core_codec(),
-        tables=OutboxTables(sa.MetaData()),
-        settings=ServiceSettings(shards=4),
-    )
+    service = offline_service("alpha", engine)
     yield service
     await engine.dispose()
 
@@ -77,19 +70,7 @@ async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator
     reader = InMemoryMetricReader()
     instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
     await initiator.create_tables()
-    stamps = []
-    for saga_id in ("s-1", "s-2"):
-        async with AsyncSession(initiator.engine) as session, session.begin():
-            stamps.append(
-                await initiator.start_saga(
-                    session,
-                    "s",
-                    saga_id=saga_id,
-                    event_type=ITEM,
-                    data={"key": saga_id, "seq": 0, "note": ""},
-                )
-            )
-    records = [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
+    records = await ended_sagas(initiator, ("s-1", "s-2"))
 
     await initiator.processor.process_batch(records)
 
@@ -124,19 +105,7 @@ async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connecti
     telemetry = instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
     telemetry.refresh_interval = 0.0
     await initiator.create_tables()
-    stamps = []
-    for saga_id in ("s-1", "s-2", "s-3"):
-        async with AsyncSession(initiator.engine) as session, session.begin():
-            stamps.append(
-                await initiator.start_saga(
-                    session,
-                    "s",
-                    saga_id=saga_id,
-                    event_type=ITEM,
-                    data={"key": saga_id, "seq": 0, "note": ""},
-                )
-            )
-    records = [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
+    records = await ended_sagas(initiator, ("s-1", "s-2", "s-3"))
 
     await initiator.processor.process_batch(records)
 
@@ -204,6 +173,25 @@ async def test_an_end_the_initiator_wrote_in_a_rolled_back_record_is_not_counted
 
     assert (initiator.stats.processed, initiator.stats.dead_lettered) == (1, 1)
     assert sum(p.count for p in metric_points(reader, "saga.duration")) == 1
+
+
+async def ended_sagas(
+    initiator: Service, saga_ids: tuple[str, ...]
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Start each saga, and return the records announcing its end, one per saga, in order."""
+    stamps = []
+    for saga_id in saga_ids:
+        async with AsyncSession(initiator.engine) as session, session.begin():
+            stamps.append(
+                await initiator.start_saga(
+                    session,
+                    "s",
+                    saga_id=saga_id,
+                    event_type=ITEM,
+                    data={"key": saga_id, "seq": 0, "note": ""},
+                )
+            )
+    return [ended_record(initiator, stamp, offset) for offset, stamp in enumerate(stamps)]
 
 
 def step_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[bytes, bytes]:

@@ -14,16 +14,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import consumer_record, core_codec
+from support import consumer_record, offline_service
 
-from outbox import KafkaSettings, OutboxTables, create_engine
+from outbox import create_engine
 from saga import SagaContext
 from saga.context import RecordInfo
 from saga.deadletter import REPLAY_GROUP_HEADER, REPLAY_HEADER
 from saga.envelope import Envelope
-from saga.service import Service, ServiceSettings
+from saga.service import Service
 from saga.stamp import Suspension
 
 ITEM = "choreosaga.test.Item"
@@ -32,14 +31,7 @@ ITEM = "choreosaga.test.Item"
 @pytest.fixture
 async def initiator(database_url: str) -> AsyncIterator[Service]:
     engine = create_engine(database_url)
-    service = Service(
-        "alpha",
-        engine=engine,
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        codec=core_codec(),
-        tables=OutboxTables(sa.MetaData()),
-        settings=ServiceSettings(shards=4),
-    )
+    service = offline_service("alpha", engine)
 
     @service.on_saga_end("s")
     async def end(ctx: SagaContext) -> None:

@@ -18,14 +18,14 @@ from aiokafka import ConsumerRecord
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.ext.asyncio import AsyncSession
-from support import consumer_record, core_codec, metric_points
+from support import consumer_record, metric_points, offline_service
 
-from outbox import KafkaSettings, OutboxTables, create_engine
+from outbox import create_engine
 from outbox.message import decode_headers
 from saga import SagaContext, SagaStatus
 from saga.choreography import SAGA_ENDED
 from saga.envelope import H
-from saga.service import Service, ServiceSettings
+from saga.service import Service
 from saga.telemetry import instrument
 
 ITEM = "choreosaga.test.Item"
@@ -34,14 +34,7 @@ ITEM = "choreosaga.test.Item"
 @pytest.fixture
 async def initiator(postgres_url: str) -> AsyncIterator[Service]:
     engine = create_engine(postgres_url)
-    service = Service(
-        "alpha",
-        engine=engine,
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        codec=core_codec(),
-        tables=OutboxTables(sa.MetaData()),
-        settings=ServiceSettings(shards=4),
-    )
+    service = offline_service("alpha", engine)
 
     @service.step("finish", saga="s", on=ITEM)
     async def finish(ctx: SagaContext) -> None:
