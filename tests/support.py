@@ -30,6 +30,21 @@ def core_codec() -> AvroCodec:
     return AvroCodec(registry)
 
 
+def trip_codec(namespace: str) -> AvroCodec:
+    """The project's schemas and two one-field events, ``TripRequested`` and ``SeatBooked``."""
+    registry = SchemaRegistry.default()
+    for name in ("TripRequested", "SeatBooked"):
+        registry.register(
+            {
+                "type": "record",
+                "name": name,
+                "namespace": namespace,
+                "fields": [{"name": "trip_id", "type": "string"}],
+            }
+        )
+    return AvroCodec(registry)
+
+
 def offline_service(name: str, engine: AsyncEngine, **settings: Any) -> Service:
     """A service whose records a test hands to ``service.processor`` itself: no broker is
     ever contacted. Fresh outbox tables, the test codec, 4 shards unless ``settings`` say."""

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support import trip_codec
 
 from outbox import InboxSettings, RelaySettings, RetryPolicy, create_engine
 from outbox.tables import create_tables
-from saga import AvroCodec, SagaContext, SagaStatus, SchemaRegistry, ServiceSettings
+from saga import AvroCodec, SagaContext, SagaStatus, ServiceSettings
 from saga.choreography import COMPENSATE, DEADLINE_REACHED
 from saga.errors import ConfigurationError
 from saga.stamp import Stamp, Suspension
@@ -28,21 +29,9 @@ from saga.testing import SagaHarness
 DAY_MS = 24 * 3600 * 1000
 
 
-def event(name: str) -> dict[str, Any]:
-    return {
-        "type": "record",
-        "name": name,
-        "namespace": "example.retention",
-        "fields": [{"name": "trip_id", "type": "string"}],
-    }
-
-
 @pytest.fixture(scope="module")
 def codec() -> AvroCodec:
-    registry = SchemaRegistry.default()
-    for name in ("TripRequested", "SeatBooked"):
-        registry.register(event(name))
-    return AvroCodec(registry)
+    return trip_codec("example.retention")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from support import trip_codec
 
 from outbox import KafkaSettings
 from saga import (
@@ -19,28 +20,15 @@ from saga import (
     BusinessFailure,
     SagaContext,
     SagaStatus,
-    SchemaRegistry,
     StepOutcome,
 )
 from saga.testing import SagaHarness
 from tests.conftest import PostgresDatabases
 
 
-def event(name: str) -> dict[str, Any]:
-    return {
-        "type": "record",
-        "name": name,
-        "namespace": "example.trips",
-        "fields": [{"name": "trip_id", "type": "string"}],
-    }
-
-
 @pytest.fixture(scope="module")
 def codec() -> AvroCodec:
-    registry = SchemaRegistry.default()
-    for name in ("TripRequested", "SeatBooked"):
-        registry.register(event(name))
-    return AvroCodec(registry)
+    return trip_codec("example.trips")
 
 
 @pytest.fixture(params=["memory", "kafka"])
