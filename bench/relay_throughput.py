@@ -37,7 +37,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -220,11 +221,15 @@ class TimedStore(SqlOutboxStore):
             self.clock.fetch += time.perf_counter() - started
 
     async def mark_published(
-        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+        self,
+        messages: Sequence[StoredMessage],
+        *,
+        fence: LeaseFence | None = None,
+        delete: bool = False,
     ) -> int:
         started = time.perf_counter()
         try:
-            marked = await super().mark_published(messages, fence=fence)
+            marked = await super().mark_published(messages, fence=fence, delete=delete)
         finally:
             self.clock.mark += time.perf_counter() - started
         self.clock.rounds += 1
@@ -346,14 +351,23 @@ async def relay_once(
     records: Sequence[Record],
     batch: int,
     insert_chunk: int,
+    *,
+    delete: bool = False,
 ) -> RelayRun:
-    """Insert the records, then time a relay from start until every row is marked."""
+    """Insert the records, then time a relay from start until every row is marked.
+
+    With ``delete``, the relay keeps no published rows (``retention`` zero):
+    its mark statement deletes them.
+    """
     messages = outbox_messages(topic, records)
     insert_seconds = await insert_rows(outbox.store(), messages, insert_chunk)
     clock = PhaseClock()
     store = outbox.timed_store(clock, target=len(messages))
     publisher = TimedPublisher(settings, clock)
-    relay = Relay(store, publisher, RelaySettings(batch_size=batch))
+    relay_settings = RelaySettings(batch_size=batch)
+    if delete:
+        relay_settings = replace(relay_settings, retention=timedelta(0))
+    relay = Relay(store, publisher, relay_settings)
     timeout = max(60.0, len(messages) / 500)
     try:
         # Connected before the clock starts, as the baseline's producer is.
@@ -365,8 +379,9 @@ async def relay_once(
         await relay.stop()
         await publisher.stop()  # already stopped by the relay unless it never started
     stats = await store.stats()
-    if stats.published != len(messages) or stats.pending or stats.parked:
-        raise RuntimeError(f"relay left the outbox inconsistent: {stats}")
+    kept = 0 if delete else len(messages)
+    if store.marked != len(messages) or stats.published != kept or stats.pending or stats.parked:
+        raise RuntimeError(f"relay left the outbox inconsistent: {stats}, {store.marked} marked")
     return RelayRun(insert_seconds, timing[0], clock)
 
 
@@ -467,6 +482,11 @@ async def relay_latency(
 # -- reporting ------------------------------------------------------------------
 
 
+def relay_path(kind: str, delete: bool) -> str:
+    """The name of a relay path in the tables: its database, and ``delete`` if it keeps no rows."""
+    return f"{kind}, delete" if delete else kind
+
+
 @dataclass
 class Results:
     """Everything measured, keyed by batch size and database."""
@@ -477,7 +497,7 @@ class Results:
     latency: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _throughput_table(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> str:
+def _throughput_table(args: argparse.Namespace, paths: Sequence[str], results: Results) -> str:
     n = args.messages
     serial = (
         statistics.median(rate(args.serial_messages, t.wall) for t in results.serial)
@@ -487,8 +507,8 @@ def _throughput_table(args: argparse.Namespace, dbs: Sequence[str], results: Res
     header = ["batch", "pipelined msg/s"]
     if serial is not None:
         header.append("send_and_wait msg/s")
-    for db in dbs:
-        header += [f"relay[{db}] msg/s", "/pipelined"]
+    for path in paths:
+        header += [f"relay[{path}] msg/s", "/pipelined"]
         if serial is not None:
             header.append("/send_and_wait")
     rows = []
@@ -497,8 +517,8 @@ def _throughput_table(args: argparse.Namespace, dbs: Sequence[str], results: Res
         row = [str(batch), f"{base:,.0f}"]
         if serial is not None:
             row.append(f"{serial:,.0f}")
-        for db in dbs:
-            relay = statistics.median(rate(n, r.relay.wall) for r in results.relay[batch, db])
+        for path in paths:
+            relay = statistics.median(rate(n, r.relay.wall) for r in results.relay[batch, path])
             row += [f"{relay:,.0f}", f"{relay / base:.2f}"]
             if serial is not None:
                 row.append(f"{relay / serial:.1f}")
@@ -511,7 +531,7 @@ def _throughput_table(args: argparse.Namespace, dbs: Sequence[str], results: Res
     return "\n".join(lines)
 
 
-def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> str:
+def _detail_table(args: argparse.Namespace, paths: Sequence[str], results: Results) -> str:
     n = args.messages
     rows = []
     for batch in args.batch_size:
@@ -532,8 +552,8 @@ def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results
                 f"{base_cpu * 1e6:.0f}",
             ]
         )
-        for db in dbs:
-            runs = results.relay[batch, db]
+        for path in paths:
+            runs = results.relay[batch, path]
 
             def phase(name: str, runs: list[RelayRun] = runs) -> str:
                 per_round = statistics.median(
@@ -545,7 +565,7 @@ def _detail_table(args: argparse.Namespace, dbs: Sequence[str], results: Results
             per_round = statistics.median(r.relay.wall / max(r.clock.rounds, 1) for r in runs)
             rows.append(
                 [
-                    f"relay[{db}]",
+                    f"relay[{path}]",
                     str(batch),
                     f"{statistics.median(rate(n, r.insert_seconds) for r in runs):,.0f}",
                     f"{per_round * 1000:.1f}",
@@ -600,9 +620,9 @@ def _latency_table(args: argparse.Namespace, results: Results) -> str:
     )
 
 
-def report(args: argparse.Namespace, dbs: Sequence[str], results: Results) -> str:
+def report(args: argparse.Namespace, paths: Sequence[str], results: Results) -> str:
     """Render the result tables."""
-    parts = [_throughput_table(args, dbs, results), _detail_table(args, dbs, results)]
+    parts = [_throughput_table(args, paths, results), _detail_table(args, paths, results)]
     if results.latency:
         parts.append(_latency_table(args, results))
     return "\n\n".join(parts)
@@ -642,11 +662,13 @@ def workload_facts(
 async def run(args: argparse.Namespace) -> None:
     """Run every measurement and print the tables."""
     kinds = DATABASES if args.database == "both" else (args.database,)
+    modes = (False, True) if args.published == "both" else (args.published == "delete",)
+    paths = [relay_path(kind, delete) for kind in kinds for delete in modes]
     records = make_records(args.messages, seed=1)
     serial_records = records[: args.serial_messages]
     latency_records = make_records(args.latency_samples + LATENCY_WARMUP, seed=2)
     results = Results()
-    steps_per_repeat = len(args.batch_size) * (1 + len(kinds)) + (1 if args.serial_messages else 0)
+    steps_per_repeat = len(args.batch_size) * (1 + len(paths)) + (1 if args.serial_messages else 0)
     steps_per_repeat += (1 + len(kinds)) if args.latency_samples else 0
     progress = Progress(args.repeat * steps_per_repeat)
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as workdir:
@@ -679,14 +701,21 @@ async def run(args: argparse.Namespace) -> None:
                         f"run {repeat} batch {batch}: baseline "
                         f"{rate(len(records), timing.wall):,.0f}/s"
                     )
-                    for db in dbs:
+                    for db, delete in ((db, delete) for db in dbs for delete in modes):
+                        path = relay_path(db.kind, delete)
                         async with topics.fresh("relay") as topic, db.fresh_outbox() as outbox:
                             done = await relay_once(
-                                settings, outbox, topic, records, batch, args.insert_chunk
+                                settings,
+                                outbox,
+                                topic,
+                                records,
+                                batch,
+                                args.insert_chunk,
+                                delete=delete,
                             )
-                        results.relay.setdefault((batch, db.kind), []).append(done)
+                        results.relay.setdefault((batch, path), []).append(done)
                         progress.step(
-                            f"run {repeat} batch {batch}: relay[{db.kind}] "
+                            f"run {repeat} batch {batch}: relay[{path}] "
                             f"{rate(len(records), done.relay.wall):,.0f}/s "
                             f"(insert {rate(len(records), done.insert_seconds):,.0f} rows/s)"
                         )
@@ -703,7 +732,7 @@ async def run(args: argparse.Namespace) -> None:
                             )
                         results.latency.setdefault(f"relay[{db.kind}] {wake}", []).extend(samples)
                         progress.step(f"run {repeat}: latency relay[{db.kind}]")
-    print(report(args, kinds, results), flush=True)
+    print(report(args, paths, results), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -732,6 +761,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=[*DATABASES, "both"],
         default="postgresql",
         help="outbox database for the relay runs",
+    )
+    parser.add_argument(
+        "--published",
+        choices=["keep", "delete", "both"],
+        default="both",
+        help="what the relay does with published rows: keeps them (the default "
+        "retention) or deletes them (retention zero)",
     )
     parser.add_argument(
         "--database-url",

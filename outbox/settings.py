@@ -344,7 +344,14 @@ class RelaySettings:
     """Backoff between attempts while the broker or database is unavailable."""
 
     retention: timedelta = timedelta(hours=1)
-    """How long published rows are kept before cleanup deletes them."""
+    """How long published rows are kept before cleanup deletes them.
+
+    Zero keeps none: the statement that would mark a batch published deletes
+    its rows instead. The relay's database work per row is then about half
+    (see ``bench/README.md``), and the outbox holds only what is still to be
+    published or parked; ``OutboxStore.stats().published`` stays at zero
+    (the relay's own counters still count what it published).
+    """
 
     cleanup_interval: timedelta = timedelta(minutes=1)
     """How often the relay deletes published rows older than ``retention``."""
@@ -366,14 +373,12 @@ class RelaySettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-        for name in (
-            "poll_interval",
-            "lease_ttl",
-            "retention",
-            "cleanup_interval",
-            "startup_timeout",
-        ):
+        for name in ("poll_interval", "lease_ttl", "cleanup_interval", "startup_timeout"):
             _positive_duration(name, getattr(self, name))
+        if not isinstance(self.retention, timedelta) or self.retention < timedelta(0):
+            raise ConfigurationError(
+                f"retention must be zero or a positive timedelta, not {self.retention!r}"
+            )
         if self.lease_ttl < timedelta(seconds=1):
             raise ConfigurationError("lease_ttl must be at least one second")
 

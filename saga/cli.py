@@ -79,6 +79,12 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--lease-ttl", type=float, default=10.0, help="shard lease, in seconds")
     p.add_argument("--poll-interval", type=float, default=1.0, help="fallback poll, in seconds")
     p.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        help="seconds published rows are kept; 0 deletes each row as it is published",
+    )
+    p.add_argument(
         "--create-tables", action="store_true", help="create the outbox tables if missing"
     )
     p.add_argument(
@@ -105,6 +111,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lease_ttl=timedelta(seconds=args.lease_ttl),
         poll_interval=timedelta(seconds=args.poll_interval),
+        retention=timedelta(seconds=args.retention),
         startup_timeout=timedelta(seconds=args.startup_timeout),
     )
     engine = create_engine(args.database_url)

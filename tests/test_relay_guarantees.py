@@ -115,6 +115,32 @@ async def test_commit_order_inversion_loses_nothing(
     assert values(await read_topic(kafka_settings, topic, 2)) == ["second-id", "first-id"]
 
 
+async def test_a_relay_that_keeps_no_published_rows_publishes_everything_in_order(
+    outbox: Outbox, kafka_settings: KafkaSettings, new_topic: Any
+) -> None:
+    """Retention zero: every row reaches the topic, in key order, and leaves the outbox."""
+    box = outbox
+    topic = await new_topic(partitions=1)
+    items = [(f"k{i % 3}", f"v{i}") for i in range(250)]
+    settings = RelaySettings(
+        batch_size=50,
+        poll_interval=FAST.poll_interval,
+        lease_ttl=FAST.lease_ttl,
+        retention=timedelta(0),
+    )
+    async with Relay(box.store, KafkaPublisher(kafka_settings), settings) as relay:
+        for first in range(0, len(items), 50):
+            await box.add(topic, items[first : first + 50])
+        await wait_drained(box)
+        assert relay.stats.published == len(items)
+    assert values(await read_topic(kafka_settings, topic, len(items))) == [v for _, v in items]
+    stats = await box.store.stats()
+    assert (stats.pending, stats.parked, stats.published) == (0, 0, 0)
+    async with box.engine.connect() as conn:
+        left = await conn.scalar(sa.select(sa.func.count()).select_from(box.tables.outbox))
+    assert left == 0
+
+
 async def test_sqlite_reused_ids_are_still_published(
     sqlite_url: str, kafka_settings: KafkaSettings, new_topic: Any
 ) -> None:

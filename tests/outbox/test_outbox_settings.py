@@ -278,6 +278,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
         {"poll_interval": timedelta(0)},
         {"lease_ttl": timedelta(milliseconds=500)},
         {"retention": timedelta(seconds=-1)},
+        {"retention": 0},
         {"cleanup_interval": 60},
         {"cleanup_batch_size": -1},
     ],
@@ -286,6 +287,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
         "zero poll",
         "short lease",
         "negative retention",
+        "retention not a timedelta",
         "interval not a timedelta",
         "negative cleanup batch",
     ],
@@ -293,6 +295,11 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
 def test_bad_relay_settings_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         RelaySettings(**options)
+
+
+def test_a_relay_may_keep_no_published_rows() -> None:
+    """Retention zero is valid: the relay deletes rows as it publishes them."""
+    assert RelaySettings(retention=timedelta(0)).retention == timedelta(0)
 
 
 def test_relay_settings_defaults_are_valid_and_retry_forever() -> None:

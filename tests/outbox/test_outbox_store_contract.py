@@ -200,6 +200,55 @@ class OutboxStoreContract(ABC):
         stats = await store.stats()
         assert (stats.pending, stats.parked, stats.published) == (1, 0, 2)
 
+    async def test_marking_with_delete_removes_exactly_the_given_rows(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """A relay that keeps no published rows deletes them; the others stay due."""
+        await self.add(engine, store, message(), message(), message())
+        first, second, third = await self.fetch(store)
+
+        assert await store.mark_published([first, third], delete=True) == 2
+        assert self.ids(await self.fetch(store)) == [second.message_id]
+        assert await store.mark_published([first, third], delete=True) == 0
+        stats = await store.stats()
+        assert (stats.pending, stats.parked, stats.published) == (1, 0, 0)
+
+    async def test_marking_with_delete_never_removes_a_row_published_meanwhile(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """Deleting is marking: a row another relay marked is not deleted (nor counted)."""
+        await self.add(engine, store, message(), message())
+        first, second = await self.fetch(store)
+        assert await store.mark_published([first]) == 1
+
+        assert await store.mark_published([first, second], delete=True) == 1
+        stats = await store.stats()
+        assert (stats.pending, stats.published) == (0, 1)
+
+    async def test_the_read_ahead_leaves_out_runs_and_scattered_ids_in_flight(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """In flight may be runs of consecutive ids or ids with gaps between them.
+
+        Runs are left out as ranges and scattered ids as an array: either way
+        exactly the rows in flight are left out, and the rows in the gaps
+        between them are read, in id order.
+        """
+        await self.add(engine, store, *(message() for _ in range(60)))
+        rows = await self.fetch(store)
+        every_shard = set(range(store.shards))
+        cases = {
+            "one run": rows[:20],
+            "two runs with a gap": rows[:10] + rows[15:30],
+            "every other row (too many runs for ranges)": rows[:40:2],
+            "nothing": [],
+        }
+        for case, in_flight in cases.items():
+            left_out = {m.id for m in in_flight}
+            ahead = await store.fetch_due(every_shard, 100, exclude=left_out)
+            expected = [m for m in rows if m.id not in left_out]
+            assert self.ids(ahead) == self.ids(expected), case
+
     async def test_rows_with_any_message_id_are_marked_and_left_out_while_in_flight(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
@@ -214,26 +263,6 @@ class OutboxStoreContract(ABC):
         assert self.ids(ahead) == self.ids(rest)
         assert await store.mark_published(fetched[:-1]) == len(odd)
         assert self.ids(await self.fetch(store)) == [fetched[-1].message_id]
-
-    async def test_mark_published_needs_the_message_id_as_well_as_the_row_id(
-        self, engine: AsyncEngine, store: OutboxStore
-    ) -> None:
-        """A row id taken over by another message (SQLite reuses ids) must not be marked."""
-        await self.add(engine, store, message())
-        (row,) = await self.fetch(store)
-        impostor = StoredMessage(
-            id=row.id,
-            message_id="some-other-message",
-            topic=row.topic,
-            key=row.key,
-            value=row.value,
-            headers=row.headers,
-            shard=row.shard,
-            attempts=row.attempts,
-        )
-
-        assert await store.mark_published([impostor]) == 0
-        assert self.ids(await self.fetch(store)) == [row.message_id]
 
     async def test_stats_count_due_scheduled_parked_and_published_rows(
         self, engine: AsyncEngine, store: OutboxStore
@@ -568,6 +597,30 @@ class TestSqliteOutboxStore(OutboxStoreContract):
             return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
         finally:
             conn.close()
+
+    async def test_mark_published_needs_the_message_id_as_well_as_the_row_id(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """A row id taken over by another message (SQLite reuses ids) must not be marked.
+
+        SQLite only: PostgreSQL takes ids from a sequence, never twice, and
+        marks by id alone.
+        """
+        await self.add(engine, store, message())
+        (row,) = await self.fetch(store)
+        impostor = StoredMessage(
+            id=row.id,
+            message_id="some-other-message",
+            topic=row.topic,
+            key=row.key,
+            value=row.value,
+            headers=row.headers,
+            shard=row.shard,
+            attempts=row.attempts,
+        )
+
+        assert await store.mark_published([impostor]) == 0
+        assert self.ids(await self.fetch(store)) == [row.message_id]
 
     async def test_reused_row_ids_are_fetched_and_marked_by_message_id(
         self, engine: AsyncEngine, store: OutboxStore
