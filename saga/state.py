@@ -127,6 +127,11 @@ def settle(stamp: Stamp) -> Stamp:
     return stamp if status is stamp.status else replace(stamp, status=status)
 
 
+def lock_key(saga_name: str, saga_id: str) -> str:
+    """What the advisory lock of a saga without a view is taken on (PostgreSQL)."""
+    return f"{saga_name}/{saga_id}"
+
+
 class SagaStates:
     """The ``saga_state`` table: one merged stamp per saga (name, id).
 
@@ -174,6 +179,7 @@ class SagaStates:
         advisory_lock = func.pg_advisory_xact_lock(
             func.hashtext(bindparam("lock_key", type_=String()))
         )
+        self._lock = select(advisory_lock)
         # PostgreSQL: one round trip when the view exists (its row lock is
         # enough), see load().
         view = self._select_for_update.cte("saga_view")
@@ -221,13 +227,14 @@ class SagaStates:
         The second read must be a statement of its own: a statement sees the
         rows committed when it began, and the lock may have waited for the
         transaction that was inserting the view. Every writer of a view holds
-        its row lock, or the advisory lock while there is no row.
-        (SQLite transactions already hold the database's write lock.)
+        its row lock, or the advisory lock while there is no row (:meth:`create`
+        takes it too). (SQLite transactions already hold the database's write
+        lock.)
         """
         key = {"saga_name": saga_name, "saga_id": saga_id}
         if lock and self._dialect == "postgresql":
             found = await tx.execute(
-                self._select_or_lock, {**key, "lock_key": f"{saga_name}/{saga_id}"}
+                self._select_or_lock, {**key, "lock_key": lock_key(saga_name, saga_id)}
             )
             first = found.one()
             if not first.locked:
@@ -247,7 +254,19 @@ class SagaStates:
         )
 
     async def create(self, tx: Transaction, stamp: Stamp) -> bool:
-        """Insert the first view of a new saga; ``False`` if this saga (name, id) exists."""
+        """Insert the first view of a new saga; ``False`` if this saga (name, id) exists.
+
+        On PostgreSQL, under the advisory lock that :meth:`load` takes when
+        there is no view. Without it, a message of the saga read while the
+        view is inserted would find none (the insert is not committed yet)
+        and its save would then overwrite the new view; and a view inserted
+        while such a message holds the lock would be overwritten the same way,
+        with its starter none the wiser. With it, either waits for the other:
+        the message merges into the new view, or the starter finds the
+        message's view and is told that the saga exists.
+        """
+        if self._dialect == "postgresql":
+            await tx.execute(self._lock, {"lock_key": lock_key(stamp.saga_name, stamp.saga_id)})
         values = self._values(SagaView(stamp=stamp))
         inserted = await tx.execute(self._create, values)
         return inserted.first() is not None

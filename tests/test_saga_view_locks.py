@@ -94,3 +94,43 @@ async def test_an_existing_view_stays_locked_until_its_reader_commits(
     assert waited
     assert view is not None
     assert view.stamp.version == 2
+
+
+async def test_a_saga_started_while_a_first_message_reads_its_view_waits_for_that_message(
+    store: tuple[AsyncEngine, SagaStates],
+) -> None:
+    engine, states = store
+    first_done = asyncio.Event()
+
+    async def start() -> tuple[bool, bool]:
+        async with engine.begin() as conn:
+            created = await states.create(conn, stamp(version=5))
+            return first_done.is_set(), created
+
+    async with engine.begin() as first:
+        assert await states.load(first, "book_trip", "trip-1") is None
+        starter = asyncio.create_task(start())
+        await asyncio.sleep(0.3)  # the saga is started meanwhile, and must wait
+        await states.save(first, SagaView(stamp=stamp(version=1)))
+        first_done.set()
+    waited, created = await starter
+    assert waited
+    # The starter learns that the saga exists, instead of seeing its view overwritten.
+    assert not created
+    assert await states.get(engine, "trip-1", "book_trip") == stamp(version=1)
+
+
+async def test_a_first_message_read_while_its_saga_is_started_waits_for_the_started_view(
+    store: tuple[AsyncEngine, SagaStates],
+) -> None:
+    engine, states = store
+    first_done = asyncio.Event()
+    async with engine.begin() as starter:
+        assert await states.create(starter, stamp(version=5))
+        reader = asyncio.create_task(second_reader(engine, states, first_done))
+        await asyncio.sleep(0.3)  # the first message is read meanwhile, and must wait
+        first_done.set()
+    waited, view = await reader
+    assert waited
+    assert view is not None
+    assert view.stamp.version == 5
