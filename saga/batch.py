@@ -126,9 +126,10 @@ class Batch:
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once the record in progress is committed (at once if it is already).
 
-        For what must happen once per record, not once per pass: a batch
-        whose transaction is lost drops its hooks, and its records, redone,
-        register them again.
+        For what must happen once per record, not once per pass (the
+        telemetry's per-record metrics): a batch whose transaction is lost,
+        or that rolls back on a conflict (:class:`BatchConflict`), drops its
+        hooks, and its records, redone, register them again.
         """
         if self.session is None or not self.joinable:
             hook()
