@@ -12,12 +12,12 @@ all its records in one statement when its transaction begins
 (:meth:`Batch.claim` then answers for each record), and keeps the records'
 inbox keys and outbox messages until it commits, to write them in one
 statement each (:meth:`Batch.commit`). Every outbox add on the batch's
-session is kept, a handler's own ``Service.publish`` included
-(:data:`outbox.store.WRITE_LATER`), so that outbox ids, which order a key's
-messages, follow the order of the adds. A record whose savepoint rolls back
-takes its deferred rows with it. The inbox write's ``ON CONFLICT DO
-NOTHING ... RETURNING`` tells the batch if another transaction recorded one
-of its messages since the read (:class:`BatchConflict`).
+session or on its connection is kept, a handler's own ``Service.publish``
+included (:data:`outbox.store.WRITE_LATER`), so that outbox ids, which order
+a key's messages, follow the order of the adds. A record whose savepoint
+rolls back takes its deferred rows with it. The inbox write's ``ON CONFLICT
+DO NOTHING ... RETURNING`` tells the batch if another transaction recorded
+one of its messages since the read (:class:`BatchConflict`).
 
 Each savepoint holds a subtransaction id once it writes. PostgreSQL caches
 64 of them per transaction; a batch of more records that write makes the
@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
@@ -118,6 +118,7 @@ class Batch:
         """Whether a released savepoint of the open transaction wrote outbox rows."""
         self.session: AsyncSession | None = None
         self.connection: AsyncConnection | None = None
+        self._connection_info: dict[Any, Any] | None = None
         self.joinable = False
         """Whether the record in progress may use the batch's transaction."""
         self.pending: dict[str, int] = {}
@@ -126,9 +127,10 @@ class Batch:
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once the record in progress is committed (at once if it is already).
 
-        For what must happen once per record, not once per pass: a batch
-        whose transaction is lost drops its hooks, and its records, redone,
-        register them again.
+        For what must happen once per record, not once per pass (the
+        telemetry's per-record metrics): a batch whose transaction is lost,
+        or that rolls back on a conflict (:class:`BatchConflict`), drops its
+        hooks, and its records, redone, register them again.
         """
         if self.session is None or not self.joinable:
             hook()
@@ -154,8 +156,22 @@ class Batch:
             except BaseException:
                 await session.close()
                 raise
+            # The same for an add on the session's connection (a handler's
+            # ``Service.publish(await ctx.session.connection(), ...)``): it is
+            # the same transaction, and a row written at once would take an
+            # outbox id ahead of the earlier records' rows. A connection's
+            # ``info`` stays with it in the pool: :meth:`_release` takes the
+            # key back before the connection goes.
+            self._connection_info = self.connection.info
+            self._connection_info[WRITE_LATER] = self._messages
             self.session = session
         return self.session
+
+    def _release(self) -> None:
+        """Stop deferring the adds on the batch's connection (see :meth:`join`)."""
+        info, self._connection_info = self._connection_info, None
+        if info is not None:
+            info.pop(WRITE_LATER, None)
 
     def claim(self, consumer: str, key: InboxKey) -> bool | None:
         """The inbox's answer for a record of the open transaction, without a statement.
@@ -231,6 +247,7 @@ class Batch:
         """Commit the open transaction (if any); raise :class:`BatchLost` if that fails."""
         session, self.session = self.session, None
         self.connection = None
+        self._release()
         wrote, self.wrote = self.wrote, False
         hooks, self._committed = self._committed, []
         claims, self._claims = list(self._claims), {}
@@ -279,6 +296,7 @@ class Batch:
     async def abandon(self) -> None:
         session, self.session = self.session, None
         self.connection = None
+        self._release()
         self.wrote = False
         self._committed = []
         self._claims = {}

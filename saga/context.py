@@ -61,7 +61,16 @@ class MessageContext:
         source: str,
     ) -> None:
         self.session = session
-        """The database session of the current transaction (already begun)."""
+        """The database session of the current transaction (already begun).
+
+        In a batch, the batch's session. Add outbox rows of your own with
+        ``Service.publish`` on it or on its connection
+        (``await ctx.session.connection()``): the batch keeps them and writes
+        them, in the order of its messages, when it commits. An ``INSERT``
+        into the outbox table written by hand would take an id ahead of the
+        rows of earlier messages, and a key's events would be published out
+        of order.
+        """
         self.envelope = envelope
         """The incoming message."""
         self.record = record

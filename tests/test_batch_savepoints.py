@@ -366,6 +366,38 @@ async def test_outbox_rows_follow_record_order_when_a_handler_publishes_itself(
     ]
 
 
+async def test_outbox_rows_follow_record_order_when_a_handler_publishes_on_the_connection(
+    direct: Direct,
+) -> None:
+    """As above, but record 1 publishes on its session's connection, not on the session.
+
+    Same transaction, so the same deferred, ordered write: its row must not
+    jump ahead of record 0's.
+    """
+
+    def published(seq: int) -> Envelope:
+        data = {"key": "k", "seq": seq, "note": "published"}
+        return Envelope(type=ITEM, data=data, source="/t", key=b"k")
+
+    async def publish(ctx: MessageContext) -> None:
+        await direct.service.publish(await ctx.session.connection(), published(1), topic=OUT)
+
+    direct.behaviour[1] = publish
+    records = [dataclasses.replace(r, key=b"k") for r in direct.records([0, 1, 2])]
+    await direct.service.processor.process_batch(records)
+    # The connection, back in the pool, writes at once again: not into a batch long gone.
+    async with direct.engine.begin() as conn:
+        await direct.service.publish(conn, published(3), topic=OUT)
+
+    assert await outbox_notes(direct) == [
+        (0, "seen"),
+        (1, "published"),
+        (1, "seen"),
+        (2, "seen"),
+        (3, "published"),
+    ]
+
+
 async def test_each_records_outbox_write_is_in_its_own_trace(direct: Direct) -> None:
     """With telemetry, a record's ``outbox write`` span is a child of that record's span.
 

@@ -1,9 +1,11 @@
-"""Telemetry of batches: a redone batch counts a saga's end once, and its outage.
+"""Telemetry of batches: a redone batch counts each record and saga end once, and its outage.
 
-When a batch's transaction is lost (the connection dies), its records are
-redone from the first uncommitted one. Spans show both passes; the
-``saga.duration`` metric, which counts sagas ending, must count each end
-once, when it is committed, and the outage metric must count the outage.
+When a batch's transaction is lost (the connection dies), or another
+consumer recorded one of its messages first, its records are redone from
+the first uncommitted one. Spans show both passes; the per-record metrics
+and ``saga.duration``, which counts sagas ending, must count each record
+and each end once, when it is committed, and the outage metric must count
+the outage.
 The gauges are read from the database while no batch holds a connection.
 ``process_batch`` is driven directly, on PostgreSQL, no broker needed.
 """
@@ -92,6 +94,55 @@ async def test_a_redone_batch_counts_its_saga_ends_once_and_its_outage(initiator
     assert sum(p.count for p in points["saga.duration"]) == 2
     # The outage the batch waited out (between records) is in the metric too.
     assert sum(p.value for p in points["saga.handler.outage_waits"]) == 1
+    # One record through the pipeline each, as committed: s-1's rolled-back pass is not one.
+    assert sum(p.count for p in points["saga.handler.duration"]) == 2
+
+
+async def test_a_batch_redone_after_a_conflict_counts_each_record_once(
+    initiator: Service, postgres_url: str
+) -> None:
+    """Another consumer of the partition records s-2's message while the batch runs.
+
+    The batch's inbox write finds it taken, the batch rolls back and is
+    redone: s-1 is handled again, s-2 is a duplicate. The metrics must tell
+    one record processed and one duplicate, as the counters do, not the
+    four passes the records went through.
+    """
+    other_consumer = create_engine(postgres_url)
+    s2_key: list[tuple[str, str]] = []  # s-2's (source, id) in the inbox, once known
+    taken: list[str] = []
+
+    @initiator.on_saga_end("s")
+    async def end(ctx: SagaContext) -> None:
+        if ctx.saga_id == "s-1" and not taken:
+            taken.append(ctx.saga_id)
+            (source, message_id) = s2_key[0]
+            async with other_consumer.begin() as conn:
+                name = initiator.processor.name
+                assert await initiator.inbox.record(conn, name, message_id, source=source)
+
+    reader = InMemoryMetricReader()
+    instrument(initiator, meter_provider=MeterProvider(metric_readers=[reader]))
+    await initiator.create_tables()
+    records = await ended_sagas(initiator, ("s-1", "s-2"))
+    identity = initiator.envelopes.identity(records[1].headers)
+    assert identity is not None
+    s2_key.append(identity)
+
+    try:
+        await initiator.processor.process_batch(records)
+    finally:
+        await other_consumer.dispose()
+
+    assert taken == ["s-1"]
+    assert (initiator.stats.processed, initiator.stats.duplicates) == (1, 1)
+    outcomes = sorted(
+        (p.attributes["saga.outcome"], p.count)
+        for p in metric_points(reader, "saga.handler.duration")
+    )
+    assert outcomes == [("duplicate", 1), ("processed", 1)]
+    assert sum(p.value for p in metric_points(reader, "saga.inbox.duplicates")) == 1
+    assert sum(p.count for p in metric_points(reader, "saga.duration")) == 1  # s-1's end
 
 
 async def test_the_gauges_are_read_after_the_batch_not_while_it_holds_a_connection(

@@ -24,6 +24,10 @@ Instruments (meter ``choreosaga``), each with the ``service`` attribute:
   ended, by ``saga.name`` and ``saga.step`` (the last step it knows of), set
   by :meth:`SagaMetrics.refresh_in_flight`, which reads the saga views.
 
+A record of a batch is counted once its batch commits: a batch redone
+(its transaction lost, or another consumer's inbox rows in the way) counts
+each record once, as the pass that committed went.
+
 The gauges are refreshed by :meth:`SagaMetrics.refresh`, which the
 interceptor calls at most every ``refresh_interval`` while records flow (an
 observable callback cannot await a database); call it yourself too if you

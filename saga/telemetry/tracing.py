@@ -184,29 +184,32 @@ class ServiceTelemetry:
             # Deltas of the service's counters: exact while partitions are
             # handled one record at a time, approximate when several partitions'
             # records overlap (a retry elsewhere may be counted here).
-            self.metrics.handled(
-                step=step or (envelope.type if envelope is not None else "undecodable"),
-                outcome=outcome,
-                seconds=time.perf_counter() - started,
-                retries=stats.retries - retried,
-                outages=stats.outage_waits - waited,
-            )
+            step_or_type = step or (envelope.type if envelope is not None else "undecodable")
+            seconds = time.perf_counter() - started
+            retries, outages = stats.retries - retried, stats.outage_waits - waited
+
+            def handled() -> None:
+                self.metrics.handled(
+                    step=step_or_type,
+                    outcome=outcome,
+                    seconds=seconds,
+                    retries=retries,
+                    outages=outages,
+                )
+                if envelope is not None and envelope.stamp is not None:
+                    self._saga_ended(envelope, record.topic, outcome)
+
+            # Inside a batch, once the record is committed: a batch whose
+            # transaction is lost, or that another consumer's inbox rows
+            # send back, redoes its records, and the metrics would count a
+            # record (or a saga's end) once per pass. The pass that commits
+            # is the one that happened; the span shows every pass.
             batch = CURRENT.get()
             if batch is None:
+                handled()
                 await self._refresh_gauges()  # inside a batch: once it is done
-            if envelope is not None and envelope.stamp is not None:
-                ended = envelope  # bound for the closure (mypy keeps the narrowing)
-
-                def saga_ended() -> None:
-                    self._saga_ended(ended, record.topic, outcome)
-
-                # Inside a batch, once the record is committed: a batch whose
-                # transaction is lost redoes its records, and an end handled
-                # twice would be counted twice.
-                if batch is None:
-                    saga_ended()
-                else:
-                    batch.after_commit(saga_ended)
+            else:
+                batch.after_commit(handled)
 
         return traced
 
