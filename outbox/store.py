@@ -95,6 +95,20 @@ def _int_array(values: Iterable[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def _text_array(values: Sequence[str]) -> str:
+    """The PostgreSQL array literal of strings ``values``, each quoted (see :func:`_array_param`).
+
+    PostgreSQL text cannot hold NUL, so NUL joins the elements while quotes and
+    backslashes are escaped in one pass over the whole text.
+    """
+    if not values:
+        return "{}"
+    joined = "\0".join(values)
+    if '"' in joined or "\\" in joined:
+        joined = joined.replace("\\", "\\\\").replace('"', '\\"')
+    return '{"' + joined.replace("\0", '","') + '"}'
+
+
 _MAX_RANGES = 16
 """Most id ranges the relay's read ahead leaves out as ranges (more: as an array of ids)."""
 
@@ -319,14 +333,19 @@ class SqlOutboxStore(OutboxStore):
             ),
             attempts=0,
         )
-        # SQLite reuses the ids of deleted rows, so there a row is identified
-        # by id AND message id (a message id names one row). PostgreSQL takes
-        # ids from a sequence and never hands one out twice: the id alone
-        # names the row, and the statement carries no message ids (for a
-        # batch of 500, 20 kB of text to build, send, parse and hash). It
-        # gets arrays, so the statement text is the same for every batch size.
+        # Rows are identified by id AND message id (a message id names one
+        # row): SQLite reuses the ids of deleted rows, and PostgreSQL hands an
+        # id out again after TRUNCATE ... RESTART IDENTITY, a sequence reset
+        # or a table re-created while a relay has a batch in flight; by id
+        # alone, its mark would then mark (or delete) new rows it never
+        # published. PostgreSQL gets arrays, so the statement text is the
+        # same for every batch size.
         if self.dialect == "postgresql":
-            match: list[Any] = [t.c.id == any_(_array_param("ids", BigInteger())), _ASYNC_COMMIT]
+            match: list[Any] = [
+                t.c.id == any_(_array_param("ids", BigInteger())),
+                t.c.message_id == any_(_array_param("message_ids", String())),
+                _ASYNC_COMMIT,
+            ]
         else:
             match = [
                 t.c.id.in_(bindparam("ids", expanding=True)),
@@ -709,11 +728,12 @@ class SqlOutboxStore(OutboxStore):
         if not messages:
             return 0
         ids = [m.id for m in messages]
+        message_ids = [m.message_id for m in messages]
         params: dict[str, Any]
         if self.dialect == "postgresql":
-            params = {"ids": _int_array(ids)}
+            params = {"ids": _int_array(ids), "message_ids": _text_array(message_ids)}
         else:
-            params = {"ids": ids, "message_ids": [m.message_id for m in messages]}
+            params = {"ids": ids, "message_ids": message_ids}
         statement = self._delete if delete else self._mark
         if fence is not None:
             fences = sorted(fence.epochs.items())

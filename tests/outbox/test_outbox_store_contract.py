@@ -4,7 +4,7 @@
 (the relay relies on all of it); each backend subclasses it and says how to
 make a store and how another client sees committed rows. Behaviour only one
 backend can show (commit-order inversion needs concurrent writers, which
-SQLite serialises; row-id reuse is SQLite's) lives in that backend's class.
+SQLite serialises; reusing a purged row's id is SQLite's) lives in that backend's class.
 """
 
 from __future__ import annotations
@@ -263,6 +263,32 @@ class OutboxStoreContract(ABC):
         assert self.ids(ahead) == self.ids(rest)
         assert await store.mark_published(fetched[:-1]) == len(odd)
         assert self.ids(await self.fetch(store)) == [fetched[-1].message_id]
+
+    async def test_mark_published_needs_the_message_id_as_well_as_the_row_id(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """A row id taken over by another message must not be marked nor deleted.
+
+        SQLite reuses the ids of deleted rows; PostgreSQL hands an id out
+        again after ``TRUNCATE ... RESTART IDENTITY``, a sequence reset or a
+        table re-created while a relay has a batch in flight.
+        """
+        await self.add(engine, store, message())
+        (row,) = await self.fetch(store)
+        impostor = StoredMessage(
+            id=row.id,
+            message_id="some-other-message",
+            topic=row.topic,
+            key=row.key,
+            value=row.value,
+            headers=row.headers,
+            shard=row.shard,
+            attempts=row.attempts,
+        )
+
+        assert await store.mark_published([impostor]) == 0
+        assert await store.mark_published([impostor], delete=True) == 0
+        assert self.ids(await self.fetch(store)) == [row.message_id]
 
     async def test_stats_count_due_scheduled_parked_and_published_rows(
         self, engine: AsyncEngine, store: OutboxStore
@@ -598,30 +624,6 @@ class TestSqliteOutboxStore(OutboxStoreContract):
         finally:
             conn.close()
 
-    async def test_mark_published_needs_the_message_id_as_well_as_the_row_id(
-        self, engine: AsyncEngine, store: OutboxStore
-    ) -> None:
-        """A row id taken over by another message (SQLite reuses ids) must not be marked.
-
-        SQLite only: PostgreSQL takes ids from a sequence, never twice, and
-        marks by id alone.
-        """
-        await self.add(engine, store, message())
-        (row,) = await self.fetch(store)
-        impostor = StoredMessage(
-            id=row.id,
-            message_id="some-other-message",
-            topic=row.topic,
-            key=row.key,
-            value=row.value,
-            headers=row.headers,
-            shard=row.shard,
-            attempts=row.attempts,
-        )
-
-        assert await store.mark_published([impostor]) == 0
-        assert self.ids(await self.fetch(store)) == [row.message_id]
-
     async def test_reused_row_ids_are_fetched_and_marked_by_message_id(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
@@ -658,6 +660,27 @@ class TestPostgresOutboxStore(OutboxStoreContract):
             row = conn.execute("SELECT count(*) FROM outbox").fetchone()
             assert row is not None
             return int(row[0])
+
+    async def test_a_batch_in_flight_across_a_restart_identity_marks_no_new_row(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """The outbox emptied with RESTART IDENTITY while a batch is in flight.
+
+        The new rows take the in-flight rows' ids; the relay's mark (or
+        delete) of the old batch must leave them pending, not drop them
+        unpublished.
+        """
+        await self.add(engine, store, message(), message())
+        in_flight = await self.fetch(store)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("TRUNCATE outbox RESTART IDENTITY"))
+        fresh = [message(), message()]
+        await self.add(engine, store, *fresh)
+        assert {m.id for m in await self.fetch(store)} == {m.id for m in in_flight}
+
+        assert await store.mark_published(in_flight) == 0
+        assert await store.mark_published(in_flight, delete=True) == 0
+        assert self.ids(await self.fetch(store)) == [m.message_id for m in fresh]
 
     async def test_row_committed_after_a_later_row_is_still_fetched(
         self, engine: AsyncEngine, store: OutboxStore
