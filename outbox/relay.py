@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import socket
@@ -129,6 +130,11 @@ class Relay:
             the default is ``prefix``, host, pid and a random part, made again
             in a process forked after the relay was created.
         prefix: What the default name starts with (a service's name).
+
+    Raises:
+        ConfigurationError: A name over 200 characters, or a retention of
+            zero with a store whose ``mark_published`` cannot delete (one
+            written before it took ``delete``).
     """
 
     def __init__(
@@ -149,6 +155,12 @@ class Relay:
         self._name = name or self._unique_name()
         if len(self._name) > 200:
             raise ConfigurationError("relay name must be at most 200 characters")
+        if not self.settings.retention and not _marks_can_delete(store):
+            raise ConfigurationError(
+                f"RelaySettings.retention zero needs a store whose mark_published takes "
+                f"delete=True; {type(store).__name__}.mark_published does not (keep "
+                f"retention above zero with this store)"
+            )
         self._state = _State.UNOPENED
         self._wake = asyncio.Event()
         self._publishing = asyncio.Lock()
@@ -740,6 +752,15 @@ class Relay:
             if deleted < limit:
                 return total
             await asyncio.sleep(0)
+
+
+def _marks_can_delete(store: OutboxStore) -> bool:
+    """Whether ``store.mark_published`` takes ``delete`` (a store written before it does not)."""
+    try:
+        parameters = inspect.signature(store.mark_published).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    return any(p.name == "delete" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _one_line(exc: BaseException) -> str:

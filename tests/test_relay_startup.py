@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -31,13 +32,17 @@ from outbox import (
     ConfigurationError,
     KafkaPublisher,
     KafkaSettings,
+    MemoryPublisher,
     OutboxMessage,
     OutboxTables,
     PublishError,
     Relay,
+    RelaySettings,
     SqlOutboxStore,
+    StoredMessage,
     create_engine,
 )
+from outbox.store import LeaseFence
 from saga.service import Service
 
 STARTS_WITHIN = 20.0
@@ -297,3 +302,45 @@ async def test_database_outage_after_start_is_retried_and_counted(
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["published"] == 2
     assert stats["failed_attempts"] > 0, log.read_text()
+
+
+class StoreWithoutDelete(SqlOutboxStore):
+    """A store written before ``mark_published`` took ``delete``."""
+
+    async def mark_published(
+        self, messages: Sequence[StoredMessage], *, fence: LeaseFence | None = None
+    ) -> int:
+        return await super().mark_published(messages, fence=fence)
+
+
+async def test_a_store_that_cannot_delete_is_refused_before_a_relay_keeping_no_rows_sends(
+    sqlite_url: str,
+) -> None:
+    """Retention zero with a store whose mark cannot delete: refused up front.
+
+    Not found out after the first batch went out (a TypeError that stopped
+    the relay with the batch still pending, sent again at every restart).
+    The same store still serves a relay that keeps published rows.
+    """
+    engine = create_engine(sqlite_url)
+    try:
+        tables = OutboxTables()
+        await tables.create_all(engine)
+        store = StoreWithoutDelete(engine, tables)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", key=b"k", value=b"v")])
+        publisher = MemoryPublisher()
+
+        with pytest.raises(ConfigurationError, match="delete"):
+            async with Relay(store, publisher, RelaySettings(retention=timedelta(0))):
+                await asyncio.sleep(1)  # time enough to publish the row
+        assert publisher.records == []
+        assert (await store.stats()).pending == 1
+
+        async with Relay(store, publisher, RelaySettings()):
+            async with asyncio.timeout(10):
+                while (await store.stats()).published < 1:
+                    await asyncio.sleep(0.05)
+        assert [r.value for r in publisher.records] == [b"v"]
+    finally:
+        await engine.dispose()
