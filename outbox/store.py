@@ -112,15 +112,21 @@ def _text_array(values: Sequence[str]) -> str:
 _MAX_RANGES = 16
 """Most id ranges the relay's read ahead leaves out as ranges (more: as an array of ids)."""
 
+_LARGEST_ID = 2**63 - 1
+"""The largest bigint, the last id a PostgreSQL outbox hands out."""
+
 
 def _id_ranges(ids: list[int]) -> str | None:
     """The ``int8range[]`` literal of ``ids`` as runs of consecutive ids, or None if too many.
 
-    Sorts ``ids`` in place.
+    Sorts ``ids`` in place. None as well when a run ends at the largest
+    bigint: PostgreSQL stores ``[a,b]`` as ``[a,b+1)``, which is out of range.
     """
     if not ids:
         return "{}"
     ids.sort()
+    if ids[-1] >= _LARGEST_ID:
+        return None
     ranges: list[str] = []
     start = previous = ids[0]
     for id_ in ids:

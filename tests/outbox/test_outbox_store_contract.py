@@ -682,6 +682,21 @@ class TestPostgresOutboxStore(OutboxStoreContract):
         assert await store.mark_published(in_flight, delete=True) == 0
         assert self.ids(await self.fetch(store)) == [m.message_id for m in fresh]
 
+    async def test_the_read_ahead_leaves_out_rows_in_flight_up_to_the_largest_id(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """Rows in flight whose ids reach the largest bigint are still left out, not an error."""
+        largest = 2**63 - 1
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f"ALTER SEQUENCE outbox_id_seq RESTART WITH {largest - 2}"))
+        await self.add(engine, store, message(), message(), message())
+        rows = await self.fetch(store)
+        assert [m.id for m in rows] == [largest - 2, largest - 1, largest]
+
+        in_flight = {m.id for m in rows[1:]}
+        ahead = await store.fetch_due(set(range(store.shards)), 10, exclude=in_flight)
+        assert self.ids(ahead) == self.ids(rows[:1])
+
     async def test_row_committed_after_a_later_row_is_still_fetched(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
