@@ -614,7 +614,10 @@ class SqlOutboxStore(OutboxStore):
             self._fetch = self._fetch_statement(
                 t.c.id != all_(_array_param("exclude", BigInteger()))
             )
-            in_ranges = t.c.id.op("<@", is_comparison=True)(
+            # The id as bigint: an outbox made by a migration of the
+            # application's own may have an integer id, and PostgreSQL has no
+            # integer <@ int8range (for a bigint id the cast is no work).
+            in_ranges = cast(t.c.id, BigInteger()).op("<@", is_comparison=True)(
                 any_(_array_param("exclude", INT8RANGE()))
             )
             self._fetch_ranges = self._fetch_statement(~in_ranges)

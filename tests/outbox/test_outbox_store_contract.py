@@ -697,6 +697,23 @@ class TestPostgresOutboxStore(OutboxStoreContract):
         ahead = await store.fetch_due(set(range(store.shards)), 10, exclude=in_flight)
         assert self.ids(ahead) == self.ids(rows[:1])
 
+    async def test_an_integer_id_column_is_read_ahead_past_rows_in_flight(
+        self, engine: AsyncEngine, store: OutboxStore
+    ) -> None:
+        """An outbox made by a migration of one's own with an ``integer`` (serial) id works too."""
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("ALTER TABLE outbox ALTER COLUMN id TYPE integer"))
+        await self.add(engine, store, *(message() for _ in range(30)))
+        rows = await self.fetch(store)
+        every_shard = set(range(store.shards))
+
+        for in_flight in (rows[:10], rows[:20:2]):  # a run (ranges), scattered ids (array)
+            left_out = {m.id for m in in_flight}
+            ahead = await store.fetch_due(every_shard, 100, exclude=left_out)
+            assert self.ids(ahead) == [m.message_id for m in rows if m.id not in left_out]
+        assert await store.mark_published(rows, delete=True) == len(rows)
+        assert await self.fetch(store) == []
+
     async def test_row_committed_after_a_later_row_is_still_fetched(
         self, engine: AsyncEngine, store: OutboxStore
     ) -> None:
