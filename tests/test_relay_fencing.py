@@ -181,7 +181,11 @@ async def test_zombie_relay_woken_after_takeover_sends_and_marks_nothing(
     print(f"zombie relay: {len(frozen_sent)} sent before the freeze, {len(duplicates)} duplicates")
 
 
-async def test_relay_that_lost_its_shard_to_another_marks_nothing(pg_outbox: Outbox) -> None:
+@pytest.mark.parametrize("delete", [False, True], ids=["keeping rows", "deleting rows"])
+async def test_relay_that_lost_its_shard_to_another_marks_nothing(
+    pg_outbox: Outbox, delete: bool
+) -> None:
+    """Nor deletes anything, when it keeps no published rows (retention zero)."""
     box = pg_outbox
     await box.add("orders", [("order-1", f"m{i}") for i in range(5)])
     other = SqlOutboxStore(box.engine, box.tables, shards=8)
@@ -194,9 +198,12 @@ async def test_relay_that_lost_its_shard_to_another_marks_nothing(pg_outbox: Out
     await asyncio.sleep(0.5)  # A is paused past its lease; B takes every shard
     assert await other.claim_shards("relay-b", timedelta(seconds=5)) == shards
 
-    assert await box.store.mark_published(batch, fence=fence_a) == 0
-    assert all(at is None for _, at in await box.marks())
-    assert await other.mark_published(batch, fence=other.fence("relay-b")) == 5
+    assert await box.store.mark_published(batch, fence=fence_a, delete=delete) == 0
+    marks = await box.marks()
+    assert len(marks) == 5
+    assert all(at is None for _, at in marks)
+    assert await other.mark_published(batch, fence=other.fence("relay-b"), delete=delete) == 5
+    assert len(await box.marks()) == (0 if delete else 5)
 
 
 async def test_relay_renewing_its_own_expired_lease_keeps_marking(pg_outbox: Outbox) -> None:
