@@ -348,9 +348,10 @@ class RelaySettings:
 
     Zero keeps none: the statement that would mark a batch published deletes
     its rows instead. The relay's database work per row is then about half
-    (see ``bench/README.md``), and the outbox holds only what is still to be
-    published or parked; ``OutboxStore.stats().published`` stays at zero
-    (the relay's own counters still count what it published).
+    (``bench/relay_throughput.py --published both`` measures both), and the
+    outbox holds only what is still to be published or parked;
+    ``OutboxStore.stats().published`` stays at zero (the relay's own
+    counters still count what it published).
     """
 
     cleanup_interval: timedelta = timedelta(minutes=1)
