@@ -36,7 +36,8 @@ partitioner picks it, as ``send()`` would), fills aiokafka record batches
 and hands each lane's batches to ``send_batch()`` one after the other: a
 lane's next record batch goes out only once the previous one was
 acknowledged. All lanes run at the same time, so a round costs about one
-produce round trip per ``max_batch_size`` bytes of its busiest partition.
+produce round trip per ``max_batch_size`` bytes of its busiest partition
+(``KafkaSettings.max_batch_size``, 64 KiB).
 
 What this relies on (aiokafka 0.11 to 0.14, Apache Kafka):
 

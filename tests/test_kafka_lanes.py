@@ -34,7 +34,7 @@ from outbox import (
 )
 
 BROKER_LIMIT = 4_000
-"""The simulated broker's message.max.bytes: below aiokafka's 16 KiB max_batch_size."""
+"""The simulated broker's message.max.bytes: below the producer's max_batch_size (64 KiB)."""
 
 
 class LimitedBrokerPublisher(KafkaPublisher):

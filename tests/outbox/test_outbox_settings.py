@@ -138,6 +138,7 @@ def test_from_env_reads_the_consumer_and_producer_tuning() -> None:
         "KAFKA_MAX_POLL_RECORDS": "50",
         "KAFKA_REQUEST_TIMEOUT_MS": "9000",
         "KAFKA_LINGER_MS": "0",
+        "KAFKA_MAX_BATCH_SIZE": "131072",
         "KAFKA_ACKS": "1",
     }
 
@@ -151,6 +152,12 @@ def test_from_env_reads_the_consumer_and_producer_tuning() -> None:
     assert consumer["request_timeout_ms"] == 9000
     producer = settings.producer_kwargs()
     assert (producer["linger_ms"], producer["acks"]) == (0, 1)
+    assert producer["max_batch_size"] == 131072
+
+
+def test_the_producer_fills_record_batches_of_64_kib_by_default() -> None:
+    """A relay round of 500 small messages over 8 partitions: one record batch per partition."""
+    assert KafkaSettings().producer_kwargs()["max_batch_size"] == 65536
 
 
 @pytest.mark.parametrize(
@@ -209,8 +216,16 @@ def test_pass_through_options_reach_the_clients() -> None:
         {"linger_ms": -1},
         {"session_timeout_ms": 2000, "heartbeat_interval_ms": 2000},
         {"max_poll_records": 0},
+        {"max_batch_size": 100},
     ],
-    ids=["no brokers", "acks 2", "negative linger", "heartbeat not below session", "no records"],
+    ids=[
+        "no brokers",
+        "acks 2",
+        "negative linger",
+        "heartbeat not below session",
+        "no records",
+        "tiny record batches",
+    ],
 )
 def test_bad_kafka_values_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
