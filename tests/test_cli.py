@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCHEMAS = Path(__file__).parent / "schemas"
 
 
@@ -84,6 +86,23 @@ def test_relay_refuses_sasl_plain_without_tls() -> None:
     assert result.returncode == 2
     assert "SASL PLAIN" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--retention", "nan"),
+        ("--lease-ttl", "inf"),
+        ("--poll-interval", "-1"),
+        ("--retention", "1e300"),
+    ],
+)
+def test_relay_refuses_durations_that_are_no_number_of_seconds(option: str, value: str) -> None:
+    """One line naming the option, not a traceback from converting NaN or 1e300 seconds."""
+    result = saga("relay", "--database-url", "sqlite:////nonexistent/x.db", option, value)
+    assert result.returncode == 2
+    assert f"argument {option}: '{value}' is not a number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_demo_refuses_nonsense_counts() -> None:
