@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox import ErrorKind, OutboxMessage, SqlInboxStore, SqlOutboxStore, classify
@@ -75,6 +77,32 @@ InboxKey = tuple[str, str]
 
 _SAVEPOINT = "SAVEPOINT choreosaga_record"
 _ROLLBACK_TO = "ROLLBACK TO SAVEPOINT choreosaga_record"
+
+
+async def _savepoint_statement(
+    connection: AsyncConnection, driver: psycopg.AsyncConnection[Any] | None, statement: str
+) -> None:
+    """Run ``SAVEPOINT`` or ``ROLLBACK TO`` on the batch's connection.
+
+    Through psycopg itself when the engine uses it: SQLAlchemy's execution path cost
+    as much CPU as the round trip itself (a statement per record: 83 against
+    36 µs of CPU in a loop of 2,000). A psycopg error is raised as SQLAlchemy
+    would have raised it (``DBAPIError``, with ``connection_invalidated`` when
+    the connection is gone), so that it is classified the same way.
+    """
+    if driver is None:
+        await connection.exec_driver_sql(statement)
+        return
+    try:
+        await driver.execute(statement)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(
+            statement,
+            None,
+            exc,
+            psycopg.Error,
+            connection_invalidated=driver.broken or driver.closed,
+        ) from exc
 
 
 class Batch:
@@ -118,6 +146,8 @@ class Batch:
         """Whether a released savepoint of the open transaction wrote outbox rows."""
         self.session: AsyncSession | None = None
         self.connection: AsyncConnection | None = None
+        self._driver: psycopg.AsyncConnection[Any] | None = None
+        """The psycopg connection under :attr:`connection` (PostgreSQL through psycopg only)."""
         self._connection_info: dict[Any, Any] | None = None
         self.joinable = False
         """Whether the record in progress may use the batch's transaction."""
@@ -149,6 +179,10 @@ class Batch:
             try:
                 await session.begin()
                 self.connection = await session.connection()
+                self._driver = None
+                if self.connection.dialect.driver == "psycopg":  # PostgreSQL through psycopg 3
+                    raw = await self.connection.get_raw_connection()
+                    self._driver = raw.driver_connection
                 unchecked = self._expected - self._checked
                 if unchecked and self.inbox is not None:
                     self._recorded |= await self.inbox.recorded(session, self.consumer, unchecked)
@@ -217,7 +251,7 @@ class Batch:
         assert self.session is not None
         assert self.connection is not None
         session, connection = self.session, self.connection
-        await connection.exec_driver_sql(_SAVEPOINT)
+        await _savepoint_statement(connection, self._driver, _SAVEPOINT)
         claims, messages = len(self._claims), len(self._messages)
         try:
             result = await run()
@@ -231,7 +265,7 @@ class Batch:
             if len(self._claims) > claims:
                 self._claims = dict.fromkeys(list(self._claims)[:claims])
             try:
-                await connection.exec_driver_sql(_ROLLBACK_TO)
+                await _savepoint_statement(connection, self._driver, _ROLLBACK_TO)
             except Exception as lost:
                 # Nothing left to roll back to: the transaction went with its
                 # connection (the record's own error says why), or the session
@@ -246,7 +280,7 @@ class Batch:
     async def commit(self) -> None:
         """Commit the open transaction (if any); raise :class:`BatchLost` if that fails."""
         session, self.session = self.session, None
-        self.connection = None
+        self.connection = self._driver = None
         self._release()
         wrote, self.wrote = self.wrote, False
         hooks, self._committed = self._committed, []
@@ -295,7 +329,7 @@ class Batch:
 
     async def abandon(self) -> None:
         session, self.session = self.session, None
-        self.connection = None
+        self.connection = self._driver = None
         self._release()
         self.wrote = False
         self._committed = []

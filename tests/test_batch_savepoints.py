@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
@@ -460,3 +461,40 @@ async def test_what_a_failing_handler_published_itself_goes_with_its_savepoint(
 
     assert await outbox_notes(direct) == [(0, "seen"), (2, "seen")]
     assert direct.service.stats.dead_lettered == 1
+
+
+async def test_a_connection_lost_between_records_is_an_outage_and_the_batch_is_redone(
+    direct_pg: Direct, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The next record's SAVEPOINT finds the connection gone: an outage, not a bug.
+
+    The batch's transaction went with its connection, so the records since
+    the last commit are redone on a new one, each applied once, none
+    dead-lettered (PostgreSQL, where the savepoints go straight to psycopg),
+    and the warning says why: the server's own words, not a later error on
+    the closed connection.
+    """
+    direct = direct_pg
+    killed: list[int] = []
+
+    async def kill_the_batch_connection(ctx: MessageContext) -> None:
+        if killed:
+            return  # the redone batch goes through
+        pid = (await ctx.session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        async with direct.engine.connect() as other:
+            await other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        killed.append(pid)
+
+    direct.behaviour[1] = kill_the_batch_connection
+    with caplog.at_level(logging.WARNING, logger="saga.processing"):
+        await direct.service.processor.process_batch(direct.records([0, 1, 2, 3]))
+
+    assert killed
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 2: 1, 3: 1}
+    s = direct.service.stats
+    assert (s.processed, s.dead_lettered) == (4, 0)
+    assert s.outage_waits >= 1
+    outages = [r.getMessage() for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert outages, [r.getMessage() for r in caplog.records]
+    assert "terminating connection due to administrator command" in outages[0]
+    assert (await direct.outbox_topics()).count(OUT) == 4
