@@ -120,7 +120,8 @@ class Run:
     seconds: float
     commits: int
     statements: int = 0
-    """SQL statements sent (library only: a SQLAlchemy event counts them)."""
+    """SQL statements sent through SQLAlchemy (library only: its event counts them; a batch's
+    ``SAVEPOINT`` goes to psycopg directly and is not among them)."""
 
     @property
     def per_second(self) -> float:

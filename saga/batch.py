@@ -88,9 +88,13 @@ async def _savepoint_statement(
     as much CPU as the round trip itself (a statement per record: 83 against
     36 µs of CPU in a loop of 2,000). A psycopg error is raised as SQLAlchemy
     would have raised it (``DBAPIError``, with ``connection_invalidated`` when
-    the connection is gone), so that it is classified the same way.
+    the connection is gone), so that it is classified the same way. Once
+    ``connection`` is closed or invalidated (a handler committed or rolled back
+    the session itself, or a disconnect was seen), ``driver`` is no longer the
+    batch's: it may be idle in the pool or another session's. The statement
+    then goes through SQLAlchemy, which refuses it as it did before.
     """
-    if driver is None:
+    if driver is None or connection.closed or connection.invalidated:
         await connection.exec_driver_sql(statement)
         return
     try:

@@ -498,3 +498,41 @@ async def test_a_connection_lost_between_records_is_an_outage_and_the_batch_is_r
     assert outages, [r.getMessage() for r in caplog.records]
     assert "terminating connection due to administrator command" in outages[0]
     assert (await direct.outbox_topics()).count(OUT) == 4
+
+
+async def test_a_handler_that_commits_the_session_itself_leaves_no_failed_record_behind(
+    direct_pg: Direct,
+) -> None:
+    """A handler commits the batch's session: the batch's connection goes back to the pool.
+
+    The next records run on whatever connection the session checks out next;
+    a record that then fails must still write nothing (it is dead-lettered
+    alone), and no statement of the batch may land on a connection it gave
+    back (idle in the pool, or another session's).
+    """
+    direct = direct_pg
+
+    async def commit_itself(ctx: MessageContext) -> None:
+        # Another connection in the pool, ahead of the batch's once it is given back.
+        async with direct.engine.connect() as other:
+            await other.execute(sa.text("SELECT 1"))
+        await ctx.session.commit()
+
+    async def bug(ctx: MessageContext) -> None:
+        raise KeyError("x")
+
+    direct.behaviour[1] = commit_itself
+    direct.behaviour[2] = bug
+    await direct.service.processor.process_batch(direct.records([0, 1, 2, 3]))
+
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 3: 1}
+    s = direct.service.stats
+    assert s.dead_lettered == 1
+    async with direct.engine.connect() as conn:
+        stray = await conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+        )
+        assert stray.scalar_one() == 0
