@@ -155,7 +155,12 @@ class AvroCodec:
             raise EncodeError(f"{name} has no fields {sorted(map(str, unknown))}")
         buffer = io.BytesIO()
         try:
-            validate(record, schema.parsed, raise_errors=True)
+            # Asked to raise, fastavro builds an error (its schema dumped to JSON)
+            # for every union branch a value does not take, even when a later
+            # branch fits: ten times the cost of the check. Check quietly first;
+            # only a record that does not fit is checked again for the details.
+            if not validate(record, schema.parsed, raise_errors=False):
+                validate(record, schema.parsed, raise_errors=True)
             schemaless_writer(buffer, schema.parsed, record)
         except ValidationError as exc:
             problems = "; ".join(str(error) for error in exc.errors)

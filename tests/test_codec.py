@@ -136,6 +136,16 @@ def test_encode_refuses_records_that_do_not_fit(record: Any) -> None:
         codec.encode(GREETING, record)
 
 
+def test_a_value_in_a_later_union_branch_encodes_and_a_wrong_one_names_its_field() -> None:
+    # The quiet check comes first (see AvroCodec.encode); the error's details come
+    # from the second, raising check, and must still name what does not fit.
+    codec = AvroCodec(registry_of("Greeting.avsc"))
+    raw = codec.encode(GREETING, {"text": "x", "count": 1, "sender": "ana"})
+    assert codec.decode(raw) == (GREETING, {"text": "x", "count": 1, "sender": "ana"})
+    with pytest.raises(EncodeError, match=r"does not fit choreosaga\.test\.Greeting: .*sender"):
+        codec.encode(GREETING, {"text": "x", "count": 1, "sender": 5})
+
+
 def test_encode_of_an_unknown_name_is_an_encode_error_caused_by_a_schema_error(
     codec: AvroCodec,
 ) -> None:
