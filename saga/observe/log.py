@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     func,
     or_,
@@ -150,6 +151,17 @@ class SagaLog:
             Index(f"ix_{sagas}_status", "status", "last_message_ms"),
             Index(f"ix_{sagas}_name", "saga_name", "status"),
         )
+        # Built once: a statement built per message costs more than its round trip.
+        self._add_message = self._insert(self.messages).on_conflict_do_nothing(
+            index_elements=["message_id"]
+        )
+        saga_row = select(self.sagas).where(self.sagas.c.saga_id == bindparam("saga_id"))
+        self._saga_row = saga_row.with_for_update() if dialect == "postgresql" else saga_row
+        upsert = self._insert(self.sagas)
+        self._merge_saga = upsert.on_conflict_do_update(
+            index_elements=["saga_id"],
+            set_={c.name: upsert.excluded[c.name] for c in self.sagas.c if c.name != "saga_id"},
+        )
 
     async def create_tables(self, engine: AsyncEngine) -> None:
         """Create both tables if they do not exist."""
@@ -160,36 +172,32 @@ class SagaLog:
     async def record(self, tx: Transaction, message: ObservedMessage) -> None:
         """Store ``message`` and fold its stamp into its saga's row, inside ``tx``."""
         await tx.execute(
-            self._insert(self.messages)
-            .values(
-                message_id=message.message_id,
-                saga_name=message.saga_name,
-                saga_id=message.saga_id,
-                event_type=message.event_type,
-                source=message.source,
-                service=message.service,
-                step=message.step,
-                outcome=message.outcome,
-                status=message.status,
-                reason=message.reason,
-                hop=message.hop,
-                time_ms=_ms(message.time),
-                causation_id=message.causation_id,
-                correlation_id=message.correlation_id,
-                trace_id=message.trace_id,
-                detail=message.detail,
-                topic=message.topic,
-                kafka_partition=message.partition,
-                kafka_offset=message.offset,
-                stamp=message.stamp,
-                payload=message.payload,
-            )
-            .on_conflict_do_nothing(index_elements=["message_id"])
+            self._add_message,
+            {
+                "message_id": message.message_id,
+                "saga_name": message.saga_name,
+                "saga_id": message.saga_id,
+                "event_type": message.event_type,
+                "source": message.source,
+                "service": message.service,
+                "step": message.step,
+                "outcome": message.outcome,
+                "status": message.status,
+                "reason": message.reason,
+                "hop": message.hop,
+                "time_ms": _ms(message.time),
+                "causation_id": message.causation_id,
+                "correlation_id": message.correlation_id,
+                "trace_id": message.trace_id,
+                "detail": message.detail,
+                "topic": message.topic,
+                "kafka_partition": message.partition,
+                "kafka_offset": message.offset,
+                "stamp": message.stamp,
+                "payload": message.payload,
+            },
         )
-        query = select(self.sagas).where(self.sagas.c.saga_id == message.saga_id)
-        if self._dialect == "postgresql":
-            query = query.with_for_update()
-        row = (await tx.execute(query)).first()
+        row = (await tx.execute(self._saga_row, {"saga_id": message.saga_id})).first()
         incoming = stamp_from_json(message.stamp)
         time_ms = _ms(message.time)
         if row is None:
@@ -210,13 +218,7 @@ class SagaLog:
             "hop": merged.hop,
             "stamp": stamp_to_json(merged),
         }
-        upsert = self._insert(self.sagas).values(**values)
-        await tx.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["saga_id"],
-                set_={name: upsert.excluded[name] for name in values if name != "saga_id"},
-            )
-        )
+        await tx.execute(self._merge_saga, values)
 
     async def purge(self, engine: AsyncEngine, older_than: timedelta) -> int:
         """Forget sagas whose last message is older than ``older_than``; return how many."""
