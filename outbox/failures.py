@@ -45,11 +45,12 @@ few cases are where they are:
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-__all__ = ["ErrorKind", "classify", "describe"]
+__all__ = ["ErrorKind", "classify", "describe", "is_lock_conflict"]
 
 
 class ErrorKind(enum.Enum):
@@ -77,6 +78,7 @@ _OUTAGE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
 # 40001 serialization_failure, 40P01 deadlock_detected, 55P03
 # lock_not_available, 57014 query_canceled (statement or lock timeout).
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03", "57014")
+_LOCK_CONFLICT_SQLSTATES = ("40001", "40P01")
 # SQLite reports contention only through its messages.
 _TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database schema is locked")
 _OUTAGE_SQLITE = ("disk i/o error", "unable to open database file")
@@ -130,20 +132,39 @@ def classify(exc: BaseException) -> ErrorKind:
     wraps a lost connection in its own exception does not turn an outage
     into a bug.
     """
-    kinds = set()
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        kinds.add(_classify_one(current))
-        if current.__cause__ is not None or current.__suppress_context__:
-            current = current.__cause__
-        else:
-            current = current.__context__
+    kinds = {_classify_one(current) for current in _chain(exc)}
     for kind in (ErrorKind.OUTAGE, ErrorKind.TRANSIENT):
         if kind in kinds:
             return kind
     return ErrorKind.PERMANENT
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error along its chain, is a deadlock or a serialization failure.
+
+    PostgreSQL's 40P01 and 40001: two transactions wanted rows the other held
+    (a transient error; :func:`classify` says so too). Handlers that each lock
+    one row cannot deadlock one transaction per message, but batches of such
+    messages in concurrent transactions can.
+    """
+    return any(
+        isinstance(current, DBAPIError)
+        and getattr(current.orig, "sqlstate", None) in _LOCK_CONFLICT_SQLSTATES
+        for current in _chain(exc)
+    )
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        if current.__cause__ is not None or current.__suppress_context__:
+            current = current.__cause__
+        else:
+            current = current.__context__
 
 
 def _classify_one(exc: BaseException) -> ErrorKind:

@@ -100,7 +100,7 @@ from outbox import (
     SqlOutboxStore,
     classify,
 )
-from outbox.failures import describe
+from outbox.failures import describe, is_lock_conflict
 from saga.batch import CURRENT, Batch, BatchConflict, BatchLost, InboxKey
 from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
@@ -247,6 +247,8 @@ class Processor:
         self._subscriptions = subscriptions
         self._sagas = sagas
         self.longest_saga_schedule = longest_saga_schedule
+        self._contended_until = 0.0
+        """Event-loop time until which batches go one transaction per record."""
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Handle records of one partition, in offset order, in as few transactions as possible.
@@ -263,7 +265,9 @@ class Processor:
         done = 0
         outages = 0
         conflicts = 0
-        alone = False
+        # Lately deadlocked: records one transaction each, which cannot deadlock
+        # each other over rows a handler locks one at a time.
+        alone = self._is_contended()
         expected = self._inbox_keys(records)
         while done < len(records):
             if alone:
@@ -280,9 +284,14 @@ class Processor:
                         # Handled alone, or needed no transaction: durable already.
                         done = index + 1
                         batch.pending.clear()
-                batch.joinable = False
-                await batch.commit()
-                return
+                        if self._is_contended():
+                            break  # it deadlocked: the rest go one transaction each
+                else:
+                    batch.joinable = False
+                    await batch.commit()
+                    return
+                alone = True
+                continue
             except BatchConflict as conflict:
                 await batch.abandon()
                 batch.take_back(self.stats)
@@ -448,6 +457,8 @@ class Processor:
             except Exception as exc:
                 kind = classify(exc)
                 now = datetime.now(UTC)
+                if is_lock_conflict(exc):
+                    self._contended()
                 batch = CURRENT.get()
                 if batch is not None and batch.joinable:
                     if kind is ErrorKind.OUTAGE:
@@ -487,6 +498,21 @@ class Processor:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    def _is_contended(self) -> bool:
+        return asyncio.get_running_loop().time() < self._contended_until
+
+    def _contended(self) -> None:
+        """A deadlock or serialization failure: batches go one transaction per record a while."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._contended_until:
+            log.warning(
+                "%s: transactions deadlocked or conflicted; batches go one transaction per "
+                "record for %.0fs",
+                self.name,
+                _CONTENTION_WINDOW,
+            )
+        self._contended_until = now + _CONTENTION_WINDOW
 
     def _count(self, processed: bool) -> None:
         self._add("processed" if processed else "duplicates")
@@ -733,6 +759,15 @@ class Processor:
 _MAX_CONFLICTS = 3
 """Batches redone because another consumer recorded their messages first, before one
 transaction per record."""
+
+_CONTENTION_WINDOW = 30.0
+"""Seconds after a deadlock or a serialization failure during which batches go one
+transaction per record (each new one starts the window again). Records of a batch share
+its transaction, so concurrent batches (other partitions, other instances) hold the
+rows their handlers lock until they commit and can wait for each other in a cycle,
+which PostgreSQL breaks only after ``deadlock_timeout`` (a second by default) with both
+stalled. A record alone holds the rows of one handler: handlers that lock one row each
+then wait for each other but never deadlock."""
 
 _DEAD_LETTER_WRITES = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=100))
 """Writing a dead letter: outages are waited out (as always); anything else is tried 3 times."""

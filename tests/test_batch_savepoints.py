@@ -536,3 +536,61 @@ async def test_a_handler_that_commits_the_session_itself_leaves_no_failed_record
             )
         )
         assert stray.scalar_one() == 0
+
+
+async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_transaction(
+    direct_pg: Direct,
+) -> None:
+    """Two partitions' batches lock the same two rows in opposite orders, twice.
+
+    Each record's handler locks one row, which one message per transaction
+    cannot deadlock on; two batches, each holding its first record's row, do
+    (PostgreSQL breaks the cycle after ``deadlock_timeout``, a second, with both
+    partitions stalled). The first deadlock must be the last: the service then
+    handles its records one transaction each for a while, and every record is
+    applied once, none dead-lettered.
+    """
+    direct = direct_pg
+    rows = sa.Table("hot", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    async with direct.engine.begin() as conn:
+        await conn.run_sync(rows.metadata.create_all)
+        await conn.execute(sa.insert(rows), [{"id": 1}, {"id": 2}])
+    holding = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    def lock(
+        row: int, mine: str | None = None, other: str | None = None
+    ) -> Callable[[MessageContext], Awaitable[None]]:
+        async def behaviour(ctx: MessageContext) -> None:
+            await ctx.session.execute(sa.update(rows).where(rows.c.id == row).values(id=row))
+            if mine is not None and other is not None:
+                # Both batches hold their first row before either asks for its second.
+                holding[mine].set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await holding[other].wait()
+
+        return behaviour
+
+    processor = direct.service.processor
+    for first in (0, 10):
+        for event in holding.values():
+            event.clear()
+        direct.behaviour.update(
+            {
+                first: lock(1, "a", "b"),
+                first + 1: lock(2),
+                first + 2: lock(2, "b", "a"),
+                first + 3: lock(1),
+            }
+        )
+        a = direct.records([first, first + 1])
+        b = [
+            dataclasses.replace(r, partition=1, offset=r.offset + 100)
+            for r in direct.records([first + 2, first + 3])
+        ]
+        await asyncio.gather(processor.process_batch(a), processor.process_batch(b))
+
+    s = direct.service.stats
+    assert s.retries == 1  # the first round's deadlock, and no other
+    assert (s.processed, s.dead_lettered) == (8, 0)
+    assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 10, 11, 12, 13), 1)
