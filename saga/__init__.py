@@ -19,6 +19,7 @@ from outbox import (
     ensure_topics,
 )
 from saga.codec import AvroCodec, DecodeLimits
+from saga.commands import DurationArgument
 from saga.context import MessageContext, RecordInfo, SagaContext
 from saga.deadletter import DeadLetter
 from saga.dlq import DeadLetterSelection, read_dead_letters, replay
@@ -60,6 +61,7 @@ __all__ = [
     "DeadLetterSelection",
     "DecodeError",
     "DecodeLimits",
+    "DurationArgument",
     "EmbeddedBroker",
     "EncodeError",
     "Envelope",

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -43,6 +42,7 @@ from saga import dlq
 from saga.commands import (
     EXIT_INTERRUPTED,
     DefaultsHelpFormatter,
+    DurationArgument,
     describe,
     exit_status,
     load_plugins,
@@ -54,21 +54,6 @@ from saga.schemas import SchemaRegistry, check_directory
 from saga.telemetry import configure_from_env, instrument_relay
 
 __all__ = ["main"]
-
-
-def _seconds(text: str) -> float:
-    """A command-line duration: a finite, non-negative number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or value > _MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
-    return value
-
-
-_MAX_SECONDS = 10 * 365 * 24 * 3600.0
-"""Ten years: longer than any lease, poll or retention means a typing error."""
 
 
 def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,11 +77,15 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--outbox-table", default="outbox", help="outbox table name")
     p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
     p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
-    p.add_argument("--lease-ttl", type=_seconds, default=10.0, help="shard lease, in seconds")
-    p.add_argument("--poll-interval", type=_seconds, default=1.0, help="fallback poll, in seconds")
+    p.add_argument(
+        "--lease-ttl", type=DurationArgument(), default=10.0, help="shard lease, in seconds"
+    )
+    p.add_argument(
+        "--poll-interval", type=DurationArgument(), default=1.0, help="fallback poll, in seconds"
+    )
     p.add_argument(
         "--retention",
-        type=_seconds,
+        type=DurationArgument(),
         default=3600.0,
         help="seconds published rows are kept; 0 deletes each row as it is published",
     )
@@ -105,7 +94,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--startup-timeout",
-        type=_seconds,
+        type=DurationArgument(),
         default=30.0,
         help="seconds to wait at start for an unreachable database or broker (default 30); "
         "a missing database or table, or a broker refusing the producer, fails at once",

@@ -1,4 +1,4 @@
-"""What every ``saga`` command shares: exit statuses, one-line errors, help, plug-ins.
+"""What every ``saga`` command shares: exit statuses, one-line errors, help, durations, plug-ins.
 
 Exit statuses, the same for every command:
 
@@ -16,6 +16,12 @@ A failure prints one line on stderr, ``saga COMMAND: what went wrong``; with
 raise :class:`~saga.errors.ConfigurationError` (or outbox's) for usage
 errors, any other ``SagaError``/``OutboxError`` or an ``OSError`` for runtime
 failures. Anything else is a bug and keeps its traceback.
+
+A duration option takes ``type=DurationArgument(...)``: a finite number of
+seconds (or days), at most ten years, else a usage error naming the option,
+before anything is opened. ``float`` would take ``nan``, ``inf`` and negative
+numbers, which fail far from the option (a traceback converting NaN days to a
+``timedelta``) or quietly mean something else.
 
 Commands that do not belong to the library (the reference shop's ``demo``)
 plug in through the entry point group :data:`ENTRY_POINT_GROUP`: each entry
@@ -35,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, entry_points, version
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from outbox import OutboxError
 from outbox.errors import ConfigurationError as OutboxConfigurationError
@@ -49,6 +58,7 @@ __all__ = [
     "EXIT_RUNTIME",
     "EXIT_USAGE",
     "DefaultsHelpFormatter",
+    "DurationArgument",
     "describe",
     "exit_status",
     "load_plugins",
@@ -107,6 +117,47 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         ):
             return action.help
         return f"{text} (default: %(default)s)"
+
+
+MAX_DURATION = timedelta(days=10 * 365)
+"""Ten years: a longer lease, poll, pause or retention is a typing error."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DurationArgument:
+    """The argparse ``type`` of a duration option: a finite number of ``unit``.
+
+    ``p.add_argument("--retention-days", type=DurationArgument(unit="days", zero=False))``
+    refuses ``nan``, ``inf``, negative numbers, 0 and more than ten years
+    (3650 days) with ``argument --retention-days: '0' is not a number of days
+    above 0, up to 3650 (ten years)``, exit status 2.
+    """
+
+    unit: Literal["seconds", "days"] = "seconds"
+    """What the number counts; the option's name or help says which."""
+
+    zero: bool = True
+    """Whether 0 is a duration here (a relay's retention of 0 deletes each row as
+    it is published); if not, the number must be above 0."""
+
+    @property
+    def limit(self) -> float:
+        """The largest number taken: ten years, in :attr:`unit`."""
+        return MAX_DURATION / timedelta(**{self.unit: 1})
+
+    def __call__(self, text: str) -> float:
+        """Return the number ``text`` gives, or raise the usage error."""
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        lowest = value >= 0 if self.zero else value > 0
+        if not (math.isfinite(value) and lowest and value <= self.limit):
+            bounds = "from 0 to" if self.zero else "above 0, up to"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of {self.unit} {bounds} {self.limit:.0f} (ten years)"
+            )
+        return value
 
 
 def package_version() -> str:

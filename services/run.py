@@ -35,6 +35,7 @@ from saga import (
     AvroCodec,
     ChoreosagaError,
     ConfigurationError,
+    DurationArgument,
     KafkaSettings,
     SchemaRegistry,
     ServiceSettings,
@@ -306,16 +307,6 @@ async def status(env: Environment) -> None:
     print(f"{'total':<10} {sum(n for _, _, n in rows):>6}")
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, not {text!r}")
-    return value
-
-
 def _at_least_one(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
@@ -348,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=_at_least_one, default=10, help="orders to place (default 10)"
     )
     place.add_argument(
-        "--every", type=_non_negative, default=0.0, help="seconds between orders (default 0)"
+        "--every", type=DurationArgument(), default=0.0, help="seconds between orders (default 0)"
     )
     sub.add_parser(
         "status",

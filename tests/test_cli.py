@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,60 @@ def test_relay_refuses_durations_that_are_no_number_of_seconds(option: str, valu
     result = saga("relay", "--database-url", "sqlite:////nonexistent/x.db", option, value)
     assert result.returncode == 2
     assert f"argument {option}: '{value}' is not a number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "unit"),
+    [
+        ("observe", "--retention-days", "nan", "days"),
+        ("observe", "--retention-days", "inf", "days"),
+        ("observe", "--retention-days", "-1", "days"),
+        ("observe", "--retention-days", "0", "days"),  # would forget every saga at once
+        ("observe", "--retention-days", "3651", "days"),  # more than ten years
+        ("status", "--stuck-after", "nan", "seconds"),
+        ("status", "--stuck-after", "inf", "seconds"),
+        ("status", "--stuck-after", "-inf", "seconds"),
+        ("status", "--stuck-after", "-5", "seconds"),
+        ("status", "--stuck-after", "1e300", "seconds"),
+    ],
+)
+def test_saga_log_commands_refuse_durations_that_are_no_duration(
+    tmp_path: Path, command: str, option: str, value: str, unit: str
+) -> None:
+    """A usage error naming the option, before the saga log is opened (or created)."""
+    log = tmp_path / "log.db"
+    # option=value: argparse would take a lone "-inf" for an option.
+    result = saga(command, "--database-url", f"sqlite:///{log}", f"{option}={value}")
+    assert result.returncode == 2, result.stderr
+    assert f"argument {option}: '{value}' is not a number of {unit}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not log.exists()
+
+
+def test_status_still_takes_zero_seconds_to_list_every_running_saga(tmp_path: Path) -> None:
+    """--stuck-after 0 is a duration (every running saga is stuck): it gets to the log."""
+    result = saga(
+        "status", "--database-url", f"sqlite:///{tmp_path / 'none.db'}", "--stuck-after=0"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "saga status: no SQLite database at" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "1e300"])
+def test_place_orders_refuses_pauses_that_are_no_number_of_seconds(value: str) -> None:
+    """The shop's --every takes the same durations as saga's own options, before any database."""
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "place-orders", f"--every={value}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        # No DATABASE_URL: the value must be refused before the environment is read.
+        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"argument --every: '{value}' is not a number of seconds" in result.stderr
     assert "Traceback" not in result.stderr
 
 

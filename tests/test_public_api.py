@@ -24,6 +24,7 @@ SAGA_API = [
     "DeadLetterSelection",
     "DecodeError",
     "DecodeLimits",
+    "DurationArgument",
     "EmbeddedBroker",
     "EncodeError",
     "Envelope",

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
 from saga.codec import AvroCodec
+from saga.commands import DurationArgument
 from saga.errors import SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
@@ -84,7 +85,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--group", default="saga-observer", help="consumer group (default: %(default)s)")
     p.add_argument("--payloads", action="store_true", help="also store payloads, as JSON")
     p.add_argument(
-        "--retention-days", type=float, default=7.0, help="forget sagas idle this long (7)"
+        "--retention-days",
+        type=DurationArgument(unit="days", zero=False),
+        default=7.0,
+        help="forget sagas idle for this many days",
     )
 
     p = sub.add_parser(
@@ -113,9 +117,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p, database_help="database of the saga log")
     p.add_argument(
         "--stuck-after",
-        type=float,
+        type=DurationArgument(),
         default=300.0,
-        help="seconds without a message after which a running saga is stuck (300)",
+        help="seconds without a message after which a running saga is stuck",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
