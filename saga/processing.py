@@ -57,7 +57,12 @@ telemetry wraps, and each follows the error model as if it were alone:
   inside a transaction that still holds the locks of the records before it,
   and a dead letter (with its suspension, which updates the saga view) must
   not wait for, or deadlock with, a batch that holds that view's row. The
-  rest of the batch then continues in a new transaction;
+  rest of the batch then continues in a new transaction. After a deadlock or
+  a serialization failure the service's batches, the rest of that one
+  included, go one transaction per record for a while
+  (:data:`_CONTENTION_WINDOW`): concurrent batches hold the rows their
+  handlers locked until they commit and can wait for each other in a cycle,
+  records alone cannot when their handlers lock one row each;
 * an **outage** (the connection is lost) takes the whole open transaction
   with it: the records since the last commit are redone, from the first,
   once the database is back. Their counters are taken back first, so that
