@@ -166,6 +166,25 @@ def test_demo_refuses_nonsense_counts() -> None:
     assert "--orders" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--deadline", "nan"),
+        ("--deadline", "inf"),
+        ("--deadline", "0"),
+        ("--timeout", "nan"),
+        ("--timeout", "-1"),
+        ("--timeout", "1e300"),
+    ],
+)
+def test_demo_refuses_durations_that_are_no_number_of_seconds(option: str, value: str) -> None:
+    """Refused before a broker or a database is started, naming the option."""
+    result = saga("demo", f"{option}={value}")
+    assert result.returncode == 2, result.stderr
+    assert f"argument {option}: '{value}' is not a number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_outbox_commands_list_and_release_parked_rows(tmp_path: Path) -> None:
     import asyncio
 
