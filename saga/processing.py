@@ -314,6 +314,8 @@ class Processor:
             except BatchLost as lost:
                 await batch.abandon()
                 batch.take_back(self.stats)
+                if is_lock_conflict(lost.error):
+                    self._contended()  # at its commit (SERIALIZABLE, deferred checks)
                 if lost.kind is not ErrorKind.OUTAGE:
                     log.warning(
                         "%s: a batch's transaction failed (%s): %s; its %d uncommitted record(s) "
