@@ -270,12 +270,13 @@ class Processor:
         done = 0
         outages = 0
         conflicts = 0
-        # Lately deadlocked: records one transaction each, which cannot deadlock
-        # each other over rows a handler locks one at a time.
-        alone = self._is_contended()
+        alone = False
         expected = self._inbox_keys(records)
         while done < len(records):
-            if alone:
+            # Lately deadlocked (a batch redone included): records one transaction
+            # each, which cannot deadlock each other over rows a handler locks one
+            # at a time.
+            if alone or self._is_contended():
                 for record in records[done:]:
                     await self.process(record)
                 return
@@ -314,6 +315,8 @@ class Processor:
             except BatchLost as lost:
                 await batch.abandon()
                 batch.take_back(self.stats)
+                if is_lock_conflict(lost.error):
+                    self._contended()  # at its commit (SERIALIZABLE, deferred checks)
                 if lost.kind is not ErrorKind.OUTAGE:
                     log.warning(
                         "%s: a batch's transaction failed (%s): %s; its %d uncommitted record(s) "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -594,3 +595,101 @@ async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_trans
     assert s.retries == 1  # the first round's deadlock, and no other
     assert (s.processed, s.dead_lettered) == (8, 0)
     assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 10, 11, 12, 13), 1)
+
+
+async def test_a_serialization_failure_at_a_batch_commit_also_sends_batches_one_record_each(
+    direct_pg: Direct,
+) -> None:
+    """PostgreSQL may report a conflict only at COMMIT (SERIALIZABLE, deferred checks).
+
+    The batch is then redone one transaction per record, as any failed commit,
+    and the contention it met must also send the service's next batches one
+    transaction per record, as a deadlock in a handler's statement does; not
+    batch, fail at its commit and redo every record again.
+    """
+    direct = direct_pg
+    async with direct.engine.begin() as conn:
+        for statement in (
+            "CREATE SEQUENCE fired",
+            """CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.seq = 1 AND nextval('fired') = 1 THEN
+                    RAISE EXCEPTION 'could not serialize access due to read/write '
+                        'dependencies among transactions' USING ERRCODE = '40001';
+                END IF;
+                RETURN NULL;
+            END $$""",
+            "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON effects "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once()",
+        ):
+            await conn.exec_driver_sql(statement)
+    transactions: dict[int, int] = {}
+
+    async def note_transaction(ctx: MessageContext) -> None:
+        seq = int(ctx.data["seq"])
+        transactions[seq] = (
+            await ctx.session.execute(sa.text("SELECT txid_current()"))
+        ).scalar_one()
+
+    direct.behaviour.update(dict.fromkeys((0, 1, 2, 10, 11, 12), note_transaction))
+    processor = direct.service.processor
+    await processor.process_batch(direct.records([0, 1, 2]))  # fails at its commit, redone
+    await processor.process_batch(direct.records([10, 11, 12]))
+
+    assert len({transactions[seq] for seq in (10, 11, 12)}) == 3
+    assert direct.calls == {0: 2, 1: 2, 2: 2, 10: 1, 11: 1, 12: 1}
+    assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 10, 11, 12), 1)
+    assert (direct.service.stats.processed, direct.service.stats.dead_lettered) == (6, 0)
+
+
+async def test_a_batch_redone_after_an_outage_while_contended_goes_one_record_each(
+    direct_pg: Direct,
+) -> None:
+    """Another partition's record meets a serialization failure while a batch is open.
+
+    That batch goes on in its transaction, then loses its connection: its
+    records are redone from the first. The service is still in its window of
+    one transaction per record, so the redone records must each take one,
+    like every batch that begins in it.
+    """
+    direct = direct_pg
+    processor = direct.service.processor
+    transactions: dict[int, list[int]] = {}
+    conflicted: list[bool] = []
+    killed: list[int] = []
+
+    async def note_transaction(ctx: MessageContext) -> int:
+        pid, txid = (
+            await ctx.session.execute(sa.text("SELECT pg_backend_pid(), txid_current()"))
+        ).one()
+        transactions.setdefault(int(ctx.data["seq"]), []).append(txid)
+        return int(pid)
+
+    async def conflict_once(ctx: MessageContext) -> None:
+        if not conflicted:
+            conflicted.append(True)
+            await ctx.session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+
+    async def elsewhere_then_lose_the_connection(ctx: MessageContext) -> None:
+        pid = await note_transaction(ctx)
+        if killed:
+            return  # the redone batch goes through
+        other = dataclasses.replace(direct.records([50])[0], partition=1, offset=100)
+        # Another partition's worker: a task of its own, in no batch.
+        await asyncio.create_task(processor.process(other), context=contextvars.Context())
+        async with direct.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        killed.append(pid)
+
+    direct.behaviour.update(dict.fromkeys((0, 2, 3), note_transaction))
+    direct.behaviour.update({1: elsewhere_then_lose_the_connection, 50: conflict_once})
+    await processor.process_batch(direct.records([0, 1, 2, 3]))
+
+    assert conflicted
+    assert killed
+    assert len({transactions[seq][-1] for seq in (0, 1, 2, 3)}) == 4
+    assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 50), 1)
+    s = direct.service.stats
+    assert (s.processed, s.retries, s.dead_lettered) == (5, 1, 0)
