@@ -339,6 +339,11 @@ class SqlOutboxStore(OutboxStore):
             ),
             attempts=0,
         )
+        # On PostgreSQL the wake-up rides on the insert (RETURNING calls
+        # pg_notify once per row; PostgreSQL delivers one notification per
+        # transaction for the same channel and payload): no round trip of its own.
+        self._wake = select(func.pg_notify(tables.notify_channel, ""))
+        self._insert_and_notify = self._insert.returning(func.pg_notify(tables.notify_channel, ""))
         # Rows are identified by id AND message id (a message id names one
         # row): SQLite reuses the ids of deleted rows, and PostgreSQL hands an
         # id out again after TRUNCATE ... RESTART IDENTITY, a sequence reset
@@ -403,28 +408,40 @@ class SqlOutboxStore(OutboxStore):
             return
         await self._write(tx, messages)
 
-    async def write_deferred(self, tx: Transaction) -> None:
+    async def write_deferred(self, tx: Transaction, *, notify: bool = False) -> None:
         """Write the messages added to ``tx`` so far (see :data:`WRITE_LATER`), in one statement.
 
-        Adds made after it are written at once.
+        Adds made after it are written at once. With ``notify``, the relays are
+        woken as :meth:`notify` would (in the same statement when there are rows
+        to write).
         """
-        await self._write(tx, tx.info.pop(WRITE_LATER, None) or [])
+        wrote = await self._write(tx, tx.info.pop(WRITE_LATER, None) or [], notify=notify)
+        if notify and not wrote:
+            await self.notify(tx)
 
-    async def _write(self, tx: Transaction, messages: Iterable[OutboxMessage]) -> None:
+    async def _write(
+        self, tx: Transaction, messages: Iterable[OutboxMessage], *, notify: bool | None = None
+    ) -> bool:
+        """Insert ``messages``; return whether there were any. ``notify=None``: unless
+        :data:`NOTIFY_LATER` says the caller will."""
         rows = [self._row(m) for m in messages]
         if not rows:
-            return
+            return False
+        if notify is None:
+            notify = not tx.info.get(NOTIFY_LATER)
         try:
             if not self._shards_checked:
                 tables = self.tables
                 self._shards_checked = await check_shard_count(tx, tables.leases, self.shards)
-            await tx.execute(self._insert, rows)
-            if self.dialect == "postgresql" and not tx.info.get(NOTIFY_LATER):
-                await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
+            if notify and self.dialect == "postgresql":
+                await tx.execute(self._insert_and_notify, rows)
+            else:
+                await tx.execute(self._insert, rows)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not add outbox rows") from exc
         if self._callbacks:
             self._after_commit(tx)
+        return True
 
     async def notify(self, tx: Transaction) -> None:
         """Wake the relays listening on PostgreSQL once ``tx`` commits (see :data:`NOTIFY_LATER`).
@@ -435,7 +452,7 @@ class SqlOutboxStore(OutboxStore):
         if self.dialect != "postgresql":
             return
         try:
-            await tx.execute(select(func.pg_notify(self.tables.notify_channel, "")))
+            await tx.execute(self._wake)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not notify the relays") from exc
 

@@ -302,9 +302,7 @@ class Batch:
                         f"{len(claims) - len(recorded)} of the batch's {len(claims)} messages "
                         "were recorded by another transaction first"
                     )
-            await self.outbox.write_deferred(session)
-            if wrote:
-                await self.outbox.notify(session)
+            await self.outbox.write_deferred(session, notify=wrote)
             await session.commit()
         except BatchConflict:
             raise
