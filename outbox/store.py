@@ -339,9 +339,10 @@ class SqlOutboxStore(OutboxStore):
             ),
             attempts=0,
         )
-        # On PostgreSQL the wake-up rides on the insert (RETURNING calls
-        # pg_notify once per row; PostgreSQL delivers one notification per
-        # transaction for the same channel and payload): no round trip of its own.
+        # On PostgreSQL the wake-up of a lone row rides on its insert (RETURNING
+        # pg_notify): no round trip of its own. Many rows take a statement of
+        # their own: RETURNING would call pg_notify and return a row for each
+        # (PostgreSQL would still deliver one notification per transaction).
         self._wake = select(func.pg_notify(tables.notify_channel, ""))
         self._insert_and_notify = self._insert.returning(func.pg_notify(tables.notify_channel, ""))
         # Rows are identified by id AND message id (a message id names one
@@ -412,8 +413,8 @@ class SqlOutboxStore(OutboxStore):
         """Write the messages added to ``tx`` so far (see :data:`WRITE_LATER`), in one statement.
 
         Adds made after it are written at once. With ``notify``, the relays are
-        woken as :meth:`notify` would (in the same statement when there are rows
-        to write).
+        woken as :meth:`notify` would (in the same statement when it writes one
+        row).
         """
         wrote = await self._write(tx, tx.info.pop(WRITE_LATER, None) or [], notify=notify)
         if notify and not wrote:
@@ -433,10 +434,12 @@ class SqlOutboxStore(OutboxStore):
             if not self._shards_checked:
                 tables = self.tables
                 self._shards_checked = await check_shard_count(tx, tables.leases, self.shards)
-            if notify and self.dialect == "postgresql":
+            if notify and self.dialect == "postgresql" and len(rows) == 1:
                 await tx.execute(self._insert_and_notify, rows)
             else:
                 await tx.execute(self._insert, rows)
+                if notify and self.dialect == "postgresql":
+                    await tx.execute(self._wake)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "could not add outbox rows") from exc
         if self._callbacks:
