@@ -9,13 +9,14 @@ write lock when they begin (``BEGIN IMMEDIATE``) instead of failing with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import BigInteger, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InvalidatePoolError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -127,8 +128,47 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
         engine = create_async_engine(parsed, **engine_options)
         configure_sqlite(engine)
         return engine
-    engine_options.setdefault("pool_pre_ping", True)
-    return create_async_engine(parsed, **engine_options)
+    if "pool_pre_ping" in engine_options:
+        return create_async_engine(parsed, **engine_options)
+    engine = create_async_engine(parsed, **engine_options)
+    _ping_when_rested(engine)
+    return engine
+
+
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled PostgreSQL connection may have sat unused before the pool checks it
+(an empty statement) as it hands it out again; a dead one is replaced, with every
+connection pooled before it.
+
+``create_engine`` does this instead of SQLAlchemy's ``pool_pre_ping``, which checks on
+every checkout: a round trip of its own before each transaction, a tenth of a lone
+message's step. A connection that died while in steady use (the server restarted)
+fails its next statement instead; that is an outage, which the relay and the services
+wait out and retry, and the pool then replaces the connections it held. Passing
+``pool_pre_ping`` to ``create_engine`` keeps SQLAlchemy's behaviour, whichever value."""
+
+_RESTED_SINCE = "outbox.rested_since"
+
+
+def _ping_when_rested(engine: AsyncEngine) -> None:
+    dialect = engine.dialect
+
+    def rested(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RESTED_SINCE] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get(_RESTED_SINCE, 0.0) < PING_AFTER_IDLE:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_connection, None):
+                raise InvalidatePoolError() from exc  # the pool reconnects and retries
+            raise
+
+    event.listen(engine.sync_engine, "connect", rested)
+    event.listen(engine.sync_engine, "checkin", rested)
+    event.listen(engine.sync_engine, "checkout", checkout)
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import ErrorKind, StoreError, classify, create_engine
+from outbox import ErrorKind, StoreError, classify, create_engine, database
 from outbox.database import translate_db_error
 
 
@@ -85,6 +86,55 @@ async def test_terminated_connection_is_an_outage(postgres_url: str) -> None:
         assert classify(caught.value) is ErrorKind.OUTAGE
     finally:
         await engine.dispose()
+
+
+async def _backend_pid(engine: AsyncEngine) -> int:
+    async with engine.begin() as conn:
+        return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def _terminate(engine: AsyncEngine, pid: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    await asyncio.sleep(0.05)  # the backend is gone once the signal is handled
+
+
+async def test_a_connection_that_died_resting_in_the_pool_is_replaced_unseen(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rested past PING_AFTER_IDLE, a pooled connection is checked before it is handed out."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE", 0.2)
+    engine = create_engine(postgres_url)
+    other = create_engine(postgres_url)
+    try:
+        pid = await _backend_pid(engine)
+        await _terminate(other, pid)
+        await asyncio.sleep(0.3)
+        assert await _backend_pid(engine) != pid  # no error: a new connection
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+async def test_a_connection_that_died_in_steady_use_is_an_outage_then_replaced(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within PING_AFTER_IDLE of its last use a connection is not checked (no round trip
+    before each transaction): one that died meanwhile fails its next statement as an
+    outage, which callers wait out, and the pool then replaces it."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE", 60.0)
+    engine = create_engine(postgres_url)
+    other = create_engine(postgres_url)
+    try:
+        pid = await _backend_pid(engine)
+        await _terminate(other, pid)
+        with pytest.raises(SQLAlchemyError) as caught:
+            await _backend_pid(engine)
+        assert classify(caught.value) is ErrorKind.OUTAGE
+        assert await _backend_pid(engine) != pid
+    finally:
+        await engine.dispose()
+        await other.dispose()
 
 
 async def test_sql_mistakes_and_constraints_are_permanent(
