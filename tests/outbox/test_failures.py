@@ -8,6 +8,7 @@ against the real servers, not built by hand.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -93,48 +94,44 @@ async def _backend_pid(engine: AsyncEngine) -> int:
         return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
 
 
-async def _terminate(engine: AsyncEngine, pid: int) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-    await asyncio.sleep(0.05)  # the backend is gone once the signal is handled
-
-
-async def test_a_connection_that_died_resting_in_the_pool_is_replaced_unseen(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rested past PING_AFTER_IDLE, a pooled connection is checked before it is handed out."""
-    monkeypatch.setattr(database, "PING_AFTER_IDLE", 0.2)
+@pytest.fixture
+async def pooled_then_killed(postgres_url: str) -> AsyncIterator[tuple[AsyncEngine, int]]:
+    """An engine whose one pooled connection (its backend ``pid``) was just terminated."""
     engine = create_engine(postgres_url)
     other = create_engine(postgres_url)
     try:
         pid = await _backend_pid(engine)
-        await _terminate(other, pid)
-        await asyncio.sleep(0.3)
-        assert await _backend_pid(engine) != pid  # no error: a new connection
+        async with other.begin() as conn:
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await asyncio.sleep(0.05)  # the backend is gone once the signal is handled
+        yield engine, pid
     finally:
         await engine.dispose()
         await other.dispose()
 
 
+async def test_a_connection_that_died_resting_in_the_pool_is_replaced_unseen(
+    pooled_then_killed: tuple[AsyncEngine, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rested past PING_AFTER_IDLE, a pooled connection is checked before it is handed out."""
+    engine, pid = pooled_then_killed
+    monkeypatch.setattr(database, "PING_AFTER_IDLE", 0.2)
+    await asyncio.sleep(0.3)
+    assert await _backend_pid(engine) != pid  # no error: a new connection
+
+
 async def test_a_connection_that_died_in_steady_use_is_an_outage_then_replaced(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    pooled_then_killed: tuple[AsyncEngine, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Within PING_AFTER_IDLE of its last use a connection is not checked (no round trip
     before each transaction): one that died meanwhile fails its next statement as an
     outage, which callers wait out, and the pool then replaces it."""
+    engine, pid = pooled_then_killed
     monkeypatch.setattr(database, "PING_AFTER_IDLE", 60.0)
-    engine = create_engine(postgres_url)
-    other = create_engine(postgres_url)
-    try:
-        pid = await _backend_pid(engine)
-        await _terminate(other, pid)
-        with pytest.raises(SQLAlchemyError) as caught:
-            await _backend_pid(engine)
-        assert classify(caught.value) is ErrorKind.OUTAGE
-        assert await _backend_pid(engine) != pid
-    finally:
-        await engine.dispose()
-        await other.dispose()
+    with pytest.raises(SQLAlchemyError) as caught:
+        await _backend_pid(engine)
+    assert classify(caught.value) is ErrorKind.OUTAGE
+    assert await _backend_pid(engine) != pid
 
 
 async def test_sql_mistakes_and_constraints_are_permanent(
