@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import (
     KafkaPublisher,
@@ -27,7 +28,7 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
-from outbox.store import OutboxStore
+from outbox.store import NOTIFY_LATER, WRITE_LATER, OutboxStore
 
 NEVER = timedelta(hours=1)
 SETTINGS = RelaySettings(poll_interval=NEVER, lease_ttl=NEVER)
@@ -83,6 +84,48 @@ async def test_a_commit_in_another_process_wakes_a_postgresql_relay(
             for number in range(1, 4):
                 await _add(writer_store, writer_engine, topic, b"%d" % number)
                 await _published(relay, number)
+    finally:
+        await writer_engine.dispose()
+        await relay_engine.dispose()
+
+
+async def _add_many(store: OutboxStore, engine: Any, topic: str, values: list[bytes]) -> None:
+    async with engine.begin() as conn:
+        await store.add(conn, [OutboxMessage(topic=topic, key=b"k", value=v) for v in values])
+
+
+async def _add_deferred(
+    store: SqlOutboxStore, engine: Any, topic: str, values: list[bytes]
+) -> None:
+    """As a consumer batch commits: adds deferred, one wake-up sent with their write."""
+    async with AsyncSession(engine) as session, session.begin():
+        session.info[NOTIFY_LATER] = True
+        session.info[WRITE_LATER] = []
+        for value in values:
+            await store.add(session, [OutboxMessage(topic=topic, key=b"k", value=value)])
+        await store.write_deferred(session, notify=True)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("deferred", [False, True], ids=["add", "batch"])
+async def test_a_commit_of_one_or_many_rows_in_another_process_wakes_a_postgresql_relay(
+    postgres_url: str, kafka_settings: KafkaSettings, new_topic: Any, rows: int, deferred: bool
+) -> None:
+    """A lone row's wake-up rides on its INSERT, many rows' on a statement of their own:
+    both, whether added at once or deferred to a batch's commit, wake the relay."""
+    topic = await new_topic(partitions=1)
+    relay_engine = create_engine(postgres_url)
+    writer_engine = create_engine(postgres_url)
+    await OutboxTables().create_all(relay_engine)
+    relay_store = SqlOutboxStore(relay_engine, OutboxTables(), shards=4)
+    writer_store = SqlOutboxStore(writer_engine, OutboxTables(), shards=4)
+    write = _add_deferred if deferred else _add_many
+    try:
+        async with Relay(relay_store, KafkaPublisher(kafka_settings), SETTINGS) as relay:
+            await asyncio.sleep(0.3)
+            for round_ in range(1, 3):
+                await write(writer_store, writer_engine, topic, [b"%d" % n for n in range(rows)])
+                await _published(relay, round_ * rows)
     finally:
         await writer_engine.dispose()
         await relay_engine.dispose()
