@@ -112,6 +112,8 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
     Statement parameters are left out of error messages and logs
     (``hide_parameters``): they hold payloads, card tokens and the like.
+    A PostgreSQL engine checks pooled connections only after they rested
+    (:data:`PING_AFTER_IDLE`) unless ``pool_pre_ping`` is given.
     """
     parsed = _normalise(url)
     # A database error's text would otherwise quote the statement's parameters
