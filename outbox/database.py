@@ -9,6 +9,7 @@ write lock when they begin (``BEGIN IMMEDIATE``) instead of failing with
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,8 +108,10 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     """Create an async engine configured for the outbox.
 
     ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
-    aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`).
-    Errors never quote statement parameters (``hide_parameters=True``).
+    aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`); a
+    SQLite statement waits up to ``connect_args={"timeout": seconds}`` (30 by
+    default) for another writer's lock. Errors never quote statement
+    parameters (``hide_parameters=True``).
     Extra keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
     Statement parameters are left out of error messages and logs
     (``hide_parameters``): they hold payloads, card tokens and the like.
@@ -120,7 +123,11 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     # (payloads, card tokens) into every traceback that is logged.
     engine_options.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
-        engine_options.setdefault("connect_args", {"timeout": 30})
+        # sqlite3's ``timeout``: how long a statement waits for another writer's
+        # lock before "database is locked". The caller's, or 30 s.
+        connect_args = dict(engine_options.get("connect_args") or {})
+        busy_timeout = connect_args.setdefault("timeout", 30.0)
+        engine_options["connect_args"] = connect_args
         # SQLite runs one writer at a time. With one pooled connection, waiting
         # transactions queue in asyncio, first come first served, instead of
         # sleeping in SQLite's busy handler (which backs off up to 100 ms).
@@ -128,7 +135,7 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
         engine_options.setdefault("max_overflow", 0)
         engine_options.setdefault("pool_timeout", 300)
         engine = create_async_engine(parsed, **engine_options)
-        configure_sqlite(engine)
+        configure_sqlite(engine, busy_timeout=busy_timeout)
         return engine
     if "pool_pre_ping" in engine_options:
         return create_async_engine(parsed, **engine_options)
@@ -173,35 +180,55 @@ def _ping_when_rested(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine, "checkout", checkout)
 
 
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Take transaction control away from the driver, so that BEGIN below is ours.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    for pragma in (
-        "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=NORMAL",
-        "PRAGMA busy_timeout=30000",
-        "PRAGMA foreign_keys=ON",
-    ):
-        cursor.execute(pragma)
-    cursor.close()
+def _on_connect(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver, so that BEGIN below is ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            f"PRAGMA busy_timeout={busy_timeout_ms}",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    return connected
 
 
 def _on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def configure_sqlite(engine: AsyncEngine) -> None:
+def configure_sqlite(engine: AsyncEngine, *, busy_timeout: float = 30.0) -> None:
     """Make an aiosqlite engine safe for concurrent writers (idempotent).
 
     Call it on engines you create yourself, before their first connection.
+
+    Args:
+        engine: An aiosqlite engine.
+        busy_timeout: Seconds a statement waits for another connection's write
+            lock before SQLite reports "database is locked" (a transient error:
+            retried, then dead-lettered), set on every new connection. Only the
+            first call on an engine sets it.
     """
     if engine.dialect.name != "sqlite":
         raise ConfigurationError("configure_sqlite() takes a SQLite engine")
+    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
+        raise ConfigurationError(f"busy_timeout must be a number of seconds, not {busy_timeout!r}")
+    if not (math.isfinite(busy_timeout) and 0 <= busy_timeout <= _MAX_BUSY_TIMEOUT):
+        raise ConfigurationError(
+            f"busy_timeout must be from 0 to {_MAX_BUSY_TIMEOUT:.0f} seconds, not {busy_timeout!r}"
+        )
     sync_engine = engine.sync_engine
-    if not event.contains(sync_engine, "connect", _on_connect):
-        event.listen(sync_engine, "connect", _on_connect)
+    if not event.contains(sync_engine, "begin", _on_begin):
+        event.listen(sync_engine, "connect", _on_connect(round(busy_timeout * 1000)))
         event.listen(sync_engine, "begin", _on_begin)
+
+
+_MAX_BUSY_TIMEOUT = 2**31 // 1000
+"""SQLite takes the busy timeout in milliseconds, as a C int."""
 
 
 def require_configured(engine: AsyncEngine) -> str:

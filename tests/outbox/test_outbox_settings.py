@@ -404,3 +404,29 @@ async def test_sqlite_engine_must_be_configured_before_the_stores_accept_it(
         assert [m.message_id for m in fetched] == [sent.message_id]
     finally:
         await engine.dispose()
+
+
+async def _busy_timeout_ms(engine: Any) -> int:
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_a_sqlite_engine_waits_for_a_lock_as_long_as_its_timeout_says(
+    sqlite_url: str,
+) -> None:
+    """``connect_args={"timeout": ...}`` is sqlite3's own knob for how long a statement
+    waits for another writer before "database is locked"; the library's default (30 s)
+    applies only where the caller gave none, and ``configure_sqlite`` takes its own."""
+    assert await _busy_timeout_ms(outbox.create_engine(sqlite_url)) == 30_000
+    given = outbox.create_engine(sqlite_url, connect_args={"timeout": 0.25})
+    assert await _busy_timeout_ms(given) == 250
+    other_args = outbox.create_engine(sqlite_url, connect_args={"check_same_thread": False})
+    assert await _busy_timeout_ms(other_args) == 30_000
+    own = create_async_engine(sqlite_url)
+    outbox.configure_sqlite(own, busy_timeout=2.5)
+    assert await _busy_timeout_ms(own) == 2_500
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        outbox.configure_sqlite(create_async_engine(sqlite_url), busy_timeout=float("nan"))
