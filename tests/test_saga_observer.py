@@ -286,3 +286,45 @@ async def test_a_batch_is_stored_whole_or_not_at_all(database_url: str) -> None:
         assert (observer.stats.stored, observer.stats.duplicates) == (3, 3)
     finally:
         await engine.dispose()
+
+
+async def test_a_lost_connection_is_waited_out_not_reported_as_a_bug(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server ends the observer's connection mid-batch (an outage, as in a
+    restart): the batch is stored once the next connection works, the wait is a
+    warning without a traceback, and nothing is logged as an error."""
+    codec = EnvelopeCodec(CODEC)
+    now = datetime.now(UTC)
+    ended = {"status": "COMPLETED", "reason": None}
+    records = [
+        consumer_record("saga.place_order", n, *codec.encode(
+            stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order")))
+        for n in range(2)
+    ]  # fmt: skip
+    engine = create_engine(postgres_url)
+    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
+    await observer.create_tables()
+    real = observer.log.record
+    killed = 0
+
+    async def terminated_once(tx, message):  # type: ignore[no-untyped-def]
+        nonlocal killed
+        if not killed:
+            killed += 1
+            await tx.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        await real(tx, message)
+
+    observer.log.record = terminated_once  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("WARNING", logger="saga.observe.observer"):
+            await asyncio.wait_for(observer.process_batch(records), 30)
+        summaries = await observer.log.summaries(engine)
+        assert sorted(s.saga_id for s in summaries) == ["order-0", "order-1"]
+        assert (observer.stats.stored, observer.stats.duplicates, killed) == (2, 0, 1)
+        waits = [r for r in caplog.records if r.name == "saga.observe.observer"]
+        assert [r.levelname for r in waits] == ["WARNING"]
+        assert waits[0].exc_info is None
+        assert "unavailable" in waits[0].getMessage()
+    finally:
+        await engine.dispose()

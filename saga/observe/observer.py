@@ -28,7 +28,8 @@ from aiokafka import ConsumerRecord
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import KafkaSettings, OutboxError, OutboxTables, SqlInboxStore
+from outbox import KafkaSettings, OutboxError, OutboxTables, RetryPolicy, SqlInboxStore
+from outbox.failures import classify, describe
 from outbox.tables import create_tables
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
@@ -40,6 +41,9 @@ from saga.observe.topics import DEFAULT_PATTERNS, matching_topics
 __all__ = ["ObserverSettings", "ObserverStats", "SagaObserver"]
 
 log = logging.getLogger(__name__)
+
+_WAIT = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
+"""How an outage (or a lock conflict) of the log's database is waited out: without end."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,13 +136,47 @@ class SagaObserver:
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Store a partition's records in order, in one transaction (the consumer's callback).
 
-        Should the transaction fail, nothing of the batch is stored and the
-        consumer tries the batch again; the inbox skips what an earlier try
-        committed.
+        Should the transaction fail, nothing of the batch is stored. An outage
+        (the connection lost, the server restarting) or a lock conflict is
+        waited out here, with a warning, and the batch tried again; any other
+        error is raised, and the consumer logs it and tries the batch again.
+        The inbox skips what an earlier try committed.
         """
         observed = [o for o in map(self._observe, records) if o is not None]
         if not observed:
             return
+        waits = 0
+        while True:
+            try:
+                stored, duplicates = await self._store(observed)
+                break
+            except Exception as exc:
+                # A bug is the consumer's to report; an outage or a lock
+                # conflict (two partitions merging one saga's row) is waited
+                # out here, as a warning.
+                kind = classify(exc)
+                if not kind.retriable:
+                    raise
+                waits += 1
+                delay = _WAIT.delay(waits)
+                first = records[0]
+                log.warning(
+                    "observer: database unavailable for %s[%d]@%d..%d (%s, %s); retry %d in %.1fs",
+                    first.topic,
+                    first.partition,
+                    first.offset,
+                    records[-1].offset,
+                    kind.value,
+                    describe(exc),
+                    waits,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        self.stats.stored += stored
+        self.stats.duplicates += duplicates
+
+    async def _store(self, observed: Sequence[ObservedMessage]) -> tuple[int, int]:
+        """Record ``observed`` in one transaction; return (stored, duplicates)."""
         stored = duplicates = 0
         async with self.engine.begin() as conn:
             for message in observed:
@@ -150,8 +188,7 @@ class SagaObserver:
                     continue
                 await self.log.record(conn, message)
                 stored += 1
-        self.stats.stored += stored
-        self.stats.duplicates += duplicates
+        return stored, duplicates
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Store one record."""
