@@ -14,13 +14,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from saga import DurationArgument
 
 from .checks import Report
 from .harness import Options, run
+
+
+def _rate(text: str) -> float:
+    """Orders per second: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of orders per second above 0")
+    return value
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    """The argparse ``type`` of a whole number from ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {minimum}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,22 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
         "exits 1 on any violation of L (lost), D (duplicate effect), O (order), T (ended).",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
-    p.add_argument("--orders", type=int, default=200, help="orders to place")
-    p.add_argument("--faults", type=int, default=20, help="faults to inject")
-    p.add_argument("--rate", type=float, default=10.0, help="orders placed per second")
+    p.add_argument("--orders", type=_whole(1), default=200, help="orders to place")
+    p.add_argument("--faults", type=_whole(0), default=20, help="faults to inject")
+    p.add_argument("--rate", type=_rate, default=10.0, help="orders placed per second")
     p.add_argument(
         "--fault-interval",
-        type=float,
+        type=DurationArgument(zero=False),
         default=None,
         help="seconds between faults (default: spread over the placing time)",
     )
-    p.add_argument("--deadline", type=float, default=30.0, help="saga deadline, seconds")
     p.add_argument(
-        "--authorization-delay", type=float, default=45.0, help="slow cards answer after, seconds"
+        "--deadline", type=DurationArgument(zero=False), default=30.0, help="saga deadline, seconds"
+    )
+    p.add_argument(
+        "--authorization-delay",
+        type=DurationArgument(),
+        default=45.0,
+        help="slow cards answer after, seconds",
     )
     p.add_argument(
         "--broker-pause",
-        type=float,
+        type=DurationArgument(),
         nargs=2,
         default=(3.0, 30.0),
         metavar=("MIN", "MAX"),
@@ -53,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--long-transaction",
-        type=float,
+        type=DurationArgument(),
         default=20.0,
         help="seconds an order's transaction is held open (0: none)",
     )
@@ -64,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "use the server: it would break them)",
     )
     p.add_argument(
-        "--heal-bound", type=float, default=120.0, help="seconds to heal after the last fault"
+        "--heal-bound",
+        type=DurationArgument(zero=False),
+        default=120.0,
+        help="seconds to heal after the last fault",
     )
     p.add_argument("--workdir", type=Path, default=None, help="logs go here (default: temp dir)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the faults as they happen")
