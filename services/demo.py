@@ -214,7 +214,7 @@ async def run(options: DemoOptions) -> dict[str, Any]:
             try:
                 await observer.start()
                 result = await _run_shop(shop, options)
-                await _add_timelines(result, observer, shop, options, directory)
+                await _add_timelines(result, observer, shop, options, directory, urls["order"])
                 return result
             finally:
                 await observer.stop()
@@ -304,6 +304,7 @@ async def _add_timelines(
     shop: Shop,
     options: DemoOptions,
     directory: Path,
+    order_url: str,
 ) -> None:
     """Add one saga's timeline per outcome (from the saga log) and how to see any other."""
     try:
@@ -326,25 +327,32 @@ async def _add_timelines(
         if trace is not None:
             timelines[label] = trace.to_dict()
     result["timelines"] = timelines
-    kept = options.directory is not None and options.database_url is None
     # The richest story: a refund and a release after a shipment that could not be made.
     example = examples.get(f"rejected: {Scenario.SHIPMENT_IMPOSSIBLE.value}") or min(
         examples.values()
     )
+    # PostgreSQL databases stay until the next run; SQLite files only with --directory.
+    if options.database_url is not None:
+        order_db = make_url(order_url).set(drivername="postgresql")
+        order_db_kept: str | None = order_db.render_as_string(hide_password=True)
+    else:
+        order_db_kept = f"sqlite:///{directory / 'order.db'}" if options.directory else None
+    log_kept = options.directory is not None
     result["trace_command"] = (
-        f"saga trace {example} --database-url sqlite:///{directory / 'order.db'}"
-        if kept
+        f"saga trace {example} --database-url {order_db_kept}"
+        if order_db_kept
         else f"saga demo --directory DIR, then: saga trace {example} "
         "--database-url sqlite:///DIR/order.db"
     )
     if not options.json:
         print()
-        if kept:
+        if order_db_kept:
             print("  see any order's story (steps as the order service knows them):")
             print(f"    {result['trace_command']}")
+        if log_kept:
             print("  or every message of it, from the saga log the demo kept:")
             print(f"    saga trace {example} --database-url sqlite:///{directory / 'saga_log.db'}")
-        else:
+        if not order_db_kept:
             print("  to see any order's story afterwards, keep the databases:")
             print(f"    {result['trace_command']}")
 

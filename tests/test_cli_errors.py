@@ -166,9 +166,18 @@ def test_demo_refuses_to_drop_a_database_it_did_not_create(stem: str) -> None:
 def test_demo_runs_again_on_the_databases_it_created(stem: str) -> None:
     url = SERVER.set(database=stem).render_as_string(hide_password=False)
     for _ in range(2):
-        result = saga("demo", "--orders", "10", "--database-url", url)
+        result = saga("demo", "--orders", "10", "--deadline", "5", "--database-url", url)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "all checks passed" in result.stdout
+    # The story of an order is one printed command away, on the order service's database.
+    lines = result.stdout.splitlines()
+    command = lines[
+        lines.index("  see any order's story (steps as the order service knows them):") + 1
+    ]
+    assert command.strip().startswith("saga trace order-"), command
+    story = saga(*command.split()[1:])
+    assert story.returncode == 0, story.stdout + story.stderr
+    assert "from the service database" in story.stdout
     with psycopg.connect(SERVER.render_as_string(hide_password=False)) as conn:
         marks = conn.execute(
             "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
