@@ -351,20 +351,20 @@ async def test_late_payment_event_does_not_resurrect_the_saga(run: Run) -> None:
 
 
 @pytest.mark.slow
-async def test_200_concurrent_sagas_with_two_payment_instances(
+async def test_100_concurrent_sagas_with_two_payment_instances(
     kafka_bootstrap: str, postgres_databases: PostgresDatabases
 ) -> None:
     kafka = settings_for_tests(kafka_bootstrap)
     prefix = f"t{uuid.uuid4().hex[:8]}."
     await ensure_topics(kafka, {prefix + SAGA: 8})
-    # Every path but the deadline (tested above): a deadline the 200 sagas
+    # Every path but the deadline (tested above): a deadline the 100 sagas
     # are sure to meet, even on a loaded machine.
     shop = make_shop(postgres_databases, kafka, prefix, payments=2, deadline=timedelta(minutes=2))
     await shop.setup()
     await shop.start()
     try:
         orders = {}
-        for number in range(200):
+        for number in range(100):
             scenario = scenario_of(number)
             if scenario is Scenario.DEADLINE_PASSED:
                 scenario = Scenario.COMPLETED
