@@ -40,6 +40,7 @@ from outbox import (
 from outbox.database import translate_db_error
 from saga import dlq
 from saga.commands import (
+    EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     DefaultsHelpFormatter,
     DurationArgument,
@@ -384,7 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # reports what they mean (an outage it waits out, or why it stops).
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
-        return _dispatch(args)
+        done = _dispatch(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+        return done
+    except BrokenPipeError:
+        # ``saga trace ... | head``: stop quietly. Output still buffered would
+        # fail again at exit; it goes nowhere instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"saga {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -54,6 +54,7 @@ from saga.errors import ConfigurationError, SagaError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "EXIT_BROKEN_PIPE",
     "EXIT_INTERRUPTED",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
@@ -71,6 +72,9 @@ ENTRY_POINT_GROUP = "choreosaga.commands"
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""The reader of the output went away (``saga trace ... | head``): 128 + SIGPIPE, as a shell
+reports a tool that the signal ended."""
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

@@ -230,3 +230,21 @@ def test_relay_names_a_bad_kafka_variable() -> None:
         env=env,
     )
     assert_one_line(result, 2, "KAFKA_SESSION_TIMEOUT_MS", "'ten'")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``saga ... | head`` closes the pipe early: the command stops without an error
+    line, with the status a shell gives a tool ended by SIGPIPE (128 + 13)."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "saga", "schemas", "check"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert command.stdout is not None
+    assert command.stderr is not None
+    command.stdout.close()  # the reader is gone before the command writes
+    with command.stderr:
+        errors = command.stderr.read()
+    assert command.wait(timeout=60) == 141
+    assert errors == ""
