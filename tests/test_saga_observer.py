@@ -14,10 +14,12 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 from conftest import NewTopicFactory
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 from support import consumer_record
 
 from saga import (
@@ -327,4 +329,40 @@ async def test_a_lost_connection_is_waited_out_not_reported_as_a_bug(
         assert waits[0].exc_info is None
         assert "unavailable" in waits[0].getMessage()
     finally:
+        await engine.dispose()
+
+
+async def test_a_lock_that_is_never_released_reaches_the_consumer_as_an_error(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forgotten session holds a lock on the log's inbox table; every try of the
+    observer's batch ends in a lock timeout (55P03, transient). Retrying cannot
+    end that: after a few tries the error reaches the consumer (which logs it as
+    an error, with its traceback), instead of "database unavailable" warnings
+    without end that no alert on errors ever sees."""
+    codec = EnvelopeCodec(CODEC)
+    now = datetime.now(UTC)
+    ended = {"status": "COMPLETED", "reason": None}
+    records = [
+        consumer_record("saga.place_order", n, *codec.encode(
+            stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order")))
+        for n in range(2)
+    ]  # fmt: skip
+    engine = create_engine(postgres_url, connect_args={"options": "-c lock_timeout=100"})
+    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
+    await observer.create_tables()
+    libpq = make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+    holder = psycopg.connect(libpq)
+    try:
+        holder.execute("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE")
+        with (
+            caplog.at_level("WARNING", logger="saga.observe.observer"),
+            pytest.raises(Exception, match="lock timeout"),
+        ):
+            await asyncio.wait_for(observer.process_batch(records), 30)
+        waits = [r for r in caplog.records if r.name == "saga.observe.observer"]
+        assert 1 <= len(waits) <= 5
+        assert observer.stats.stored == 0
+    finally:
+        holder.close()
         await engine.dispose()

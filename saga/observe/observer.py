@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, OutboxError, OutboxTables, RetryPolicy, SqlInboxStore
-from outbox.failures import classify, describe
+from outbox.failures import ErrorKind, classify, describe
 from outbox.tables import create_tables
 from saga.codec import AvroCodec
 from saga.consumer import PartitionedConsumer
@@ -43,7 +43,11 @@ __all__ = ["ObserverSettings", "ObserverStats", "SagaObserver"]
 log = logging.getLogger(__name__)
 
 _WAIT = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
-"""How an outage (or a lock conflict) of the log's database is waited out: without end."""
+"""How an outage (or a lock conflict) of the log's database is waited out."""
+_TRANSIENT_TRIES = 5
+"""Tries of a batch failing with a transient error (a deadlock, a lock or statement
+timeout) before the error goes to the consumer, which reports it: an outage is
+waited out without end, but a statement that always times out is not an outage."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,15 +141,17 @@ class SagaObserver:
         """Store a partition's records in order, in one transaction (the consumer's callback).
 
         Should the transaction fail, nothing of the batch is stored. An outage
-        (the connection lost, the server restarting) or a lock conflict is
-        waited out here, with a warning, and the batch tried again; any other
-        error is raised, and the consumer logs it and tries the batch again.
+        (the connection lost, the server restarting) is waited out here, with a
+        warning, and the batch tried again; a transient error (a lock
+        conflict, a lock or statement timeout) is tried a few times in a row
+        before it is raised too. Any other error is raised at once, and the
+        consumer logs it and tries the batch again.
         The inbox skips what an earlier try committed.
         """
         observed = [o for o in map(self._observe, records) if o is not None]
         if not observed:
             return
-        waits = 0
+        waits = transient = 0
         while True:
             try:
                 stored, duplicates = await self._store(observed)
@@ -155,7 +161,8 @@ class SagaObserver:
                 # conflict (two partitions merging one saga's row) is waited
                 # out here, as a warning.
                 kind = classify(exc)
-                if not kind.retriable:
+                transient = transient + 1 if kind is ErrorKind.TRANSIENT else 0
+                if not kind.retriable or transient >= _TRANSIENT_TRIES:
                     raise
                 waits += 1
                 delay = _WAIT.delay(waits)
