@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +127,9 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
         # sqlite3's ``timeout``: how long a statement waits for another writer's
         # lock before "database is locked". The caller's, or 30 s.
         connect_args = dict(engine_options.get("connect_args") or {})
-        busy_timeout = connect_args.setdefault("timeout", 30.0)
+        connect_args["timeout"] = _seconds(
+            connect_args.get("timeout", _BUSY_TIMEOUT), 'connect_args["timeout"]'
+        )
         engine_options["connect_args"] = connect_args
         # SQLite runs one writer at a time. With one pooled connection, waiting
         # transactions queue in asyncio, first come first served, instead of
@@ -135,7 +138,7 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
         engine_options.setdefault("max_overflow", 0)
         engine_options.setdefault("pool_timeout", 300)
         engine = create_async_engine(parsed, **engine_options)
-        configure_sqlite(engine, busy_timeout=busy_timeout)
+        configure_sqlite(engine)
         return engine
     if "pool_pre_ping" in engine_options:
         return create_async_engine(parsed, **engine_options)
@@ -180,28 +183,51 @@ def _ping_when_rested(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine, "checkout", checkout)
 
 
-def _on_connect(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
-    def connected(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the driver, so that BEGIN below is ours.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            f"PRAGMA busy_timeout={busy_timeout_ms}",
-            "PRAGMA foreign_keys=ON",
-        ):
-            cursor.execute(pragma)
-        cursor.close()
+def _on_connect(dbapi_connection: Any, record: Any) -> None:
+    # Take transaction control away from the driver, so that BEGIN below is ours.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        f"PRAGMA busy_timeout={record.info.get(_BUSY_MS, round(_BUSY_TIMEOUT * 1000))}",
+        "PRAGMA foreign_keys=ON",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
 
-    return connected
+
+def _take_timeout(busy_timeout: float | None) -> Callable[[Any, Any, Any, Any], None]:
+    """A ``do_connect`` listener: the connection's timeout is ``busy_timeout``, or the
+    engine's ``connect_args["timeout"]``, or 30 s."""
+
+    def do_connect(_dialect: Any, record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        if busy_timeout is not None:
+            cparams["timeout"] = busy_timeout
+        else:
+            cparams["timeout"] = _seconds(
+                cparams.get("timeout", _BUSY_TIMEOUT), 'connect_args["timeout"]'
+            )
+        record.info[_BUSY_MS] = round(cparams["timeout"] * 1000)
+
+    return do_connect
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and 0 <= value <= _MAX_BUSY_TIMEOUT):
+        raise ConfigurationError(
+            f"{name} must be from 0 to {_MAX_BUSY_TIMEOUT:.0f} seconds, not {value!r}"
+        )
+    return float(value)
 
 
 def _on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def configure_sqlite(engine: AsyncEngine, *, busy_timeout: float = 30.0) -> None:
+def configure_sqlite(engine: AsyncEngine, *, busy_timeout: float | None = None) -> None:
     """Make an aiosqlite engine safe for concurrent writers (idempotent).
 
     Call it on engines you create yourself, before their first connection.
@@ -210,23 +236,33 @@ def configure_sqlite(engine: AsyncEngine, *, busy_timeout: float = 30.0) -> None
         engine: An aiosqlite engine.
         busy_timeout: Seconds a statement waits for another connection's write
             lock before SQLite reports "database is locked" (a transient error:
-            retried, then dead-lettered), set on every new connection. Only the
-            first call on an engine sets it.
+            retried, then dead-lettered), set on every new connection. Default:
+            the engine's ``connect_args={"timeout": ...}``, or 30. An engine
+            already configured keeps its timeout; giving another is refused.
     """
     if engine.dialect.name != "sqlite":
         raise ConfigurationError("configure_sqlite() takes a SQLite engine")
-    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
-        raise ConfigurationError(f"busy_timeout must be a number of seconds, not {busy_timeout!r}")
-    if not (math.isfinite(busy_timeout) and 0 <= busy_timeout <= _MAX_BUSY_TIMEOUT):
-        raise ConfigurationError(
-            f"busy_timeout must be from 0 to {_MAX_BUSY_TIMEOUT:.0f} seconds, not {busy_timeout!r}"
-        )
+    if busy_timeout is not None:
+        busy_timeout = _seconds(busy_timeout, "busy_timeout")
     sync_engine = engine.sync_engine
-    if not event.contains(sync_engine, "begin", _on_begin):
-        event.listen(sync_engine, "connect", _on_connect(round(busy_timeout * 1000)))
-        event.listen(sync_engine, "begin", _on_begin)
+    if event.contains(sync_engine, "begin", _on_begin):
+        if busy_timeout is not None and _configured.get(sync_engine) != busy_timeout:
+            raise ConfigurationError(
+                "this SQLite engine is configured already; give busy_timeout on its "
+                'first configuration (or connect_args={"timeout": ...} to create_engine)'
+            )
+        return
+    _configured[sync_engine] = busy_timeout
+    event.listen(sync_engine, "do_connect", _take_timeout(busy_timeout))
+    event.listen(sync_engine, "connect", _on_connect)
+    event.listen(sync_engine, "begin", _on_begin)
 
 
+_configured: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
+"""The busy_timeout each configured engine was given (None: its connect_args')."""
+_BUSY_TIMEOUT = 30.0
+"""Seconds a SQLite statement waits for a lock unless told otherwise."""
+_BUSY_MS = "choreosaga_busy_timeout_ms"
 _MAX_BUSY_TIMEOUT = 2**31 // 1000
 """SQLite takes the busy timeout in milliseconds, as a C int."""
 

@@ -430,3 +430,30 @@ async def test_a_sqlite_engine_waits_for_a_lock_as_long_as_its_timeout_says(
     assert await _busy_timeout_ms(own) == 2_500
     with pytest.raises(ConfigurationError, match="busy_timeout"):
         outbox.configure_sqlite(create_async_engine(sqlite_url), busy_timeout=float("nan"))
+
+
+async def test_configure_sqlite_keeps_the_timeout_the_engine_was_created_with(
+    sqlite_url: str,
+) -> None:
+    """The README's knob, ``connect_args={"timeout": ...}``, on an engine the user
+    makes with ``create_async_engine`` and then ``configure_sqlite``: statements
+    wait 2 s for a lock, not the library's 30 s."""
+    own = create_async_engine(sqlite_url, connect_args={"timeout": 2})
+    outbox.configure_sqlite(own)
+    assert await _busy_timeout_ms(own) == 2_000
+
+
+async def test_a_second_timeout_for_a_configured_engine_is_not_dropped_silently(
+    sqlite_url: str,
+) -> None:
+    """``configure_sqlite(engine, busy_timeout=60)`` on an engine from ``create_engine``
+    (timeout 5 s) must not leave the caller believing statements wait 60 s."""
+    engine = outbox.create_engine(sqlite_url, connect_args={"timeout": 5})
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        outbox.configure_sqlite(engine, busy_timeout=60)
+    assert await _busy_timeout_ms(engine) == 5_000
+
+
+def test_a_timeout_that_is_not_a_number_names_the_option_given(sqlite_url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r'connect_args\["timeout"\]'):
+        outbox.create_engine(sqlite_url, connect_args={"timeout": "5"})
