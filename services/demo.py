@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shlex
 import tempfile
 import time
 from collections import Counter
@@ -332,14 +333,21 @@ async def _add_timelines(
         examples.values()
     )
     # PostgreSQL databases stay until the next run; SQLite files only with --directory.
+    # The command is pasted into a shell: quoted, and without the password (libpq
+    # takes it from PGPASSWORD or ~/.pgpass; "***" would be sent as the password).
+    password_left_out = False
     if options.database_url is not None:
         order_db = make_url(order_url).set(drivername="postgresql")
-        order_db_kept: str | None = order_db.render_as_string(hide_password=True)
+        password_left_out = order_db.password is not None
+        # (URL.set(password=None) would keep it: None there means "unchanged".)
+        order_db_kept: str | None = order_db._replace(password=None).render_as_string(
+            hide_password=False
+        )
     else:
         order_db_kept = f"sqlite:///{directory / 'order.db'}" if options.directory else None
     log_kept = options.directory is not None
     result["trace_command"] = (
-        f"saga trace {example} --database-url {order_db_kept}"
+        f"saga trace {example} --database-url {shlex.quote(order_db_kept)}"
         if order_db_kept
         else f"saga demo --directory DIR, then: saga trace {example} "
         "--database-url sqlite:///DIR/order.db"
@@ -349,9 +357,12 @@ async def _add_timelines(
         if order_db_kept:
             print("  see any order's story (steps as the order service knows them):")
             print(f"    {result['trace_command']}")
+            if password_left_out:
+                print("    (the password left out: give it in PGPASSWORD or ~/.pgpass)")
         if log_kept:
+            log_db = shlex.quote(f"sqlite:///{directory / 'saga_log.db'}")
             print("  or every message of it, from the saga log the demo kept:")
-            print(f"    saga trace {example} --database-url sqlite:///{directory / 'saga_log.db'}")
+            print(f"    saga trace {example} --database-url {log_db}")
         if not order_db_kept:
             print("  to see any order's story afterwards, keep the databases:")
             print(f"    {result['trace_command']}")

@@ -9,6 +9,7 @@ create.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -164,18 +165,28 @@ def test_demo_refuses_to_drop_a_database_it_did_not_create(stem: str) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_again_on_the_databases_it_created(stem: str) -> None:
-    url = SERVER.set(database=stem).render_as_string(hide_password=False)
+    # A password (the test server trusts any) and two query parameters: the trace
+    # command printed afterwards must still work when pasted into a shell.
+    url = (
+        SERVER.set(database=stem, password="s3cret").render_as_string(hide_password=False)
+        + "?application_name=demo-test&connect_timeout=10"
+    )
     for _ in range(2):
         result = saga("demo", "--orders", "10", "--deadline", "5", "--database-url", url)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "all checks passed" in result.stdout
     # The story of an order is one printed command away, on the order service's database.
     lines = result.stdout.splitlines()
-    command = lines[
-        lines.index("  see any order's story (steps as the order service knows them):") + 1
-    ]
-    assert command.strip().startswith("saga trace order-"), command
-    story = saga(*command.split()[1:])
+    hint = lines.index("  see any order's story (steps as the order service knows them):")
+    command = lines[hint + 1]
+    argv = shlex.split(command)  # as a shell hands it over
+    assert argv[:2] == ["saga", "trace"], command
+    assert "***" not in command  # libpq would send the placeholder as the password
+    given = make_url(argv[argv.index("--database-url") + 1])
+    assert (given.database, given.password) == (f"{stem}_order", None)
+    assert dict(given.query) == {"application_name": "demo-test", "connect_timeout": "10"}
+    assert "the password left out" in lines[hint + 2]
+    story = saga(*argv[1:])
     assert story.returncode == 0, story.stdout + story.stderr
     assert "from the service database" in story.stdout
     with psycopg.connect(SERVER.render_as_string(hide_password=False)) as conn:
