@@ -122,8 +122,18 @@ async def _interruptible(options: Options) -> Report:
     return await run(options)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of a run; exits 2 with the reason for options that make no sense."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shortest, longest = args.broker_pause
+    if shortest > longest:
+        parser.error(f"argument --broker-pause: MIN ({shortest:g}) is above MAX ({longest:g})")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         stream=sys.stderr,
