@@ -43,7 +43,7 @@ __all__ = ["ObserverSettings", "ObserverStats", "SagaObserver"]
 log = logging.getLogger(__name__)
 
 _WAIT = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
-"""How an outage (or a lock conflict) of the log's database is waited out."""
+"""Pauses between tries of a batch the log's database refused (an outage, a transient error)."""
 _TRANSIENT_TRIES = 5
 """Tries of a batch failing with a transient error (a deadlock, a lock or statement
 timeout) before the error goes to the consumer, which reports it: an outage is
@@ -157,9 +157,9 @@ class SagaObserver:
                 stored, duplicates = await self._store(observed)
                 break
             except Exception as exc:
-                # A bug is the consumer's to report; an outage or a lock
-                # conflict (two partitions merging one saga's row) is waited
-                # out here, as a warning.
+                # A bug is the consumer's to report. An outage is waited out
+                # here, as a warning; so is a transient error (two partitions
+                # merging one saga's row deadlocked) for a few tries in a row.
                 kind = classify(exc)
                 transient = transient + 1 if kind is ErrorKind.TRANSIENT else 0
                 if not kind.retriable or transient >= _TRANSIENT_TRIES:
@@ -168,7 +168,7 @@ class SagaObserver:
                 delay = _WAIT.delay(waits)
                 first = records[0]
                 log.warning(
-                    "observer: database unavailable for %s[%d]@%d..%d (%s, %s); retry %d in %.1fs",
+                    "observer could not store %s[%d]@%d..%d (%s: %s); retry %d in %.1fs",
                     first.topic,
                     first.partition,
                     first.offset,
