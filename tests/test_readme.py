@@ -40,7 +40,8 @@ def test_testing_section_example_is_a_passing_test(tmp_path: Path) -> None:
     test_file.write_text(block("## Testing your sagas", "python"))
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(
-        [*pytest, "-o", "asyncio_mode=auto", "--rootdir", str(tmp_path), str(test_file)],
+        # pytest-asyncio's default (strict) mode, as in a project of the reader's own.
+        [*pytest, "-o", "asyncio_mode=strict", "--rootdir", str(tmp_path), str(test_file)],
         capture_output=True,
         text=True,
         timeout=120,
