@@ -176,6 +176,8 @@ async def run(options: DemoOptions) -> dict[str, Any]:
     """Run the demo; return its result (counts, timing, checks)."""
     with tempfile.TemporaryDirectory(prefix="choreosaga-demo-") as scratch:
         directory = Path(options.directory or scratch)
+        if await asyncio.to_thread(directory.is_file):
+            raise ConfigurationError(f"--directory {directory} is a file, not a directory")
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         urls = await asyncio.to_thread(database_urls, options, directory)
         storage = (

@@ -83,6 +83,8 @@ def test_demo_directory_under_a_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     result = saga("demo", "--orders", "2", "--directory", str(tmp_path / "file" / "demo"))
     assert_one_line(result, 1, "Not a directory", str(tmp_path / "file"))
+    result = saga("demo", "--orders", "2", "--directory", str(tmp_path / "file"))
+    assert_one_line(result, 2, f"--directory {tmp_path / 'file'} is a file, not a directory")
 
 
 def test_verbose_keeps_the_traceback() -> None:
