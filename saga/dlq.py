@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,14 @@ from saga.observe.topics import matching_topics
 __all__ = ["DeadLetterSelection", "dead_letter_topics", "read_dead_letters", "replay"]
 
 DLQ_SUFFIX = ".dlq"
+
+
+_REF = re.compile(r"(?:(?P<topic>[A-Za-z0-9._-]+)/(?P<partition>[0-9]+)/)?(?P<offset>[0-9]+)")
+"""A dead-letter reference: ``<dlq topic>/<partition>/<offset>`` (a Kafka topic
+name never holds a ``/``), or an ``<offset>`` in any dead-letter topic."""
+
+_REF_FORM = "TOPIC/PARTITION/OFFSET (as 'saga dlq list' prints it) or OFFSET"
+"""How a dead-letter reference is written, for messages."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +64,11 @@ class DeadLetterSelection:
     refs: frozenset[str] = frozenset()
     """Only these dead letters, by ``<dlq topic>/<partition>/<offset>`` or ``<offset>``."""
 
+    def __post_init__(self) -> None:
+        for ref in sorted(self.refs):
+            if _REF.fullmatch(ref) is None:
+                raise ConfigurationError(f"not a dead-letter reference: {ref!r}; give {_REF_FORM}")
+
     def matches(self, letter: DeadLetter) -> bool:
         """Whether ``letter`` is selected."""
         if self.saga_id is not None and letter.saga_id != self.saga_id:
@@ -64,12 +79,22 @@ class DeadLetterSelection:
                 return False
         if self.topic is not None and letter.original_topic != self.topic:
             return False
-        return not self.refs or bool({letter.ref, str(letter.offset)} & self.refs)
+        return not self.refs or any(_refers_to(ref, letter) for ref in self.refs)
 
     @property
     def empty(self) -> bool:
         """Whether nothing narrows the selection (it would select everything)."""
         return self.saga_id is None and self.error is None and self.topic is None and not self.refs
+
+
+def _refers_to(ref: str, letter: DeadLetter) -> bool:
+    """Whether the reference ``ref`` names ``letter`` (``False`` for a malformed one)."""
+    parsed = _REF.fullmatch(ref)
+    if parsed is None or int(parsed["offset"]) != letter.offset:
+        return False
+    if parsed["topic"] is None:
+        return True
+    return (parsed["topic"], int(parsed["partition"])) == (letter.topic, letter.partition)
 
 
 async def dead_letter_topics(settings: KafkaSettings, suffix: str = DLQ_SUFFIX) -> list[str]:
@@ -209,7 +234,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         a.add_argument(
             "refs",
             nargs="*",
-            help="dead letters by offset or <dlq topic>/<partition>/<offset>",
+            help="dead letters by TOPIC/PARTITION/OFFSET (as listed) or OFFSET; "
+            "one that names no dead letter is reported and makes the exit status 1",
         )
         a.add_argument("--saga", dest="saga_id", help="only dead letters of this saga id")
         a.add_argument("--error", help="only this error type (KeyError or builtins.KeyError)")
@@ -246,18 +272,26 @@ async def run(args: argparse.Namespace) -> int:
             "say which dead letters to replay (offsets, --saga, --error, --topic) or --all"
         )
     letters = await read_dead_letters(kafka, args.dlq_topics, selection=selection)
+    # A reference that names nothing is most likely a typo: say so, and fail,
+    # after acting on the ones that were found (as ``saga outbox retry`` does).
+    missing = [r for r in dict.fromkeys(args.refs) if not any(_refers_to(r, d) for d in letters)]
     if args.action == "list":
         _print_letters(letters, as_json=args.json)
-        return 0
-    sent = await replay(kafka, letters, dry_run=args.dry_run)
-    verb = "would replay" if args.dry_run else "replayed"
-    if args.json:
-        print(json.dumps({verb.replace(" ", "_"): [d.to_json() for d in sent]}, indent=2))
     else:
-        for letter in sent:
-            print(f"{verb} {letter.ref} -> {letter.original_topic}  {_describe(letter)}")
-        print(f"{verb} {len(sent)} dead letter(s)")
-    return 0
+        sent = await replay(kafka, letters, dry_run=args.dry_run)
+        verb = "would replay" if args.dry_run else "replayed"
+        if args.json:
+            print(json.dumps({verb.replace(" ", "_"): [d.to_json() for d in sent]}, indent=2))
+        else:
+            for letter in sent:
+                print(f"{verb} {letter.ref} -> {letter.original_topic}  {_describe(letter)}")
+            print(f"{verb} {len(sent)} dead letter(s)")
+    options = (("--saga", args.saga_id), ("--error", args.error), ("--topic", args.topic))
+    given = [option for option, value in options if value is not None]
+    also = f" matching {' and '.join(given)}" if given else ""
+    for ref in missing:
+        print(f"saga dlq: no dead letter {ref}{also}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _describe(letter: DeadLetter) -> str:

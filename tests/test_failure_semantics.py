@@ -20,11 +20,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from support import consumer_record, core_codec
 
@@ -43,6 +44,8 @@ from saga import (
     create_engine,
     ensure_topics,
 )
+from saga import cli as saga_cli
+from saga.deadletter import REPLAY_HEADER, Failure, dead_letter_message
 from saga.dlq import DeadLetterSelection, read_dead_letters, replay
 
 SAGA = "pay"
@@ -535,6 +538,93 @@ async def test_saga_dlq_lists_and_replays_a_suspended_saga_from_the_command_line
     assert "replayed 1 dead letter(s)" in done.stdout
     assert await shop.ended_as(saga_id) == "COMPLETED"
     assert await shop.effects_of("beta", saga_id) == ["charged"]
+
+
+def _saga_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``saga ARGS`` in this process; return (exit status, stdout, stderr)."""
+    aiokafka_level = logging.getLogger("aiokafka").level
+    try:
+        status = saga_cli.main(list(args))
+    finally:
+        logging.getLogger("aiokafka").setLevel(aiokafka_level)  # main() quiets it
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+async def test_saga_dlq_refuses_a_malformed_reference_and_names_one_that_matches_nothing(
+    kafka_settings: KafkaSettings,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_ENABLE_IDEMPOTENCE", "false")  # see BROKER.md
+    topic = f"fs{uuid.uuid4().hex[:8]}.{SAGA}"
+    dlq = topic + ".dlq"
+    await ensure_topics(kafka_settings, {topic: 1, dlq: 1})
+    now = datetime.now(UTC)
+    row = dead_letter_message(
+        topic=dlq,
+        key=b"order-1",
+        value=b"the original record",
+        headers=[("ce_id", b"m-1")],
+        origin=(topic, 0, 5),
+        failure=Failure(error=LookupError("no tariff"), attempts=3, first=now, last=now),
+        service="beta",
+        group="beta-group",
+        role="step",
+        saga=(SAGA, "order-1"),
+        step="beta",
+    )
+    producer = AIOKafkaProducer(**kafka_settings.producer_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(dlq, value=row.value, key=row.key, headers=list(row.headers))
+    finally:
+        await producer.stop()
+    found, missing = f"{dlq}/0/0", f"{dlq}/0/17"
+    common = ("--dlq-topic", dlq, "--bootstrap-servers", kafka_settings.bootstrap_servers)
+
+    for malformed in ("foo/bar", f"{dlq}/0", f"{dlq}/x/1", "-1"):
+        status, out, err = await asyncio.to_thread(
+            _saga_main, capsys, "dlq", "replay", malformed, *common
+        )
+        assert (status, out) == (2, ""), malformed
+        assert err == (
+            f"saga dlq: not a dead-letter reference: {malformed!r}; "
+            "give TOPIC/PARTITION/OFFSET (as 'saga dlq list' prints it) or OFFSET\n"
+        )
+
+    status, out, err = await asyncio.to_thread(
+        _saga_main, capsys, "dlq", "list", found, missing, *common
+    )
+    assert status == 1
+    assert found in out
+    assert "1 dead letter(s)" in out
+    assert err == f"saga dlq: no dead letter {missing}\n"
+
+    status, out, err = await asyncio.to_thread(
+        _saga_main, capsys, "dlq", "replay", missing, found, "--dry-run", *common
+    )
+    assert status == 1
+    assert "would replay 1 dead letter(s)" in out
+    assert err == f"saga dlq: no dead letter {missing}\n"
+
+    status, out, err = await asyncio.to_thread(
+        _saga_main, capsys, "dlq", "replay", found, missing, *common
+    )
+    assert status == 1
+    assert f"replayed {found} -> {topic}" in out
+    assert "replayed 1 dead letter(s)" in out
+    assert err == f"saga dlq: no dead letter {missing}\n"
+    consumer = AIOKafkaConsumer(topic, **kafka_settings.consumer_kwargs(None))
+    await consumer.start()
+    try:
+        await consumer.seek_to_beginning()
+        batch = await consumer.getmany(timeout_ms=5000)
+    finally:
+        await consumer.stop()
+    (sent,) = [record for records in batch.values() for record in records]
+    assert (sent.key, sent.value) == (b"order-1", b"the original record")
+    assert (REPLAY_HEADER, found.encode()) in sent.headers
 
 
 # -- what the review of the error model found ---------------------------------------------

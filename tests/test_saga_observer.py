@@ -180,6 +180,49 @@ async def test_retention_forgets_sagas_idle_longer_than_it(
     assert [s.saga_id for s in await observer.log.summaries(observer.engine)] == ["order-1"]
 
 
+async def test_a_saga_topic_created_after_the_observer_started_is_read_within_seconds(
+    postgres_url: str,
+    kafka_settings: KafkaSettings,
+    new_topic: NewTopicFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``saga observe`` started before the services created their topics: it does
+    not wait for its 30-second topic refresh to store their first messages, and
+    says (at WARNING, which the command shows) when it starts reading them."""
+    prefix = f"saga{uuid.uuid4().hex[:8]}."
+    engine = create_engine(postgres_url)
+    observer = SagaObserver(
+        engine=engine,
+        kafka=kafka_settings,
+        codec=CODEC,
+        settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
+    )
+    await observer.create_tables()
+    try:
+        with caplog.at_level("WARNING", logger="saga.observe.observer"):
+            async with observer:
+                assert observer.stats.topics == []
+                await asyncio.sleep(0.5)  # past the observer's first looks
+                topic = await new_topic(1, prefix=prefix)
+                envelope = stamped("order-late", SAGA_ENDED, {"status": "COMPLETED",
+                                   "reason": None}, hop=0, when=datetime.now(UTC),
+                                   service="order")  # fmt: skip
+                await publish(kafka_settings, topic, [EnvelopeCodec(CODEC).encode(envelope)])
+                deadline = time.monotonic() + 8
+                while observer.stats.stored < 1:
+                    assert time.monotonic() < deadline, f"not stored: {observer.stats}"
+                    await asyncio.sleep(0.05)
+        assert observer.stats.topics == [topic]
+        messages = [r.getMessage() for r in caplog.records if r.name == "saga.observe.observer"]
+        assert len([m for m in messages if "no topic matches" in m]) == 1, messages
+        assert any(topic in m for m in messages), messages
+        trace = await trace_from_log(engine, "order-late")
+        assert trace is not None
+        assert [e.message_id for e in trace.entries] == [envelope.id]
+    finally:
+        await engine.dispose()
+
+
 async def _only_topic(kafka: KafkaSettings, prefix: str) -> str:
     (topic,) = await matching_topics(kafka, (prefix + "*",))
     return topic

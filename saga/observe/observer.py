@@ -11,7 +11,11 @@ committed after the database commit.
 
 Topics are matched when it starts and again every ``topic_refresh``: a saga
 topic created later is picked up then (the consumer rejoins the group with
-the longer list). Records without a stamp are not saga messages and are
+the longer list). While no topic matches at all (an observer started before
+the services created their topics), they are listed again every second, one
+metadata request each, so the first sagas are not missed for half a minute;
+the observer warns once that nothing matches and, at the same level, when it
+starts reading. Records without a stamp are not saga messages and are
 skipped; undecodable ones are logged with their position, never stored.
 """
 
@@ -44,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _WAIT = RetryPolicy(maximum_attempts=0, maximum_interval=timedelta(seconds=5))
 """Pauses between tries of a batch the log's database refused (an outage, a transient error)."""
+_LOOK_AGAIN = timedelta(seconds=1)
+"""How soon the topics are listed again while none matches the patterns."""
 _TRANSIENT_TRIES = 5
 """Tries of a batch failing with a transient error (a deadlock, a lock or statement
 timeout) before the error goes to the consumer, which reports it: an outage is
@@ -129,7 +135,8 @@ class SagaObserver:
         self._consumer: PartitionedConsumer | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._refreshed_at = 0.0
+        self._next_look = 0.0
+        self._no_topic_warned = False
         self.ready = asyncio.Event()
         """Set once the first consumer has been assigned partitions."""
 
@@ -234,6 +241,11 @@ class SagaObserver:
 
     async def _subscribe(self) -> None:
         topics = await matching_topics(self.kafka, self.settings.patterns)
+        # Nothing to read yet: look again soon, not at the next (slow) refresh.
+        wait = (
+            self.settings.topic_refresh if topics else min(_LOOK_AGAIN, self.settings.topic_refresh)
+        )
+        self._next_look = asyncio.get_running_loop().time() + wait.total_seconds()
         if topics == self.stats.topics and self._consumer is not None:
             return
         if self._consumer is not None:
@@ -241,7 +253,13 @@ class SagaObserver:
             self._consumer = None
         self.stats.topics = topics
         if not topics:
-            log.warning("observer: no topic matches %s yet", list(self.settings.patterns))
+            if not self._no_topic_warned:
+                log.warning(
+                    "observer: no topic matches %s yet; looking again every %gs",
+                    list(self.settings.patterns),
+                    wait.total_seconds(),
+                )
+                self._no_topic_warned = True
             return
         consumer = PartitionedConsumer(
             group_id=self.settings.group_id,
@@ -251,7 +269,10 @@ class SagaObserver:
         )
         await consumer.start()
         self._consumer = consumer
-        log.info("observer reads %s", ", ".join(topics))
+        # After the warning that nothing matched, its end is worth the same level.
+        level = logging.WARNING if self._no_topic_warned else logging.INFO
+        self._no_topic_warned = False
+        log.log(level, "observer reads %s", ", ".join(topics))
 
     async def _maintain(self) -> None:
         """Refresh the topics, mark readiness and apply retention until stopped."""
@@ -271,22 +292,19 @@ class SagaObserver:
             wait = min(settings.topic_refresh, settings.cleanup_interval).total_seconds()
             if not self.ready.is_set():
                 wait = min(wait, 0.2)
+            wait = max(0.0, min(wait, self._next_look - loop.time()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._stop.wait()
             if self._stop.is_set():
                 return
-            if self._refresh_due(loop.time()):
+            if loop.time() >= self._next_look:
                 try:
                     await self._subscribe()
                 except BrokerError as exc:
+                    # Listed again at the next refresh: not a warning a second.
+                    self._next_look = loop.time() + settings.topic_refresh.total_seconds()
                     log.warning("observer could not refresh its topics: %s", exc)
-
-    def _refresh_due(self, now: float) -> bool:
-        if now - self._refreshed_at >= self.settings.topic_refresh.total_seconds():
-            self._refreshed_at = now
-            return True
-        return False
 
     async def cleanup(self) -> int:
         """Apply retention to the log and the inbox; return the sagas removed."""
