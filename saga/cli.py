@@ -79,10 +79,16 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
     p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
     p.add_argument(
-        "--lease-ttl", type=DurationArgument(), default=10.0, help="shard lease, in seconds"
+        "--lease-ttl",
+        type=DurationArgument(zero=False),
+        default=10.0,
+        help="shard lease, in seconds (at least 1)",
     )
     p.add_argument(
-        "--poll-interval", type=DurationArgument(), default=1.0, help="fallback poll, in seconds"
+        "--poll-interval",
+        type=DurationArgument(zero=False),
+        default=1.0,
+        help="fallback poll, in seconds",
     )
     p.add_argument(
         "--retention",
@@ -95,7 +101,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--startup-timeout",
-        type=DurationArgument(),
+        type=DurationArgument(zero=False),
         default=30.0,
         help="seconds to wait at start for an unreachable database or broker (default 30); "
         "a missing database or table, or a broker refusing the producer, fails at once",
