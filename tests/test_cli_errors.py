@@ -274,3 +274,26 @@ def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
     err = capsys.readouterr().err
     assert f"argument {option}: '0' is not a number of seconds above 0" in err
     assert "timedelta" not in err
+
+
+def test_help_says_each_default_once() -> None:
+    """No help repeats its default: ``output format (table) (default: table)``."""
+    import argparse
+    import re
+
+    from saga.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    seen = 0
+    for parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        seen += text.count("(default: ")
+        repeated = re.findall(r"\(([^()]+)\) \(default: \1\)", text)
+        assert not repeated, f"{parser.prog}: {repeated}"
+    assert seen > 10  # the defaults are still shown

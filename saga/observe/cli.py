@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _common(p, database_help="database of the saga log")
     _kafka_options(p)
-    p.add_argument("--group", default="saga-observer", help="consumer group (default: %(default)s)")
+    p.add_argument("--group", default="saga-observer", help="consumer group")
     p.add_argument("--payloads", action="store_true", help="also store payloads, as JSON")
     p.add_argument(
         "--retention-days",
@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p, database_help="saga log, or a service's database")
     _kafka_options(p)
     p.add_argument("--from-kafka", action="store_true", help="scan the saga topics instead")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (table)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
 
     p = sub.add_parser(
         "status",
@@ -141,8 +141,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("saga_id", help="id of the saga to abort")
     p.add_argument("--reason", required=True, help="why (becomes the saga's reason)")
     p.add_argument("--saga", default=None, help="saga name (default: from the saga log)")
-    p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix (saga.)")
-    p.add_argument("--requested-by", default=os.environ.get("USER"), help="who asks ($USER)")
+    p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix")
+    p.add_argument(
+        "--requested-by", default=os.environ.get("USER"), help="who asks (default: $USER)"
+    )
     p.add_argument(
         "--database-url",
         default=os.environ.get("SAGA_LOG_URL"),
