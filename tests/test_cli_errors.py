@@ -297,3 +297,68 @@ def test_help_says_each_default_once() -> None:
         repeated = re.findall(r"\(([^()]+)\) \(default: \1\)", text)
         assert not repeated, f"{parser.prog}: {repeated}"
     assert seen > 10  # the defaults are still shown
+
+
+# The saga log commands (observe, trace, status, graph, abort) against the same
+# mistakes as the outbox commands: run in-process through ``saga.cli.main``, the
+# same error boundary a process goes through, without a process per case.
+
+SAGA_LOG_COMMANDS = {
+    "observe": ["observe", "--bootstrap-servers", "127.0.0.1:1"],
+    "trace": ["trace", "order-1"],
+    "status": ["status"],
+    "graph": ["graph"],
+    "abort": ["abort", "order-1", "--reason", "test", "--bootstrap-servers", "127.0.0.1:1"],
+}
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run ``saga ARGS`` in this process: its exit status and what it wrote on stderr."""
+    from saga.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def assert_one_error_line(status: int, err: str, expected: int, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert status == expected, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_path_for_a_database_url_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file path without ``sqlite:///``: every command says it is not a database URL, exit 2."""
+    path = str(tmp_path / "saga_log.db")
+    commands = {
+        **SAGA_LOG_COMMANDS,
+        "outbox": ["outbox", "stats"],
+        "relay": ["relay", "--startup-timeout", "1"],
+    }
+    for name, args in commands.items():
+        status, err = run_main(capsys, *args, "--database-url", path)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", f"not a database URL: {path!r}")
+    assert not Path(path).exists()
+
+
+def test_the_same_mistake_gets_the_same_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing SQLite file, or no database at all, is a usage error (2) for every command."""
+    url = f"sqlite:///{tmp_path / 'nothing.db'}"
+    for name in ("trace", "status", "graph", "abort", "outbox"):
+        args = ["outbox", "stats"] if name == "outbox" else SAGA_LOG_COMMANDS[name]
+        status, err = run_main(capsys, *args, "--database-url", url)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", "no SQLite database at")
+    assert not (tmp_path / "nothing.db").exists()
+    for variable in ("SAGA_LOG_URL", "DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    for name in ("observe", "trace", "status", "graph", "outbox"):
+        args = ["outbox", "stats"] if name == "outbox" else SAGA_LOG_COMMANDS[name]
+        status, err = run_main(capsys, *args)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", "give --database-url")

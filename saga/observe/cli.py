@@ -17,16 +17,14 @@ import os
 import signal
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import inspect
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
 from saga.codec import AvroCodec
-from saga.commands import DurationArgument
+from saga.commands import DurationArgument, database_url
 from saga.errors import SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
@@ -192,16 +190,8 @@ def _patterns(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _engine(url: str | None, *, must_exist: bool) -> AsyncEngine:
-    if not url:
-        raise SagaError("give --database-url or set SAGA_LOG_URL / DATABASE_URL")
-    parsed = make_url(url)
-    if (
-        must_exist
-        and parsed.get_backend_name() == "sqlite"
-        and not Path(parsed.database or "").is_file()
-    ):
-        raise SagaError(f"no SQLite database at {parsed.database}")
-    return create_engine(url)
+    checked = database_url(url, variables="SAGA_LOG_URL / DATABASE_URL", must_exist=must_exist)
+    return create_engine(checked)
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
