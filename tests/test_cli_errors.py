@@ -362,3 +362,23 @@ def test_the_same_mistake_gets_the_same_exit_status(
         args = ["outbox", "stats"] if name == "outbox" else SAGA_LOG_COMMANDS[name]
         status, err = run_main(capsys, *args)
         assert_one_error_line(status, err, 2, f"saga {name}: ", "give --database-url")
+
+
+def test_saga_log_commands_name_a_database_that_is_missing_or_down(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A PostgreSQL database that does not exist, or a server that refuses: one line, exit 1,
+    as ``saga outbox stats`` says it; ``-v`` shows the traceback."""
+    missing = f"cstest_missing_{uuid.uuid4().hex[:8]}"
+    cases = [
+        (SERVER.set(database=missing).render_as_string(hide_password=False), missing),
+        ("postgresql://postgres@127.0.0.1:5999/saga_log", "refused"),
+    ]
+    for url, needle in cases:
+        for name, args in SAGA_LOG_COMMANDS.items():
+            status, err = run_main(capsys, *args, "--database-url", url)
+            assert_one_error_line(status, err, 1, f"saga {name}: ", needle)
+    status, err = run_main(capsys, "-v", "status", "--database-url", cases[1][0])
+    assert status == 1
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("saga status: ")

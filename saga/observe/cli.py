@@ -16,13 +16,17 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
+from outbox.database import translate_db_error
 from saga.codec import AvroCodec
 from saga.commands import DurationArgument, database_url
 from saga.errors import SagaError
@@ -189,9 +193,24 @@ def _patterns(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(p.strip() for p in args.topics.split(",") if p.strip())
 
 
-def _engine(url: str | None, *, must_exist: bool) -> AsyncEngine:
+@asynccontextmanager
+async def _database(url: str | None, *, must_exist: bool, doing: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``--database-url``, disposed of afterwards.
+
+    The URL is checked first (:func:`~saga.commands.database_url`: a usage
+    error). A database error inside (a database that does not exist, a
+    server that does not answer) becomes a :class:`~outbox.errors.StoreError`
+    saying ``could not DOING URL`` and why: one line, exit status 1.
+    """
     checked = database_url(url, variables="SAGA_LOG_URL / DATABASE_URL", must_exist=must_exist)
-    return create_engine(checked)
+    engine = create_engine(checked)
+    try:
+        yield engine
+    except SQLAlchemyError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise translate_db_error(exc, f"could not {doing} {where}") from exc
+    finally:
+        await engine.dispose()
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
@@ -201,29 +220,29 @@ async def _tables(engine: AsyncEngine) -> set[str]:
 
 
 async def _observe(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=False)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=_kafka(args),
-        codec=_codec(args),
-        settings=ObserverSettings(
-            patterns=_patterns(args),
-            group_id=args.group,
-            payloads=args.payloads,
-            retention=timedelta(days=args.retention_days),
-        ),
-    )
-    await observer.create_tables()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    # The observer waits out database outages itself; what fails here is the start.
+    async with _database(
+        args.database_url, must_exist=False, doing="create the saga log in"
+    ) as engine:
+        observer = SagaObserver(
+            engine=engine,
+            kafka=_kafka(args),
+            codec=_codec(args),
+            settings=ObserverSettings(
+                patterns=_patterns(args),
+                group_id=args.group,
+                payloads=args.payloads,
+                retention=timedelta(days=args.retention_days),
+            ),
+        )
+        await observer.create_tables()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         async with observer:
             print(f"observing {', '.join(observer.stats.topics) or '(no topic yet)'}", flush=True)
             await stop.wait()
-    finally:
-        await engine.dispose()
     stats = observer.stats
     print(
         f"stored {stats.stored}, duplicates {stats.duplicates}, skipped {stats.skipped}",
@@ -244,8 +263,9 @@ async def _trace(args: argparse.Namespace) -> int:
         )
         where = f"the topics {args.topics}"
     else:
-        engine = _engine(args.database_url, must_exist=True)
-        try:
+        async with _database(
+            args.database_url, must_exist=True, doing="read the database"
+        ) as engine:
             tables = await _tables(engine)
             log = SagaLog(dialect=engine.dialect.name)
             trace = None
@@ -255,8 +275,6 @@ async def _trace(args: argparse.Namespace) -> int:
                 trace = await trace_from_service(engine, _codec(args), args.ref)
             if log.messages.name not in tables and "saga_state" not in tables:
                 raise SagaError("this database holds neither a saga log nor saga views")
-        finally:
-            await engine.dispose()
         where = "the database"
     if trace is None:
         print(f"saga trace: no saga {args.ref!r} in {where}", file=sys.stderr)
@@ -266,12 +284,11 @@ async def _trace(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=True)
-    try:
+    async with _database(
+        args.database_url, must_exist=True, doing="read the saga log in"
+    ) as engine:
         report = await saga_status(engine, stuck_after=timedelta(seconds=args.stuck_after))
         metrics = await saga_metrics(engine) if args.metrics else None
-    finally:
-        await engine.dispose()
     if args.json:
         document = report.to_dict()
         if metrics is not None:
@@ -286,11 +303,10 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _graph(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=True)
-    try:
+    async with _database(
+        args.database_url, must_exist=True, doing="read the saga log in"
+    ) as engine:
         graph = await observed_graph(engine, saga_name=args.saga)
-    finally:
-        await engine.dispose()
     if not graph.edges:
         print("saga graph: no saga message in the log", file=sys.stderr)
         return 1
@@ -301,11 +317,10 @@ async def _graph(args: argparse.Namespace) -> int:
 async def _abort(args: argparse.Namespace) -> int:
     saga_name, topic, known = args.saga, None, None
     if args.database_url:
-        engine = _engine(args.database_url, must_exist=True)
-        try:
+        async with _database(
+            args.database_url, must_exist=True, doing="read the saga log in"
+        ) as engine:
             trace = await trace_from_log(engine, args.saga_id)
-        finally:
-            await engine.dispose()
         if trace is not None and trace.saga_id == args.saga_id:
             saga_name, known = trace.saga_name, trace.stamp
             topic = trace.topic
