@@ -382,3 +382,31 @@ def test_saga_log_commands_name_a_database_that_is_missing_or_down(
     assert status == 1
     assert "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("saga status: ")
+
+
+def test_saga_log_commands_on_a_service_database_say_what_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service's database (outbox tables, no saga log) given to status, graph or abort:
+    one line saying it holds no saga log and which database to give, a usage error."""
+    import asyncio
+
+    from outbox import OutboxTables, create_engine
+
+    url = f"sqlite:///{tmp_path / 'order.db'}"
+
+    async def create() -> None:
+        engine = create_engine(url)
+        await OutboxTables().create_all(engine)
+        await engine.dispose()
+
+    asyncio.run(create())
+    for name in ("status", "graph", "abort"):
+        status, err = run_main(capsys, *SAGA_LOG_COMMANDS[name], "--database-url", url)
+        assert_one_error_line(
+            status, err, 2, f"saga {name}: ", "order.db", "holds no saga log", "saga observe"
+        )
+    status, err = run_main(capsys, "trace", "order-1", "--database-url", url)
+    assert_one_error_line(
+        status, err, 2, "saga trace: ", "order.db", "neither a saga log nor saga views"
+    )

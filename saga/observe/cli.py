@@ -29,7 +29,7 @@ from outbox import KafkaSettings, create_engine
 from outbox.database import translate_db_error
 from saga.codec import AvroCodec
 from saga.commands import DurationArgument, database_url
-from saga.errors import SagaError
+from saga.errors import ConfigurationError, SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
 from saga.observe.graph import GRAPH_FORMATS, observed_graph, render_graph
@@ -207,16 +207,37 @@ async def _database(url: str | None, *, must_exist: bool, doing: str) -> AsyncIt
     try:
         yield engine
     except SQLAlchemyError as exc:
-        where = engine.url.render_as_string(hide_password=True)
-        raise translate_db_error(exc, f"could not {doing} {where}") from exc
+        raise translate_db_error(exc, f"could not {doing} {_where(engine)}") from exc
     finally:
         await engine.dispose()
+
+
+def _where(engine: AsyncEngine) -> str:
+    """The engine's URL without its password."""
+    return engine.url.render_as_string(hide_password=True)
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
     async with engine.connect() as conn:
         names: list[str] = await conn.run_sync(lambda c: inspect(c).get_table_names())
     return set(names)
+
+
+async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
+    """The saga log in the database, or a usage error saying the database holds none.
+
+    A service's own database (outbox, saga views) is an easy mistake to give
+    here: the message names what is missing and which database to give.
+    """
+    log = SagaLog(dialect=engine.dialect.name)
+    tables = await _tables(engine)
+    missing = [t.name for t in (log.messages, log.sagas) if t.name not in tables]
+    if missing:
+        raise ConfigurationError(
+            f"the database {_where(engine)} holds no saga log (no table {', '.join(missing)}): "
+            f"give the database that 'saga observe' fills{instead}"
+        )
+    return log
 
 
 async def _observe(args: argparse.Namespace) -> int:
@@ -274,7 +295,11 @@ async def _trace(args: argparse.Namespace) -> int:
             if trace is None and "saga_state" in tables:
                 trace = await trace_from_service(engine, _codec(args), args.ref)
             if log.messages.name not in tables and "saga_state" not in tables:
-                raise SagaError("this database holds neither a saga log nor saga views")
+                raise ConfigurationError(
+                    f"the database {_where(engine)} holds neither a saga log nor saga views "
+                    f"(no table {log.messages.name}, no table saga_state): give the database "
+                    "that 'saga observe' fills, or a service's own database"
+                )
         where = "the database"
     if trace is None:
         print(f"saga trace: no saga {args.ref!r} in {where}", file=sys.stderr)
@@ -287,8 +312,9 @@ async def _status(args: argparse.Namespace) -> int:
     async with _database(
         args.database_url, must_exist=True, doing="read the saga log in"
     ) as engine:
-        report = await saga_status(engine, stuck_after=timedelta(seconds=args.stuck_after))
-        metrics = await saga_metrics(engine) if args.metrics else None
+        log = await _saga_log(engine)
+        report = await saga_status(engine, log=log, stuck_after=timedelta(seconds=args.stuck_after))
+        metrics = await saga_metrics(engine, log=log) if args.metrics else None
     if args.json:
         document = report.to_dict()
         if metrics is not None:
@@ -306,7 +332,8 @@ async def _graph(args: argparse.Namespace) -> int:
     async with _database(
         args.database_url, must_exist=True, doing="read the saga log in"
     ) as engine:
-        graph = await observed_graph(engine, saga_name=args.saga)
+        log = await _saga_log(engine)
+        graph = await observed_graph(engine, log=log, saga_name=args.saga)
     if not graph.edges:
         print("saga graph: no saga message in the log", file=sys.stderr)
         return 1
@@ -320,7 +347,8 @@ async def _abort(args: argparse.Namespace) -> int:
         async with _database(
             args.database_url, must_exist=True, doing="read the saga log in"
         ) as engine:
-            trace = await trace_from_log(engine, args.saga_id)
+            log = await _saga_log(engine, instead=", or leave it out and give --saga NAME")
+            trace = await trace_from_log(engine, args.saga_id, log=log)
         if trace is not None and trace.saga_id == args.saga_id:
             saga_name, known = trace.saga_name, trace.stamp
             topic = trace.topic
