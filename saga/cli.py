@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import (
@@ -44,6 +43,7 @@ from saga.commands import (
     EXIT_INTERRUPTED,
     DefaultsHelpFormatter,
     DurationArgument,
+    database_url,
     describe,
     exit_status,
     load_plugins,
@@ -79,10 +79,16 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
     p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
     p.add_argument(
-        "--lease-ttl", type=DurationArgument(), default=10.0, help="shard lease, in seconds"
+        "--lease-ttl",
+        type=DurationArgument(zero=False),
+        default=10.0,
+        help="shard lease, in seconds (at least 1)",
     )
     p.add_argument(
-        "--poll-interval", type=DurationArgument(), default=1.0, help="fallback poll, in seconds"
+        "--poll-interval",
+        type=DurationArgument(zero=False),
+        default=1.0,
+        help="fallback poll, in seconds",
     )
     p.add_argument(
         "--retention",
@@ -95,7 +101,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--startup-timeout",
-        type=DurationArgument(),
+        type=DurationArgument(zero=False),
         default=30.0,
         help="seconds to wait at start for an unreachable database or broker (default 30); "
         "a missing database or table, or a broker refusing the producer, fails at once",
@@ -108,8 +114,9 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
-    if not args.database_url:
-        raise ConfigurationError("give --database-url or set DATABASE_URL")
+    # A missing SQLite file is refused when the relay checks its tables (or
+    # created with them, under --create-tables).
+    url = database_url(args.database_url, must_exist=False)
     kafka = KafkaSettings.from_env(
         **({"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {})
     )
@@ -120,7 +127,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
         retention=timedelta(seconds=args.retention),
         startup_timeout=timedelta(seconds=args.startup_timeout),
     )
-    engine = create_engine(args.database_url)
+    engine = create_engine(url)
     try:
         tables = OutboxTables(outbox=args.outbox_table)
         if args.create_tables:
@@ -213,18 +220,6 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     discard.add_argument("message_ids", nargs="+", help="message ids of the parked rows")
     discard.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-
-
-def _existing_database(database_url: str | None) -> str:
-    if not database_url:
-        raise ConfigurationError("give --database-url or set DATABASE_URL")
-    try:
-        url = make_url(database_url)
-    except ArgumentError as exc:
-        raise ConfigurationError(f"not a database URL: {database_url!r}") from exc
-    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        raise ConfigurationError(f"no SQLite database at {url.database}")
-    return database_url
 
 
 async def _run_outbox(args: argparse.Namespace) -> int:
@@ -412,7 +407,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schemas":
         return _run_schemas(args)
     if args.command == "outbox":
-        args.database_url = _existing_database(args.database_url)
+        args.database_url = database_url(args.database_url)
         return asyncio.run(_run_outbox(args))
     if args.command == "dlq":
         return asyncio.run(dlq.run(args))

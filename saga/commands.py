@@ -17,6 +17,11 @@ raise :class:`~saga.errors.ConfigurationError` (or outbox's) for usage
 errors, any other ``SagaError``/``OutboxError`` or an ``OSError`` for runtime
 failures. Anything else is a bug and keeps its traceback.
 
+A ``--database-url`` goes through :func:`database_url` before anything
+connects: none given, a value that is not a URL (a file path without
+``sqlite:///``), a SQLite file that is not there are usage errors, the same in
+every command.
+
 A duration option takes ``type=DurationArgument(...)``: a finite number of
 seconds (or days), at most ten years, else a usage error naming the option,
 before anything is opened. ``float`` would take ``nan``, ``inf`` and negative
@@ -46,7 +51,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
 from typing import Literal, TypeAlias
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from outbox import OutboxError
 from outbox.errors import ConfigurationError as OutboxConfigurationError
@@ -60,6 +69,7 @@ __all__ = [
     "EXIT_USAGE",
     "DefaultsHelpFormatter",
     "DurationArgument",
+    "database_url",
     "describe",
     "exit_status",
     "load_plugins",
@@ -88,6 +98,29 @@ def exit_status(exc: BaseException) -> int | None:
     if isinstance(exc, SagaError | OutboxError | OSError):
         return EXIT_RUNTIME
     return None
+
+
+def database_url(
+    given: str | None, *, variables: str = "DATABASE_URL", must_exist: bool = True
+) -> str:
+    """Check a command's ``--database-url`` before anything connects; return it.
+
+    Raises:
+        ConfigurationError: (exit status 2) None was given (nor set in the
+            environment ``variables`` the message names), the value is not a
+            database URL (a file path without ``sqlite:///``), or, with
+            ``must_exist``, it names a SQLite file that does not exist
+            (connecting would create an empty one).
+    """
+    if not given:
+        raise ConfigurationError(f"give --database-url or set {variables}")
+    try:
+        url = make_url(given)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {given!r}") from exc
+    if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise ConfigurationError(f"no SQLite database at {url.database}")
+    return given
 
 
 def describe(exc: BaseException) -> str:

@@ -139,7 +139,7 @@ def test_status_still_takes_zero_seconds_to_list_every_running_saga(tmp_path: Pa
     result = saga(
         "status", "--database-url", f"sqlite:///{tmp_path / 'none.db'}", "--stuck-after=0"
     )
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # a usage error, as for saga outbox
     assert "saga status: no SQLite database at" in result.stderr
 
 

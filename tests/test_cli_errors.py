@@ -262,3 +262,154 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
         errors = command.stderr.read()
     assert command.wait(timeout=60) == 141
     assert errors == ""
+
+
+@pytest.mark.parametrize("option", ["--startup-timeout", "--poll-interval", "--lease-ttl"])
+def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Named as the option, like any other bad duration; not a Python ``timedelta`` repr."""
+    from saga.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["relay", "--database-url", "sqlite:////nonexistent/x.db", option, "0"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: '0' is not a number of seconds above 0" in err
+    assert "timedelta" not in err
+
+
+def test_help_says_each_default_once() -> None:
+    """No help repeats its default: ``output format (table) (default: table)``."""
+    import argparse
+    import re
+
+    from saga.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    seen = 0
+    for parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        seen += text.count("(default: ")
+        repeated = re.findall(r"\(([^()]+)\) \(default: \1\)", text)
+        assert not repeated, f"{parser.prog}: {repeated}"
+    assert seen > 10  # the defaults are still shown
+
+
+# The saga log commands (observe, trace, status, graph, abort) against the same
+# mistakes as the outbox commands: run in-process through ``saga.cli.main``, the
+# same error boundary a process goes through, without a process per case.
+
+SAGA_LOG_COMMANDS = {
+    "observe": ["observe", "--bootstrap-servers", "127.0.0.1:1"],
+    "trace": ["trace", "order-1"],
+    "status": ["status"],
+    "graph": ["graph"],
+    "abort": ["abort", "order-1", "--reason", "test", "--bootstrap-servers", "127.0.0.1:1"],
+}
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run ``saga ARGS`` in this process: its exit status and what it wrote on stderr."""
+    from saga.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def assert_one_error_line(status: int, err: str, expected: int, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert status == expected, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_path_for_a_database_url_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file path without ``sqlite:///``: every command says it is not a database URL, exit 2."""
+    path = str(tmp_path / "saga_log.db")
+    commands = {
+        **SAGA_LOG_COMMANDS,
+        "outbox": ["outbox", "stats"],
+        "relay": ["relay", "--startup-timeout", "1"],
+    }
+    for name, args in commands.items():
+        status, err = run_main(capsys, *args, "--database-url", path)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", f"not a database URL: {path!r}")
+    assert not Path(path).exists()
+
+
+def test_the_same_mistake_gets_the_same_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing SQLite file, or no database at all, is a usage error (2) for every command."""
+    url = f"sqlite:///{tmp_path / 'nothing.db'}"
+    for name in ("trace", "status", "graph", "abort", "outbox"):
+        args = ["outbox", "stats"] if name == "outbox" else SAGA_LOG_COMMANDS[name]
+        status, err = run_main(capsys, *args, "--database-url", url)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", "no SQLite database at")
+    assert not (tmp_path / "nothing.db").exists()
+    for variable in ("SAGA_LOG_URL", "DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    for name in ("observe", "trace", "status", "graph", "outbox"):
+        args = ["outbox", "stats"] if name == "outbox" else SAGA_LOG_COMMANDS[name]
+        status, err = run_main(capsys, *args)
+        assert_one_error_line(status, err, 2, f"saga {name}: ", "give --database-url")
+
+
+def test_saga_log_commands_name_a_database_that_is_missing_or_down(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A PostgreSQL database that does not exist, or a server that refuses: one line, exit 1,
+    as ``saga outbox stats`` says it; ``-v`` shows the traceback."""
+    missing = f"cstest_missing_{uuid.uuid4().hex[:8]}"
+    cases = [
+        (SERVER.set(database=missing).render_as_string(hide_password=False), missing),
+        ("postgresql://postgres@127.0.0.1:5999/saga_log", "refused"),
+    ]
+    for url, needle in cases:
+        for name, args in SAGA_LOG_COMMANDS.items():
+            status, err = run_main(capsys, *args, "--database-url", url)
+            assert_one_error_line(status, err, 1, f"saga {name}: ", needle)
+    status, err = run_main(capsys, "-v", "status", "--database-url", cases[1][0])
+    assert status == 1
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("saga status: ")
+
+
+def test_saga_log_commands_on_a_service_database_say_what_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service's database (outbox tables, no saga log) given to status, graph or abort:
+    one line saying it holds no saga log and which database to give, a usage error."""
+    import asyncio
+
+    from outbox import OutboxTables, create_engine
+
+    url = f"sqlite:///{tmp_path / 'order.db'}"
+
+    async def create() -> None:
+        engine = create_engine(url)
+        await OutboxTables().create_all(engine)
+        await engine.dispose()
+
+    asyncio.run(create())
+    for name in ("status", "graph", "abort"):
+        status, err = run_main(capsys, *SAGA_LOG_COMMANDS[name], "--database-url", url)
+        assert_one_error_line(
+            status, err, 2, f"saga {name}: ", "order.db", "holds no saga log", "saga observe"
+        )
+    status, err = run_main(capsys, "trace", "order-1", "--database-url", url)
+    assert_one_error_line(
+        status, err, 2, "saga trace: ", "order.db", "neither a saga log nor saga views"
+    )

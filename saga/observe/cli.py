@@ -16,18 +16,20 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
+from outbox.database import translate_db_error
 from saga.codec import AvroCodec
-from saga.commands import DurationArgument
-from saga.errors import SagaError
+from saga.commands import DurationArgument, database_url
+from saga.errors import ConfigurationError, SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
 from saga.observe.graph import GRAPH_FORMATS, observed_graph, render_graph
@@ -82,7 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _common(p, database_help="database of the saga log")
     _kafka_options(p)
-    p.add_argument("--group", default="saga-observer", help="consumer group (default: %(default)s)")
+    p.add_argument("--group", default="saga-observer", help="consumer group")
     p.add_argument("--payloads", action="store_true", help="also store payloads, as JSON")
     p.add_argument(
         "--retention-days",
@@ -105,7 +107,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p, database_help="saga log, or a service's database")
     _kafka_options(p)
     p.add_argument("--from-kafka", action="store_true", help="scan the saga topics instead")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (table)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
 
     p = sub.add_parser(
         "status",
@@ -141,8 +143,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("saga_id", help="id of the saga to abort")
     p.add_argument("--reason", required=True, help="why (becomes the saga's reason)")
     p.add_argument("--saga", default=None, help="saga name (default: from the saga log)")
-    p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix (saga.)")
-    p.add_argument("--requested-by", default=os.environ.get("USER"), help="who asks ($USER)")
+    p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix")
+    p.add_argument(
+        "--requested-by", default=os.environ.get("USER"), help="who asks (default: $USER)"
+    )
     p.add_argument(
         "--database-url",
         default=os.environ.get("SAGA_LOG_URL"),
@@ -189,17 +193,28 @@ def _patterns(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(p.strip() for p in args.topics.split(",") if p.strip())
 
 
-def _engine(url: str | None, *, must_exist: bool) -> AsyncEngine:
-    if not url:
-        raise SagaError("give --database-url or set SAGA_LOG_URL / DATABASE_URL")
-    parsed = make_url(url)
-    if (
-        must_exist
-        and parsed.get_backend_name() == "sqlite"
-        and not Path(parsed.database or "").is_file()
-    ):
-        raise SagaError(f"no SQLite database at {parsed.database}")
-    return create_engine(url)
+@asynccontextmanager
+async def _database(url: str | None, *, must_exist: bool, doing: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``--database-url``, disposed of afterwards.
+
+    The URL is checked first (:func:`~saga.commands.database_url`: a usage
+    error). A database error inside (a database that does not exist, a
+    server that does not answer) becomes a :class:`~outbox.errors.StoreError`
+    saying ``could not DOING URL`` and why: one line, exit status 1.
+    """
+    checked = database_url(url, variables="SAGA_LOG_URL / DATABASE_URL", must_exist=must_exist)
+    engine = create_engine(checked)
+    try:
+        yield engine
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, f"could not {doing} {_where(engine)}") from exc
+    finally:
+        await engine.dispose()
+
+
+def _where(engine: AsyncEngine) -> str:
+    """The engine's URL without its password."""
+    return engine.url.render_as_string(hide_password=True)
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
@@ -208,30 +223,47 @@ async def _tables(engine: AsyncEngine) -> set[str]:
     return set(names)
 
 
+async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
+    """The saga log in the database, or a usage error saying the database holds none.
+
+    A service's own database (outbox, saga views) is an easy mistake to give
+    here: the message names what is missing and which database to give.
+    """
+    log = SagaLog(dialect=engine.dialect.name)
+    tables = await _tables(engine)
+    missing = [t.name for t in (log.messages, log.sagas) if t.name not in tables]
+    if missing:
+        raise ConfigurationError(
+            f"the database {_where(engine)} holds no saga log (no table {', '.join(missing)}): "
+            f"give the database that 'saga observe' fills{instead}"
+        )
+    return log
+
+
 async def _observe(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=False)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=_kafka(args),
-        codec=_codec(args),
-        settings=ObserverSettings(
-            patterns=_patterns(args),
-            group_id=args.group,
-            payloads=args.payloads,
-            retention=timedelta(days=args.retention_days),
-        ),
-    )
-    await observer.create_tables()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    # The observer waits out database outages itself; what fails here is the start.
+    async with _database(
+        args.database_url, must_exist=False, doing="create the saga log in"
+    ) as engine:
+        observer = SagaObserver(
+            engine=engine,
+            kafka=_kafka(args),
+            codec=_codec(args),
+            settings=ObserverSettings(
+                patterns=_patterns(args),
+                group_id=args.group,
+                payloads=args.payloads,
+                retention=timedelta(days=args.retention_days),
+            ),
+        )
+        await observer.create_tables()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         async with observer:
             print(f"observing {', '.join(observer.stats.topics) or '(no topic yet)'}", flush=True)
             await stop.wait()
-    finally:
-        await engine.dispose()
     stats = observer.stats
     print(
         f"stored {stats.stored}, duplicates {stats.duplicates}, skipped {stats.skipped}",
@@ -252,8 +284,9 @@ async def _trace(args: argparse.Namespace) -> int:
         )
         where = f"the topics {args.topics}"
     else:
-        engine = _engine(args.database_url, must_exist=True)
-        try:
+        async with _database(
+            args.database_url, must_exist=True, doing="read the database"
+        ) as engine:
             tables = await _tables(engine)
             log = SagaLog(dialect=engine.dialect.name)
             trace = None
@@ -262,9 +295,11 @@ async def _trace(args: argparse.Namespace) -> int:
             if trace is None and "saga_state" in tables:
                 trace = await trace_from_service(engine, _codec(args), args.ref)
             if log.messages.name not in tables and "saga_state" not in tables:
-                raise SagaError("this database holds neither a saga log nor saga views")
-        finally:
-            await engine.dispose()
+                raise ConfigurationError(
+                    f"the database {_where(engine)} holds neither a saga log nor saga views "
+                    f"(no table {log.messages.name}, no table saga_state): give the database "
+                    "that 'saga observe' fills, or a service's own database"
+                )
         where = "the database"
     if trace is None:
         print(f"saga trace: no saga {args.ref!r} in {where}", file=sys.stderr)
@@ -274,12 +309,12 @@ async def _trace(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=True)
-    try:
-        report = await saga_status(engine, stuck_after=timedelta(seconds=args.stuck_after))
-        metrics = await saga_metrics(engine) if args.metrics else None
-    finally:
-        await engine.dispose()
+    async with _database(
+        args.database_url, must_exist=True, doing="read the saga log in"
+    ) as engine:
+        log = await _saga_log(engine)
+        report = await saga_status(engine, log=log, stuck_after=timedelta(seconds=args.stuck_after))
+        metrics = await saga_metrics(engine, log=log) if args.metrics else None
     if args.json:
         document = report.to_dict()
         if metrics is not None:
@@ -294,11 +329,11 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _graph(args: argparse.Namespace) -> int:
-    engine = _engine(args.database_url, must_exist=True)
-    try:
-        graph = await observed_graph(engine, saga_name=args.saga)
-    finally:
-        await engine.dispose()
+    async with _database(
+        args.database_url, must_exist=True, doing="read the saga log in"
+    ) as engine:
+        log = await _saga_log(engine)
+        graph = await observed_graph(engine, log=log, saga_name=args.saga)
     if not graph.edges:
         print("saga graph: no saga message in the log", file=sys.stderr)
         return 1
@@ -309,11 +344,11 @@ async def _graph(args: argparse.Namespace) -> int:
 async def _abort(args: argparse.Namespace) -> int:
     saga_name, topic, known = args.saga, None, None
     if args.database_url:
-        engine = _engine(args.database_url, must_exist=True)
-        try:
-            trace = await trace_from_log(engine, args.saga_id)
-        finally:
-            await engine.dispose()
+        async with _database(
+            args.database_url, must_exist=True, doing="read the saga log in"
+        ) as engine:
+            log = await _saga_log(engine, instead=", or leave it out and give --saga NAME")
+            trace = await trace_from_log(engine, args.saga_id, log=log)
         if trace is not None and trace.saga_id == args.saga_id:
             saga_name, known = trace.saga_name, trace.stamp
             topic = trace.topic
