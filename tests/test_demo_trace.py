@@ -46,6 +46,16 @@ def test_demo_json_has_a_timeline_per_outcome_and_trace_works_on_its_databases(
         ("reserve_stock", "COMPENSATED"),
     ]
     assert timelines["rejected: deadline passed"]["reason"] == "deadline passed"
+    # The deadline message is traced when it was due (4 s on), not when it was written
+    # with the first event; there it starts the compensation.
+    late = timelines["rejected: deadline passed"]["timeline"]
+    (fired,) = [i for i, e in enumerate(late) if e["event"].startswith("DeadlineReached(due ")]
+    assert late[fired]["delta_ms"] >= 4000
+    assert (late[fired + 1]["service"], late[fired + 1]["compensation"]) == ("order", True)
+    assert all(
+        e["delta_ms"] >= 4000 for t in timelines.values() for e in t["timeline"]
+        if e["event"].startswith("DeadlineReached")
+    )  # fmt: skip
     assert shlex.split(report["trace_command"]) == [
         "saga", "trace", "order-00008", "--database-url", f"sqlite:///{directory / 'order.db'}"
     ]  # fmt: skip

@@ -8,11 +8,14 @@ chosen per saga by the data (``n``), as an application would.
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from saga import (
     ensure_topics,
     read_dead_letters,
 )
+from saga.observe import trace_from_service
 
 SAGA = "test_saga"
 STARTED = "choreosaga.test.Started"
@@ -296,6 +300,42 @@ async def test_step_that_crashes_suspends_the_saga_instead_of_compensating_it(
     assert letter.error_type == "builtins.ZeroDivisionError"
     assert harness.attempts[f"gamma {saga_id}"] == 3  # retried per policy, then stopped
     assert await harness.undone("alpha", saga_id) == []  # nothing compensated
+
+    # Traced from gamma's own database, the saga says where it is suspended and why.
+    suspension = stamp.suspension
+    assert suspension is not None
+    at = suspension.at.astimezone(UTC).isoformat(timespec="milliseconds")
+    # Stopped first: on SQLite a reader takes the write lock too (BEGIN IMMEDIATE), and a
+    # slow broker can keep gamma's transactions open longer than the busy timeout.
+    await harness.services["gamma"].stop()
+    database = harness.engines["gamma"].url.database
+    traced = subprocess.run(
+        [sys.executable, "-m", "saga", "trace", saga_id, "--database-url", f"sqlite:///{database}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert traced.returncode == 0, traced.stderr
+    assert "from the service database" in traced.stdout
+    assert re.search(
+        rf"^{at[11:23]} .* gamma .*suspended: ZeroDivisionError: a bug in gamma.* gamma "
+        r"+DEAD_LETTERED$",
+        traced.stdout,
+        re.MULTILINE,
+    ), traced.stdout
+    explanation = (
+        "RUNNING, suspended at gamma step gamma: ZeroDivisionError: a bug in gamma; "
+        f"waiting {{}}s since the suspension at {at}"
+    )
+    assert re.search(re.escape(explanation).replace(r"\{\}", r"[\d.]+"), traced.stdout), (
+        traced.stdout
+    )
+    started = stamp.started_at.astimezone(UTC).isoformat(timespec="milliseconds")
+    assert f"started {started}" in traced.stdout  # the start's own time
+    # The same in the JSON form, for a program.
+    trace = await trace_from_service(harness.engines["gamma"], core_codec(), saga_id)
+    assert trace is not None
+    held = trace.to_dict()["suspension"]
+    assert (held["service"], held["step"], held["at"]) == ("gamma", "gamma", at)
+    assert held["error"] == "ZeroDivisionError: a bug in gamma"
 
 
 async def test_step_that_emits_nothing_is_a_bug_and_suspends_the_saga(harness: Harness) -> None:

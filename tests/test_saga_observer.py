@@ -7,11 +7,13 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -34,11 +36,19 @@ from saga import (
     create_engine,
 )
 from saga.envelope import EnvelopeCodec
-from saga.observe import ObserverSettings, SagaObserver, trace_from_log
+from saga.observe import (
+    ObserverSettings,
+    SagaObserver,
+    render_trace,
+    trace_from_kafka,
+    trace_from_log,
+)
+from saga.observe.status import saga_metrics
 from saga.observe.topics import matching_topics
 
 SAGA_ENDED = "choreosaga.saga.SagaEnded"
 COMPENSATE = "choreosaga.saga.Compensate"
+DEADLINE_REACHED = "choreosaga.saga.DeadlineReached"
 CODEC = AvroCodec(SchemaRegistry.default())
 
 
@@ -408,4 +418,66 @@ async def test_a_lock_that_is_never_released_reaches_the_consumer_as_an_error(
         assert observer.stats.stored == 0
     finally:
         holder.close()
+        await engine.dispose()
+
+
+async def test_a_deadline_message_is_traced_when_it_was_due_not_when_it_was_written(
+    sqlite_url: str, kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    """The initiator writes the deadline message with the first event, but the relay
+    publishes it only once due: the trace puts it there, from the log and the topics."""
+    prefix = f"saga{uuid.uuid4().hex[:8]}."
+    topic = await new_topic(1, prefix=prefix)
+    codec = EnvelopeCodec(CODEC)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    due = start + timedelta(seconds=3)
+    first = stamped("order-9", COMPENSATE, {"step": "reserve_stock", "reason": "r"}, hop=0,
+                    when=start, service="order")  # fmt: skip
+    ended = stamped("order-9", SAGA_ENDED, {"status": "COMPLETED", "reason": None}, hop=1,
+                    when=start + timedelta(milliseconds=100), service="inventory",
+                    causation=first.id)  # fmt: skip
+    assert ended.stamp is not None
+    ended = replace(ended, stamp=replace(ended.stamp, status=SagaStatus.COMPLETED))
+    # Written a millisecond after the first event, with its stamp; published when due.
+    deadline = replace(
+        stamped("order-9", DEADLINE_REACHED, {"deadline": due}, hop=0,
+                when=start + timedelta(milliseconds=1), service="order", causation=first.id),
+        stamp=first.stamp,
+    )  # fmt: skip
+    await publish(kafka_settings, topic, [codec.encode(e) for e in (first, ended, deadline)])
+    engine = create_engine(sqlite_url)
+    observer = SagaObserver(
+        engine=engine,
+        kafka=kafka_settings,
+        codec=CODEC,
+        settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
+    )
+    await observer.create_tables()
+    try:
+        async with observer:
+            async with asyncio.timeout(30):
+                while observer.stats.stored < 3:
+                    await asyncio.sleep(0.05)
+        from_log = await trace_from_log(engine, "order-9")
+        from_kafka = await trace_from_kafka(kafka_settings, CODEC, "order-9",
+                                            patterns=(prefix + "*",))  # fmt: skip
+        assert from_log is not None
+        assert from_kafka is not None
+        assert from_log.to_dict() == from_kafka.to_dict()
+        # Last, at its due time, after the saga ended; labelled with when it was due.
+        last = from_log.to_dict()["timeline"][-1]
+        label = f"DeadlineReached(due {due.isoformat(timespec='milliseconds')})"
+        assert (last["event"], last["delta_ms"], last["hop"]) == (label, 3000, 0)
+        assert last["time"] == due.isoformat(timespec="milliseconds")
+        assert [e.event for e in from_log.entries[:-1]] == [
+            "Compensate(step=reserve_stock)",
+            "SagaEnded(status=COMPLETED)",
+        ]
+        assert re.search(rf"^\S+ +\+3000 +0 +order +{re.escape(label)}$",
+                         render_trace(from_log, "table"), re.MULTILINE)  # fmt: skip
+        assert f"order->>saga_topic: +3000ms {label}" in render_trace(from_log, "mermaid")
+        # The saga took 100 ms: a deadline message after its end does not lengthen it.
+        metrics = await saga_metrics(engine)
+        assert metrics["time_to_end"]["place_order"]["COMPLETED"]["max_seconds"] == 0.1
+    finally:
         await engine.dispose()

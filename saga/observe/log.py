@@ -13,8 +13,10 @@ Rows are written by :class:`~saga.observe.observer.SagaObserver` inside the
 transaction that records the message in the inbox, so a redelivered message
 changes nothing. A saga's messages share a partition (the saga id is the key),
 so one observer writes a saga's row at a time; on PostgreSQL the row is also
-locked while it is merged. Times are the messages' own (CloudEvents time), so that a
-log filled late by a replay still tells how long a saga has been idle.
+locked while it is merged. Times are the messages' own (CloudEvents time; a deadline
+message's due time), so that a log filled late by a replay still tells how long a saga
+has been idle. A deadline message due after its saga ended is logged but leaves the
+saga's last message time (its time to end) as it was.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import Transaction
 from outbox.database import upsert_insert
 from outbox.tables import create_tables, validate_identifier
-from saga.choreography import SAGA_RESUMED, SAGA_SUSPENDED
+from saga.choreography import DEADLINE_REACHED, SAGA_RESUMED, SAGA_SUSPENDED
 from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
 from saga.stamp import SagaStatus, Stamp
 from saga.state import merge
@@ -74,7 +76,7 @@ class SagaSummary:
     started_at: datetime
     """When the saga started."""
     last_message_at: datetime
-    """Time of its latest message."""
+    """Time of its latest message (not counting a deadline message due after it ended)."""
     messages: int
     """Messages observed."""
     hop: int
@@ -205,6 +207,9 @@ class SagaLog:
         else:
             merged = merge(stamp_from_json(row.stamp), incoming)
             last, count = max(row.last_message_ms, time_ms), row.messages + 1
+            if message.event_type == DEADLINE_REACHED and SagaStatus(row.status).is_terminal:
+                # Due after the saga ended, it changes nothing: its time to end stays.
+                last = row.last_message_ms
         merged = _suspension(merged, incoming, message)
         values = {
             "saga_id": merged.saga_id,

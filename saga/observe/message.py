@@ -12,6 +12,10 @@ CloudEvents source, ``/choreosaga/<service>`` by default). Framework events
 whose source is the service itself follow the same rule; a message whose
 emitter recorded nothing (the first event, a deadline, a forwarded
 compensation request) reports no step.
+
+A deadline message (``DeadlineReached``) is written with the first event but
+published only when due: its time is its due time (from its payload), and its
+detail says so (``due <time>``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from saga.choreography import COMPENSATE, FRAMEWORK_EVENTS, SAGA_ENDED, SAGA_SUSPENDED
+from saga.choreography import (
+    COMPENSATE,
+    DEADLINE_REACHED,
+    FRAMEWORK_EVENTS,
+    SAGA_ENDED,
+    SAGA_SUSPENDED,
+)
 from saga.codec import AvroCodec
 from saga.envelope import Envelope, EnvelopeCodec, H
 from saga.errors import DecodeError
@@ -68,7 +78,8 @@ class ObservedMessage:
     hop: int
     """Position of the message in the saga (see :mod:`saga.stamp`)."""
     time: datetime
-    """When the message was emitted (CloudEvents time)."""
+    """When the message was emitted (CloudEvents time); for a deadline message,
+    scheduled when its saga started, the time it was due."""
     causation_id: str | None
     """Id of the message that caused this one."""
     correlation_id: str | None
@@ -158,6 +169,8 @@ def _detail(event_type: str, data: Mapping[str, Any] | None) -> str | None:
         return f"step={data.get('step')}"
     if event_type == SAGA_ENDED:
         return f"status={data.get('status')}"
+    if event_type == DEADLINE_REACHED and isinstance(data.get("deadline"), datetime):
+        return f"due {_json_value(data['deadline'])}"
     if event_type == SAGA_SUSPENDED:
         return (
             f"at {data.get('service')} {data.get('role')} {data.get('step')}: {data.get('error')}"
@@ -298,6 +311,11 @@ def _observed(
 ) -> ObservedMessage:
     service = service_of(source)
     reported = _reported_step(stamp, service)
+    due = None if data is None else data.get("deadline")
+    if event_type == DEADLINE_REACHED and isinstance(due, datetime) and due > time:
+        # Written with the first event, published by the relay only when due:
+        # it happens then (a trace would otherwise show the deadline firing at once).
+        time = due
     return ObservedMessage(
         message_id=message_id,
         saga_name=stamp.saga_name,

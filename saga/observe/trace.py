@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from saga.observe.message import ObservedMessage, stamp_from_json
-from saga.stamp import SagaStatus, Stamp, StepOutcome
+from saga.stamp import SagaStatus, Stamp, StepOutcome, Suspension
 from saga.state import merge
 
 __all__ = ["Trace", "TraceEntry", "Waiting", "build_trace", "trace_from_stamp"]
@@ -65,7 +65,7 @@ class TraceEntry:
     def event(self) -> str:
         """Short label: the event's simple name and its detail."""
         if self.event_type is None:
-            return "(step recorded)"
+            return f"({self.detail})" if self.detail else "(step recorded)"
         name = self.event_type.rsplit(".", 1)[-1]
         return f"{name}({self.detail})" if self.detail else name
 
@@ -172,6 +172,9 @@ class Trace:
         if status is SagaStatus.COMPENSATED:
             return f"COMPENSATED: {why}"
         text = f"{status.value}: {why}" if status is SagaStatus.COMPENSATING else status.value
+        held = stamp.suspension
+        if held is not None:
+            text += f", suspended at {_where(held)}: {held.error}"
         if self.waiting is not None:
             text += (
                 f"; waiting {self.waiting.idle_seconds:.1f}s since {self.waiting.after}"
@@ -194,6 +197,7 @@ class Trace:
             "reason": self.stamp.reason,
             "failed_step": None if failed is None else {"step": failed[0], "service": failed[1]},
             "explanation": self.explanation(),
+            "suspension": None if self.stamp.suspension is None else _suspension(self.stamp),
             "waiting": None if self.waiting is None else self.waiting.to_dict(),
             "missing_hops": None if self.missing_hops is None else list(self.missing_hops),
             "missing_causes": list(self.missing_causes),
@@ -203,6 +207,28 @@ class Trace:
             ],
             "timeline": [entry.to_dict() for entry in self.entries],
         }
+
+
+_VIEW_WRITE = timedelta(seconds=1)
+"""How much later than its latest recorded time a saga view may be written."""
+
+
+def _where(held: Suspension) -> str:
+    return " ".join(part for part in (held.service, held.role, held.step) if part)
+
+
+def _suspension(stamp: Stamp) -> dict[str, Any]:
+    held = stamp.suspension
+    assert held is not None
+    return {
+        "service": held.service,
+        "role": held.role,
+        "step": held.step,
+        "error": held.error,
+        "at": _iso(held.at),
+        "message_id": held.message_id,
+        "dead_letter_topic": held.dead_letter_topic,
+    }
 
 
 def build_trace(
@@ -282,10 +308,16 @@ def build_trace(
 def trace_from_stamp(
     stamp: Stamp, *, updated_at: datetime | None = None, source: str = "service database"
 ) -> Trace:
-    """A timeline from a service's saga view alone: its steps, no messages."""
+    """A timeline from a service's saga view alone: its steps, no messages.
+
+    A suspended saga gets a line for its suspension (the dead-lettered step,
+    with the error), and waits since then. ``updated_at``, the view's last
+    change, is named as such when it is clearly later than anything the view
+    records.
+    """
     start = stamp.started_at
     compensating = (StepOutcome.COMPENSATED, StepOutcome.COMPENSATION_FAILED)
-    entries = tuple(
+    entries = [
         TraceEntry(
             time=s.at,
             delta_ms=round((s.at - start).total_seconds() * 1000),
@@ -297,14 +329,40 @@ def trace_from_stamp(
             compensation=s.outcome in compensating,
         )
         for s in stamp.steps
-    )
+    ]
+    held = stamp.suspension
+    if held is not None:
+        entries.append(
+            TraceEntry(
+                time=held.at,
+                delta_ms=round((held.at - start).total_seconds() * 1000),
+                service=held.service,
+                event_type=None,
+                step=held.step,
+                outcome="DEAD_LETTERED",
+                status=stamp.status.value,
+                compensation=held.role == "compensation",
+                detail=f"suspended: {held.error}",
+                message_id=held.message_id,
+            )
+        )
+        entries.sort(key=lambda e: e.time)
     waiting = None
     if not stamp.status.is_terminal:
-        since = updated_at or (stamp.steps[-1].at if stamp.steps else start)
+        # The latest thing the view knows happened, named for what it is.
+        known = [(start, "the start")]
+        known += [(s.at, f"step {s.name}") for s in stamp.steps]
+        if held is not None:
+            known.append((held.at, "the suspension"))
+        since, after = max(known, key=lambda k: k[0])
+        # The view is written a moment after what it records; a later change
+        # that it has no time for (a status, a moved deadline) is named as such.
+        if updated_at is not None and updated_at - since > _VIEW_WRITE:
+            since, after = updated_at, "the last change to this service's saga view"
         waiting = Waiting(
             since=since,
             idle_seconds=max(0.0, (datetime.now(UTC) - since).total_seconds()),
-            after=f"step {stamp.steps[-1].name}" if stamp.steps else "the start",
+            after=after,
             deadline=stamp.deadline,
         )
     return Trace(
@@ -313,7 +371,7 @@ def trace_from_stamp(
         correlation_id=stamp.correlation_id,
         started_at=start,
         stamp=stamp,
-        entries=entries,
+        entries=tuple(entries),
         missing_hops=None,
         waiting=waiting,
         source=source,
