@@ -43,7 +43,7 @@ from saga.observe import (
     trace_from_kafka,
     trace_from_log,
 )
-from saga.observe.status import saga_metrics
+from saga.observe.status import saga_metrics, saga_status
 from saga.observe.topics import matching_topics
 
 SAGA_ENDED = "choreosaga.saga.SagaEnded"
@@ -479,5 +479,101 @@ async def test_a_deadline_message_is_traced_when_it_was_due_not_when_it_was_writ
         # The saga took 100 ms: a deadline message after its end does not lengthen it.
         metrics = await saga_metrics(engine)
         assert metrics["time_to_end"]["place_order"]["COMPLETED"]["max_seconds"] == 0.1
+    finally:
+        await engine.dispose()
+
+
+_LOG_TOPIC = "saga.place_order"
+
+
+def _log_records(*envelopes):  # type: ignore[no-untyped-def]
+    codec = EnvelopeCodec(CODEC)
+    out = []
+    for offset, envelope in enumerate(envelopes):
+        key, value, headers = codec.encode(envelope)
+        out.append(consumer_record(_LOG_TOPIC, offset, key, value, headers))
+    return out
+
+
+async def test_a_deadline_due_after_its_saga_was_purged_does_not_bring_it_back_as_running(
+    sqlite_url: str,
+) -> None:
+    """A saga ended 10 days ago with a 10-day deadline; retention (7 days) forgot it.
+    Its deadline message, published now, must not make 'saga status' report a
+    running (soon stuck) saga that ended long ago."""
+    engine = create_engine(sqlite_url)
+    observer = SagaObserver(
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        codec=CODEC,
+        settings=ObserverSettings(patterns=("saga.*",), group_id="review"),
+    )
+    await observer.create_tables()
+    try:
+        start = datetime.now(UTC) - timedelta(days=10)
+        first = stamped("order-7", "choreosaga.saga.Compensate",
+                        {"step": "reserve_stock", "reason": "r"}, hop=0, when=start,
+                        service="order")  # fmt: skip
+        ended = stamped("order-7", SAGA_ENDED, {"status": "COMPLETED", "reason": None}, hop=1,
+                        when=start + timedelta(seconds=1), service="order",
+                        causation=first.id)  # fmt: skip
+        assert ended.stamp is not None
+        ended = replace(ended, stamp=replace(ended.stamp, status=SagaStatus.COMPLETED))
+        due = datetime.now(UTC) - timedelta(seconds=1)
+        deadline = replace(
+            stamped("order-7", DEADLINE_REACHED, {"deadline": due}, hop=0, when=start,
+                    service="order", causation=first.id),
+            stamp=first.stamp,
+        )  # fmt: skip
+        first_two = _log_records(first, ended)
+        await observer.process_batch(first_two)
+        assert await observer.cleanup() == 1  # ended 10 days ago: forgotten
+        (late,) = _log_records(deadline)
+        await observer.process_batch([replace(late, offset=2)])
+        report = await saga_status(engine, stuck_after=timedelta(seconds=0))
+        running = [c for c in report.counts if c[1] == "RUNNING"]
+        assert running == [], report.to_text()
+        assert not any(report.attention.values()), report.to_text()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_superseded_deadline_message_does_not_hide_a_stuck_saga(sqlite_url: str) -> None:
+    """The saga resumed (its deadline moved from D1 to D2) and then stopped moving.
+    The old deadline message, published at D1, is superseded and changes nothing at
+    the initiator: 'saga status' must still report the saga as stuck."""
+    engine = create_engine(sqlite_url)
+    observer = SagaObserver(
+        engine=engine,
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        codec=CODEC,
+        settings=ObserverSettings(patterns=("saga.*",), group_id="review"),
+    )
+    await observer.create_tables()
+    try:
+        now = datetime.now(UTC).replace(microsecond=0)
+        start = now - timedelta(minutes=20)
+        d1, d2 = now - timedelta(minutes=1), now + timedelta(minutes=30)
+        first = stamped("order-8", "choreosaga.saga.Compensate",
+                        {"step": "reserve_stock", "reason": "r"}, hop=0, when=start,
+                        service="order")  # fmt: skip
+        assert first.stamp is not None
+        first = replace(first, stamp=replace(first.stamp, deadline=d1))
+        resumed = stamped("order-8", "choreosaga.saga.SagaResumed",
+                          {"service": "order", "message_id": "m", "at": start},
+                          hop=1, when=start + timedelta(minutes=2), service="order",
+                          causation=first.id)  # fmt: skip
+        assert resumed.stamp is not None
+        resumed = replace(resumed, stamp=replace(resumed.stamp, deadline=d2))
+        old_deadline = replace(
+            stamped("order-8", DEADLINE_REACHED, {"deadline": d1}, hop=0, when=start,
+                    service="order", causation=first.id),
+            stamp=first.stamp,
+        )  # fmt: skip
+        records = _log_records(first, resumed, old_deadline)
+        await observer.process_batch(records)
+        report = await saga_status(engine, stuck_after=timedelta(minutes=5))
+        stuck = [s.saga_id for s in report.attention.get("stuck", [])]
+        assert stuck == ["order-8"], report.to_text()
     finally:
         await engine.dispose()

@@ -172,7 +172,15 @@ class SagaLog:
     # -- writing ---------------------------------------------------------------------
 
     async def record(self, tx: Transaction, message: ObservedMessage) -> None:
-        """Store ``message`` and fold its stamp into its saga's row, inside ``tx``."""
+        """Store ``message`` and fold its stamp into its saga's row, inside ``tx``.
+
+        A deadline message for a saga the log does not know (forgotten by
+        retention after it ended, as the deadline fires however long ago that
+        was) is not stored: its start stamp would bring the saga back as running.
+        """
+        row = (await tx.execute(self._saga_row, {"saga_id": message.saga_id})).first()
+        if row is None and message.event_type == DEADLINE_REACHED:
+            return
         await tx.execute(
             self._add_message,
             {
@@ -199,7 +207,6 @@ class SagaLog:
                 "payload": message.payload,
             },
         )
-        row = (await tx.execute(self._saga_row, {"saga_id": message.saga_id})).first()
         incoming = stamp_from_json(message.stamp)
         time_ms = _ms(message.time)
         if row is None:
@@ -207,8 +214,11 @@ class SagaLog:
         else:
             merged = merge(stamp_from_json(row.stamp), incoming)
             last, count = max(row.last_message_ms, time_ms), row.messages + 1
-            if message.event_type == DEADLINE_REACHED and SagaStatus(row.status).is_terminal:
-                # Due after the saga ended, it changes nothing: its time to end stays.
+            if message.event_type == DEADLINE_REACHED:
+                # By itself it changes nothing the log can see: due after the saga
+                # ended, superseded by a deadline moved on a resume, or held while
+                # suspended. One that fires is followed by the initiator's
+                # compensation messages. The time to end and the idle time stay.
                 last = row.last_message_ms
         merged = _suspension(merged, incoming, message)
         values = {
