@@ -12,8 +12,9 @@ committed after the database commit.
 Topics are matched when it starts and again every ``topic_refresh``: a saga
 topic created later is picked up then (the consumer rejoins the group with
 the longer list). While no topic matches at all (an observer started before
-the services created their topics), they are listed again every second, one
-metadata request each, so the first sagas are not missed for half a minute;
+the services created their topics), they are listed again every second (each
+time a short-lived admin client: a connection and a metadata request), so the
+first sagas are not missed for half a minute;
 the observer warns once that nothing matches and, at the same level, when it
 starts reading. Records without a stamp are not saga messages and are
 skipped; undecodable ones are logged with their position, never stored.
