@@ -239,6 +239,18 @@ class EmbeddedBroker:
             for attempt in itertools.count(1):
                 port = self._requested_port or _free_port(self.host)
                 self._port = port
+                if _listened_on(self.host, port):
+                    # Another process listens there: a broker started now would
+                    # die of "address in use", and under load it may die only
+                    # after the readiness probe got its answer from the other one.
+                    if attempt < attempts and time.monotonic() < deadline:
+                        continue
+                    self._state = BrokerState.CLOSED
+                    raise BrokerError(
+                        f"the broker failed to start on {self.host}:{port}: "
+                        "another process listens on that port",
+                        retriable=False,
+                    )
                 self._spawn(port, attempt)
                 try:
                     self._wait_ready(port, deadline)
@@ -505,6 +517,19 @@ def _recv_exactly(sock: socket.socket, count: int) -> bytes:
             raise EOFError("connection closed mid-response")
         data += chunk
     return data
+
+
+def _listened_on(host: str, port: int) -> bool:
+    """Whether some process listens on ``host:port`` (binding it fails; a port
+    left in TIME_WAIT by a closed connection does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _free_port(host: str) -> int:
