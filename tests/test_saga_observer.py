@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from conftest import NewTopicFactory
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 from support import consumer_record
 
 from saga import (
@@ -75,6 +76,21 @@ def stamped(saga_id: str, event_type: str, data: dict[str, object], *, hop: int,
         traceparent=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
         stamp=stamp,
     )
+
+
+async def observer_on(
+    engine: AsyncEngine, kafka: KafkaSettings | None = None, prefix: str = "saga."
+) -> SagaObserver:
+    """An observer of the topics ``<prefix>*`` in its own group, its tables created
+    (without ``kafka``: one handed its records directly, never connecting)."""
+    observer = SagaObserver(
+        engine=engine,
+        kafka=kafka or KafkaSettings(),
+        codec=CODEC,
+        settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
+    )
+    await observer.create_tables()
+    return observer
 
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
@@ -201,13 +217,7 @@ async def test_a_saga_topic_created_after_the_observer_started_is_read_within_se
     says (at WARNING, which the command shows) when it starts reading them."""
     prefix = f"saga{uuid.uuid4().hex[:8]}."
     engine = create_engine(postgres_url)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=kafka_settings,
-        codec=CODEC,
-        settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
-    )
-    await observer.create_tables()
+    observer = await observer_on(engine, kafka_settings, prefix)
     try:
         with caplog.at_level("WARNING", logger="saga.observe.observer"):
             async with observer:
@@ -315,8 +325,7 @@ async def test_a_batch_is_stored_whole_or_not_at_all(database_url: str) -> None:
         for offset, envelope in enumerate(envelopes)
     ]
     engine = create_engine(database_url)
-    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
-    await observer.create_tables()
+    observer = await observer_on(engine)
     real = observer.log.record
     calls = 0
 
@@ -358,8 +367,7 @@ async def test_a_lost_connection_is_waited_out_not_reported_as_a_bug(
         for n in range(2)
     ]  # fmt: skip
     engine = create_engine(postgres_url)
-    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
-    await observer.create_tables()
+    observer = await observer_on(engine)
     real = observer.log.record
     killed = 0
 
@@ -402,8 +410,7 @@ async def test_a_lock_that_is_never_released_reaches_the_consumer_as_an_error(
         for n in range(2)
     ]  # fmt: skip
     engine = create_engine(postgres_url, connect_args={"options": "-c lock_timeout=100"})
-    observer = SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC)
-    await observer.create_tables()
+    observer = await observer_on(engine)
     libpq = make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
     holder = psycopg.connect(libpq)
     try:
@@ -446,13 +453,7 @@ async def test_a_deadline_message_is_traced_when_it_was_due_not_when_it_was_writ
     )  # fmt: skip
     await publish(kafka_settings, topic, [codec.encode(e) for e in (first, ended, deadline)])
     engine = create_engine(sqlite_url)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=kafka_settings,
-        codec=CODEC,
-        settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
-    )
-    await observer.create_tables()
+    observer = await observer_on(engine, kafka_settings, prefix)
     try:
         async with observer:
             async with asyncio.timeout(30):
@@ -502,13 +503,7 @@ async def test_a_deadline_due_after_its_saga_was_purged_does_not_bring_it_back_a
     Its deadline message, published now, must not make 'saga status' report a
     running (soon stuck) saga that ended long ago."""
     engine = create_engine(sqlite_url)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        codec=CODEC,
-        settings=ObserverSettings(patterns=("saga.*",), group_id="review"),
-    )
-    await observer.create_tables()
+    observer = await observer_on(engine)
     try:
         start = datetime.now(UTC) - timedelta(days=10)
         first = stamped("order-7", "choreosaga.saga.Compensate",
@@ -543,13 +538,7 @@ async def test_a_superseded_deadline_message_does_not_hide_a_stuck_saga(sqlite_u
     The old deadline message, published at D1, is superseded and changes nothing at
     the initiator: 'saga status' must still report the saga as stuck."""
     engine = create_engine(sqlite_url)
-    observer = SagaObserver(
-        engine=engine,
-        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
-        codec=CODEC,
-        settings=ObserverSettings(patterns=("saga.*",), group_id="review"),
-    )
-    await observer.create_tables()
+    observer = await observer_on(engine)
     try:
         now = datetime.now(UTC).replace(microsecond=0)
         start = now - timedelta(minutes=20)
