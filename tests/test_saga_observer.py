@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -358,14 +359,7 @@ async def test_a_lost_connection_is_waited_out_not_reported_as_a_bug(
     """The server ends the observer's connection mid-batch (an outage, as in a
     restart): the batch is stored once the next connection works, the wait is a
     warning without a traceback, and nothing is logged as an error."""
-    codec = EnvelopeCodec(CODEC)
-    now = datetime.now(UTC)
-    ended = {"status": "COMPLETED", "reason": None}
-    records = [
-        consumer_record("saga.place_order", n, *codec.encode(
-            stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order")))
-        for n in range(2)
-    ]  # fmt: skip
+    records = _ended_sagas(2)
     engine = create_engine(postgres_url)
     observer = await observer_on(engine)
     real = observer.log.record
@@ -401,14 +395,7 @@ async def test_a_lock_that_is_never_released_reaches_the_consumer_as_an_error(
     end that: after a few tries the error reaches the consumer (which logs it as
     an error, with its traceback), instead of warnings
     without end that no alert on errors ever sees."""
-    codec = EnvelopeCodec(CODEC)
-    now = datetime.now(UTC)
-    ended = {"status": "COMPLETED", "reason": None}
-    records = [
-        consumer_record("saga.place_order", n, *codec.encode(
-            stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order")))
-        for n in range(2)
-    ]  # fmt: skip
+    records = _ended_sagas(2)
     engine = create_engine(postgres_url, connect_args={"options": "-c lock_timeout=100"})
     observer = await observer_on(engine)
     libpq = make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
@@ -494,6 +481,16 @@ def _log_records(*envelopes):  # type: ignore[no-untyped-def]
         key, value, headers = codec.encode(envelope)
         out.append(consumer_record(_LOG_TOPIC, offset, key, value, headers))
     return out
+
+
+def _ended_sagas(count: int) -> list[Any]:
+    """Records of ``count`` sagas' end messages (order-0, order-1, ...)."""
+    now = datetime.now(UTC)
+    ended = {"status": "COMPLETED", "reason": None}
+    return _log_records(*(
+        stamped(f"order-{n}", SAGA_ENDED, ended, hop=0, when=now, service="order")
+        for n in range(count)
+    ))  # fmt: skip
 
 
 async def test_a_deadline_due_after_its_saga_was_purged_does_not_bring_it_back_as_running(
