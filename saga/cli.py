@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="saga",
         description="choreosaga: choreographed sagas over Kafka.",
         epilog="Run 'saga COMMAND --help' for the options of a command. Exit status: "
-        "0 done, 1 runtime failure, 2 usage error, 130 interrupted.",
+        "0 done, 1 runtime failure, 2 usage error, 130 interrupted, 141 output closed.",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log more; show the traceback of a failure"
@@ -348,6 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     load_plugins(sub)
     _finish_subcommands(sub)
     return parser
+
+
+def _innermost(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command that ``args`` chose: ``saga outbox stats``'s, say."""
+    while True:
+        chosen = [
+            action.choices[name]
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            and isinstance(action.choices, dict)
+            and (name := getattr(args, action.dest or "", None)) in action.choices
+        ]
+        if not chosen:
+            return parser
+        parser = chosen[0]
 
 
 def _finish_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -370,7 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure prints one line on stderr, with the traceback before it under
     ``--verbose``, and the exit status says what kind of failure it was.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command mistyped, with its usage, not by ``saga``
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -118,6 +118,11 @@ def database_url(
         url = make_url(given)
     except ArgumentError as exc:
         raise ConfigurationError(f"not a database URL: {given!r}") from exc
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            f"{given!r} is a SQLite database in memory, which no other process sees: "
+            "give a file, sqlite:///path/to/file.db"
+        )
     if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
         raise ConfigurationError(f"no SQLite database at {url.database}")
     return given

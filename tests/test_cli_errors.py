@@ -8,6 +8,7 @@ create.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import subprocess
@@ -349,6 +350,16 @@ def test_a_path_for_a_database_url_is_a_usage_error(
     assert not Path(path).exists()
 
 
+def test_an_in_memory_sqlite_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``sqlite://`` is a database no other process sees (the services' or the log's):
+    every command says so and asks for a file, exit 2."""
+    commands = {**SAGA_LOG_COMMANDS, "outbox": ["outbox", "stats"], "relay": ["relay"]}
+    for url in ("sqlite://", "sqlite+aiosqlite:///:memory:"):
+        for name, args in commands.items():
+            status, err = run_main(capsys, *args, "--database-url", url)
+            assert_one_error_line(status, err, 2, f"saga {name}: ", "in memory", "sqlite:///")
+
+
 def test_the_same_mistake_gets_the_same_exit_status(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,3 +424,43 @@ def test_saga_log_commands_on_a_service_database_say_what_it_lacks(
     assert_one_error_line(
         status, err, 2, "saga trace: ", "order.db", "neither a saga log nor saga views"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "unknown"),
+    [
+        (["demo", "--ordres", "5"], "usage: saga demo ", "--ordres 5"),
+        (["outbox", "stats", "--bogus"], "usage: saga outbox stats ", "--bogus"),
+        (["trace", "order-1", "--fromat", "json"], "usage: saga trace ", "--fromat json"),
+    ],
+    ids=["plug-in", "nested", "observe"],
+)
+def test_a_mistyped_option_shows_the_usage_of_its_command(
+    argv: list[str], usage: str, unknown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saga.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    assert f"error: unrecognized arguments: {unknown}" in err
+
+
+async def test_graph_of_a_saga_the_log_has_not_seen_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saga import create_engine
+    from saga.observe.log import SagaLog
+
+    url = f"sqlite:///{tmp_path / 'saga_log.db'}"
+    engine = create_engine(url)
+    try:
+        await SagaLog(dialect="sqlite").create_tables(engine)
+    finally:
+        await engine.dispose()
+    status, err = await asyncio.to_thread(
+        run_main, capsys, "graph", "--saga", "nosuch", "--database-url", url
+    )
+    assert_one_error_line(status, err, 1, "saga graph: no saga message of saga 'nosuch'")

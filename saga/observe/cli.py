@@ -335,7 +335,8 @@ async def _graph(args: argparse.Namespace) -> int:
         log = await _saga_log(engine)
         graph = await observed_graph(engine, log=log, saga_name=args.saga)
     if not graph.edges:
-        print("saga graph: no saga message in the log", file=sys.stderr)
+        which = f" of saga {args.saga!r}" if args.saga else ""
+        print(f"saga graph: no saga message{which} in the log", file=sys.stderr)
         return 1
     print(render_graph(graph, args.format, _codec(args).registry))
     return 0
