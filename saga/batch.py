@@ -114,8 +114,9 @@ class Batch:
 
     The transaction opens lazily, when the first record that needs one joins
     it, and a record that must be handled alone ends it (commits the records
-    before). ``pending`` holds the counters of records not yet committed, to
-    be taken back if the transaction is lost.
+    before). ``pending`` holds the counters of the records in the open
+    transaction: added to the service's ``stats`` when it commits, forgotten
+    if it is lost (the records come again, and are counted then).
     """
 
     def __init__(
@@ -125,8 +126,10 @@ class Batch:
         inbox: SqlInboxStore | None = None,
         consumer: str = "",
         expected: Collection[InboxKey] = (),
+        stats: ServiceStats | None = None,
     ) -> None:
         self.engine = engine
+        self.stats = stats
         self.outbox = outbox
         self.inbox = inbox
         self.consumer = consumer
@@ -291,6 +294,7 @@ class Batch:
         claims, self._claims = list(self._claims), {}
         self._messages = []
         if session is None:
+            self.settle()  # nothing was left uncommitted
             return
         try:
             if claims:
@@ -319,14 +323,20 @@ class Batch:
         await session.close()
         self._recorded.update(claims)
         self._checked = set(self._recorded)
-        self.pending.clear()
+        self.settle()
         for hook in hooks:
             hook()
 
-    def take_back(self, stats: ServiceStats) -> None:
-        """Uncount the records not committed (they come again, and are counted then)."""
-        for name, count in self.pending.items():
-            setattr(stats, name, getattr(stats, name) - count)
+    def settle(self) -> None:
+        """Count the records whose work is durable now in the service's stats."""
+        if self.stats is not None:
+            for name, count in self.pending.items():
+                setattr(self.stats, name, getattr(self.stats, name) + count)
+        self.pending.clear()
+
+    def take_back(self) -> None:
+        """Forget the counters of the records not committed (they come again, and are
+        counted then)."""
         self.pending.clear()
 
     async def abandon(self) -> None:

@@ -280,7 +280,7 @@ class Processor:
                 for record in records[done:]:
                     await self.process(record)
                 return
-            batch = Batch(self.engine, self.outbox, self.inbox, self.name, expected)
+            batch = Batch(self.engine, self.outbox, self.inbox, self.name, expected, self.stats)
             token = CURRENT.set(batch)
             try:
                 for index in range(done, len(records)):
@@ -289,7 +289,7 @@ class Processor:
                     if batch.session is None:
                         # Handled alone, or needed no transaction: durable already.
                         done = index + 1
-                        batch.pending.clear()
+                        batch.settle()
                         if self._is_contended():
                             break  # it deadlocked: the rest go one transaction each
                 else:
@@ -300,7 +300,7 @@ class Processor:
                 continue
             except BatchConflict as conflict:
                 await batch.abandon()
-                batch.take_back(self.stats)
+                batch.take_back()
                 conflicts += 1
                 alone = conflicts >= _MAX_CONFLICTS
                 log.warning(
@@ -314,7 +314,7 @@ class Processor:
                 continue
             except BatchLost as lost:
                 await batch.abandon()
-                batch.take_back(self.stats)
+                batch.take_back()
                 if is_lock_conflict(lost.error):
                     self._contended()  # at its commit (SERIALIZABLE, deferred checks)
                 if lost.kind is not ErrorKind.OUTAGE:
@@ -340,7 +340,7 @@ class Processor:
                 )
                 await asyncio.sleep(delay)
             except BaseException:  # cancelled: its uncommitted records roll back below
-                batch.take_back(self.stats)
+                batch.take_back()
                 raise
             finally:
                 # A cancelled batch (its partition revoked) rolls back here.
@@ -526,11 +526,12 @@ class Processor:
         self._add("processed" if processed else "duplicates")
 
     def _add(self, counter: str) -> None:
-        """Count one record; inside a batch, remember it until the batch commits."""
-        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        """Count one record; inside a batch, once the batch commits."""
         batch = CURRENT.get()
         if batch is not None and batch.joinable:
             batch.pending[counter] = batch.pending.get(counter, 0) + 1
+            return
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
     async def _leave_batch(self) -> None:
         """Commit the batch's records so far; the record in progress goes on alone."""

@@ -220,6 +220,24 @@ async def test_a_batch_cancelled_mid_way_counts_nothing_it_rolled_back(direct: D
     assert direct.engine.sync_engine.pool.checkedout() == 0
 
 
+async def test_stats_count_a_batchs_records_once_they_are_committed(direct: Direct) -> None:
+    """A user (or a test) that watches ``stats.processed`` and then reads the
+    database must find what was counted: while the batch's records wait for its
+    commit they are not counted yet."""
+    seen_by_a_watcher: list[int] = []
+
+    async def watched(ctx: MessageContext) -> None:
+        seen_by_a_watcher.append(direct.service.stats.processed)
+        await asyncio.sleep(0)  # a watcher polling the counters runs now
+
+    direct.behaviour[2] = watched
+    await direct.service.processor.process_batch(direct.records([0, 1, 2]))
+
+    assert seen_by_a_watcher == [0]  # records 0 and 1 were handled, not yet committed
+    assert direct.service.stats.processed == 3
+    assert await direct.effects_by_seq() == {0: 1, 1: 1, 2: 1}
+
+
 async def test_a_batch_cancelled_in_its_commit_gives_its_connection_back(direct: Direct) -> None:
     committing = asyncio.Event()
 

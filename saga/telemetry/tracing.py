@@ -48,6 +48,7 @@ from saga.batch import CURRENT
 from saga.choreography import COMPENSATE, SAGA_ENDED
 from saga.envelope import Envelope, H
 from saga.errors import DecodeError
+from saga.processing import ServiceStats
 from saga.service import Service
 from saga.stamp import SagaStatus
 from saga.telemetry.metrics import RelayMetrics, SagaMetrics
@@ -163,7 +164,7 @@ class ServiceTelemetry:
                     )
                     if step is not None:
                         attributes["saga.step"] = step
-            before = (stats.processed, stats.duplicates, stats.dead_lettered)
+            before = _counted(stats)
             retried, waited = stats.retries, stats.outage_waits
             started = time.perf_counter()
             with self.tracer.start_as_current_span(
@@ -177,7 +178,7 @@ class ServiceTelemetry:
                 except Exception as exc:
                     span.set_status(Status(StatusCode.ERROR, repr(exc)))
                     raise
-                outcome = _outcome(before, (stats.processed, stats.duplicates, stats.dead_lettered))
+                outcome = _outcome(before, _counted(stats))
                 span.set_attribute("saga.outcome", outcome)
                 if outcome == "dead_lettered":
                     span.set_status(Status(StatusCode.ERROR, "dead-lettered"))
@@ -319,6 +320,18 @@ class ServiceTelemetry:
             sa_event.listen(tx.sync_session, "after_commit", committed, once=True)
         else:  # a connection of the caller's: no event after its commit
             committed()
+
+
+def _counted(stats: ServiceStats) -> tuple[int, int, int]:
+    """Records processed, duplicates and dead letters so far, those of the open
+    batch included (the service's counters take them only once it commits)."""
+    batch = CURRENT.get()
+    pending = batch.pending if batch is not None else {}
+    return (
+        stats.processed + pending.get("processed", 0),
+        stats.duplicates + pending.get("duplicates", 0),
+        stats.dead_lettered + pending.get("dead_lettered", 0),
+    )
 
 
 def _outcome(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
