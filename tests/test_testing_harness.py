@@ -7,7 +7,6 @@ take well under a second) and on the session's Kafka broker with PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,10 +92,8 @@ def outcomes(stamp: Any) -> list[tuple[str, str, StepOutcome]]:
 
 async def test_a_trip_with_a_room_completes(harness: SagaHarness) -> None:
     await harness.start()
-    started = time.monotonic()
     await book(harness, "trip-1")
     run = await harness.run_until_ended("trip-1")
-    elapsed = time.monotonic() - started
 
     assert run.status is SagaStatus.COMPLETED
     assert set(run.stamps) == {"trips", "flights", "hotels"}
@@ -109,13 +106,6 @@ async def test_a_trip_with_a_room_completes(harness: SagaHarness) -> None:
     assert [e.data for e in harness.published("example.trips.SeatBooked")] == [
         {"trip_id": "trip-1"}
     ]
-    if harness.in_memory:
-        # Best of two sagas: a busy machine can stall one run, not the transport.
-        again = time.monotonic()
-        await book(harness, "trip-1b")
-        assert (await harness.run_until_ended("trip-1b")).status is SagaStatus.COMPLETED
-        elapsed = min(elapsed, time.monotonic() - again)
-        assert elapsed < 0.2, f"{elapsed:.3f} s in memory"
 
 
 async def test_a_trip_without_a_room_is_compensated(harness: SagaHarness) -> None:
