@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +21,25 @@ def saga(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         check=False,
         env=env,
     )
+
+
+def refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run ``saga ARGS`` in this process, refused before anything starts (by argparse,
+    or as a usage error): the status must be 2; return what it wrote on stderr."""
+    from saga.cli import main
+
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level  # main() quiets aiokafka: not for the tests after this one
+    try:
+        status = main(list(args))
+    except SystemExit as exited:
+        status = exited.code  # type: ignore[assignment]
+    finally:
+        kafka_log.setLevel(level)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    return err
 
 
 def test_schemas_check_passes_on_the_project_schemas() -> None:
@@ -98,12 +117,12 @@ def test_relay_refuses_sasl_plain_without_tls() -> None:
         ("--retention", "1e300"),
     ],
 )
-def test_relay_refuses_durations_that_are_no_number_of_seconds(option: str, value: str) -> None:
+def test_relay_refuses_durations_that_are_no_number_of_seconds(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One line naming the option, not a traceback from converting NaN or 1e300 seconds."""
-    result = saga("relay", "--database-url", "sqlite:////nonexistent/x.db", option, value)
-    assert result.returncode == 2
-    assert f"argument {option}: '{value}' is not a number of seconds" in result.stderr
-    assert "Traceback" not in result.stderr
+    err = refused(capsys, "relay", "--database-url", "sqlite:////nonexistent/x.db", option, value)
+    assert f"argument {option}: '{value}' is not a number of seconds" in err
 
 
 @pytest.mark.parametrize(
@@ -122,15 +141,18 @@ def test_relay_refuses_durations_that_are_no_number_of_seconds(option: str, valu
     ],
 )
 def test_saga_log_commands_refuse_durations_that_are_no_duration(
-    tmp_path: Path, command: str, option: str, value: str, unit: str
+    tmp_path: Path,
+    command: str,
+    option: str,
+    value: str,
+    unit: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A usage error naming the option, before the saga log is opened (or created)."""
     log = tmp_path / "log.db"
     # option=value: argparse would take a lone "-inf" for an option.
-    result = saga(command, "--database-url", f"sqlite:///{log}", f"{option}={value}")
-    assert result.returncode == 2, result.stderr
-    assert f"argument {option}: '{value}' is not a number of {unit}" in result.stderr
-    assert "Traceback" not in result.stderr
+    err = refused(capsys, command, "--database-url", f"sqlite:///{log}", f"{option}={value}")
+    assert f"argument {option}: '{value}' is not a number of {unit}" in err
     assert not log.exists()
 
 
@@ -144,26 +166,23 @@ def test_status_still_takes_zero_seconds_to_list_every_running_saga(tmp_path: Pa
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "1e300"])
-def test_place_orders_refuses_pauses_that_are_no_number_of_seconds(value: str) -> None:
+def test_place_orders_refuses_pauses_that_are_no_number_of_seconds(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The shop's --every takes the same durations as saga's own options, before any database."""
-    result = subprocess.run(
-        [sys.executable, "-m", "services", "place-orders", f"--every={value}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    from services.run import main
+
+    with pytest.raises(SystemExit) as exited:
         # No DATABASE_URL: the value must be refused before the environment is read.
-        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
-    )
-    assert result.returncode == 2, result.stderr
-    assert f"argument --every: '{value}' is not a number of seconds" in result.stderr
-    assert "Traceback" not in result.stderr
+        main(["place-orders", f"--every={value}"], environ={})
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --every: '{value}' is not a number of seconds" in err
+    assert "Traceback" not in err
 
 
-def test_demo_refuses_nonsense_counts() -> None:
-    result = saga("demo", "--orders", "0")
-    assert result.returncode == 2
-    assert "--orders" in result.stderr
+def test_demo_refuses_nonsense_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--orders" in refused(capsys, "demo", "--orders", "0")
 
 
 @pytest.mark.parametrize(
@@ -177,12 +196,12 @@ def test_demo_refuses_nonsense_counts() -> None:
         ("--timeout", "1e300"),
     ],
 )
-def test_demo_refuses_durations_that_are_no_number_of_seconds(option: str, value: str) -> None:
+def test_demo_refuses_durations_that_are_no_number_of_seconds(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Refused before a broker or a database is started, naming the option."""
-    result = saga("demo", f"{option}={value}")
-    assert result.returncode == 2, result.stderr
-    assert f"argument {option}: '{value}' is not a number of seconds" in result.stderr
-    assert "Traceback" not in result.stderr
+    err = refused(capsys, "demo", f"{option}={value}")
+    assert f"argument {option}: '{value}' is not a number of seconds" in err
 
 
 def test_outbox_commands_list_and_release_parked_rows(tmp_path: Path) -> None:
