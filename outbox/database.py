@@ -267,6 +267,11 @@ _MAX_BUSY_TIMEOUT = 2**31 // 1000
 """SQLite takes the busy timeout in milliseconds, as a C int."""
 
 
+def safe_url(engine: AsyncEngine) -> str:
+    """The engine's URL without its password, for messages."""
+    return engine.url.render_as_string(hide_password=True)
+
+
 def require_configured(engine: AsyncEngine) -> str:
     """Return the engine's dialect, refusing SQLite engines not made safe for writers."""
     dialect = dialect_of(engine)

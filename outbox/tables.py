@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox.database import translate_db_error
+from outbox.database import safe_url, translate_db_error
 from outbox.errors import ConfigurationError
 
 __all__ = ["OutboxTables", "check_tables", "create_tables", "validate_identifier"]
@@ -243,10 +243,10 @@ async def check_tables(engine: AsyncEngine, tables: Sequence[Table]) -> None:
         async with engine.connect() as conn:
             missing = await conn.run_sync(_missing_tables, list(tables))
     except SQLAlchemyError as exc:
-        raise translate_db_error(exc, f"could not open the database {_safe(engine)}") from exc
+        raise translate_db_error(exc, f"could not open the database {safe_url(engine)}") from exc
     if missing:
         raise ConfigurationError(
-            f"table(s) {', '.join(missing)} missing in the database {_safe(engine)}: create "
+            f"table(s) {', '.join(missing)} missing in the database {safe_url(engine)}: create "
             "them with create_tables() (OutboxTables.create_all(), Service.create_tables(), "
             "saga relay --create-tables) or run the migration that adds them"
         )
@@ -269,8 +269,3 @@ def _check_sqlite_file(database: str) -> None:
 def _missing_tables(conn: Connection, tables: list[Table]) -> list[str]:
     inspector = inspect(conn)
     return [t.fullname for t in tables if not inspector.has_table(t.name, schema=t.schema)]
-
-
-def _safe(engine: AsyncEngine) -> str:
-    """The engine's URL without its password."""
-    return engine.url.render_as_string(hide_password=True)

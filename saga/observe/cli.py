@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
-from outbox.database import translate_db_error
+from outbox.database import safe_url, translate_db_error
 from saga.codec import AvroCodec
 from saga.commands import DurationArgument, database_url
 from saga.errors import ConfigurationError, SagaError
@@ -207,14 +207,9 @@ async def _database(url: str | None, *, must_exist: bool, doing: str) -> AsyncIt
     try:
         yield engine
     except SQLAlchemyError as exc:
-        raise translate_db_error(exc, f"could not {doing} {_where(engine)}") from exc
+        raise translate_db_error(exc, f"could not {doing} {safe_url(engine)}") from exc
     finally:
         await engine.dispose()
-
-
-def _where(engine: AsyncEngine) -> str:
-    """The engine's URL without its password."""
-    return engine.url.render_as_string(hide_password=True)
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
@@ -234,7 +229,7 @@ async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
     missing = [t.name for t in (log.messages, log.sagas) if t.name not in tables]
     if missing:
         raise ConfigurationError(
-            f"the database {_where(engine)} holds no saga log (no table {', '.join(missing)}): "
+            f"the database {safe_url(engine)} holds no saga log (no table {', '.join(missing)}): "
             f"give the database that 'saga observe' fills{instead}"
         )
     return log
@@ -296,7 +291,7 @@ async def _trace(args: argparse.Namespace) -> int:
                 trace = await trace_from_service(engine, _codec(args), args.ref)
             if log.messages.name not in tables and "saga_state" not in tables:
                 raise ConfigurationError(
-                    f"the database {_where(engine)} holds neither a saga log nor saga views "
+                    f"the database {safe_url(engine)} holds neither a saga log nor saga views "
                     f"(no table {log.messages.name}, no table saga_state): give the database "
                     "that 'saga observe' fills, or a service's own database"
                 )
