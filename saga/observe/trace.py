@@ -213,6 +213,11 @@ _VIEW_WRITE = timedelta(seconds=1)
 """How much later than its latest recorded time a saga view may be written."""
 
 
+def _delta_ms(start: datetime, moment: datetime) -> int:
+    """Milliseconds from the saga's start to ``moment``."""
+    return round((moment - start).total_seconds() * 1000)
+
+
 def _where(held: Suspension) -> str:
     return " ".join(part for part in (held.service, held.role, held.step) if part)
 
@@ -257,7 +262,7 @@ def build_trace(
     entries = tuple(
         TraceEntry(
             time=m.time,
-            delta_ms=round((m.time - start).total_seconds() * 1000),
+            delta_ms=_delta_ms(start, m.time),
             service=m.service,
             event_type=m.event_type,
             step=m.step,
@@ -320,7 +325,7 @@ def trace_from_stamp(
     entries = [
         TraceEntry(
             time=s.at,
-            delta_ms=round((s.at - start).total_seconds() * 1000),
+            delta_ms=_delta_ms(start, s.at),
             service=s.service,
             event_type=None,
             step=s.name,
@@ -335,7 +340,7 @@ def trace_from_stamp(
         entries.append(
             TraceEntry(
                 time=held.at,
-                delta_ms=round((held.at - start).total_seconds() * 1000),
+                delta_ms=_delta_ms(start, held.at),
                 service=held.service,
                 event_type=None,
                 step=held.step,
