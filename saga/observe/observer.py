@@ -290,10 +290,11 @@ class SagaObserver:
                     # Retention can wait for the next round; observing goes on.
                     log.warning("observer could not apply retention: %s", exc)
                 next_cleanup = loop.time() + settings.cleanup_interval.total_seconds()
-            wait = min(settings.topic_refresh, settings.cleanup_interval).total_seconds()
+            # Until the next look for topics or the next cleanup, whichever is first.
+            wait = min(next_cleanup, self._next_look) - loop.time()
             if not self.ready.is_set():
                 wait = min(wait, 0.2)
-            wait = max(0.0, min(wait, self._next_look - loop.time()))
+            wait = max(0.0, wait)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._stop.wait()
