@@ -504,22 +504,26 @@ class OutboxStoreContract(ABC):
     async def test_claim_without_rebalance_renews_and_takes_but_never_gives(
         self, store: OutboxStore, other_store: OutboxStore
     ) -> None:
+        # A longer lease than TTL: the renewal must land before the first claim
+        # expires and "b" must look after that but before the renewal expires;
+        # with a 1 s lease the margins were 0.4 s, which a loaded CI run missed.
+        ttl = 2 * TTL
         everything = frozenset(range(store.shards))
-        assert await store.claim_shards("a", TTL) == everything
-        assert await other_store.claim_shards("b", TTL, rebalance=False) == frozenset()
+        assert await store.claim_shards("a", ttl) == everything
+        assert await other_store.claim_shards("b", ttl, rebalance=False) == frozenset()
 
         # "a" holds more than its fair share but keeps it while not rebalancing,
         # and the renewal keeps "b" out past the first claim's expiry.
-        await asyncio.sleep(0.6)
-        assert await store.claim_shards("a", TTL, rebalance=False) == everything
-        await asyncio.sleep(0.6)
-        assert await other_store.claim_shards("b", TTL, rebalance=False) == frozenset()
+        await asyncio.sleep(1.0)
+        assert await store.claim_shards("a", ttl, rebalance=False) == everything
+        await asyncio.sleep(1.2)
+        assert await other_store.claim_shards("b", ttl, rebalance=False) == frozenset()
 
         # Once "a" gives its surplus back, "b" takes the free shards even while
         # not rebalancing: taking is safe in the middle of a batch.
-        a = await store.claim_shards("a", TTL)
+        a = await store.claim_shards("a", ttl)
         assert len(a) == store.shards // 2
-        assert await other_store.claim_shards("b", TTL, rebalance=False) == everything - a
+        assert await other_store.claim_shards("b", ttl, rebalance=False) == everything - a
 
     # -- writing in the caller's transaction ---------------------------------------------
 
