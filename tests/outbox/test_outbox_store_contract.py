@@ -26,6 +26,9 @@ import outbox
 from outbox import OutboxMessage, OutboxStore, OutboxTables, SqlOutboxStore, StoredMessage
 
 TTL = timedelta(seconds=1)
+"""The lease of a relay that a test lets run out (and waits out)."""
+LONG_TTL = timedelta(seconds=30)
+"""The lease of a relay that must stay alive however slowly the test's claims run."""
 
 # A table of the application's own state, written in the same transaction.
 STATE = sa.MetaData()
@@ -345,7 +348,8 @@ class OutboxStoreContract(ABC):
         blocker = message(key=b"saga-1", value=b"too big")
         timeout = message(key=b"saga-1", value=b"deadline", delay=timedelta(milliseconds=500))
         await self.add(engine, store, blocker, timeout)
-        (row,) = await self.fetch(store)
+        # By id: on a slow machine the scheduled row may already be due here too.
+        (row,) = [m for m in await self.fetch(store) if m.message_id == blocker.message_id]
         await store.record_failure(row, "too big", park=True)
         await asyncio.sleep(0.6)  # the scheduled row is now due, but held back
 
@@ -468,10 +472,10 @@ class OutboxStoreContract(ABC):
     ) -> None:
         everything = frozenset(range(store.shards))
 
-        assert await store.claim_shards("a", TTL) == everything
-        await other_store.claim_shards("b", TTL)
-        a = await store.claim_shards("a", TTL)
-        b = await other_store.claim_shards("b", TTL)
+        assert await store.claim_shards("a", LONG_TTL) == everything
+        await other_store.claim_shards("b", LONG_TTL)
+        a = await store.claim_shards("a", LONG_TTL)
+        b = await other_store.claim_shards("b", LONG_TTL)
 
         assert not a & b
         assert a | b == everything
@@ -480,50 +484,51 @@ class OutboxStoreContract(ABC):
     async def test_released_shards_go_to_the_remaining_relay(
         self, store: OutboxStore, other_store: OutboxStore
     ) -> None:
-        await store.claim_shards("a", TTL)
-        await other_store.claim_shards("b", TTL)
-        await store.claim_shards("a", TTL)
-        assert await other_store.claim_shards("b", TTL) != frozenset(range(store.shards))
+        await store.claim_shards("a", LONG_TTL)
+        await other_store.claim_shards("b", LONG_TTL)
+        await store.claim_shards("a", LONG_TTL)
+        assert await other_store.claim_shards("b", LONG_TTL) != frozenset(range(store.shards))
 
         await store.release_shards("a")
 
-        assert await other_store.claim_shards("b", TTL) == frozenset(range(store.shards))
+        assert await other_store.claim_shards("b", LONG_TTL) == frozenset(range(store.shards))
 
     async def test_lease_not_renewed_within_its_ttl_is_taken_over(
         self, store: OutboxStore, other_store: OutboxStore
     ) -> None:
         everything = frozenset(range(store.shards))
         assert await store.claim_shards("a", TTL) == everything
-        assert await other_store.claim_shards("b", TTL) == frozenset()
+        assert await other_store.claim_shards("b", LONG_TTL) == frozenset()
 
         await asyncio.sleep(1.2)  # "a" died without releasing
 
-        assert await other_store.claim_shards("b", TTL) == everything
+        assert await other_store.claim_shards("b", LONG_TTL) == everything
         assert await store.claim_shards("a", TTL) == frozenset()
 
     async def test_claim_without_rebalance_renews_and_takes_but_never_gives(
         self, store: OutboxStore, other_store: OutboxStore
     ) -> None:
-        # A longer lease than TTL: the renewal must land before the first claim
-        # expires and "b" must look after that but before the renewal expires;
-        # with a 1 s lease the margins were 0.4 s, which a loaded CI run missed.
-        ttl = 2 * TTL
+        # No sleep stands between claims that must land within a lease: "a" renews
+        # at once, with a long lease, and "b" looks again once the first claim has
+        # run out. (With sleeps between the claims and one lease for all, the
+        # renewal had 0.4 s to spare, later 0.8 s for b's last look: a loaded CI
+        # machine missed the first.)
+        first = 2 * TTL
         everything = frozenset(range(store.shards))
-        assert await store.claim_shards("a", ttl) == everything
-        assert await other_store.claim_shards("b", ttl, rebalance=False) == frozenset()
+        assert await store.claim_shards("a", first) == everything
+        assert await other_store.claim_shards("b", LONG_TTL, rebalance=False) == frozenset()
 
         # "a" holds more than its fair share but keeps it while not rebalancing,
         # and the renewal keeps "b" out past the first claim's expiry.
-        await asyncio.sleep(1.0)
-        assert await store.claim_shards("a", ttl, rebalance=False) == everything
-        await asyncio.sleep(1.2)
-        assert await other_store.claim_shards("b", ttl, rebalance=False) == frozenset()
+        assert await store.claim_shards("a", LONG_TTL, rebalance=False) == everything
+        await asyncio.sleep(first.total_seconds() + 0.2)  # past the first claim's lease
+        assert await other_store.claim_shards("b", LONG_TTL, rebalance=False) == frozenset()
 
         # Once "a" gives its surplus back, "b" takes the free shards even while
         # not rebalancing: taking is safe in the middle of a batch.
-        a = await store.claim_shards("a", ttl)
+        a = await store.claim_shards("a", LONG_TTL)
         assert len(a) == store.shards // 2
-        assert await other_store.claim_shards("b", ttl, rebalance=False) == everything - a
+        assert await other_store.claim_shards("b", LONG_TTL, rebalance=False) == everything - a
 
     # -- writing in the caller's transaction ---------------------------------------------
 
