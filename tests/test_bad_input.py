@@ -44,6 +44,7 @@ T0 = datetime(2024, 5, 17, 9, 30, 15, tzinfo=UTC)
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 MAX_SECONDS = 0.5
+"""CPU time of the decoding thread, which a loaded machine pausing the test does not add to."""
 MAX_PEAK_BYTES = 3 * 1024 * 1024
 
 
@@ -103,11 +104,11 @@ TOLERATED = tolerated_records(CODEC, farewell())
 @pytest.mark.parametrize("record", CATALOGUE, ids=[r.name for r in CATALOGUE])
 def test_bad_record_is_a_decode_error_fast_small_and_without_payload(record: BadRecord) -> None:
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.thread_time()
     try:
         with pytest.raises(DecodeError) as caught:
             CODEC.decode(record.key, record.value, record.headers)
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

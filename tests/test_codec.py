@@ -224,10 +224,12 @@ def test_decode_failures_are_decode_errors_keeping_the_raw_bytes(
 
 def test_a_tiny_message_claiming_an_enormous_string_fails_fast(codec: AvroCodec) -> None:
     data = header(codec.registry.latest(GREETING)) + zigzag(2**60) + b"abc"
-    started = time.perf_counter()
+    # CPU time of this thread, here and below: a loaded machine that pauses the
+    # test between two instructions adds nothing to it, slow decoding does.
+    started = time.thread_time()
     with pytest.raises(DecodeError, match="more than the 3 bytes left") as info:
         codec.decode(data)
-    assert time.perf_counter() - started < 1.0
+    assert time.thread_time() - started < 1.0
     assert info.value.raw is data
 
 
@@ -361,11 +363,11 @@ def test_a_huge_count_over_a_mebibyte_of_items_fails_without_building_them(
     # fastavro alone builds a million empty strings here before it runs out.
     data = header(codec.registry.latest(FAREWELL)) + farewell_body(zigzag(2**62) + bytes(2**20))
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.thread_time()
     try:
         with pytest.raises(DecodeError, match="cannot fit"):
             codec.decode(data)
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -401,9 +403,9 @@ def test_a_value_of_many_items_within_the_default_bound_decodes_in_reasonable_ti
         "payload": b"",
     }
     data = codec.encode(FAREWELL, record)
-    started = time.perf_counter()
+    started = time.thread_time()
     assert codec.decode(data) == (FAREWELL, record)
-    assert time.perf_counter() - started < 2.0
+    assert time.thread_time() - started < 2.0
 
 
 def test_decode_error_messages_do_not_quote_the_bytes(codec: AvroCodec) -> None:
