@@ -583,9 +583,12 @@ async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_trans
             await ctx.session.execute(sa.update(rows).where(rows.c.id == row).values(id=row))
             if mine is not None and other is not None:
                 # Both batches hold their first row before either asks for its second.
+                # The other one gets there at once; the bound only ends the wait for
+                # one that never comes (it was 0.5 s, which a loaded machine can take
+                # to start the other batch: then nothing deadlocked).
                 holding[mine].set()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(10):
                         await holding[other].wait()
 
         return behaviour
