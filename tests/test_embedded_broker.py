@@ -104,7 +104,7 @@ def test_stopped_broker_frees_its_port_and_its_process() -> None:
     broker.start()
     host, port, pid = broker.host, broker.port, broker.pid
     assert broker.bootstrap_servers == f"127.0.0.1:{port}"
-    wait_for_kafka(broker.bootstrap_servers, timeout=1)
+    wait_for_kafka(broker.bootstrap_servers, timeout=10)  # it answers (at once, unless loaded)
 
     broker.stop()
 
@@ -160,7 +160,7 @@ def test_busy_port_is_an_error_not_someone_elses_broker(
     assert "another process listens on that port" in str(caught.value)
     assert squatter.state is BrokerState.CLOSED
     assert squatter._process is None  # refused before a second broker was started
-    wait_for_kafka(own_broker.bootstrap_servers, timeout=1)  # the other one is untouched
+    wait_for_kafka(own_broker.bootstrap_servers, timeout=10)  # the other one is untouched
 
 
 async def test_send_during_pause_completes_after_resume(own_broker: EmbeddedBroker) -> None:
