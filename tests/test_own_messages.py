@@ -17,6 +17,7 @@ from test_testing_harness import codec  # noqa: F401 (the fixture)
 
 from outbox import RelaySettings
 from saga import AvroCodec, SagaContext, SagaStatus, StepOutcome
+from saga.choreography import DEADLINE_REACHED
 from saga.service import ServiceSettings
 from saga.testing import SagaHarness
 
@@ -48,10 +49,16 @@ async def test_services_sharing_a_source_still_hear_each_other(
             saga_id="trip-1",
             event_type="example.trips.TripRequested",
             data={"trip_id": "trip-1"},
-            deadline=timedelta(seconds=1),
+            # Time enough for the step's answer to come back first, even on a loaded
+            # machine (1 s left it about 0.9 s).
+            deadline=timedelta(seconds=2),
         )
         await harness.run_until_ended("trip-1")
-        await asyncio.sleep(1.5)  # past the deadline, which must find the saga completed
+        # The deadline message, once sent and handled, must find the saga completed.
+        async with asyncio.timeout(30):
+            while not harness.published(DEADLINE_REACHED):
+                await asyncio.sleep(0.05)
+        await harness.run_until_ended("trip-1")
 
         view = (await harness.stamps("trip-1"))["trips"]
         assert view.status is SagaStatus.COMPLETED
