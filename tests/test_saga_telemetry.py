@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -128,13 +129,11 @@ def tree(spans: list[ReadableSpan], root_name: str) -> str:
 
 async def test_a_compensated_saga_is_one_trace_across_the_four_services(run: Run) -> None:
     order = run.orders[Scenario.SHIPMENT_IMPOSSIBLE]
-    await asyncio.sleep(0.5)  # the last spans end after the commit
-    spans = list(run.spans.get_finished_spans())
     # Every service reads the saga's topic; the initiator follows every message,
     # and every service hears compensation requests and the end, except what it
     # sent itself: the order service skips its OrderPlaced, inventory the
     # SagaEnded it announced (their views already hold those stamps).
-    assert tree(spans, f"place {order.order_id}") == "\n".join(
+    expected = "\n".join(
         [
             f"place {order.order_id}",
             "  outbox write (2)",
@@ -161,6 +160,16 @@ async def test_a_compensated_saga_is_one_trace_across_the_four_services(run: Run
             "        shipping process Compensate [charge_payment]",
         ]
     )
+    # The last spans end a moment after their commits, which "quiet" does not
+    # wait for: wait for the whole tree (half a second was a guess that a loaded
+    # machine can miss), then compare it once more for the report.
+    deadline = time.monotonic() + 30
+    while tree(list(run.spans.get_finished_spans()), f"place {order.order_id}") != expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    spans = list(run.spans.get_finished_spans())
+    assert tree(spans, f"place {order.order_id}") == expected
     consumer = next(
         s
         for s in spans
@@ -192,6 +201,8 @@ async def test_metrics_count_handlers_sagas_duplicates_and_the_relay(run: Run) -
     shop = run.shop
     # The first event delivered again: the inboxes of the services it concerns catch it.
     (first, *_) = await read_topic(shop.kafka, run.prefix + SAGA, 1)
+    inventory = shop.inventory.service.stats
+    caught = inventory.duplicates
     producer = AIOKafkaProducer(**shop.kafka.producer_kwargs())
     await producer.start()
     try:
@@ -200,8 +211,10 @@ async def test_metrics_count_handlers_sagas_duplicates_and_the_relay(run: Run) -
         )
     finally:
         await producer.stop()
-    await asyncio.sleep(0.2)
     async with asyncio.timeout(30):
+        # "Quiet" alone would not wait for it: a duplicate is not counted as processed.
+        while inventory.duplicates == caught:
+            await asyncio.sleep(0.05)
         await shop.wait_quiet()
     for telemetry in run.telemetry:
         assert await telemetry.metrics.refresh_backlog() == (0, 0.0)
