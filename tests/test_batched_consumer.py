@@ -131,6 +131,14 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def fetched(service: Service) -> int:
+    """Records the service's consumer fetched and has not finished processing.
+
+    No public counter tells it: this peeks inside the Kafka consumer.
+    """
+    return sum(part.buffered for part in service._consumer._parts.values())
+
+
 @pytest.fixture
 async def plain(
     postgres_url: str, kafka_settings: KafkaSettings, new_topic: Any
@@ -285,11 +293,14 @@ async def test_a_business_failure_inside_a_batch_compensates_only_its_saga(shop:
     shop.beta.update({11: record, 12: refuse, 13: record, 14: record})
     blocker = await shop.start(10)
     await asyncio.wait_for(held.wait(), 30)
+    beta = shop.services["beta"]
+    held_on = fetched(beta)  # the batch beta is held in
     # While beta is held up, four sagas reach it: its next batch holds all four.
     sagas = {n: await shop.start(n) for n in (11, 12, 13, 14)}
-    alpha = shop.services["alpha"].stats
-    await until(lambda: alpha.processed >= 5)
-    await asyncio.sleep(1.0)  # the relay publishes, beta's consumer fetches
+    # Released once its consumer has fetched the eight records behind that batch
+    # (each saga's start and alpha's answer), not after a second's sleep for the
+    # relay to publish and the consumer to fetch: a loaded machine can need more.
+    await until(lambda: fetched(beta) >= held_on + 8)
     release.set()
 
     assert await shop.ended_as(blocker) == "COMPLETED"
