@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -36,7 +37,7 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
-from outbox.database import translate_db_error
+from outbox.database import safe_url, translate_db_error
 from saga import dlq
 from saga.commands import (
     EXIT_BROKEN_PIPE,
@@ -226,6 +227,7 @@ async def _run_outbox(args: argparse.Namespace) -> int:
     engine = create_engine(args.database_url)
     store = SqlOutboxStore(engine, OutboxTables(outbox=args.outbox_table))
     try:
+        await _check_outbox(engine, store.tables)
         if args.action == "stats":
             stats = await store.stats()
             print(
@@ -254,6 +256,27 @@ async def _run_outbox(args: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     return 0
+
+
+async def _check_outbox(engine: AsyncEngine, tables: OutboxTables) -> None:
+    """Refuse a database without the outbox table: a usage error, as for the saga log.
+
+    Another database (the saga log, a wrong name) is an easy mistake to make
+    here: the message names the database and the table it lacks.
+    """
+    outbox = tables.outbox
+    try:
+        async with engine.connect() as conn:
+            there = await conn.run_sync(
+                lambda c: inspect(c).has_table(outbox.name, schema=outbox.schema)
+            )
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, f"could not open the database {safe_url(engine)}") from exc
+    if not there:
+        raise ConfigurationError(
+            f"the database {safe_url(engine)} holds no outbox (no table {outbox.fullname}): "
+            "give a service's own database, or its table with --outbox-table"
+        )
 
 
 async def _not_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> list[str]:

@@ -435,6 +435,40 @@ def test_saga_log_commands_on_a_service_database_say_what_it_lacks(
     )
 
 
+def test_outbox_commands_on_a_database_without_an_outbox_say_what_it_lacks(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database without the outbox table (a saga log, an empty one) given to any
+    ``saga outbox`` action: a usage error, as for the saga log commands, in one line
+    naming the database (not its password) and the missing table."""
+    url = make_url(postgres_url).set(password="hunter2").render_as_string(hide_password=False)
+    database = make_url(postgres_url).database
+    assert database is not None
+    for action in (["stats"], ["parked"], ["retry"], ["retry", "1"], ["discard", "--yes", "1"]):
+        status, err = run_main(capsys, "outbox", *action, "--database-url", url)
+        assert_one_error_line(
+            status, err, 2, "saga outbox: ", database, "holds no outbox", "no table outbox"
+        )
+        assert "hunter2" not in err
+    log = f"sqlite:///{tmp_path / 'saga_log.db'}"
+    asyncio.run(_create_saga_log(log))
+    status, err = run_main(
+        capsys, "outbox", "stats", "--outbox-table", "order_outbox", "--database-url", log
+    )
+    assert_one_error_line(status, err, 2, "saga_log.db", "no table order_outbox")
+
+
+async def _create_saga_log(url: str) -> None:
+    from saga import create_engine
+    from saga.observe.log import SagaLog
+
+    engine = create_engine(url)
+    try:
+        await SagaLog(dialect="sqlite").create_tables(engine)
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("argv", "usage", "unknown"),
     [
