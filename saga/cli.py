@@ -38,12 +38,18 @@ from outbox import (
     create_engine,
 )
 from outbox.database import safe_url, translate_db_error
+from outbox.errors import ConfigurationError as OutboxConfigurationError
+from outbox.relay import MAX_NAME_LENGTH
+from outbox.store import MAX_SHARDS
+from outbox.tables import validate_identifier
 from saga import dlq
 from saga.commands import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
+    CountArgument,
     DefaultsHelpFormatter,
     DurationArgument,
+    broker_list,
     database_url,
     describe,
     exit_status,
@@ -72,16 +78,27 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--bootstrap-servers",
+        type=broker_list,
         default=None,
         help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
     )
-    p.add_argument("--name", default=None, help="relay instance name (default: host:pid:random)")
-    p.add_argument("--outbox-table", default="outbox", help="outbox table name")
-    p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
-    p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
+    p.add_argument(
+        "--name",
+        type=_relay_name,
+        default=None,
+        help="relay instance name (default: host:pid:random)",
+    )
+    p.add_argument("--outbox-table", type=_outbox_table, default="outbox", help="outbox table name")
+    p.add_argument(
+        "--shards",
+        type=CountArgument(most=MAX_SHARDS),
+        default=16,
+        help="key-hash shards of the outbox",
+    )
+    p.add_argument("--batch-size", type=CountArgument(), default=500, help="rows per publish round")
     p.add_argument(
         "--lease-ttl",
-        type=DurationArgument(zero=False),
+        type=DurationArgument(least=1),
         default=10.0,
         help="shard lease, in seconds (at least 1)",
     )
@@ -112,6 +129,23 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print the relay's counters as one JSON line when it stops",
     )
+
+
+def _relay_name(text: str) -> str:
+    """The argparse ``type`` of ``--name``: what the relay takes, refused as the option."""
+    if len(text) > MAX_NAME_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"a relay name is at most {MAX_NAME_LENGTH} characters, not {len(text)}"
+        )
+    return text
+
+
+def _outbox_table(text: str) -> str:
+    """The argparse ``type`` of ``--outbox-table``: a name OutboxTables takes."""
+    try:
+        return validate_identifier("outbox table", text)
+    except OutboxConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
@@ -197,7 +231,9 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=os.environ.get("DATABASE_URL"),
         help="database holding the outbox (default: $DATABASE_URL)",
     )
-    common.add_argument("--outbox-table", default="outbox", help="outbox table name")
+    common.add_argument(
+        "--outbox-table", type=_outbox_table, default="outbox", help="outbox table name"
+    )
     p = sub.add_parser(
         "outbox",
         help="inspect an outbox: counts, parked rows; retry or discard parked rows",

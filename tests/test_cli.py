@@ -126,6 +126,41 @@ def test_relay_refuses_durations_that_are_no_number_of_seconds(
 
 
 @pytest.mark.parametrize(
+    ("command", "option", "value", "says"),
+    [
+        ("relay", "--lease-ttl", "0.5", "'0.5' is not a number of seconds from 1 to"),
+        ("relay", "--poll-interval", "1e-7", "'1e-7' seconds is shorter than a microsecond"),
+        ("relay", "--startup-timeout", "1e-9", "'1e-9' seconds is shorter than a microsecond"),
+        ("relay", "--batch-size", "0", "'0' is not a whole number of at least 1"),
+        ("relay", "--shards", "0", "'0' is not a whole number from 1 to 4096"),
+        ("relay", "--shards", "4097", "'4097' is not a whole number from 1 to 4096"),
+        ("relay", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
+        ("relay", "--name", "r" * 201, "a relay name is at most 200 characters, not 201"),
+        ("relay", "--bootstrap-servers", " ", "' ' names no broker"),
+        ("outbox", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
+    ],
+)
+def test_relay_options_are_refused_under_their_own_name(
+    command: str, option: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value the relay's settings would refuse is a usage error naming the option the
+    user typed, before anything is opened; not the setting behind it (lease_ttl)."""
+    action = ["stats"] if command == "outbox" else []
+    err = refused(
+        capsys,
+        command,
+        *action,
+        "--database-url",
+        "sqlite:////nonexistent/x.db",
+        f"{option}={value}",
+    )
+    assert f"argument {option}: {says}" in err
+    for setting in ("lease_ttl", "poll_interval", "startup_timeout", "batch_size", "timedelta"):
+        assert setting not in err
+    assert "bootstrap_servers" not in err
+
+
+@pytest.mark.parametrize(
     ("command", "option", "value", "unit"),
     [
         ("observe", "--retention-days", "nan", "days"),

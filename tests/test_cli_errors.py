@@ -269,9 +269,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     assert errors == ""
 
 
-@pytest.mark.parametrize("option", ["--startup-timeout", "--poll-interval", "--lease-ttl"])
+@pytest.mark.parametrize(
+    ("option", "bounds"),
+    [("--startup-timeout", "above 0"), ("--poll-interval", "above 0"), ("--lease-ttl", "from 1")],
+)
 def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
-    option: str, capsys: pytest.CaptureFixture[str]
+    option: str, bounds: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Named as the option, like any other bad duration; not a Python ``timedelta`` repr."""
     from saga.cli import main
@@ -280,7 +283,7 @@ def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
         main(["relay", "--database-url", "sqlite:////nonexistent/x.db", option, "0"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {option}: '0' is not a number of seconds above 0" in err
+    assert f"argument {option}: '0' is not a number of seconds {bounds}" in err
     assert "timedelta" not in err
 
 
