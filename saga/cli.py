@@ -282,11 +282,7 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                     f"{parked.error}"
                 )
         elif args.action == "retry":
-            unknown = await _not_parked(store, args.message_ids)
-            count = await store.retry_parked(args.message_ids or None)
-            print(f"released {count} parked row(s) for another try")
-            if unknown:
-                return 1
+            return await _retry(store, args.message_ids)
         else:
             return await _discard(store, args.message_ids, assume_yes=args.yes)
     finally:
@@ -324,6 +320,16 @@ async def _not_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> list
     for message_id in unknown:
         print(f"saga outbox: no parked row {message_id}", file=sys.stderr)
     return unknown
+
+
+async def _retry(store: SqlOutboxStore, message_ids: Sequence[str]) -> int:
+    unknown = await _not_parked(store, message_ids)
+    wanted = [m for m in message_ids if m not in unknown]
+    if message_ids and not wanted:
+        return 1  # nothing to release: the errors say why
+    count = await store.retry_parked(wanted or None)
+    print(f"released {count} parked row(s) for another try")
+    return 1 if unknown else 0
 
 
 async def _discard(store: SqlOutboxStore, message_ids: Sequence[str], *, assume_yes: bool) -> int:
