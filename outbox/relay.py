@@ -80,6 +80,9 @@ __all__ = ["Relay", "RelayStats"]
 
 log = logging.getLogger(__name__)
 
+MAX_NAME_LENGTH = 200
+"""Longest relay name: the owner column of the lease and relay tables holds this many."""
+
 _STOP_GRACE = 15.0
 """Seconds stop() waits for the loops to reach a safe point before cancelling them."""
 
@@ -153,8 +156,8 @@ class Relay:
         self._prefix = prefix
         self._pid = os.getpid()
         self._name = name or self._unique_name()
-        if len(self._name) > 200:
-            raise ConfigurationError("relay name must be at most 200 characters")
+        if len(self._name) > MAX_NAME_LENGTH:
+            raise ConfigurationError(f"relay name must be at most {MAX_NAME_LENGTH} characters")
         if not self.settings.retention and not _marks_can_delete(store):
             raise ConfigurationError(
                 f"RelaySettings.retention zero needs a store whose mark_published takes "
@@ -184,7 +187,7 @@ class Relay:
         parts = [socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:12]]
         if self._prefix:
             parts.insert(0, self._prefix)
-        return ":".join(parts)[-200:]
+        return ":".join(parts)[-MAX_NAME_LENGTH:]
 
     @property
     def name(self) -> str:

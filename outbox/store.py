@@ -71,6 +71,9 @@ from outbox.tables import OutboxTables, check_tables
 
 __all__ = ["LeaseFence", "OutboxStats", "OutboxStore", "SqlOutboxStore", "Transaction"]
 
+MAX_SHARDS = 4096
+"""Most key-hash shards an outbox may be spread over (``SqlOutboxStore(shards=...)``)."""
+
 _ASYNC_COMMIT = text("(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL")
 """A condition of the relay's marks on PostgreSQL: see :meth:`SqlOutboxStore.mark_published`."""
 
@@ -314,8 +317,8 @@ class SqlOutboxStore(OutboxStore):
     """
 
     def __init__(self, engine: AsyncEngine, tables: OutboxTables, *, shards: int = 16) -> None:
-        if not isinstance(shards, int) or not 1 <= shards <= 4096:
-            raise ConfigurationError("shards must be between 1 and 4096")
+        if not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise ConfigurationError(f"shards must be between 1 and {MAX_SHARDS}")
         self.engine = engine
         self.tables = tables
         self.shards = shards

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -36,13 +37,19 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
-from outbox.database import translate_db_error
+from outbox.database import safe_url, translate_db_error
+from outbox.errors import ConfigurationError as OutboxConfigurationError
+from outbox.relay import MAX_NAME_LENGTH
+from outbox.store import MAX_SHARDS
+from outbox.tables import validate_identifier
 from saga import dlq
 from saga.commands import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
+    CountArgument,
     DefaultsHelpFormatter,
     DurationArgument,
+    broker_list,
     database_url,
     describe,
     exit_status,
@@ -71,16 +78,27 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--bootstrap-servers",
+        type=broker_list,
         default=None,
         help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
     )
-    p.add_argument("--name", default=None, help="relay instance name (default: host:pid:random)")
-    p.add_argument("--outbox-table", default="outbox", help="outbox table name")
-    p.add_argument("--shards", type=int, default=16, help="key-hash shards of the outbox")
-    p.add_argument("--batch-size", type=int, default=500, help="rows per publish round")
+    p.add_argument(
+        "--name",
+        type=_relay_name,
+        default=None,
+        help="relay instance name (default: host:pid:random)",
+    )
+    p.add_argument("--outbox-table", type=_outbox_table, default="outbox", help="outbox table name")
+    p.add_argument(
+        "--shards",
+        type=CountArgument(most=MAX_SHARDS),
+        default=16,
+        help="key-hash shards of the outbox",
+    )
+    p.add_argument("--batch-size", type=CountArgument(), default=500, help="rows per publish round")
     p.add_argument(
         "--lease-ttl",
-        type=DurationArgument(zero=False),
+        type=DurationArgument(least=1),
         default=10.0,
         help="shard lease, in seconds (at least 1)",
     )
@@ -111,6 +129,23 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print the relay's counters as one JSON line when it stops",
     )
+
+
+def _relay_name(text: str) -> str:
+    """The argparse ``type`` of ``--name``: what the relay takes, refused as the option."""
+    if len(text) > MAX_NAME_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"a relay name is at most {MAX_NAME_LENGTH} characters, not {len(text)}"
+        )
+    return text
+
+
+def _outbox_table(text: str) -> str:
+    """The argparse ``type`` of ``--outbox-table``: a name OutboxTables takes."""
+    try:
+        return validate_identifier("outbox table", text)
+    except OutboxConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
@@ -196,7 +231,9 @@ def _outbox_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=os.environ.get("DATABASE_URL"),
         help="database holding the outbox (default: $DATABASE_URL)",
     )
-    common.add_argument("--outbox-table", default="outbox", help="outbox table name")
+    common.add_argument(
+        "--outbox-table", type=_outbox_table, default="outbox", help="outbox table name"
+    )
     p = sub.add_parser(
         "outbox",
         help="inspect an outbox: counts, parked rows; retry or discard parked rows",
@@ -226,6 +263,7 @@ async def _run_outbox(args: argparse.Namespace) -> int:
     engine = create_engine(args.database_url)
     store = SqlOutboxStore(engine, OutboxTables(outbox=args.outbox_table))
     try:
+        await _check_outbox(engine, store.tables)
         if args.action == "stats":
             stats = await store.stats()
             print(
@@ -244,16 +282,33 @@ async def _run_outbox(args: argparse.Namespace) -> int:
                     f"{parked.error}"
                 )
         elif args.action == "retry":
-            unknown = await _not_parked(store, args.message_ids)
-            count = await store.retry_parked(args.message_ids or None)
-            print(f"released {count} parked row(s) for another try")
-            if unknown:
-                return 1
+            return await _retry(store, args.message_ids)
         else:
             return await _discard(store, args.message_ids, assume_yes=args.yes)
     finally:
         await engine.dispose()
     return 0
+
+
+async def _check_outbox(engine: AsyncEngine, tables: OutboxTables) -> None:
+    """Refuse a database without the outbox table: a usage error, as for the saga log.
+
+    Another database (the saga log, a wrong name) is an easy mistake to make
+    here: the message names the database and the table it lacks.
+    """
+    outbox = tables.outbox
+    try:
+        async with engine.connect() as conn:
+            there = await conn.run_sync(
+                lambda c: inspect(c).has_table(outbox.name, schema=outbox.schema)
+            )
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, f"could not open the database {safe_url(engine)}") from exc
+    if not there:
+        raise ConfigurationError(
+            f"the database {safe_url(engine)} holds no outbox (no table {outbox.fullname}): "
+            "give a service's own database, or its table with --outbox-table"
+        )
 
 
 async def _not_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> list[str]:
@@ -265,6 +320,16 @@ async def _not_parked(store: SqlOutboxStore, message_ids: Sequence[str]) -> list
     for message_id in unknown:
         print(f"saga outbox: no parked row {message_id}", file=sys.stderr)
     return unknown
+
+
+async def _retry(store: SqlOutboxStore, message_ids: Sequence[str]) -> int:
+    unknown = await _not_parked(store, message_ids)
+    wanted = [m for m in message_ids if m not in unknown]
+    if message_ids and not wanted:
+        return 1  # nothing to release: the errors say why
+    count = await store.retry_parked(wanted or None)
+    print(f"released {count} parked row(s) for another try")
+    return 1 if unknown else 0
 
 
 async def _discard(store: SqlOutboxStore, message_ids: Sequence[str], *, assume_yes: bool) -> int:

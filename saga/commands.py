@@ -26,7 +26,10 @@ A duration option takes ``type=DurationArgument(...)``: a finite number of
 seconds (or days), at most ten years, else a usage error naming the option,
 before anything is opened. ``float`` would take ``nan``, ``inf`` and negative
 numbers, which fail far from the option (a traceback converting NaN days to a
-``timedelta``) or quietly mean something else.
+``timedelta``) or quietly mean something else. Likewise a count takes
+``type=CountArgument(...)`` and a broker list ``type=broker_list``: a value
+that a settings object would refuse later is refused here, under the name the
+user typed (``--lease-ttl``), not the setting's (``lease_ttl``).
 
 Commands that do not belong to the library (the reference shop's ``demo``)
 plug in through the entry point group :data:`ENTRY_POINT_GROUP`: each entry
@@ -67,8 +70,10 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_RUNTIME",
     "EXIT_USAGE",
+    "CountArgument",
     "DefaultsHelpFormatter",
     "DurationArgument",
+    "broker_list",
     "database_url",
     "describe",
     "exit_status",
@@ -172,7 +177,8 @@ class DurationArgument:
     ``p.add_argument("--retention-days", type=DurationArgument(unit="days", zero=False))``
     refuses ``nan``, ``inf``, negative numbers, 0 and more than ten years
     (3650 days) with ``argument --retention-days: '0' is not a number of days
-    above 0, up to 3650 (ten years)``, exit status 2.
+    above 0, up to 3650 (ten years)``, exit status 2. A number above 0 that
+    comes to less than a microsecond (a ``timedelta`` of 0) is refused too.
     """
 
     unit: Literal["seconds", "days"] = "seconds"
@@ -181,6 +187,10 @@ class DurationArgument:
     zero: bool = True
     """Whether 0 is a duration here (a relay's retention of 0 deletes each row as
     it is published); if not, the number must be above 0."""
+
+    least: float = 0.0
+    """The smallest number taken, where that is more than just above 0 (a relay's
+    shard lease lasts at least 1 second)."""
 
     @property
     def limit(self) -> float:
@@ -193,13 +203,63 @@ class DurationArgument:
             value = float(text)
         except ValueError:
             value = math.nan
-        lowest = value >= 0 if self.zero else value > 0
+        if self.least:
+            lowest, bounds = value >= self.least, f"from {self.least:g} to"
+        elif self.zero:
+            lowest, bounds = value >= 0, "from 0 to"
+        else:
+            lowest, bounds = value > 0, "above 0, up to"
         if not (math.isfinite(value) and lowest and value <= self.limit):
-            bounds = "from 0 to" if self.zero else "above 0, up to"
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a number of {self.unit} {bounds} {self.limit:.0f} (ten years)"
             )
+        if value and not timedelta(**{self.unit: value}):
+            # timedelta's resolution: 1e-7 seconds would be 0, which is no duration here.
+            raise argparse.ArgumentTypeError(
+                f"{text!r} {self.unit} is shorter than a microsecond, the shortest duration taken"
+            )
         return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountArgument:
+    """The argparse ``type`` of a count option: a whole number from ``least`` to ``most``.
+
+    ``p.add_argument("--shards", type=CountArgument(most=4096))`` refuses
+    ``0``, ``4097``, ``2.5`` and ``many`` with ``argument --shards: '0' is not a
+    whole number from 1 to 4096``, exit status 2.
+    """
+
+    least: int = 1
+    """The smallest number taken."""
+
+    most: int | None = None
+    """The largest number taken, if there is one."""
+
+    def __call__(self, text: str) -> int:
+        """Return the number ``text`` gives, or raise the usage error."""
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < self.least or (self.most is not None and value > self.most):
+            bounds = (
+                f"of at least {self.least}"
+                if self.most is None
+                else f"from {self.least} to {self.most}"
+            )
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {bounds}")
+        return value
+
+
+def broker_list(text: str) -> str:
+    """The argparse ``type`` of ``--bootstrap-servers``: refuse a value naming no broker.
+
+    An empty value stays what it was: the option not given (the default applies).
+    """
+    if text and not any(part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} names no broker: give host:port[,host:port]")
+    return text
 
 
 def package_version() -> str:

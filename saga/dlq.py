@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from outbox import KafkaSettings
+from saga.commands import broker_list
 from saga.deadletter import REPLAY_GROUP_HEADER, REPLAY_HEADER, DeadLetter
 from saga.errors import BrokerError, ConfigurationError
 from saga.observe.topics import matching_topics
@@ -248,6 +249,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         )
         a.add_argument(
             "--bootstrap-servers",
+            type=broker_list,
             default=None,
             help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
         )

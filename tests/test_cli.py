@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from saga.observe.message import ObservedMessage
 
 SCHEMAS = Path(__file__).parent / "schemas"
 
@@ -126,6 +131,41 @@ def test_relay_refuses_durations_that_are_no_number_of_seconds(
 
 
 @pytest.mark.parametrize(
+    ("command", "option", "value", "says"),
+    [
+        ("relay", "--lease-ttl", "0.5", "'0.5' is not a number of seconds from 1 to"),
+        ("relay", "--poll-interval", "1e-7", "'1e-7' seconds is shorter than a microsecond"),
+        ("relay", "--startup-timeout", "1e-9", "'1e-9' seconds is shorter than a microsecond"),
+        ("relay", "--batch-size", "0", "'0' is not a whole number of at least 1"),
+        ("relay", "--shards", "0", "'0' is not a whole number from 1 to 4096"),
+        ("relay", "--shards", "4097", "'4097' is not a whole number from 1 to 4096"),
+        ("relay", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
+        ("relay", "--name", "r" * 201, "a relay name is at most 200 characters, not 201"),
+        ("relay", "--bootstrap-servers", " ", "' ' names no broker"),
+        ("outbox", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
+    ],
+)
+def test_relay_options_are_refused_under_their_own_name(
+    command: str, option: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value the relay's settings would refuse is a usage error naming the option the
+    user typed, before anything is opened; not the setting behind it (lease_ttl)."""
+    action = ["stats"] if command == "outbox" else []
+    err = refused(
+        capsys,
+        command,
+        *action,
+        "--database-url",
+        "sqlite:////nonexistent/x.db",
+        f"{option}={value}",
+    )
+    assert f"argument {option}: {says}" in err
+    for setting in ("lease_ttl", "poll_interval", "startup_timeout", "batch_size", "timedelta"):
+        assert setting not in err
+    assert "bootstrap_servers" not in err
+
+
+@pytest.mark.parametrize(
     ("command", "option", "value", "unit"),
     [
         ("observe", "--retention-days", "nan", "days"),
@@ -236,3 +276,117 @@ def test_outbox_commands_list_and_release_parked_rows(tmp_path: Path) -> None:
     assert (
         "pending 1, scheduled 0, parked 0" in saga("outbox", "stats", "--database-url", url).stdout
     )
+
+
+def _ending_of(kind: str, when: datetime) -> list[ObservedMessage]:
+    """The messages of a saga that reserved stock, then was compensated: on an abort
+    request, or on its deadline (with an abort request arriving once it compensates)."""
+    from dataclasses import replace
+
+    from saga.choreography import ABORT_REQUESTED, COMPENSATE, DEADLINE_REACHED, SAGA_ENDED
+    from saga.observe.message import ObservedMessage, stamp_to_json
+    from saga.stamp import SagaStatus, Stamp, StepOutcome, StepRecord
+
+    saga_id = f"order-{kind}"
+    started = Stamp(
+        saga_name="place_order",
+        saga_id=saga_id,
+        status=SagaStatus.RUNNING,
+        correlation_id=saga_id,
+        started_at=when,
+    )
+    reserved = replace(
+        started.with_step(
+            StepRecord(name="reserve_stock", service="inventory", outcome=StepOutcome.DONE, at=when)
+        ),
+        hop=1,
+    )
+    reason = "customer cancelled" if kind == "aborted" else "deadline passed"
+    compensating = replace(reserved.with_status(SagaStatus.COMPENSATING, reason), hop=3)
+    ended = replace(
+        compensating.with_step(
+            StepRecord(
+                name="reserve_stock", service="inventory", outcome=StepOutcome.COMPENSATED, at=when
+            )
+        ).with_status(SagaStatus.COMPENSATED),
+        hop=4,
+    )
+    trigger = (ABORT_REQUESTED, "saga-abort") if kind == "aborted" else (DEADLINE_REACHED, "order")
+    story = [
+        ("placed", "shop.OrderPlaced", "order", started, None, None, None),
+        (
+            "reserved",
+            "shop.StockReserved",
+            "inventory",
+            reserved,
+            "placed",
+            "reserve_stock",
+            "DONE",
+        ),
+        ("trigger", *trigger, replace(reserved, hop=2), None, None, None),
+        ("undo", COMPENSATE, "order", compensating, "trigger", None, None),
+        ("ended", SAGA_ENDED, "inventory", ended, "undo", "reserve_stock", "COMPENSATED"),
+    ]
+    if kind == "deadline":  # too late to change anything: the saga already compensates
+        story.insert(4, ("late", ABORT_REQUESTED, "saga-abort", compensating, None, None, None))
+    return [
+        ObservedMessage(
+            message_id=f"{saga_id}-{name}",
+            saga_name="place_order",
+            saga_id=saga_id,
+            event_type=event_type,
+            source=f"/choreosaga/{service}",
+            service=service,
+            step=step,
+            outcome=outcome,
+            status=stamp.status.value,
+            reason=stamp.reason,
+            hop=stamp.hop,
+            time=when + timedelta(milliseconds=10 * offset),
+            causation_id=None if cause is None else f"{saga_id}-{cause}",
+            correlation_id=saga_id,
+            trace_id=None,
+            detail=None,
+            stamp=stamp_to_json(stamp),
+            topic="saga.place_order",
+            partition=0,
+            offset=offset,
+        )
+        for offset, (name, event_type, service, stamp, cause, step, outcome) in enumerate(story)
+    ]
+
+
+def test_trace_of_an_aborted_saga_says_it_was_aborted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`saga abort --reason "customer cancelled"`: the trace ends on why, in the words of
+    the other endings; a deadline's ending keeps its own (and a late abort changes nothing)."""
+    import asyncio
+
+    from saga import create_engine
+    from saga.cli import main
+    from saga.observe.log import SagaLog
+
+    url = f"sqlite:///{tmp_path / 'saga_log.db'}"
+
+    async def fill() -> None:
+        engine = create_engine(url)
+        log = SagaLog(dialect="sqlite")
+        try:
+            await log.create_tables(engine)
+            async with engine.begin() as conn:
+                for kind in ("aborted", "deadline"):
+                    for message in _ending_of(kind, datetime.now(UTC)):
+                        await log.record(conn, message)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(fill())
+    endings = {
+        "aborted": "COMPENSATED: aborted: customer cancelled",
+        "deadline": "COMPENSATED: compensation began: deadline passed",
+    }
+    for kind, ending in endings.items():
+        capsys.readouterr()
+        assert main(["trace", f"order-{kind}", "--database-url", url]) == 0
+        assert ending in capsys.readouterr().out.splitlines()

@@ -117,21 +117,50 @@ def test_help_shows_the_defaults() -> None:
     assert "(default: 120.0)" in demo  # --timeout
 
 
-def test_outbox_retry_of_an_unknown_id_says_no_such_row(tmp_path: Path) -> None:
-    import asyncio
+async def _outbox_with_a_parked_and_a_pending_row(url: str) -> tuple[str, str]:
+    """Message ids of a parked row and of a row waiting to be published."""
+    from outbox import OutboxMessage, OutboxTables, SqlOutboxStore, create_engine
 
-    from outbox import OutboxTables, create_engine
-
-    url = f"sqlite:///{tmp_path / 'service.db'}"
-
-    async def create() -> None:
-        engine = create_engine(url)
-        await OutboxTables().create_all(engine)
+    engine = create_engine(url)
+    try:
+        tables = OutboxTables()
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", key=b"a", value=b"x")])
+        (row,) = await store.fetch_due(set(range(store.shards)), 10)
+        await store.record_failure(row, "record too large for the broker", park=True)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", key=b"b", value=b"y")])
+        (pending,) = await store.fetch_due(set(range(store.shards)), 10)
+    finally:
         await engine.dispose()
+    return row.message_id, pending.message_id
 
-    asyncio.run(create())
-    result = saga("outbox", "retry", "123", "--database-url", url)
-    assert_one_line(result, 1, "no parked row 123")
+
+def test_outbox_retry_of_a_row_that_is_not_parked_says_only_that(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing released: the error alone, exit 1, no "released 0" beside it. Ids that are
+    parked are still released when others are not (and the status is still 1)."""
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    parked, pending = asyncio.run(_outbox_with_a_parked_and_a_pending_row(url))
+    for ids in ([pending], [pending, "123"]):
+        for action in (["retry"], ["discard", "--yes"]):
+            status, out, err = run_main_output(
+                capsys, "outbox", *action, *ids, "--database-url", url
+            )
+            assert out == "", out
+            assert status == 1, err
+            assert err.splitlines() == [f"saga outbox: no parked row {i}" for i in ids]
+
+    status, out, err = run_main_output(
+        capsys, "outbox", "retry", parked, pending, "--database-url", url
+    )
+    assert out == "released 1 parked row(s) for another try\n"
+    assert_one_error_line(status, err, 1, f"no parked row {pending}")
+    status, out, _ = run_main_output(capsys, "outbox", "stats", "--database-url", url)
+    assert out.startswith("pending 2, scheduled 0, parked 0"), out
 
 
 @pytest.fixture
@@ -269,9 +298,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     assert errors == ""
 
 
-@pytest.mark.parametrize("option", ["--startup-timeout", "--poll-interval", "--lease-ttl"])
+@pytest.mark.parametrize(
+    ("option", "bounds"),
+    [("--startup-timeout", "above 0"), ("--poll-interval", "above 0"), ("--lease-ttl", "from 1")],
+)
 def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
-    option: str, capsys: pytest.CaptureFixture[str]
+    option: str, bounds: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Named as the option, like any other bad duration; not a Python ``timedelta`` repr."""
     from saga.cli import main
@@ -280,7 +312,7 @@ def test_relay_refuses_a_zero_duration_where_it_needs_one_above_zero(
         main(["relay", "--database-url", "sqlite:////nonexistent/x.db", option, "0"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {option}: '0' is not a number of seconds above 0" in err
+    assert f"argument {option}: '0' is not a number of seconds {bounds}" in err
     assert "timedelta" not in err
 
 
@@ -322,6 +354,12 @@ SAGA_LOG_COMMANDS = {
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     """Run ``saga ARGS`` in this process: its exit status and what it wrote on stderr."""
+    status, _, err = run_main_output(capsys, *args)
+    return status, err
+
+
+def run_main_output(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``saga ARGS`` in this process: its exit status, stdout and stderr."""
     from saga.cli import main
 
     capsys.readouterr()
@@ -331,7 +369,8 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         status = main(list(args))
     finally:
         kafka_log.setLevel(level)
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def assert_one_error_line(status: int, err: str, expected: int, *needles: str) -> None:
@@ -433,6 +472,40 @@ def test_saga_log_commands_on_a_service_database_say_what_it_lacks(
     assert_one_error_line(
         status, err, 2, "saga trace: ", "order.db", "neither a saga log nor saga views"
     )
+
+
+def test_outbox_commands_on_a_database_without_an_outbox_say_what_it_lacks(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database without the outbox table (a saga log, an empty one) given to any
+    ``saga outbox`` action: a usage error, as for the saga log commands, in one line
+    naming the database (not its password) and the missing table."""
+    url = make_url(postgres_url).set(password="hunter2").render_as_string(hide_password=False)
+    database = make_url(postgres_url).database
+    assert database is not None
+    for action in (["stats"], ["parked"], ["retry"], ["retry", "1"], ["discard", "--yes", "1"]):
+        status, err = run_main(capsys, "outbox", *action, "--database-url", url)
+        assert_one_error_line(
+            status, err, 2, "saga outbox: ", database, "holds no outbox", "no table outbox"
+        )
+        assert "hunter2" not in err
+    log = f"sqlite:///{tmp_path / 'saga_log.db'}"
+    asyncio.run(_create_saga_log(log))
+    status, err = run_main(
+        capsys, "outbox", "stats", "--outbox-table", "order_outbox", "--database-url", log
+    )
+    assert_one_error_line(status, err, 2, "saga_log.db", "no table order_outbox")
+
+
+async def _create_saga_log(url: str) -> None:
+    from saga import create_engine
+    from saga.observe.log import SagaLog
+
+    engine = create_engine(url)
+    try:
+        await SagaLog(dialect="sqlite").create_tables(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -458,7 +458,7 @@ async def test_saga_abort_compensates_a_running_saga_once_even_when_asked_twice(
 
     async with asyncio.timeout(30):
         trace = await ended()
-    assert trace.explanation() == "COMPENSATED: compensation began: customer cancelled"
+    assert trace.explanation() == "COMPENSATED: aborted: customer cancelled"
     events = [(e.service, e.event) for e in trace.entries if e.event != "DeadlineReached"]
     assert events == [
         ("order", "OrderPlaced"),

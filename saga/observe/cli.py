@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import KafkaSettings, create_engine
 from outbox.database import safe_url, translate_db_error
 from saga.codec import AvroCodec
-from saga.commands import DurationArgument, database_url
+from saga.commands import DurationArgument, broker_list, database_url
 from saga.errors import ConfigurationError, SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
@@ -59,6 +59,7 @@ def _common(p: argparse.ArgumentParser, *, database_help: str) -> None:
 def _kafka_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap-servers",
+        type=broker_list,
         default=None,
         help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
     )
@@ -154,6 +155,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--bootstrap-servers",
+        type=broker_list,
         default=None,
         help="Kafka brokers (default: $KAFKA_BOOTSTRAP_SERVERS, then localhost:9092)",
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from saga.choreography import ABORT_REQUESTED
 from saga.observe.message import ObservedMessage, stamp_from_json
 from saga.stamp import SagaStatus, Stamp, StepOutcome, Suspension
 from saga.state import merge
@@ -153,6 +154,23 @@ class Trace:
         return None
 
     @property
+    def aborted(self) -> bool:
+        """Whether an abort request (``saga abort``) turned the saga back.
+
+        Known from the timeline only: the first message of the backward path
+        was caused by an ``AbortRequested``. A request that came once the saga
+        already compensated (its deadline passed) changed nothing and does not
+        count; a stamp-only trace cannot tell.
+        """
+        requests = {
+            e.message_id for e in self.entries if e.event_type == ABORT_REQUESTED and e.message_id
+        }
+        for entry in self.entries:
+            if entry.status != SagaStatus.RUNNING.value and entry.event_type != ABORT_REQUESTED:
+                return entry.causation_id in requests
+        return False
+
+    @property
     def complete(self) -> bool:
         """Whether no message is known to be missing."""
         return not self.missing_hops and not self.missing_causes
@@ -164,7 +182,11 @@ class Trace:
         if status is SagaStatus.COMPLETED:
             return "COMPLETED: every step done"
         failed = self.failed_step
-        cause = f"step {failed[0]} ({failed[1]}) failed" if failed else "compensation began"
+        if failed:
+            cause = f"step {failed[0]} ({failed[1]}) failed"
+        else:
+            # The reason is what saga abort was given ("customer cancelled"): say so.
+            cause = "aborted" if self.aborted else "compensation began"
         why = f"{cause}: {stamp.reason}" if stamp.reason else cause
         undone = [s.name for s in stamp.steps if s.outcome is StepOutcome.COMPENSATION_FAILED]
         if status is SagaStatus.FAILED:
