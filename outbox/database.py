@@ -5,6 +5,17 @@ aiosqlite) is the embedded default. SQLite needs two adjustments to be safe
 with several writers: write-ahead logging, and transactions that take the
 write lock when they begin (``BEGIN IMMEDIATE``) instead of failing with
 "database is locked" when a reader later tries to write.
+
+Transactions that only read are the exception (:func:`read_connection`, the
+:data:`READ_ONLY` execution option): they begin deferred (``BEGIN``). With
+WAL a reader needs no lock: it reads the last committed state, even while
+another connection holds the write lock, and a writer commits while it
+reads. Taking the write lock for a read would make ``saga trace`` on a
+running service's database wait for the service's transactions (and fail
+after the busy timeout), and the service wait for ``saga trace``. Only
+transactions that never write may begin deferred: one that reads and then
+writes would have to upgrade its lock, and SQLite refuses that at once
+(SQLITE_BUSY, no waiting) when another connection wrote since the read.
 """
 
 from __future__ import annotations
@@ -12,14 +23,15 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import BigInteger, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import InvalidatePoolError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
@@ -28,11 +40,13 @@ from outbox.errors import ConfigurationError, StoreError
 from outbox.failures import classify, describe
 
 __all__ = [
+    "READ_ONLY",
     "configure_sqlite",
     "create_engine",
     "db_now_ms",
     "dialect_of",
     "is_transient_db_error",
+    "read_connection",
     "translate_db_error",
     "upsert_insert",
 ]
@@ -109,7 +123,8 @@ def create_engine(url: str | URL, **engine_options: Any) -> AsyncEngine:
     """Create an async engine configured for the outbox.
 
     ``postgresql://`` URLs use psycopg 3; ``sqlite:///file.db`` URLs use
-    aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`); a
+    aiosqlite with WAL and ``BEGIN IMMEDIATE`` (see :func:`configure_sqlite`;
+    reads through :func:`read_connection` begin deferred); a
     SQLite statement waits up to ``connect_args={"timeout": seconds}`` (30 by
     default) for another writer's lock. Errors never quote statement
     parameters (``hide_parameters=True``).
@@ -223,14 +238,42 @@ def _seconds(value: Any, name: str) -> float:
     return float(value)
 
 
+READ_ONLY = "choreosaga_read_only"
+"""Execution option: the connection's transactions only read (see :func:`read_connection`).
+
+On SQLite they begin deferred instead of taking the write lock; elsewhere it
+changes nothing. Give it only where nothing is written."""
+
+
+@asynccontextmanager
+async def read_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection of ``engine`` for transactions that only read.
+
+    On SQLite its transactions begin deferred (``BEGIN``, see the module
+    docstring): they read the last committed state without waiting for
+    another connection's write lock, and do not hold writers up. Writing
+    through it is a mistake: the upgrade to the write lock fails at once
+    with "database is locked" when another connection wrote meanwhile.
+    """
+    async with engine.connect() as conn:
+        await conn.execution_options(**{READ_ONLY: True})
+        yield conn
+
+
 def _on_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A deferred read still begins a transaction, so that its statements read one snapshot.
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def configure_sqlite(engine: AsyncEngine, *, busy_timeout: float | None = None) -> None:
     """Make an aiosqlite engine safe for concurrent writers (idempotent).
 
-    Call it on engines you create yourself, before their first connection.
+    Its transactions begin with ``BEGIN IMMEDIATE``, but for those of a
+    :func:`read_connection` (plain ``BEGIN``). Call it on engines you create
+    yourself, before their first connection.
 
     Args:
         engine: An aiosqlite engine.

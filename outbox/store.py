@@ -54,7 +54,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.types import NullType
 
-from outbox.database import db_now_ms, require_configured, translate_db_error
+from outbox.database import db_now_ms, read_connection, require_configured, translate_db_error
 from outbox.errors import ConfigurationError
 from outbox.lease import ShardLeases, check_shard_count
 from outbox.message import (
@@ -579,6 +579,16 @@ class SqlOutboxStore(OutboxStore):
             raise translate_db_error(exc, what) from exc
 
     @contextlib.asynccontextmanager
+    async def _read(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """A transaction that only reads: on SQLite, without the write lock (see
+        :func:`~outbox.database.read_connection`)."""
+        try:
+            async with read_connection(self.engine) as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, what) from exc
+
+    @contextlib.asynccontextmanager
     async def _relay_statement(self, what: str) -> AsyncIterator[AsyncConnection]:
         """A connection for one of the relay's own statements, each atomic by itself.
 
@@ -809,7 +819,7 @@ class SqlOutboxStore(OutboxStore):
             .order_by(t.c.id)
             .limit(limit)
         )
-        async with self._begin("could not read parked rows") as conn:
+        async with self._read("could not read parked rows") as conn:
             rows = (await conn.execute(query)).all()
         return [
             ParkedMessage(
@@ -867,7 +877,7 @@ class SqlOutboxStore(OutboxStore):
             func.count().filter(t.c.parked_at_ms.is_not(None), t.c.published_at_ms.is_(None)),
             func.count().filter(t.c.published_at_ms.is_not(None)),
         )
-        async with self._begin("could not count outbox rows") as conn:
+        async with self._read("could not count outbox rows") as conn:
             pending, scheduled, parked, published = (await conn.execute(query)).one()
         return OutboxStats(pending=pending, scheduled=scheduled, parked=parked, published=published)
 

@@ -52,7 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Transaction
-from outbox.database import db_now_ms, translate_db_error, upsert_insert
+from outbox.database import db_now_ms, read_connection, translate_db_error, upsert_insert
 from outbox.tables import validate_identifier
 from saga.codec import AvroCodec
 from saga.errors import ConfigurationError
@@ -303,7 +303,7 @@ class SagaStates:
             ConfigurationError: ``saga_name`` is omitted and sagas of several
                 names have this id.
         """
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             if saga_name is not None:
                 view = await self.load(conn, saga_name, saga_id, lock=False)
                 return None if view is None else view.stamp
@@ -320,7 +320,7 @@ class SagaStates:
         query = select(self.table.c.stamp).order_by(self.table.c.updated_at_ms)
         if saga_name is not None:
             query = query.where(self.table.c.saga_name == saga_name)
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             return [self._decode(raw) for raw in (await conn.execute(query)).scalars()]
 
     async def stuck(self, engine: AsyncEngine, older_than: timedelta) -> list[Stamp]:
@@ -330,7 +330,7 @@ class SagaStates:
             self.table.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
             self.table.c.updated_at_ms < cutoff,
         )
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             now = (await conn.execute(select(db_now_ms()))).scalar_one()
             bound = {"cutoff": now - int(older_than.total_seconds() * 1000)}
             return [self._decode(raw) for raw in (await conn.execute(query, bound)).scalars()]

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy import MetaData
+
+from outbox import OutboxMessage, OutboxTables, SqlOutboxStore, create_engine
+from outbox.tables import create_tables
+from saga import AvroCodec, SagaStatus, SchemaRegistry, Stamp, StepOutcome, StepRecord
+from saga.envelope import Envelope
+from saga.observe.log import SagaLog
+from saga.observe.message import observe_envelope
+from saga.state import SagaStates, SagaView
 
 if TYPE_CHECKING:
     from saga.observe.message import ObservedMessage
@@ -245,10 +258,6 @@ def test_demo_refuses_durations_that_are_no_number_of_seconds(
 
 
 def test_outbox_commands_list_and_release_parked_rows(tmp_path: Path) -> None:
-    import asyncio
-
-    from outbox import OutboxMessage, OutboxTables, SqlOutboxStore, create_engine
-
     url = f"sqlite:///{tmp_path / 'service.db'}"
 
     async def park_one() -> str:
@@ -390,3 +399,113 @@ def test_trace_of_an_aborted_saga_says_it_was_aborted(
         capsys.readouterr()
         assert main(["trace", f"order-{kind}", "--database-url", url]) == 0
         assert ending in capsys.readouterr().out.splitlines()
+
+
+async def _park_a_row_and_save_a_saga(service_url: str, log_url: str) -> str:
+    """A service's database (a parked outbox row, the view of saga order-1) and a saga log
+    holding order-1's first message; return the parked row's message id."""
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    stamp = Stamp(
+        saga_name="place_order",
+        saga_id="order-1",
+        status=SagaStatus.RUNNING,
+        correlation_id="corr-1",
+        started_at=started,
+        steps=(
+            StepRecord(
+                name="reserve_stock", service="inventory", outcome=StepOutcome.DONE, at=started
+            ),
+        ),
+    )
+    engine = create_engine(service_url)
+    try:
+        tables = OutboxTables()
+        states = SagaStates(
+            MetaData(), AvroCodec(SchemaRegistry.default()), dialect=engine.dialect.name
+        )
+        await create_tables(engine, [tables.outbox, tables.inbox, tables.leases, tables.relays])
+        await create_tables(engine, [states.table])
+        store = SqlOutboxStore(engine, tables)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", key=b"k", value=b"x")])
+            await states.save(conn, SagaView(stamp=stamp))
+        (row,) = await store.fetch_due(set(range(store.shards)), 10)
+        await store.record_failure(row, "record too large for the broker", park=True)
+    finally:
+        await engine.dispose()
+    engine = create_engine(log_url)
+    try:
+        log = SagaLog(dialect=engine.dialect.name)
+        await log.create_tables(engine)
+        placed = Envelope(
+            type="shop.OrderPlaced",
+            data={},
+            source="/choreosaga/order",
+            key=b"order-1",
+            time=started,
+            correlation_id="corr-1",
+            stamp=stamp,
+        )
+        observed = observe_envelope(placed, topic="saga.place_order", partition=0, offset=0)
+        assert observed is not None
+        async with engine.begin() as conn:
+            await log.record(conn, observed)
+    finally:
+        await engine.dispose()
+    return row.message_id
+
+
+@contextmanager
+def write_lock(path: Path, statement: str) -> Iterator[sqlite3.Connection]:
+    """Hold the write lock of the SQLite database at ``path``, as a running service's
+    transaction does, with ``statement`` run but not committed."""
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute(statement)
+        yield writer
+    finally:
+        writer.close()
+
+
+def test_read_commands_read_a_sqlite_database_while_a_service_is_writing_to_it(
+    tmp_path: Path,
+) -> None:
+    """saga trace, status, outbox stats and parked only read: on a SQLite database whose
+    write lock a running service holds (a long handler transaction), they show what is
+    committed (not the deletions under way), instead of waiting for the lock and failing
+    with "database is locked"; and the service then commits its transaction."""
+    service_db, log_db = tmp_path / "order.db", tmp_path / "saga_log.db"
+    service_url, log_url = f"sqlite:///{service_db}", f"sqlite:///{log_db}"
+    message_id = asyncio.run(_park_a_row_and_save_a_saga(service_url, log_url))
+
+    with (
+        write_lock(service_db, "DELETE FROM saga_state") as service,
+        write_lock(log_db, "DELETE FROM saga_log_sagas") as observer,
+    ):
+        from_service = saga("trace", "order-1", "--database-url", service_url)
+        assert from_service.returncode == 0, from_service.stderr
+        assert "from the service database" in from_service.stdout
+        assert "reserve_stock" in from_service.stdout
+        assert "RUNNING" in from_service.stdout
+
+        from_log = saga("trace", "order-1", "--database-url", log_url)
+        assert from_log.returncode == 0, from_log.stderr
+        assert "from the saga log" in from_log.stdout
+        assert "OrderPlaced from order" in from_log.stdout
+
+        status = saga("status", "--database-url", log_url)
+        assert status.returncode == 0, status.stderr
+        assert "place_order          RUNNING             1" in status.stdout
+
+        stats = saga("outbox", "stats", "--database-url", service_url)
+        assert stats.returncode == 0, stats.stderr
+        assert "parked 1" in stats.stdout
+        parked = saga("outbox", "parked", "--database-url", service_url)
+        assert parked.returncode == 0, parked.stderr
+        assert message_id in parked.stdout
+
+        service.execute("COMMIT")
+        observer.execute("COMMIT")
+        assert service.execute("SELECT count(*) FROM saga_state").fetchone() == (0,)
+        assert observer.execute("SELECT count(*) FROM saga_log_sagas").fetchone() == (0,)

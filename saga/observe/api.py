@@ -18,6 +18,7 @@ from sqlalchemy import MetaData, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings
+from outbox.database import read_connection
 from saga.codec import AvroCodec
 from saga.observe.log import SagaLog
 from saga.observe.scan import scan_kafka
@@ -56,7 +57,7 @@ async def trace_from_service(
     """The steps of saga ``ref`` as one service's own database knows them (its saga view)."""
     states = SagaStates(MetaData(), codec, dialect=engine.dialect.name, name=table)
     t = states.table
-    async with engine.connect() as conn:
+    async with read_connection(engine) as conn:
         row = (
             await conn.execute(select(t.c.stamp, t.c.updated_at_ms).where(t.c.saga_id == ref))
         ).first()

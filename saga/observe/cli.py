@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, create_engine
-from outbox.database import safe_url, translate_db_error
+from outbox.database import read_connection, safe_url, translate_db_error
 from saga.codec import AvroCodec
 from saga.commands import DurationArgument, broker_list, database_url
 from saga.errors import ConfigurationError, SagaError
@@ -215,7 +215,7 @@ async def _database(url: str | None, *, must_exist: bool, doing: str) -> AsyncIt
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
-    async with engine.connect() as conn:
+    async with read_connection(engine) as conn:
         names: list[str] = await conn.run_sync(lambda c: inspect(c).get_table_names())
     return set(names)
 

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from outbox.database import read_connection
 from saga.envelope import CONTENT_TYPE
 from saga.errors import SchemaError
 from saga.observe.log import SagaLog
@@ -96,7 +97,7 @@ async def observed_graph(
     )
     if saga_name is not None:
         query = query.where(m.c.saga_name == saga_name)
-    async with engine.connect() as conn:
+    async with read_connection(engine) as conn:
         rows = (await conn.execute(query)).all()
     # (message, consumer) -> latency to the first message it caused there
     first: dict[tuple[str, str | None], tuple[tuple[str, str, str], float | None]] = {}

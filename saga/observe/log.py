@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import Transaction
-from outbox.database import upsert_insert
+from outbox.database import read_connection, upsert_insert
 from outbox.tables import create_tables, validate_identifier
 from saga.choreography import DEADLINE_REACHED, SAGA_RESUMED, SAGA_SUSPENDED
 from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
@@ -256,7 +256,7 @@ class SagaLog:
             .where(or_(c.saga_id == ref, c.correlation_id == ref))
             .order_by(c.time_ms, c.hop)
         )
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             rows = (await conn.execute(query)).all()
         return [
             ObservedMessage(
@@ -293,7 +293,7 @@ class SagaLog:
             .group_by(c.saga_name, c.status)
             .order_by(c.saga_name, c.status)
         )
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             return [(r[0], r[1], int(r[2])) for r in (await conn.execute(query)).all()]
 
     async def summaries(
@@ -312,7 +312,7 @@ class SagaLog:
         if idle_longer_than is not None:
             cutoff = _ms(datetime.now(UTC) - idle_longer_than)
             query = query.where(c.last_message_ms < cutoff)
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             rows = (await conn.execute(query)).all()
         return [
             SagaSummary(

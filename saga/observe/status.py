@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from outbox.database import read_connection
 from saga.observe.log import NOT_TERMINAL, SagaLog, SagaSummary
 from saga.observe.message import stamp_from_json
 from saga.stamp import SagaStatus
@@ -168,7 +169,7 @@ async def saga_metrics(engine: AsyncEngine, *, log: SagaLog | None = None) -> di
     query = select(c.saga_name, c.status, c.started_at_ms, c.last_message_ms, c.stamp)
     in_flight: dict[str, dict[str, int]] = {}
     durations: dict[str, dict[str, list[float]]] = {}
-    async with engine.connect() as conn:
+    async with read_connection(engine) as conn:
         rows = (await conn.execute(query)).all()
     for row in rows:
         if row.status in NOT_TERMINAL:

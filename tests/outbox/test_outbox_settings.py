@@ -6,6 +6,7 @@ the stores accept.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from outbox import (
     SqlInboxStore,
     SqlOutboxStore,
 )
+from outbox.database import read_connection
 
 PASSWORD = "s3cr3t-Pa55word"
 
@@ -457,3 +459,40 @@ async def test_a_second_timeout_for_a_configured_engine_is_not_dropped_silently(
 def test_a_timeout_that_is_not_a_number_names_the_option_given(sqlite_url: str) -> None:
     with pytest.raises(ConfigurationError, match=r'connect_args\["timeout"\]'):
         outbox.create_engine(sqlite_url, connect_args={"timeout": "5"})
+
+
+async def test_sqlite_reads_neither_wait_for_a_writer_nor_hold_one_up(sqlite_url: str) -> None:
+    """A read (the outbox's counts and parked rows, any read_connection) sees what is
+    committed while another connection holds the write lock, instead of failing with
+    "database is locked" after the busy timeout; a writer commits while a read is open.
+    A transaction that may write still takes the write lock as it begins."""
+    engine = outbox.create_engine(sqlite_url, connect_args={"timeout": 0.5})
+    writer = sqlite3.connect(str(engine.url.database), isolation_level=None, timeout=0)
+    try:
+        tables = OutboxTables()
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        async with engine.begin() as conn:
+            await store.add(conn, [OutboxMessage(topic="orders", value=b"placed")])
+
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("DELETE FROM outbox")
+        assert (await store.stats()).pending == 1
+        assert await store.parked() == []
+        writer.execute("ROLLBACK")
+
+        count = sa.select(sa.func.count()).select_from(tables.outbox)
+        async with read_connection(engine) as conn:
+            assert (await conn.execute(count)).scalar_one() == 1
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("DELETE FROM outbox")
+            writer.execute("COMMIT")
+            assert (await conn.execute(count)).scalar_one() == 1  # one snapshot
+        assert (await store.stats()).pending == 0
+
+        async with engine.begin():
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                writer.execute("BEGIN IMMEDIATE")
+    finally:
+        writer.close()
+        await engine.dispose()
