@@ -59,7 +59,8 @@ announces ``SagaResumed`` and the initiator moves the deadline by as long as
 the saga was suspended (a new ``DeadlineReached`` is scheduled; the old one is
 recognised as superseded by its ``deadline`` value). Both times come from the
 services' clocks, so clock skew between them shifts the new deadline by as
-much.
+much. The initiator's later messages carry the moved deadline, and views (the
+other services', the saga log's) keep the latest deadline they merge.
 """
 
 from __future__ import annotations

@@ -223,7 +223,8 @@ class Stamp:
     """When the saga started."""
 
     deadline: datetime | None = None
-    """When the saga must be finished; after it, compensation starts."""
+    """When the saga must be finished; after it, compensation starts. The initiator
+    moves it later when a suspended saga resumes; merged stamps keep the latest."""
 
     reason: str | None = None
     """Why the saga is compensating or failed."""

@@ -6,9 +6,10 @@ one row per saga, its *view*: the merge of every stamp it has seen. A saga is
 (name, id): two sagas of different names may share an id (``place_order`` and
 ``cancel_order`` of order 7), and each has its own view. Merging
 is order-independent and never goes back: a status only moves forward
-(running < compensating < compensated / failed; completed is final), and step
-records accumulate. That is what keeps a late event from resurrecting a saga
-that its deadline already sent into compensation.
+(running < compensating < compensated / failed; completed is final), step
+records accumulate, and the deadline is the latest one seen (see :func:`merge`).
+That is what keeps a late event from resurrecting a saga that its deadline
+already sent into compensation.
 
 The view is read and written inside the handler's transaction, locked
 (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the write lock).
@@ -27,7 +28,7 @@ retention must cover the inbox's is told in ``ServiceSettings.saga_retention``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from hashlib import blake2b
 
 from sqlalchemy import (
@@ -91,6 +92,14 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
     The merged status is then settled against the steps: a saga said to be
     compensated while a done step is still to undo is compensating, and one
     with a compensation that failed ends failed, whoever reported what.
+
+    The deadline is the latest of the two. Only the initiator sets it, and it
+    only ever moves later: when a suspended saga resumes, by as long as it was
+    held (``saga.choreography``). So of the deadlines seen, the latest is the
+    initiator's most recent one, and taking it is order-independent: a stale
+    stamp seen late (a participant's, whose view may still hold the old
+    deadline; the superseded deadline message, published when the old
+    deadline comes) never moves it back, whichever arrives first.
     """
     if view is None:
         # A suspension is this service's own record of where it stopped: one
@@ -109,11 +118,18 @@ def merge(view: Stamp | None, incoming: Stamp) -> Stamp:
             status=status,
             reason=reason,
             steps=steps,
-            deadline=view.deadline or incoming.deadline,
+            deadline=_latest(view.deadline, incoming.deadline),
             version=max(view.version, incoming.version),
             hop=max(view.hop, incoming.hop),
         )
     )
+
+
+def _latest(one: datetime | None, other: datetime | None) -> datetime | None:
+    """The later of two deadlines (``None``: none known)."""
+    if one is None or other is None:
+        return one or other
+    return max(one, other)
 
 
 def settle(stamp: Stamp) -> Stamp:

@@ -35,6 +35,9 @@ from saga import (
     ServiceSettings,
     create_engine,
 )
+from saga.deadletter import REPLAY_HEADER
+from saga.envelope import H
+from saga.observe import ObserverSettings, SagaObserver, trace_from_log
 
 EVENTS = ("Start", "A", "B", "C", "D", "E")
 
@@ -669,3 +672,72 @@ async def test_a_branch_still_running_when_the_deadline_fired_is_undone_step_by_
         ("room", "COMPENSATED"),
         ("room", "DONE"),
     ]
+
+
+async def test_the_saga_log_shows_the_deadline_the_initiator_moved_when_the_saga_resumed(
+    make: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """The initiator's own step is a bug: the saga is suspended there, its deadline held.
+    Fixed and replayed, the step runs, the saga resumes and the initiator moves the
+    deadline by the time it was held. The saga log, fed every message of the saga, shows
+    the deadline the initiator now holds, not the one the saga started with."""
+    trips, flights, hotels = make("trips"), make("flights"), make("hotels")
+    ended_log(trips)
+    deployed = {"buggy": True}
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @trips.step("pay", saga="trip", on="ex.A")
+    async def pay(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            raise RuntimeError("a bug in pay")
+        ctx.emit("ex.B", {"id": ctx.saga_id})
+
+    @hotels.step("book_room", saga="trip", on="ex.B")
+    async def room(ctx: SagaContext) -> None:
+        ctx.emit("ex.C", {"id": ctx.saga_id})  # nobody acts on C: the saga keeps running
+
+    every = [trips, flights, hotels]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=1))
+    started = await trips.saga_state("t1")
+    assert started is not None
+    await partition.collect(trips)  # Start
+    await partition.drain()  # A: pay fails twice, is dead-lettered; SagaSuspended
+    assert (await trips.saga_state("t1")).suspension is not None
+    await asyncio.sleep(0.05)  # held a moment
+    deployed["buggy"] = False
+    key, value, headers = next(r for r in partition.records if (H.TYPE, b"ex.A") in r[2])
+    partition.records.append((key, value, [*headers, (REPLAY_HEADER, b"saga.trip.dlq/0/0")]))
+    await partition.drain()  # A again: B, SagaResumed; C
+    resumed = await trips.saga_state("t1")
+    assert resumed is not None
+    assert resumed.suspension is None
+    assert started.deadline is not None
+    assert resumed.deadline is not None
+    assert resumed.deadline > started.deadline  # moved by the time it was held
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
+    observer = SagaObserver(
+        engine=engine,
+        kafka=KafkaSettings(),
+        codec=codec(),
+        settings=ObserverSettings(patterns=("saga.*",), group_id="observer"),
+    )
+    try:
+        await observer.create_tables()
+        await observer.process_batch(
+            [consumer_record("saga.trip", n, *record) for n, record in enumerate(partition.records)]
+        )
+        (logged,) = await observer.log.summaries(engine)
+        assert logged.stamp.deadline == resumed.deadline
+        trace = await trace_from_log(engine, "t1")
+        assert trace is not None
+        assert trace.waiting is not None
+        assert trace.waiting.deadline == resumed.deadline
+    finally:
+        await engine.dispose()

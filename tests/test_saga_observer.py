@@ -563,3 +563,74 @@ async def test_a_superseded_deadline_message_does_not_hide_a_stuck_saga(sqlite_u
         assert stuck == ["order-8"], report.to_text()
     finally:
         await engine.dispose()
+
+
+async def test_a_deadline_moved_on_a_resume_is_the_one_the_log_shows_in_any_order_observed(
+    sqlite_url: str,
+) -> None:
+    """The initiator was suspended past the saga's deadline D1; the replay resumed the saga
+    and moved the deadline to D2. The initiator's SagaResumed carries D2; the payment
+    service, whose view still holds D1, reports its step after it; the superseded deadline
+    message (D1) is published late. The log shows D2, and so does the trace, whether the
+    messages are observed in that order or the latest first (messages keyed otherwise than
+    by the saga id travel on other partitions)."""
+    engine = create_engine(sqlite_url)
+    observer = await observer_on(engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(minutes=20)
+    d1, d2 = now - timedelta(minutes=1), now + timedelta(minutes=30)
+
+    def story(saga_id: str) -> list[Envelope]:
+        def message(event_type: str, data: dict[str, object], *, service: str, hop: int,
+                    after: timedelta, deadline: datetime) -> Envelope:  # fmt: skip
+            envelope = stamped(saga_id, event_type, data, hop=hop, when=start + after,
+                               service=service)  # fmt: skip
+            assert envelope.stamp is not None
+            stamp = replace(envelope.stamp, started_at=start, deadline=deadline)
+            return replace(envelope, stamp=stamp)
+
+        order = {"order_id": saga_id, "amount_cents": 1200}
+        placed = message(
+            "choreosaga.shop.OrderPlaced",
+            {**order, "customer": "c", "sku": "s", "quantity": 1, "card": "tok", "address": "a"},
+            service="order", hop=0, after=timedelta(0), deadline=d1,
+        )  # fmt: skip
+        reserved = message(
+            "choreosaga.shop.StockReserved",
+            {**order, "reservation_id": "r", "card": "tok", "address": "a"},
+            service="inventory", hop=1, after=timedelta(minutes=1), deadline=d1,
+        )  # fmt: skip
+        resumed = message(
+            "choreosaga.saga.SagaResumed",
+            {"service": "order", "message_id": "m", "at": start + timedelta(minutes=10)},
+            service="order", hop=2, after=timedelta(minutes=10), deadline=d2,
+        )  # fmt: skip
+        charged = message(
+            "choreosaga.shop.PaymentCharged",
+            {**order, "payment_id": "p", "address": "a"},
+            service="payment", hop=2, after=timedelta(minutes=11), deadline=d1,
+        )  # fmt: skip
+        superseded = replace(
+            message(DEADLINE_REACHED, {"deadline": d1}, service="order", hop=0,
+                    after=timedelta(0), deadline=d1),
+            stamp=placed.stamp,
+        )  # fmt: skip
+        return [placed, reserved, resumed, charged, superseded]
+
+    placed, reserved, resumed, charged, superseded = story("order-10")
+    in_order = _log_records(placed, reserved, resumed, charged, superseded)
+    placed, reserved, resumed, charged, superseded = story("order-11")
+    latest_first = _log_records(resumed, charged, superseded, placed, reserved)
+    try:
+        await observer.process_batch(in_order)
+        await observer.process_batch([replace(r, offset=r.offset + 5) for r in latest_first])
+        summaries = {s.saga_id: s for s in await observer.log.summaries(engine)}
+        for saga_id in ("order-10", "order-11"):
+            assert summaries[saga_id].stamp.deadline == d2, saga_id
+            trace = await trace_from_log(engine, saga_id)
+            assert trace is not None
+            assert trace.waiting is not None
+            assert trace.waiting.deadline == d2, saga_id
+            assert f"(deadline {d2.isoformat(timespec='milliseconds')})" in trace.explanation()
+    finally:
+        await engine.dispose()

@@ -17,6 +17,14 @@ locked while it is merged. Times are the messages' own (CloudEvents time; a dead
 message's due time), so that a log filled late by a replay still tells how long a saga
 has been idle. A deadline message due after its saga ended is logged but leaves the
 saga's last message time (its time to end) as it was.
+
+A saga's deadline is the latest one its messages carry (``merge`` keeps the
+maximum: a deadline only moves later), so a stale message observed late never
+moves it back. The initiator moves the deadline when a suspended saga resumes,
+and only the initiator's messages carry the moved one: when the initiator itself
+resumed, its ``SagaResumed``; when a participant did, the initiator's next
+message, which may be the new deadline message itself, published when due.
+Until then the log shows the deadline as it was.
 """
 
 from __future__ import annotations
