@@ -37,7 +37,7 @@ from outbox import (
     SqlOutboxStore,
     create_engine,
 )
-from outbox.database import safe_url, translate_db_error
+from outbox.database import read_connection, safe_url, translate_db_error
 from outbox.errors import ConfigurationError as OutboxConfigurationError
 from outbox.relay import MAX_NAME_LENGTH
 from outbox.store import MAX_SHARDS
@@ -298,7 +298,7 @@ async def _check_outbox(engine: AsyncEngine, tables: OutboxTables) -> None:
     """
     outbox = tables.outbox
     try:
-        async with engine.connect() as conn:
+        async with read_connection(engine) as conn:
             there = await conn.run_sync(
                 lambda c: inspect(c).has_table(outbox.name, schema=outbox.schema)
             )
