@@ -12,8 +12,10 @@ The gauges are read from the database while no batch holds a connection.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,3 +259,34 @@ def step_record(service: Service, stamp: Stamp, offset: int) -> ConsumerRecord[b
     )
     key, value, headers = service.envelopes.encode(envelope)
     return consumer_record(service.saga_topic("s"), offset, key, value, list(headers))
+
+
+async def test_the_gauges_read_a_sqlite_service_while_another_connection_writes(
+    tmp_path: Path,
+) -> None:
+    """On SQLite, refreshing the gauges only reads: it neither takes the write lock
+    nor waits for it (it did, and failed with "database is locked" once the busy
+    timeout ran out while the service's own transaction, or a relay's, held it)."""
+    path = tmp_path / "alpha.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0.5})
+    service = offline_service("alpha", engine)
+    telemetry = instrument(
+        service, meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
+    )
+    await service.create_tables()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute(
+            "INSERT INTO outbox (message_id, topic, headers, shard, created_at_ms, attempts)"
+            " VALUES ('m-1', 't', '[]', 0, 0, 0)"
+        )
+        # What is committed: an empty outbox, no saga in flight.
+        assert await telemetry.metrics.refresh_backlog() == (0, 0.0)
+        assert await telemetry.metrics.refresh_in_flight() == {}
+        writer.execute("COMMIT")
+        count, _age = await telemetry.metrics.refresh_backlog()
+        assert count == 1
+    finally:
+        writer.close()
+        await engine.dispose()

@@ -40,7 +40,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider
 from sqlalchemy import func, select
 
-from outbox.database import db_now_ms
+from outbox.database import db_now_ms, read_connection
 from saga.service import Service
 from saga.stamp import SagaStatus
 
@@ -137,7 +137,7 @@ class SagaMetrics:
             .order_by(c.updated_at_ms.desc())
             .limit(limit)
         )
-        async with self.service.engine.connect() as conn:
+        async with read_connection(self.service.engine) as conn:
             raw = (await conn.execute(query)).scalars().all()
         counts: dict[tuple[str, str], int] = {}
         for value in raw:
@@ -161,7 +161,7 @@ class SagaMetrics:
         due = (c.published_at_ms.is_(None)) & (c.parked_at_ms.is_(None))
         due = due & ((c.due_at_ms.is_(None)) | (c.due_at_ms <= db_now_ms()))
         query = select(func.count(), func.min(c.created_at_ms), db_now_ms()).where(due)
-        async with self.service.engine.connect() as conn:
+        async with read_connection(self.service.engine) as conn:
             count, oldest, now = (await conn.execute(query)).one()
         age = 0.0 if oldest is None else max(0.0, (now - oldest) / 1000)
         self.backlog.set(int(count), self._base)
