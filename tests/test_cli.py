@@ -509,3 +509,23 @@ def test_read_commands_read_a_sqlite_database_while_a_service_is_writing_to_it(
         observer.execute("COMMIT")
         assert service.execute("SELECT count(*) FROM saga_state").fetchone() == (0,)
         assert observer.execute("SELECT count(*) FROM saga_log_sagas").fetchone() == (0,)
+
+
+def test_an_aborted_saga_is_said_aborted_whatever_the_participants_clock() -> None:
+    """The inventory service's clock runs 15 ms behind the order service's: its
+    SagaEnded, caused by the initiator's Compensate, bears an earlier time than that
+    Compensate. The saga was still turned back by `saga abort`, and its trace says so."""
+    from dataclasses import replace
+
+    from saga.observe.trace import build_trace
+
+    when = datetime.now(UTC)
+    behind = timedelta(milliseconds=15)
+    messages = [
+        replace(m, time=m.time - behind) if m.service == "inventory" else m
+        for m in _ending_of("aborted", when)
+    ]
+    trace = build_trace(messages)
+    assert trace is not None
+    assert trace.aborted
+    assert trace.explanation() == "COMPENSATED: aborted: customer cancelled"

@@ -14,6 +14,7 @@ Rendering is in :mod:`saga.observe.render`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -160,15 +161,22 @@ class Trace:
         Known from the timeline only: the first message of the backward path
         was caused by an ``AbortRequested``. A request that came once the saga
         already compensated (its deadline passed) changed nothing and does not
-        count; a stamp-only trace cannot tell.
+        count; a stamp-only trace cannot tell. "First" is by hop, then time:
+        the entries are in time order, and a participant whose clock is behind
+        the initiator's can date its answer before the message that caused it.
         """
         requests = {
             e.message_id for e in self.entries if e.event_type == ABORT_REQUESTED and e.message_id
         }
-        for entry in self.entries:
-            if entry.status != SagaStatus.RUNNING.value and entry.event_type != ABORT_REQUESTED:
-                return entry.causation_id in requests
-        return False
+        backward = [
+            (e.hop if e.hop is not None else sys.maxsize, n, e)
+            for n, e in enumerate(self.entries)
+            if e.status != SagaStatus.RUNNING.value and e.event_type != ABORT_REQUESTED
+        ]
+        if not requests or not backward:
+            return False
+        *_, first = min(backward, key=lambda item: item[:2])
+        return first.causation_id in requests
 
     @property
     def complete(self) -> bool:
