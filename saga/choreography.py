@@ -291,7 +291,12 @@ class Choreography:
             # become a new running view, compensated by the initiator or left
             # running forever elsewhere.
             return []
-        view = merge(before.stamp if before else None, envelope.stamp)
+        if envelope.type == DEADLINE_REACHED:
+            # Its stamp carries the deadline it was scheduled for: perhaps one a
+            # resume moved since, perhaps an earlier saga's of the same id. Only
+            # the view's deadline tells whether it is due (see _deadline).
+            incoming = replace(incoming, deadline=None)
+        view = merge(before.stamp if before else None, incoming)
         ended = before.ended if before else None
         ctx.stamp = view
         out: list[OutboxMessage] = []

@@ -741,3 +741,69 @@ async def test_the_saga_log_shows_the_deadline_the_initiator_moved_when_the_saga
         assert trace.waiting.deadline == resumed.deadline
     finally:
         await engine.dispose()
+
+
+async def test_the_deadline_message_of_an_earlier_saga_of_the_same_id_does_not_move_the_deadline(
+    make: Callable[[str], Service],
+) -> None:
+    """Trip t1 ran once with a 2-hour deadline, completed at once, and its views were
+    purged (retention). A new trip t1, with a 10-minute deadline, is suspended by a bug,
+    and is still suspended when the first trip's deadline message comes, 2 hours after
+    that trip started. That message is not this saga's: the new trip keeps its own
+    deadline, and once fixed and replayed it has 10 minutes plus the time it was held,
+    not the first trip's 2 hours."""
+    trips, flights = make("trips"), make("flights")
+    ended_log(trips)
+    deployed = {"buggy": False}
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        if deployed["buggy"]:
+            raise RuntimeError("a bug in book_seat")
+        ctx.complete()
+
+    every = [trips, flights]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=2))
+    first = await trips.saga_state("t1")
+    assert first is not None
+    assert first.deadline is not None
+    await partition.collect(trips)  # Start
+    await partition.drain()  # book_seat completes the saga
+    assert (await trips.saga_state("t1")).status.value == "COMPLETED"
+    (_,) = await partition.collect(trips, scheduled=True)  # its DeadlineReached...
+    first_deadline_message = partition.records.pop()  # ... is due in 2 hours
+    await asyncio.sleep(0.01)
+    for service in every:  # retention: ended sagas' views go
+        await service.states.purge(service.engine, timedelta(0), 100)
+    assert await trips.saga_state("t1") is None
+
+    deployed["buggy"] = True
+    await start(trips, "t1", deadline=timedelta(minutes=10))
+    second = await trips.saga_state("t1")
+    assert second is not None
+    assert second.deadline is not None
+    assert second.deadline < first.deadline
+    await partition.collect(trips)  # Start
+    await partition.drain()  # book_seat fails twice, is dead-lettered; SagaSuspended
+    assert (await trips.saga_state("t1")).suspension is not None
+    await partition.collect(trips, scheduled=True)  # the new trip's deadline: held
+    await partition.drain()
+    partition.records.append(first_deadline_message)  # 2 hours after the first trip began
+    await partition.drain()
+    held = await trips.saga_state("t1")
+    assert held is not None
+    assert held.status.value == "RUNNING"
+    assert held.deadline == second.deadline
+
+    deployed["buggy"] = False
+    key, value, headers = [r for r in partition.records if (H.TYPE, b"ex.Start") in r[2]][-1]
+    partition.records.append((key, value, [*headers, (REPLAY_HEADER, b"saga.trip.dlq/0/0")]))
+    await partition.drain()
+    resumed = await trips.saga_state("t1")
+    assert resumed is not None
+    assert resumed.deadline is not None
+    assert resumed.suspension is None
+    assert resumed.deadline < first.deadline  # 10 minutes and the time held, not 2 hours
