@@ -333,12 +333,18 @@ def _positive_duration(name: str, value: timedelta) -> None:
         raise ConfigurationError(f"{name} must be a positive timedelta, not {value!r}")
 
 
+MAX_BATCH_SIZE = 100_000
+"""Most rows a relay round or a cleanup statement takes (a database's limit on a
+statement's parameters and a batch held in memory come long before larger ones)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RelaySettings:
     """How the relay reads, publishes, and cleans up the outbox."""
 
     batch_size: int = 500
-    """Most rows read and published in one round (one mark statement each)."""
+    """Most rows read and published in one round (one mark statement each); at most
+    :data:`MAX_BATCH_SIZE`."""
 
     poll_interval: timedelta = timedelta(seconds=1)
     """Fallback poll period when no wake-up (commit notification) arrives."""
@@ -388,8 +394,10 @@ class RelaySettings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "cleanup_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
+            if not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+                raise ConfigurationError(
+                    f"{name} must be a whole number from 1 to {MAX_BATCH_SIZE:,}, not {value!r}"
+                )
         for name in ("poll_interval", "lease_ttl", "cleanup_interval", "startup_timeout"):
             _positive_duration(name, getattr(self, name))
         if not isinstance(self.retention, timedelta) or self.retention < timedelta(0):

@@ -40,8 +40,8 @@ from outbox import (
 from outbox.database import read_connection, safe_url, translate_db_error
 from outbox.errors import ConfigurationError as OutboxConfigurationError
 from outbox.relay import MAX_NAME_LENGTH
+from outbox.settings import MAX_BATCH_SIZE
 from outbox.store import MAX_SHARDS
-from outbox.tables import validate_identifier
 from saga import dlq
 from saga.commands import (
     EXIT_BROKEN_PIPE,
@@ -95,7 +95,12 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=16,
         help="key-hash shards of the outbox",
     )
-    p.add_argument("--batch-size", type=CountArgument(), default=500, help="rows per publish round")
+    p.add_argument(
+        "--batch-size",
+        type=CountArgument(most=MAX_BATCH_SIZE),
+        default=500,
+        help="rows per publish round",
+    )
     p.add_argument(
         "--lease-ttl",
         type=DurationArgument(least=1),
@@ -141,11 +146,13 @@ def _relay_name(text: str) -> str:
 
 
 def _outbox_table(text: str) -> str:
-    """The argparse ``type`` of ``--outbox-table``: a name OutboxTables takes."""
+    """The argparse ``type`` of ``--outbox-table``: a name OutboxTables takes (a valid
+    identifier, not the name of one of the other tables)."""
     try:
-        return validate_identifier("outbox table", text)
+        OutboxTables(outbox=text)
     except OutboxConfigurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 async def _run_relay(args: argparse.Namespace) -> int:

@@ -292,6 +292,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     "options",
     [
         {"batch_size": 0},
+        {"batch_size": 2**63},
         {"poll_interval": timedelta(0)},
         {"lease_ttl": timedelta(milliseconds=500)},
         {"retention": timedelta(seconds=-1)},
@@ -301,6 +302,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     ],
     ids=[
         "no batch",
+        "batch no database takes",
         "zero poll",
         "short lease",
         "negative retention",
