@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Integer,
+    SmallInteger,
     String,
     Text,
     all_,
@@ -636,7 +637,7 @@ class SqlOutboxStore(OutboxStore):
         # Built once: the relay runs them constantly, and a prebuilt statement
         # skips SQLAlchemy's per-call construction and cache-key work.
         t = self.tables.outbox
-        shards: Any = bindparam("shards", expanding=True)
+        shards = self._shards_param()
         # Rows the relay still has in flight (read ahead while publishing).
         # PostgreSQL gets them as id ranges when they form few (a relay that
         # holds every shard reads runs of consecutive ids: a handful of
@@ -658,16 +659,33 @@ class SqlOutboxStore(OutboxStore):
             self._fetch = self._fetch_statement(t.c.id.not_in(bindparam("exclude", expanding=True)))
             self._fetch_ranges = None
         self._next_due = select(func.min(t.c.due_at_ms) - db_now_ms()).where(
-            t.c.shard.in_(shards),
+            shards,
             self._pending(),
             t.c.due_at_ms.is_not(None),
             ~self._held_back(),
         )
 
+    def _shards_param(self) -> Any:
+        """The relay's "row of one of these shards" condition, parameter ``shards``.
+
+        PostgreSQL gets an array (see :func:`_shards_value`): an expanding
+        ``IN`` is rendered again by SQLAlchemy on every execution, a
+        measurable share of a relay's CPU for a lone row.
+        """
+        shard = self.tables.outbox.c.shard
+        if self.dialect == "postgresql":
+            return shard == any_(_array_param("shards", SmallInteger()))
+        return shard.in_(bindparam("shards", expanding=True))
+
+    def _shards_value(self, shards: Collection[int]) -> Any:
+        """The ``shards`` parameter of :meth:`_shards_param`."""
+        ordered = sorted(shards)
+        return _int_array(ordered) if self.dialect == "postgresql" else ordered
+
     def _fetch_statement(self, not_in_flight: Any) -> Any:
         """The relay's read of due rows, leaving out those ``not_in_flight`` refuses."""
         t = self.tables.outbox
-        shards: Any = bindparam("shards", expanding=True)
+        shards = self._shards_param()
         limit = bindparam("limit", type_=Integer())
         columns = (
             t.c.id,
@@ -694,7 +712,7 @@ class SqlOutboxStore(OutboxStore):
         ready = (
             select(*columns)
             .where(
-                t.c.shard.in_(shards),
+                shards,
                 self._pending(),
                 t.c.due_at_ms.is_(None),
                 not_in_flight,
@@ -707,7 +725,7 @@ class SqlOutboxStore(OutboxStore):
         due = (
             select(*columns)
             .where(
-                t.c.shard.in_(shards),
+                shards,
                 self._pending(),
                 t.c.due_at_ms.is_not(None),
                 t.c.due_at_ms <= select(db_now_ms()).scalar_subquery(),
@@ -735,7 +753,7 @@ class SqlOutboxStore(OutboxStore):
             else:
                 in_flight = ranges
                 statement = self._fetch_ranges
-        params = {"shards": sorted(shards), "limit": limit, "exclude": in_flight}
+        params = {"shards": self._shards_value(shards), "limit": limit, "exclude": in_flight}
         # Unprepared (see _relay_statement): psycopg prepares a statement run
         # often, and PostgreSQL may then switch to a generic plan, one that
         # knows neither the limit nor the rows left out and compares every row
@@ -754,8 +772,10 @@ class SqlOutboxStore(OutboxStore):
     async def next_due_in(self, shards: Collection[int]) -> timedelta | None:
         if not shards:
             return None
-        async with self._begin("could not read the outbox") as conn:
-            millis = (await conn.execute(self._next_due, {"shards": sorted(shards)})).scalar()
+        async with self._relay_statement("could not read the outbox") as conn:
+            millis = (
+                await conn.execute(self._next_due, {"shards": self._shards_value(shards)})
+            ).scalar()
         if millis is None:
             return None
         return timedelta(milliseconds=max(int(millis), 0))
