@@ -30,7 +30,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Integer,
-    SmallInteger,
     String,
     Text,
     all_,
@@ -674,7 +673,7 @@ class SqlOutboxStore(OutboxStore):
         """
         shard = self.tables.outbox.c.shard
         if self.dialect == "postgresql":
-            return shard == any_(_array_param("shards", SmallInteger()))
+            return shard == any_(_array_param("shards", shard.type))
         return shard.in_(bindparam("shards", expanding=True))
 
     def _shards_value(self, shards: Collection[int]) -> Any:
