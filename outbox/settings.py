@@ -333,9 +333,10 @@ def _positive_duration(name: str, value: timedelta) -> None:
         raise ConfigurationError(f"{name} must be a positive timedelta, not {value!r}")
 
 
-MAX_BATCH_SIZE = 100_000
-"""Most rows a relay round or a cleanup statement takes (a database's limit on a
-statement's parameters and a batch held in memory come long before larger ones)."""
+MAX_BATCH_SIZE = 10_000
+"""Most rows a relay round or a cleanup statement takes. A round's statements bind a
+few parameters per row (its mark two, its read ahead one per row in flight, up to two
+batches), and SQLite as built by default takes 32,766 parameters a statement."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,7 +381,8 @@ class RelaySettings:
     """How often the relay deletes published rows older than ``retention``."""
 
     cleanup_batch_size: int = 1_000
-    """Most rows one cleanup statement deletes (keeps locks short)."""
+    """Most rows one cleanup statement deletes (keeps locks short); at most
+    :data:`MAX_BATCH_SIZE`."""
 
     startup_timeout: timedelta = timedelta(seconds=30)
     """How long :meth:`Relay.start` waits for an unreachable database or broker.
@@ -394,9 +396,11 @@ class RelaySettings:
     def __post_init__(self) -> None:
         for name in ("batch_size", "cleanup_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigurationError(f"{name} must be a whole number, not {value!r}")
+            if not 1 <= value <= MAX_BATCH_SIZE:
                 raise ConfigurationError(
-                    f"{name} must be a whole number from 1 to {MAX_BATCH_SIZE:,}, not {value!r}"
+                    f"{name} must be a whole number from 1 to {MAX_BATCH_SIZE}, not {value!r}"
                 )
         for name in ("poll_interval", "lease_ttl", "cleanup_interval", "startup_timeout"):
             _positive_duration(name, getattr(self, name))

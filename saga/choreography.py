@@ -359,8 +359,10 @@ class Choreography:
     def _deadline(self, ctx: SagaContext, view: Stamp, out: list[OutboxMessage]) -> Stamp:
         """At the initiator: the saga's deadline message arrived; compensate, unless held."""
         due = ctx.envelope.data.get("deadline")
-        if view.deadline is not None and due is not None and due != view.deadline:
-            return view  # superseded: the deadline moved while the saga was suspended
+        if view.deadline is None or (due is not None and due != view.deadline):
+            # Superseded (the deadline moved while the saga was suspended), or
+            # an earlier saga's of the same id: this saga has no deadline.
+            return view
         if view.suspension is not None:
             log.warning(
                 "%s: saga %s passed its deadline while suspended at %s: held until it resumes",

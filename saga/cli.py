@@ -42,6 +42,7 @@ from outbox.errors import ConfigurationError as OutboxConfigurationError
 from outbox.relay import MAX_NAME_LENGTH
 from outbox.settings import MAX_BATCH_SIZE
 from outbox.store import MAX_SHARDS
+from outbox.tables import validate_identifier
 from saga import dlq
 from saga.commands import (
     EXIT_BROKEN_PIPE,
@@ -99,7 +100,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--batch-size",
         type=CountArgument(most=MAX_BATCH_SIZE),
         default=500,
-        help="rows per publish round",
+        help=f"rows per publish round (at most {MAX_BATCH_SIZE})",
     )
     p.add_argument(
         "--lease-ttl",
@@ -149,9 +150,15 @@ def _outbox_table(text: str) -> str:
     """The argparse ``type`` of ``--outbox-table``: a name OutboxTables takes (a valid
     identifier, not the name of one of the other tables)."""
     try:
-        OutboxTables(outbox=text)
+        validate_identifier("outbox table", text)
     except OutboxConfigurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    defaults = OutboxTables()
+    others = [t.name for t in (defaults.inbox, defaults.leases, defaults.relays)]
+    if text in others:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is the name of another table of the outbox ({', '.join(others)})"
+        )
     return text
 
 

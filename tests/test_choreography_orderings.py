@@ -807,3 +807,201 @@ async def test_the_deadline_message_of_an_earlier_saga_of_the_same_id_does_not_m
     assert resumed.deadline is not None
     assert resumed.suspension is None
     assert resumed.deadline < first.deadline  # 10 minutes and the time held, not 2 hours
+
+
+# -- an abort racing other outcomes; deadline messages of an earlier saga of the same id --
+
+
+def _abort_record(
+    saga_id: str, known: Any, reason: str = "customer cancelled"
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """The record ``saga abort`` publishes (see saga.observe.abort.request_abort), with the
+    stamp the saga log knew."""
+    from saga.choreography import ABORT_REQUESTED
+    from saga.envelope import Envelope, EnvelopeCodec
+    from saga.observe.abort import abort_message_id
+
+    stamp = replace(known, hop=known.hop + 1)
+    envelope = Envelope(
+        type=ABORT_REQUESTED,
+        data={"reason": reason, "requested_by": None},
+        source="/choreosaga/saga-abort",
+        key=saga_id.encode(),
+        id=abort_message_id("trip", saga_id),
+        correlation_id=stamp.correlation_id,
+        stamp=stamp,
+    )
+    key, value, headers = EnvelopeCodec(codec()).encode(envelope)
+    return key, value, list(headers)
+
+
+async def _deliver_to(partition: Partition, index: int, services: list[Service]) -> None:
+    """Deliver record ``index`` to ``services`` only (each service is its own consumer
+    group: one may lag behind the others)."""
+    key, value, headers = partition.records[index]
+    for service in services:
+        await service.processor.process(consumer_record("saga.trip", index, key, value, headers))
+        await partition.collect(service)
+
+
+async def _trace_of(tmp_path: Path, partition: Partition, saga_id: str) -> Any:
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
+    observer = SagaObserver(
+        engine=engine,
+        kafka=KafkaSettings(),
+        codec=codec(),
+        settings=ObserverSettings(patterns=("saga.*",), group_id="observer"),
+    )
+    try:
+        await observer.create_tables()
+        await observer.process_batch(
+            [consumer_record("saga.trip", n, *record) for n, record in enumerate(partition.records)]
+        )
+        return await trace_from_log(engine, saga_id)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_saga_aborted_while_its_last_step_completes_is_said_aborted(
+    make: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """`saga abort` turns trip t1 back while hotels, whose consumer lags, is about to
+    complete it. The initiator takes the abort first (the saga was running): it asks for
+    the seat to be undone; hotels completes the saga a moment later, and that late step is
+    undone too. The saga ended COMPENSATED because of the abort, and its trace says so.
+    (hotels' completion message is no message of the backward path, but its hop is lower
+    than that of the initiator's Compensate.)"""
+    trips, flights, hotels = make("trips"), make("flights"), make("hotels")
+    ended_log(trips)
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @flights.compensation("book_seat", saga="trip")
+    async def cancel_seat(ctx: SagaContext) -> None:
+        pass
+
+    @hotels.step("book_room", saga="trip", on="ex.A")
+    async def room(ctx: SagaContext) -> None:
+        ctx.complete()
+
+    @hotels.compensation("book_room", saga="trip")
+    async def cancel_room(ctx: SagaContext) -> None:
+        pass
+
+    every = [trips, flights, hotels]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)  # Start
+    await partition.deliver_next()  # flights books the seat: A
+    await _deliver_to(partition, 1, [trips, flights])  # A; hotels lags
+    known = await trips.saga_state("t1")  # what the saga log showed saga abort
+    partition.records.append(_abort_record("t1", known))
+    await _deliver_to(partition, 2, [trips, flights])  # the initiator turns the saga back
+    await asyncio.sleep(0.01)
+    await _deliver_to(partition, 1, [hotels])  # hotels catches up: A completes the saga
+    await _deliver_to(partition, 2, [hotels])
+    partition.delivered = 3
+    await partition.drain()
+    final = await trips.saga_state("t1")
+    assert final is not None
+    assert final.status.value == "COMPENSATED"
+    assert final.reason == "customer cancelled"
+
+    trace = await _trace_of(tmp_path, partition, "t1")
+    assert trace is not None
+    assert trace.explanation() == "COMPENSATED: aborted: customer cancelled"
+
+
+async def test_a_step_failing_while_the_saga_is_aborted_is_not_given_the_abort_reason(
+    make: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """`saga abort` turns trip t1 back ("customer cancelled") while hotels, lagging, fails
+    its step ("no room"). Whatever the trace says ended the saga, it must not say that
+    step book_room failed because the customer cancelled."""
+    trips, flights, hotels = make("trips"), make("flights"), make("hotels")
+    ended_log(trips)
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        ctx.emit("ex.A", {"id": ctx.saga_id})
+
+    @flights.compensation("book_seat", saga="trip")
+    async def cancel_seat(ctx: SagaContext) -> None:
+        pass
+
+    @hotels.step("book_room", saga="trip", on="ex.A")
+    async def room(ctx: SagaContext) -> None:
+        ctx.fail("no room")
+
+    every = [trips, flights, hotels]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1")
+    await partition.collect(trips)  # Start
+    await partition.deliver_next()  # A
+    await _deliver_to(partition, 1, [trips, flights])  # hotels lags
+    known = await trips.saga_state("t1")
+    partition.records.append(_abort_record("t1", known))
+    await _deliver_to(partition, 2, [trips, flights])
+    await asyncio.sleep(0.01)
+    await _deliver_to(partition, 1, [hotels])  # book_room fails: "no room"
+    await _deliver_to(partition, 2, [hotels])
+    partition.delivered = 3
+    await partition.drain()
+    assert (await trips.saga_state("t1")).status.value == "COMPENSATED"
+
+    trace = await _trace_of(tmp_path, partition, "t1")
+    assert trace is not None
+    assert trace.explanation() in (
+        "COMPENSATED: aborted: customer cancelled",
+        "COMPENSATED: step book_room (hotels) failed: no room",
+    )
+
+
+async def test_an_earlier_saga_s_deadline_does_not_compensate_a_saga_without_one(
+    make: Callable[[str], Service],
+) -> None:
+    """Trip t1 ran once with a 2-hour deadline, completed at once, and its views were
+    purged. A new trip t1 has no deadline and is still running when the first trip's
+    deadline message comes. That message is not this saga's: the new trip runs on."""
+    trips, flights = make("trips"), make("flights")
+    ended_log(trips)
+    second_run = {"on": False}
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        if second_run["on"]:
+            ctx.emit("ex.A", {"id": ctx.saga_id})  # nobody acts on A: the trip runs on
+        else:
+            ctx.complete()
+
+    every = [trips, flights]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=2))
+    await partition.collect(trips)  # Start
+    await partition.drain()  # book_seat completes the saga
+    (_,) = await partition.collect(trips, scheduled=True)  # its DeadlineReached...
+    first_deadline_message = partition.records.pop()  # ... is due in 2 hours
+    await asyncio.sleep(0.01)
+    for service in every:
+        await service.states.purge(service.engine, timedelta(0), 100)
+    assert await trips.saga_state("t1") is None
+
+    second_run["on"] = True
+    await start(trips, "t1")  # no deadline
+    await partition.collect(trips)
+    await partition.drain()
+    assert (await trips.saga_state("t1")).status.value == "RUNNING"
+    partition.records.append(first_deadline_message)  # 2 hours after the first trip began
+    await partition.drain()
+    second = await trips.saga_state("t1")
+    assert second is not None
+    assert second.status.value == "RUNNING"
+    assert second.deadline is None

@@ -149,15 +149,15 @@ def test_relay_refuses_durations_that_are_no_number_of_seconds(
         ("relay", "--lease-ttl", "0.5", "'0.5' is not a number of seconds from 1 to"),
         ("relay", "--poll-interval", "1e-7", "'1e-7' seconds is shorter than a microsecond"),
         ("relay", "--startup-timeout", "1e-9", "'1e-9' seconds is shorter than a microsecond"),
-        ("relay", "--batch-size", "0", "'0' is not a whole number from 1 to 100000"),
-        ("relay", "--batch-size", str(2**63), f"'{2**63}' is not a whole number from 1 to 100000"),
+        ("relay", "--batch-size", "0", "'0' is not a whole number from 1 to 10000"),
+        ("relay", "--batch-size", str(2**63), f"'{2**63}' is not a whole number from 1 to 10000"),
         ("relay", "--shards", "0", "'0' is not a whole number from 1 to 4096"),
         ("relay", "--shards", "4097", "'4097' is not a whole number from 1 to 4096"),
         ("relay", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
         ("relay", "--name", "r" * 201, "a relay name is at most 200 characters, not 201"),
         ("relay", "--bootstrap-servers", " ", "' ' names no broker"),
         ("outbox", "--outbox-table", "Orders", "outbox table name 'Orders' is not allowed"),
-        ("relay", "--outbox-table", "inbox", "table names must differ"),
+        ("relay", "--outbox-table", "inbox", "'inbox' is the name of another table of the outbox"),
     ],
 )
 def test_relay_options_are_refused_under_their_own_name(

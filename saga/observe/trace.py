@@ -14,7 +14,6 @@ Rendering is in :mod:`saga.observe.render`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,12 @@ __all__ = ["Trace", "TraceEntry", "Waiting", "build_trace", "trace_from_stamp"]
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+_BACKWARD = frozenset(
+    status.value for status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+)
+"""Statuses of a saga turned back (the messages of its backward path carry them)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,24 +163,27 @@ class Trace:
     def aborted(self) -> bool:
         """Whether an abort request (``saga abort``) turned the saga back.
 
-        Known from the timeline only: the first message of the backward path
-        was caused by an ``AbortRequested``. A request that came once the saga
-        already compensated (its deadline passed) changed nothing and does not
-        count; a stamp-only trace cannot tell. "First" is by hop, then time:
-        the entries are in time order, and a participant whose clock is behind
-        the initiator's can date its answer before the message that caused it.
+        Known from the timeline only: the initiator, which alone acts on an
+        abort and decides to compensate, sent its first message of the backward
+        path (compensating, compensated or failed) because of an
+        ``AbortRequested``. A request that came once it had turned the saga back
+        (its deadline passed, a step failed) does not count, whatever it caused
+        then; a stamp-only trace cannot tell. Only the initiator's own messages
+        are compared, in the order of its own clock: a participant's answer may
+        bear an earlier time (its clock behind) or a lower hop (another branch)
+        than the initiator's decision, and a step that completed the saga while
+        the abort was on its way is no part of the backward path.
         """
         requests = {
             e.message_id for e in self.entries if e.event_type == ABORT_REQUESTED and e.message_id
         }
         backward = [
-            (e.hop if e.hop is not None else sys.maxsize, n, e)
-            for n, e in enumerate(self.entries)
-            if e.status != SagaStatus.RUNNING.value and e.event_type != ABORT_REQUESTED
+            e for e in self.entries if e.status in _BACKWARD and e.event_type != ABORT_REQUESTED
         ]
-        if not requests or not backward:
+        acted = next((e for e in backward if e.causation_id in requests), None)
+        if acted is None:
             return False
-        *_, first = min(backward, key=lambda item: item[:2])
+        first = next(e for e in backward if e.service == acted.service)
         return first.causation_id in requests
 
     @property
@@ -190,11 +198,14 @@ class Trace:
         if status is SagaStatus.COMPLETED:
             return "COMPLETED: every step done"
         failed = self.failed_step
-        if failed:
+        if self.aborted:
+            # The reason is what saga abort was given ("customer cancelled"); a
+            # step that failed afterwards did not turn the saga back, the abort did.
+            cause = "aborted"
+        elif failed:
             cause = f"step {failed[0]} ({failed[1]}) failed"
         else:
-            # The reason is what saga abort was given ("customer cancelled"): say so.
-            cause = "aborted" if self.aborted else "compensation began"
+            cause = "compensation began"
         why = f"{cause}: {stamp.reason}" if stamp.reason else cause
         undone = [s.name for s in stamp.steps if s.outcome is StepOutcome.COMPENSATION_FAILED]
         if status is SagaStatus.FAILED:

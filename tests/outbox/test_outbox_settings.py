@@ -293,6 +293,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     [
         {"batch_size": 0},
         {"batch_size": 2**63},
+        {"batch_size": True},
         {"poll_interval": timedelta(0)},
         {"lease_ttl": timedelta(milliseconds=500)},
         {"retention": timedelta(seconds=-1)},
@@ -303,6 +304,7 @@ async def test_custom_table_names_work_end_to_end(sqlite_url: str) -> None:
     ids=[
         "no batch",
         "batch no database takes",
+        "batch size a bool",
         "zero poll",
         "short lease",
         "negative retention",
@@ -497,4 +499,43 @@ async def test_sqlite_reads_neither_wait_for_a_writer_nor_hold_one_up(sqlite_url
                 writer.execute("BEGIN IMMEDIATE")
     finally:
         writer.close()
+        await engine.dispose()
+
+
+async def test_a_batch_of_the_most_rows_relay_settings_take_is_marked_on_sqlite(
+    sqlite_url: str,
+) -> None:
+    """RelaySettings takes batch_size up to MAX_BATCH_SIZE, said to be below a database's
+    limit on a statement's parameters. SQLite's default limit is 32,766 variables (since
+    3.32; Debian raises it to 250,000, which is why this machine does not show it): the
+    relay's mark binds two per row, so a batch it was allowed to read and publish could
+    never be marked (a permanent error: the relay stops, and publishes it again on restart)."""
+    from sqlalchemy import event
+    from sqlalchemy.util import await_only
+
+    from outbox.settings import MAX_BATCH_SIZE
+
+    engine = outbox.create_engine(sqlite_url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def default_build(dbapi_connection: Any, _record: Any) -> None:
+        raw = dbapi_connection._connection  # aiosqlite's; the sqlite3 one lives in its thread
+        await_only(raw._execute(raw._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766))
+
+    try:
+        assert RelaySettings(batch_size=MAX_BATCH_SIZE).batch_size == MAX_BATCH_SIZE
+        tables = OutboxTables()
+        await tables.create_all(engine)
+        store = SqlOutboxStore(engine, tables)
+        messages = [
+            OutboxMessage(topic="t", key=b"k%d" % (n % 16), value=b"v")
+            for n in range(MAX_BATCH_SIZE)
+        ]
+        for first in range(0, MAX_BATCH_SIZE, 10_000):
+            async with engine.begin() as conn:
+                await store.add(conn, messages[first : first + 10_000])
+        batch = await store.fetch_due(set(range(store.shards)), MAX_BATCH_SIZE)
+        assert len(batch) == MAX_BATCH_SIZE
+        assert await store.mark_published(batch) == MAX_BATCH_SIZE
+    finally:
         await engine.dispose()
