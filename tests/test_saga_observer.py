@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,7 +25,7 @@ from conftest import NewTopicFactory
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
-from support import consumer_record
+from support import consumer_record, create_saga_log_keyed_by_id
 
 from saga import (
     AvroCodec,
@@ -758,3 +759,53 @@ async def test_a_scan_of_the_topics_traces_one_of_two_sagas_sharing_an_id(
     assert trace is not None
     assert (trace.saga_name, trace.status) == ("cancel_order", SagaStatus.COMPENSATED)
     assert [e.message_id for e in trace.entries] == [m.id for m in cancel]
+
+
+async def test_a_saga_log_keyed_by_the_saga_id_alone_is_refused_with_the_sql_that_migrates_it(
+    database_url: str,
+) -> None:
+    """A log made by an earlier version keys its sagas by id alone. The observer refuses it
+    (its upserts would fail on every message) in one line giving the SQL that migrates it;
+    once that has run, the log keeps the sagas it had and takes two sagas of one id."""
+    engine = create_engine(database_url)
+    try:
+        await create_saga_log_keyed_by_id(engine)
+        observer = SagaObserver(
+            engine=engine,
+            kafka=KafkaSettings(),
+            codec=CODEC,
+            settings=ObserverSettings(patterns=("saga.*",), group_id="saga.observer"),
+        )
+        with pytest.raises(ConfigurationError) as refused:
+            await observer.create_tables()
+        message = str(refused.value)
+        assert "\n" not in message
+        assert "saga_log_sagas" in message
+        assert "(saga_name, saga_id)" in message
+        sql = message[message.index("ALTER TABLE") :]
+        # The README gives the same SQL.
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        notes = readme[readme.index("The saga log (`saga observe`) keys its sagas table") :]
+        postgresql, sqlite = re.findall(r"```sql\n(.*?)```", notes, re.DOTALL)[:2]
+        documented = postgresql if engine.dialect.name == "postgresql" else sqlite
+        assert " ".join(documented.split()) == sql
+        async with engine.begin() as conn:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    await conn.exec_driver_sql(statement)
+        await observer.create_tables()
+        now = datetime.now(UTC).replace(microsecond=0)
+        place = _order_7("place_order", now, deadline=now + timedelta(minutes=5),
+                         ended=SagaStatus.COMPLETED)  # fmt: skip
+        cancel = _order_7("cancel_order", now, deadline=now + timedelta(days=3),
+                          ended=SagaStatus.COMPENSATED)  # fmt: skip
+        await observer.process_batch(_log_records(*place))
+        await observer.process_batch(_log_records(*cancel, topic="saga.cancel_order"))
+        sagas = [(s.saga_name, s.saga_id, s.status) for s in await observer.log.summaries(engine)]
+        assert sorted(sagas) == [
+            ("cancel_order", "order-7", "COMPENSATED"),
+            ("place_order", "order-1", "RUNNING"),
+            ("place_order", "order-7", "COMPLETED"),
+        ]
+    finally:
+        await engine.dispose()

@@ -232,7 +232,8 @@ async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
     """The saga log in the database, or a usage error saying the database holds none.
 
     A service's own database (outbox, saga views) is an easy mistake to give
-    here: the message names what is missing and which database to give.
+    here: the message names what is missing and which database to give. A
+    log of an earlier version is refused with the SQL that migrates it.
     """
     log = SagaLog(dialect=engine.dialect.name)
     tables = await _tables(engine)
@@ -242,6 +243,7 @@ async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
             f"the database {safe_url(engine)} holds no saga log (no table {', '.join(missing)}): "
             f"give the database that 'saga observe' fills{instead}"
         )
+    await log.check_keys(engine)
     return log
 
 
@@ -297,6 +299,7 @@ async def _trace(args: argparse.Namespace) -> int:
             log = SagaLog(dialect=engine.dialect.name)
             trace = None
             if log.messages.name in tables:
+                await log.check_keys(engine)
                 trace = await trace_from_log(engine, args.ref, saga=args.saga, log=log)
             if trace is None and "saga_state" in tables:
                 trace = await trace_from_service(engine, _codec(args), args.ref, saga=args.saga)

@@ -14,7 +14,8 @@ both use the id ``order-7``, and are two sagas here, each with its own row,
 status and deadline. Messages are looked up by saga id (or correlation id)
 and then told apart by saga name, so the messages' index leads with the saga
 id: it serves a lookup by id alone (``saga trace order-7``) as well as one by
-name and id.
+name and id. Logs made by earlier versions keyed their sagas by id alone;
+:meth:`SagaLog.check_keys` refuses them, giving the SQL that migrates them.
 
 Rows are written by :class:`~saga.observe.observer.SagaObserver` inside the
 transaction that records the message in the inbox, so a redelivered message
@@ -53,16 +54,23 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    insert,
+    inspect,
+    literal_column,
     or_,
     select,
     tuple_,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex, DropTable
+from sqlalchemy.sql.expression import ClauseElement
 
 from outbox import Transaction
 from outbox.database import read_connection, upsert_insert
 from outbox.tables import create_tables, validate_identifier
 from saga.choreography import DEADLINE_REACHED, SAGA_RESUMED, SAGA_SUSPENDED
+from saga.errors import ConfigurationError
 from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
 from saga.stamp import SagaStatus, Stamp
 from saga.state import merge
@@ -186,8 +194,73 @@ class SagaLog:
         )
 
     async def create_tables(self, engine: AsyncEngine) -> None:
-        """Create both tables if they do not exist."""
+        """Create both tables if they do not exist, and refuse a log of an earlier version.
+
+        Raises:
+            ConfigurationError: See :meth:`check_keys`.
+        """
         await create_tables(engine, [self.messages, self.sagas])
+        await self.check_keys(engine)
+
+    async def check_keys(self, engine: AsyncEngine) -> None:
+        """Refuse a saga log whose sagas table is keyed otherwise than by (name, id).
+
+        Versions before a saga was (name, id) keyed it by the saga id alone: two
+        sagas of different names with one id were one row there, and the
+        observer's upserts fail on it. A table that does not exist passes.
+
+        Raises:
+            ConfigurationError: The sagas table has another primary key; the
+                message gives the SQL that migrates it.
+        """
+        async with read_connection(engine) as conn:
+            key = await conn.run_sync(self._sagas_key)
+        if key is None or sorted(key[1]) == ["saga_id", "saga_name"]:
+            return
+        table = self.sagas.name
+        raise ConfigurationError(
+            f"the saga log table {table} is keyed by ({', '.join(key[1])}), as versions "
+            "before a saga was (name, id) made it: stop the observer and give it the key "
+            f"(saga_name, saga_id): {self._migration(engine, key[0])}"
+        )
+
+    def _sagas_key(self, conn: Connection) -> tuple[str | None, list[str]] | None:
+        """The name and columns of the sagas table's primary key; ``None`` without the table."""
+        inspector = inspect(conn)
+        if not inspector.has_table(self.sagas.name):
+            return None
+        key = inspector.get_pk_constraint(self.sagas.name)
+        return key.get("name"), list(key["constrained_columns"])
+
+    def _migration(self, engine: AsyncEngine, old_key: str | None) -> str:
+        """The SQL that gives a sagas table of an earlier version its key (name, id)."""
+        table = self.sagas.name
+        if self._dialect == "postgresql":
+            return (
+                f"ALTER TABLE {table} DROP CONSTRAINT {old_key or f'{table}_pkey'}; "
+                f"ALTER TABLE {table} ADD CONSTRAINT pk_{table} PRIMARY KEY (saga_name, saga_id);"
+            )
+
+        # SQLite cannot change a primary key: the table is made again and its rows copied.
+        def sql(statement: ClauseElement) -> str:
+            return " ".join(str(statement.compile(dialect=engine.dialect)).split()) + ";"
+
+        indexes = sorted(self.sagas.indexes, key=lambda index: str(index.name))
+        old = Table(f"{table}_old", MetaData(), *(Column(c.name, c.type) for c in self.sagas.c))
+        names = [c.name for c in self.sagas.c]
+        copy = insert(self.sagas).from_select(
+            names, select(*map(literal_column, names)).select_from(old)
+        )
+        return " ".join(
+            [
+                f"ALTER TABLE {table} RENAME TO {old.name};",
+                *(sql(DropIndex(index, if_exists=True)) for index in indexes),
+                sql(CreateTable(self.sagas)),
+                *(sql(CreateIndex(index)) for index in indexes),
+                sql(copy),
+                sql(DropTable(old)),
+            ]
+        )
 
     # -- writing ---------------------------------------------------------------------
 
