@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox import KafkaSettings, OutboxTables
+from outbox.tables import create_tables
 from saga.codec import AvroCodec
+from saga.observe.log import SagaLog
+from saga.observe.message import stamp_to_json
 from saga.schemas import SchemaRegistry
 from saga.service import Service, ServiceSettings
+from saga.stamp import SagaStatus, Stamp
 
 SCHEMAS = Path(__file__).parent / "schemas"
 
@@ -153,3 +158,50 @@ def parse_python(path: Path) -> ast.Module:
             if "recursion depth mismatch" not in str(exc):
                 raise
     return ast.parse(text)
+
+
+async def create_saga_log_keyed_by_id(engine: AsyncEngine) -> None:
+    """A saga log as versions before a saga was (name, id) made it: its sagas table keyed
+    by the saga id alone, holding one saga (``place_order`` ``order-1``, running)."""
+    metadata = sa.MetaData()
+    sagas = sa.Table(
+        "saga_log_sagas",
+        metadata,
+        sa.Column("saga_id", sa.String(200), primary_key=True),
+        sa.Column("saga_name", sa.String(100), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("correlation_id", sa.String(200), nullable=False),
+        sa.Column("started_at_ms", sa.BigInteger, nullable=False),
+        sa.Column("last_message_ms", sa.BigInteger, nullable=False),
+        sa.Column("messages", sa.BigInteger, nullable=False),
+        sa.Column("hop", sa.BigInteger, nullable=False),
+        sa.Column("stamp", sa.Text, nullable=False),
+        sa.Index("ix_saga_log_sagas_status", "status", "last_message_ms"),
+        sa.Index("ix_saga_log_sagas_name", "saga_name", "status"),
+    )
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    stamp = Stamp(
+        saga_name="place_order",
+        saga_id="order-1",
+        status=SagaStatus.RUNNING,
+        correlation_id="corr-1",
+        started_at=started,
+    )
+    started_ms = int(started.timestamp() * 1000)
+    await create_tables(engine, [SagaLog(dialect=engine.dialect.name).messages])
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+        await conn.execute(
+            sagas.insert().values(
+                saga_id="order-1",
+                saga_name="place_order",
+                status="RUNNING",
+                correlation_id="corr-1",
+                started_at_ms=started_ms,
+                last_message_ms=started_ms,
+                messages=1,
+                hop=0,
+                stamp=stamp_to_json(stamp),
+            )
+        )

@@ -531,3 +531,145 @@ def test_an_aborted_saga_is_said_aborted_whatever_the_participants_clock() -> No
     assert trace is not None
     assert trace.aborted
     assert trace.explanation() == "COMPENSATED: aborted: customer cancelled"
+
+
+def _order_7(saga_name: str, ended: SagaStatus, deadline: timedelta) -> list[ObservedMessage]:
+    """Saga ``saga_name`` with the id ``order-7`` (correlation ``corr-<saga_name>``): its
+    first message and its end, with status ``ended``."""
+    from dataclasses import replace
+
+    from saga.choreography import SAGA_ENDED
+    from saga.observe.message import ObservedMessage, stamp_to_json
+
+    when = datetime.now(UTC).replace(microsecond=0)
+    started = Stamp(
+        saga_name=saga_name,
+        saga_id="order-7",
+        status=SagaStatus.RUNNING,
+        correlation_id=f"corr-{saga_name}",
+        started_at=when,
+        deadline=when + deadline,
+    )
+    story = [
+        ("started", "shop.OrderEvent", started),
+        ("ended", SAGA_ENDED, replace(started.with_status(ended), hop=1)),
+    ]
+    return [
+        ObservedMessage(
+            message_id=f"{saga_name}-{name}",
+            saga_name=saga_name,
+            saga_id="order-7",
+            event_type=event_type,
+            source="/choreosaga/order",
+            service="order",
+            step=None,
+            outcome=None,
+            status=stamp.status.value,
+            reason=stamp.reason,
+            hop=stamp.hop,
+            time=when + timedelta(milliseconds=10 * stamp.hop),
+            causation_id=None,
+            correlation_id=stamp.correlation_id,
+            trace_id=None,
+            detail=None,
+            stamp=stamp_to_json(stamp),
+            topic=f"saga.{saga_name}",
+            partition=0,
+            offset=stamp.hop,
+        )
+        for name, event_type, stamp in story
+    ]
+
+
+def test_trace_status_and_abort_tell_two_sagas_sharing_an_id_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """place_order and cancel_order of order 7 both use the id order-7. 'saga trace
+    order-7' does not mix their messages: it asks which saga is meant, as 'saga abort'
+    does, and traces the one named with --saga (or by its correlation id); 'saga status'
+    counts both."""
+    import json
+
+    from saga import create_engine
+    from saga.cli import main
+
+    url = f"sqlite:///{tmp_path / 'saga_log.db'}"
+    place = _order_7("place_order", SagaStatus.COMPLETED, timedelta(minutes=5))
+    cancel = _order_7("cancel_order", SagaStatus.COMPENSATED, timedelta(days=3))
+
+    async def fill() -> None:
+        engine = create_engine(url)
+        log = SagaLog(dialect="sqlite")
+        try:
+            await log.create_tables(engine)
+            async with engine.begin() as conn:
+                for message in place + cancel:
+                    await log.record(conn, message)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(fill())
+    for args in (
+        ["trace", "order-7"],
+        ["abort", "order-7", "--reason", "r", "--bootstrap-servers", "127.0.0.1:1"],
+    ):
+        err = refused(capsys, *args, "--database-url", url)
+        assert "sagas of several names have id 'order-7' (cancel_order, place_order)" in err
+        assert "--saga" in err
+    for ref, name, messages in (
+        (["order-7", "--saga", "place_order"], "place_order", place),
+        (["order-7", "--saga", "cancel_order"], "cancel_order", cancel),
+        (["corr-cancel_order"], "cancel_order", cancel),
+    ):
+        assert main(["trace", *ref, "--format", "json", "--database-url", url]) == 0
+        trace = json.loads(capsys.readouterr().out)
+        assert trace["saga_name"] == name
+        assert [e["message_id"] for e in trace["timeline"]] == [m.message_id for m in messages]
+    assert main(["status", "--json", "--database-url", url]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts == {"cancel_order": {"COMPENSATED": 1}, "place_order": {"COMPLETED": 1}}
+    assert main(["abort", "order-7", "--saga", "place_order", "--reason", "r",
+                 "--database-url", url, "--bootstrap-servers", "127.0.0.1:1"]) == 0  # fmt: skip
+    assert "saga order-7 already ended COMPLETED" in capsys.readouterr().out
+
+
+def test_trace_from_a_service_database_tells_two_sagas_sharing_an_id_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service's own views of place_order and cancel_order of order 7: 'saga trace
+    order-7' asks which one is meant, and traces the one named with --saga."""
+    from saga.cli import main
+
+    url = f"sqlite:///{tmp_path / 'order.db'}"
+    when = datetime.now(UTC)
+
+    async def save() -> None:
+        engine = create_engine(url)
+        states = SagaStates(MetaData(), AvroCodec(SchemaRegistry.default()), dialect="sqlite")
+        try:
+            await create_tables(engine, [states.table])
+            async with engine.begin() as conn:
+                for name, status in (
+                    ("place_order", SagaStatus.COMPLETED),
+                    ("cancel_order", SagaStatus.COMPENSATED),
+                ):
+                    stamp = Stamp(
+                        saga_name=name,
+                        saga_id="order-7",
+                        status=status,
+                        correlation_id=f"corr-{name}",
+                        started_at=when,
+                    )
+                    await states.save(conn, SagaView(stamp=stamp))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(save())
+    err = refused(capsys, "trace", "order-7", "--database-url", url)
+    assert "sagas of several names have id 'order-7' (cancel_order, place_order)" in err
+    assert "--saga" in err
+    assert main(["trace", "order-7", "--saga", "cancel_order", "--database-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "saga cancel_order order-7" in out
+    assert "from the service database" in out
+    assert "COMPENSATED" in out

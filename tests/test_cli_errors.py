@@ -546,3 +546,30 @@ async def test_graph_of_a_saga_the_log_has_not_seen_names_it(
         run_main, capsys, "graph", "--saga", "nosuch", "--database-url", url
     )
     assert_one_error_line(status, err, 1, "saga graph: no saga message of saga 'nosuch'")
+
+
+def test_saga_log_commands_refuse_a_log_keyed_by_the_saga_id_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saga log made before a saga was (name, id) would show two sagas of one id as one:
+    every command that reads it refuses it, in one line giving the SQL that migrates it."""
+    from support import create_saga_log_keyed_by_id
+
+    from saga import create_engine
+
+    url = f"sqlite:///{tmp_path / 'saga_log.db'}"
+
+    async def create() -> None:
+        engine = create_engine(url)
+        try:
+            await create_saga_log_keyed_by_id(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(create())
+    for name in ("trace", "status", "graph", "abort"):
+        status, err = run_main(capsys, *SAGA_LOG_COMMANDS[name], "--database-url", url)
+        assert_one_error_line(
+            status, err, 2, f"saga {name}: ", "saga_log_sagas", "(saga_name, saga_id)",
+            "ALTER TABLE saga_log_sagas RENAME TO",
+        )  # fmt: skip

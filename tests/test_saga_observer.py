@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,7 +25,7 @@ from conftest import NewTopicFactory
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
-from support import consumer_record
+from support import consumer_record, create_saga_log_keyed_by_id
 
 from saga import (
     AvroCodec,
@@ -38,6 +39,7 @@ from saga import (
     create_engine,
 )
 from saga.envelope import EnvelopeCodec
+from saga.errors import ConfigurationError
 from saga.observe import (
     ObserverSettings,
     SagaObserver,
@@ -55,14 +57,15 @@ CODEC = AvroCodec(SchemaRegistry.default())
 
 
 def stamped(saga_id: str, event_type: str, data: dict[str, object], *, hop: int, when: datetime,
-            service: str, causation: str | None = None) -> Envelope:  # fmt: skip
+            service: str, causation: str | None = None, saga: str = "place_order",
+            correlation: str | None = None) -> Envelope:  # fmt: skip
     steps = (StepRecord(name="reserve_stock", service=service, outcome=StepOutcome.DONE, at=when),)
     stamp = Stamp(
-        saga_name="place_order",
+        saga_name=saga,
         saga_id=saga_id,
         status=SagaStatus.RUNNING,
         steps=steps if hop else (),
-        correlation_id=f"corr-{saga_id}",
+        correlation_id=correlation or f"corr-{saga_id}",
         started_at=when,
         hop=hop,
     )
@@ -474,12 +477,12 @@ async def test_a_deadline_message_is_traced_when_it_was_due_not_when_it_was_writ
 _LOG_TOPIC = "saga.place_order"
 
 
-def _log_records(*envelopes):  # type: ignore[no-untyped-def]
+def _log_records(*envelopes, topic=_LOG_TOPIC):  # type: ignore[no-untyped-def]
     codec = EnvelopeCodec(CODEC)
     out = []
     for offset, envelope in enumerate(envelopes):
         key, value, headers = codec.encode(envelope)
-        out.append(consumer_record(_LOG_TOPIC, offset, key, value, headers))
+        out.append(consumer_record(topic, offset, key, value, headers))
     return out
 
 
@@ -632,5 +635,177 @@ async def test_a_deadline_moved_on_a_resume_is_the_one_the_log_shows_in_any_orde
             assert trace.waiting is not None
             assert trace.waiting.deadline == d2, saga_id
             assert f"(deadline {d2.isoformat(timespec='milliseconds')})" in trace.explanation()
+    finally:
+        await engine.dispose()
+
+
+def _order_7(
+    saga: str, start: datetime, *, deadline: datetime, ended: SagaStatus
+) -> list[Envelope]:
+    """Saga ``saga`` with the id ``order-7`` (correlation ``corr-<saga>``): its first
+    message and its end, a second later, with status ``ended``."""
+    correlation = f"corr-{saga}"
+    first = stamped("order-7", COMPENSATE, {"step": "reserve_stock", "reason": "r"}, hop=0,
+                    when=start, service="order", saga=saga, correlation=correlation)  # fmt: skip
+    end = stamped("order-7", SAGA_ENDED, {"status": ended.value, "reason": None}, hop=1,
+                  when=start + timedelta(seconds=1), service="inventory", causation=first.id,
+                  saga=saga, correlation=correlation)  # fmt: skip
+    assert first.stamp is not None
+    assert end.stamp is not None
+    steps = end.stamp.steps
+    if ended is SagaStatus.COMPENSATED:
+        undone = replace(steps[0], outcome=StepOutcome.COMPENSATED)
+        steps = (*steps, undone)
+    first = replace(first, stamp=replace(first.stamp, deadline=deadline))
+    stamp = replace(end.stamp, status=ended, steps=steps, started_at=start, deadline=deadline)
+    return [first, replace(end, stamp=stamp)]
+
+
+async def test_two_sagas_of_different_names_sharing_an_id_are_two_sagas_in_the_log(
+    database_url: str,
+) -> None:
+    """A saga is (name, id): place_order and cancel_order of order 7 both use the id
+    order-7. The log keeps each with its own status and deadline (not cancel_order's
+    3 days on the 5-minute place_order), 'saga status' counts both, a trace shows one
+    saga's messages only, by id and name or by correlation id, and a trace by the id
+    alone is refused, naming both sagas."""
+    engine = create_engine(database_url)
+    observer = await observer_on(engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    five_minutes, three_days = now + timedelta(minutes=5), now + timedelta(days=3)
+    place = _order_7("place_order", now, deadline=five_minutes, ended=SagaStatus.COMPLETED)
+    cancel = _order_7("cancel_order", now, deadline=three_days, ended=SagaStatus.COMPENSATED)
+    try:
+        await observer.process_batch(_log_records(*place))
+        await observer.process_batch(_log_records(*cancel, topic="saga.cancel_order"))
+        sagas = {
+            (s.saga_name, s.saga_id): (s.status, s.stamp.deadline, s.messages)
+            for s in await observer.log.summaries(engine)
+        }
+        assert sagas == {
+            ("place_order", "order-7"): ("COMPLETED", five_minutes, 2),
+            ("cancel_order", "order-7"): ("COMPENSATED", three_days, 2),
+        }
+        report = await saga_status(engine)
+        assert report.counts == [
+            ("cancel_order", "COMPENSATED", 1),
+            ("place_order", "COMPLETED", 1),
+        ]
+        for name, messages in (("place_order", place), ("cancel_order", cancel)):
+            for trace in (
+                await trace_from_log(engine, "order-7", saga=name),
+                await trace_from_log(engine, f"corr-{name}"),
+            ):
+                assert trace is not None
+                assert trace.saga_name == name
+                assert [e.message_id for e in trace.entries] == [m.id for m in messages]
+        with pytest.raises(
+            ConfigurationError,
+            match=r"sagas of several names have id 'order-7' \(cancel_order, place_order\)",
+        ):
+            await trace_from_log(engine, "order-7")
+        assert await trace_from_log(engine, "order-7", saga="refund_order") is None
+    finally:
+        await engine.dispose()
+
+
+async def test_retention_forgets_a_saga_not_another_one_with_the_same_id(sqlite_url: str) -> None:
+    """place_order order-7 ended ten days ago; cancel_order order-7 started now. Retention
+    (7 days) forgets place_order and none of cancel_order's messages."""
+    engine = create_engine(sqlite_url)
+    observer = await observer_on(engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(days=10)
+    place = _order_7("place_order", start, deadline=start + timedelta(minutes=5),
+                     ended=SagaStatus.COMPLETED)  # fmt: skip
+    cancel = stamped("order-7", COMPENSATE, {"step": "reserve_stock", "reason": "r"}, hop=0,
+                     when=now, service="order", saga="cancel_order")  # fmt: skip
+    try:
+        await observer.process_batch(_log_records(*place))
+        await observer.process_batch(_log_records(cancel, topic="saga.cancel_order"))
+        assert await observer.cleanup() == 1
+        summaries = await observer.log.summaries(engine)
+        assert [(s.saga_name, s.saga_id) for s in summaries] == [("cancel_order", "order-7")]
+        trace = await trace_from_log(engine, "order-7")
+        assert trace is not None
+        assert (trace.saga_name, [e.message_id for e in trace.entries]) == (
+            "cancel_order",
+            [cancel.id],
+        )
+    finally:
+        await engine.dispose()
+
+
+async def test_a_scan_of_the_topics_traces_one_of_two_sagas_sharing_an_id(
+    kafka_settings: KafkaSettings, new_topic: NewTopicFactory
+) -> None:
+    """saga trace --from-kafka: the saga named, not every message keyed order-7; without
+    a name the scan is refused, naming both sagas, as the trace from the log is."""
+    prefix = f"saga{uuid.uuid4().hex[:8]}."
+    now = datetime.now(UTC).replace(microsecond=0)
+    place = _order_7("place_order", now, deadline=now + timedelta(minutes=5),
+                     ended=SagaStatus.COMPLETED)  # fmt: skip
+    cancel = _order_7("cancel_order", now, deadline=now + timedelta(days=3),
+                      ended=SagaStatus.COMPENSATED)  # fmt: skip
+    codec = EnvelopeCodec(CODEC)
+    for messages in (place, cancel):
+        topic = await new_topic(1, prefix=prefix)
+        await publish(kafka_settings, topic, [codec.encode(m) for m in messages])
+    patterns = (prefix + "*",)
+    with pytest.raises(ConfigurationError, match=r"\(cancel_order, place_order\)"):
+        await trace_from_kafka(kafka_settings, CODEC, "order-7", patterns=patterns)
+    trace = await trace_from_kafka(kafka_settings, CODEC, "order-7", saga="cancel_order",
+                                   patterns=patterns)  # fmt: skip
+    assert trace is not None
+    assert (trace.saga_name, trace.status) == ("cancel_order", SagaStatus.COMPENSATED)
+    assert [e.message_id for e in trace.entries] == [m.id for m in cancel]
+
+
+async def test_a_saga_log_keyed_by_the_saga_id_alone_is_refused_with_the_sql_that_migrates_it(
+    database_url: str,
+) -> None:
+    """A log made by an earlier version keys its sagas by id alone. The observer refuses it
+    (its upserts would fail on every message) in one line giving the SQL that migrates it;
+    once that has run, the log keeps the sagas it had and takes two sagas of one id."""
+    engine = create_engine(database_url)
+    try:
+        await create_saga_log_keyed_by_id(engine)
+        observer = SagaObserver(
+            engine=engine,
+            kafka=KafkaSettings(),
+            codec=CODEC,
+            settings=ObserverSettings(patterns=("saga.*",), group_id="saga.observer"),
+        )
+        with pytest.raises(ConfigurationError) as refused:
+            await observer.create_tables()
+        message = str(refused.value)
+        assert "\n" not in message
+        assert "saga_log_sagas" in message
+        assert "(saga_name, saga_id)" in message
+        sql = message[message.index("ALTER TABLE") :]
+        # The README gives the same SQL.
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        notes = readme[readme.index("The saga log (`saga observe`) keys its sagas table") :]
+        postgresql, sqlite = re.findall(r"```sql\n(.*?)```", notes, re.DOTALL)[:2]
+        documented = postgresql if engine.dialect.name == "postgresql" else sqlite
+        assert " ".join(documented.split()) == sql
+        async with engine.begin() as conn:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    await conn.exec_driver_sql(statement)
+        await observer.create_tables()
+        now = datetime.now(UTC).replace(microsecond=0)
+        place = _order_7("place_order", now, deadline=now + timedelta(minutes=5),
+                         ended=SagaStatus.COMPLETED)  # fmt: skip
+        cancel = _order_7("cancel_order", now, deadline=now + timedelta(days=3),
+                          ended=SagaStatus.COMPENSATED)  # fmt: skip
+        await observer.process_batch(_log_records(*place))
+        await observer.process_batch(_log_records(*cancel, topic="saga.cancel_order"))
+        sagas = [(s.saga_name, s.saga_id, s.status) for s in await observer.log.summaries(engine)]
+        assert sorted(sagas) == [
+            ("cancel_order", "order-7", "COMPENSATED"),
+            ("place_order", "order-1", "RUNNING"),
+            ("place_order", "order-7", "COMPLETED"),
+        ]
     finally:
         await engine.dispose()

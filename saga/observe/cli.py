@@ -39,7 +39,7 @@ from saga.observe.render import FORMATS, render_trace
 from saga.observe.scan import terminal_or_none
 from saga.observe.status import metrics_text, saga_metrics, saga_status
 from saga.observe.topics import DEFAULT_PATTERNS
-from saga.observe.trace import Trace
+from saga.observe.trace import SeveralSagasError, Trace
 from saga.schemas import SchemaRegistry
 
 __all__ = ["COMMANDS", "register", "run"]
@@ -102,9 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "step and outcome; compensations marked; the final status and why (the failing "
         "step and its reason, or where it waits and for how long); missing messages. "
         "Reads the saga log at --database-url (a service's own database works too: its "
-        "saga view gives the steps), or scans the topics with --from-kafka.",
+        "saga view gives the steps), or scans the topics with --from-kafka. A saga is "
+        "(name, id): when sagas of several names have the id REF, name one with --saga.",
     )
     p.add_argument("ref", help="saga id or correlation id")
+    p.add_argument(
+        "--saga", default=None, help="saga name (needed when sagas of several names have the id)"
+    )
     _common(p, database_help="saga log, or a service's database")
     _kafka_options(p)
     p.add_argument("--from-kafka", action="store_true", help="scan the saga topics instead")
@@ -143,7 +147,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("saga_id", help="id of the saga to abort")
     p.add_argument("--reason", required=True, help="why (becomes the saga's reason)")
-    p.add_argument("--saga", default=None, help="saga name (default: from the saga log)")
+    p.add_argument(
+        "--saga",
+        default=None,
+        help="saga name (default: from the saga log, while only one saga there has the id)",
+    )
     p.add_argument("--topic-prefix", default="saga.", help="saga topic prefix")
     p.add_argument(
         "--requested-by", default=os.environ.get("USER"), help="who asks (default: $USER)"
@@ -224,7 +232,8 @@ async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
     """The saga log in the database, or a usage error saying the database holds none.
 
     A service's own database (outbox, saga views) is an easy mistake to give
-    here: the message names what is missing and which database to give.
+    here: the message names what is missing and which database to give. A
+    log of an earlier version is refused with the SQL that migrates it.
     """
     log = SagaLog(dialect=engine.dialect.name)
     tables = await _tables(engine)
@@ -234,6 +243,7 @@ async def _saga_log(engine: AsyncEngine, *, instead: str = "") -> SagaLog:
             f"the database {safe_url(engine)} holds no saga log (no table {', '.join(missing)}): "
             f"give the database that 'saga observe' fills{instead}"
         )
+    await log.check_keys(engine)
     return log
 
 
@@ -276,6 +286,7 @@ async def _trace(args: argparse.Namespace) -> int:
             _kafka(args),
             _codec(args),
             args.ref,
+            saga=args.saga,
             patterns=_patterns(args),
             progress=terminal_or_none(sys.stderr),
         )
@@ -288,9 +299,10 @@ async def _trace(args: argparse.Namespace) -> int:
             log = SagaLog(dialect=engine.dialect.name)
             trace = None
             if log.messages.name in tables:
-                trace = await trace_from_log(engine, args.ref, log=log)
+                await log.check_keys(engine)
+                trace = await trace_from_log(engine, args.ref, saga=args.saga, log=log)
             if trace is None and "saga_state" in tables:
-                trace = await trace_from_service(engine, _codec(args), args.ref)
+                trace = await trace_from_service(engine, _codec(args), args.ref, saga=args.saga)
             if log.messages.name not in tables and "saga_state" not in tables:
                 raise ConfigurationError(
                     f"the database {safe_url(engine)} holds neither a saga log nor saga views "
@@ -299,7 +311,8 @@ async def _trace(args: argparse.Namespace) -> int:
                 )
         where = "the database"
     if trace is None:
-        print(f"saga trace: no saga {args.ref!r} in {where}", file=sys.stderr)
+        which = f"{args.saga} " if args.saga else ""
+        print(f"saga trace: no saga {which}{args.ref!r} in {where}", file=sys.stderr)
         return 1
     print(render_trace(trace, args.format))
     return 0
@@ -346,7 +359,7 @@ async def _abort(args: argparse.Namespace) -> int:
             args.database_url, must_exist=True, doing="read the saga log in"
         ) as engine:
             log = await _saga_log(engine, instead=", or leave it out and give --saga NAME")
-            trace = await trace_from_log(engine, args.saga_id, log=log)
+            trace = await trace_from_log(engine, args.saga_id, saga=args.saga, log=log)
         if trace is not None and trace.saga_id == args.saga_id:
             saga_name, known = trace.saga_name, trace.stamp
             topic = trace.topic
@@ -379,4 +392,8 @@ def run(args: argparse.Namespace) -> int:
         "abort": _abort,
     }
     command = commands[args.command]
-    return asyncio.run(command(args))
+    try:
+        return asyncio.run(command(args))
+    except SeveralSagasError as exc:
+        # A saga id that sagas of several names have: the commands name one with --saga.
+        raise SeveralSagasError(exc.saga_id, exc.names, ask="give --saga NAME") from exc

@@ -5,9 +5,17 @@ Two tables on a ``MetaData`` you may share with Alembic:
 * ``saga_log`` (messages): one row per message, keyed by its id; the stamp
   is stored as JSON text so that ``psql`` and ``sqlite3`` show it, and the
   payload only when the observer keeps payloads;
-* ``saga_log_sagas`` (sagas): one row per saga with the merge of every
-  stamp seen (``saga.state.merge``), the time of its last message and its
-  highest hop, which is what ``saga status`` counts and lists.
+* ``saga_log_sagas`` (sagas): one row per saga, keyed by (name, id), with
+  the merge of every stamp seen (``saga.state.merge``), the time of its last
+  message and its highest hop, which is what ``saga status`` counts and lists.
+
+A saga is (name, id): ``place_order`` and ``cancel_order`` of order 7 may
+both use the id ``order-7``, and are two sagas here, each with its own row,
+status and deadline. Messages are looked up by saga id (or correlation id)
+and then told apart by saga name, so the messages' index leads with the saga
+id: it serves a lookup by id alone (``saga trace order-7``) as well as one by
+name and id. Logs made by earlier versions keyed their sagas by id alone;
+:meth:`SagaLog.check_keys` refuses them, giving the SQL that migrates them.
 
 Rows are written by :class:`~saga.observe.observer.SagaObserver` inside the
 transaction that records the message in the inbox, so a redelivered message
@@ -39,21 +47,30 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     bindparam,
     delete,
     func,
+    insert,
+    inspect,
+    literal_column,
     or_,
     select,
+    tuple_,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex, DropTable
+from sqlalchemy.sql.expression import ClauseElement
 
 from outbox import Transaction
 from outbox.database import read_connection, upsert_insert
 from outbox.tables import create_tables, validate_identifier
 from saga.choreography import DEADLINE_REACHED, SAGA_RESUMED, SAGA_SUSPENDED
+from saga.errors import ConfigurationError
 from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
 from saga.stamp import SagaStatus, Stamp
 from saga.state import merge
@@ -141,6 +158,7 @@ class SagaLog:
             Column("kafka_offset", BigInteger, nullable=False),
             Column("stamp", Text, nullable=False),
             Column("payload", Text, nullable=True),
+            # By id first: a trace looks a saga up by its id, its name often unknown.
             Index(f"ix_{messages}_saga", "saga_id", "time_ms"),
             Index(f"ix_{messages}_correlation", "correlation_id"),
             Index(f"ix_{messages}_time", "time_ms"),
@@ -148,7 +166,7 @@ class SagaLog:
         self.sagas = Table(
             sagas,
             self.metadata,
-            Column("saga_id", String(200), primary_key=True),
+            Column("saga_id", String(200), nullable=False),
             Column("saga_name", String(100), nullable=False),
             Column("status", String(20), nullable=False),
             Column("reason", Text, nullable=True),
@@ -158,6 +176,7 @@ class SagaLog:
             Column("messages", BigInteger, nullable=False),
             Column("hop", BigInteger, nullable=False),
             Column("stamp", Text, nullable=False),
+            PrimaryKeyConstraint("saga_name", "saga_id", name=f"pk_{sagas}"),
             Index(f"ix_{sagas}_status", "status", "last_message_ms"),
             Index(f"ix_{sagas}_name", "saga_name", "status"),
         )
@@ -165,17 +184,83 @@ class SagaLog:
         self._add_message = self._insert(self.messages).on_conflict_do_nothing(
             index_elements=["message_id"]
         )
-        saga_row = select(self.sagas).where(self.sagas.c.saga_id == bindparam("saga_id"))
+        key = ["saga_name", "saga_id"]
+        saga_row = select(self.sagas).where(*(self.sagas.c[k] == bindparam(k) for k in key))
         self._saga_row = saga_row.with_for_update() if dialect == "postgresql" else saga_row
         upsert = self._insert(self.sagas)
         self._merge_saga = upsert.on_conflict_do_update(
-            index_elements=["saga_id"],
-            set_={c.name: upsert.excluded[c.name] for c in self.sagas.c if c.name != "saga_id"},
+            index_elements=key,
+            set_={c.name: upsert.excluded[c.name] for c in self.sagas.c if c.name not in key},
         )
 
     async def create_tables(self, engine: AsyncEngine) -> None:
-        """Create both tables if they do not exist."""
+        """Create both tables if they do not exist, and refuse a log of an earlier version.
+
+        Raises:
+            ConfigurationError: See :meth:`check_keys`.
+        """
         await create_tables(engine, [self.messages, self.sagas])
+        await self.check_keys(engine)
+
+    async def check_keys(self, engine: AsyncEngine) -> None:
+        """Refuse a saga log whose sagas table is keyed otherwise than by (name, id).
+
+        Versions before a saga was (name, id) keyed it by the saga id alone: two
+        sagas of different names with one id were one row there, and the
+        observer's upserts fail on it. A table that does not exist passes.
+
+        Raises:
+            ConfigurationError: The sagas table has another primary key; the
+                message gives the SQL that migrates it.
+        """
+        async with read_connection(engine) as conn:
+            key = await conn.run_sync(self._sagas_key)
+        if key is None or sorted(key[1]) == ["saga_id", "saga_name"]:
+            return
+        table = self.sagas.name
+        raise ConfigurationError(
+            f"the saga log table {table} is keyed by ({', '.join(key[1])}), as versions "
+            "before a saga was (name, id) made it: stop the observer and give it the key "
+            f"(saga_name, saga_id): {self._migration(engine, key[0])}"
+        )
+
+    def _sagas_key(self, conn: Connection) -> tuple[str | None, list[str]] | None:
+        """The name and columns of the sagas table's primary key; ``None`` without the table."""
+        inspector = inspect(conn)
+        if not inspector.has_table(self.sagas.name):
+            return None
+        key = inspector.get_pk_constraint(self.sagas.name)
+        return key.get("name"), list(key["constrained_columns"])
+
+    def _migration(self, engine: AsyncEngine, old_key: str | None) -> str:
+        """The SQL that gives a sagas table of an earlier version its key (name, id)."""
+        table = self.sagas.name
+        if self._dialect == "postgresql":
+            return (
+                f"ALTER TABLE {table} DROP CONSTRAINT {old_key or f'{table}_pkey'}; "
+                f"ALTER TABLE {table} ADD CONSTRAINT pk_{table} PRIMARY KEY (saga_name, saga_id);"
+            )
+
+        # SQLite cannot change a primary key: the table is made again and its rows copied.
+        def sql(statement: ClauseElement) -> str:
+            return " ".join(str(statement.compile(dialect=engine.dialect)).split()) + ";"
+
+        indexes = sorted(self.sagas.indexes, key=lambda index: str(index.name))
+        old = Table(f"{table}_old", MetaData(), *(Column(c.name, c.type) for c in self.sagas.c))
+        names = [c.name for c in self.sagas.c]
+        copy = insert(self.sagas).from_select(
+            names, select(*map(literal_column, names)).select_from(old)
+        )
+        return " ".join(
+            [
+                f"ALTER TABLE {table} RENAME TO {old.name};",
+                *(sql(DropIndex(index, if_exists=True)) for index in indexes),
+                sql(CreateTable(self.sagas)),
+                *(sql(CreateIndex(index)) for index in indexes),
+                sql(copy),
+                sql(DropTable(old)),
+            ]
+        )
 
     # -- writing ---------------------------------------------------------------------
 
@@ -186,7 +271,8 @@ class SagaLog:
         retention after it ended, as the deadline fires however long ago that
         was) is not stored: its start stamp would bring the saga back as running.
         """
-        row = (await tx.execute(self._saga_row, {"saga_id": message.saga_id})).first()
+        key = {"saga_name": message.saga_name, "saga_id": message.saga_id}
+        row = (await tx.execute(self._saga_row, key)).first()
         if row is None and message.event_type == DEADLINE_REACHED:
             return
         await tx.execute(
@@ -246,9 +332,11 @@ class SagaLog:
     async def purge(self, engine: AsyncEngine, older_than: timedelta) -> int:
         """Forget sagas whose last message is older than ``older_than``; return how many."""
         cutoff = _ms(datetime.now(UTC) - older_than)
-        old = select(self.sagas.c.saga_id).where(self.sagas.c.last_message_ms < cutoff)
+        m, s = self.messages.c, self.sagas.c
+        old = select(s.saga_name, s.saga_id).where(s.last_message_ms < cutoff)
         async with engine.begin() as conn:
-            await conn.execute(delete(self.messages).where(self.messages.c.saga_id.in_(old)))
+            # A saga's messages, not those of another saga with the same id.
+            await conn.execute(delete(self.messages).where(tuple_(m.saga_name, m.saga_id).in_(old)))
             result = await conn.execute(
                 delete(self.sagas).where(self.sagas.c.last_message_ms < cutoff)
             )
@@ -256,14 +344,23 @@ class SagaLog:
 
     # -- reading ---------------------------------------------------------------------
 
-    async def find(self, engine: AsyncEngine, ref: str) -> list[ObservedMessage]:
-        """Every message of the saga whose id, or correlation id, is ``ref``."""
+    async def find(
+        self, engine: AsyncEngine, ref: str, *, saga: str | None = None
+    ) -> list[ObservedMessage]:
+        """Every message whose saga id, or correlation id, is ``ref`` (of saga ``saga`` if given).
+
+        Sagas of several names may have the id ``ref``, or share it as their
+        correlation id: their messages are all returned
+        (:func:`~saga.observe.trace.messages_of` picks one saga).
+        """
         c = self.messages.c
         query = (
             select(self.messages)
             .where(or_(c.saga_id == ref, c.correlation_id == ref))
             .order_by(c.time_ms, c.hop)
         )
+        if saga is not None:
+            query = query.where(c.saga_name == saga)
         async with read_connection(engine) as conn:
             rows = (await conn.execute(query)).all()
         return [

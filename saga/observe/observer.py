@@ -142,8 +142,15 @@ class SagaObserver:
         """Set once the first consumer has been assigned partitions."""
 
     async def create_tables(self) -> None:
-        """Create the saga log and inbox tables if they do not exist."""
+        """Create the saga log and inbox tables if they do not exist.
+
+        Raises:
+            ConfigurationError: The saga log was made by an earlier version
+                (:meth:`~saga.observe.log.SagaLog.check_keys`): the message
+                gives the SQL that migrates it.
+        """
         await create_tables(self.engine, [self.tables.inbox, self.log.messages, self.log.sagas])
+        await self.log.check_keys(self.engine)
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Store a partition's records in order, in one transaction (the consumer's callback).

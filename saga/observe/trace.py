@@ -9,6 +9,11 @@ that must exist but were not seen (hop gaps and unknown causes, see
 :mod:`saga.stamp`). :func:`trace_from_stamp` is the poorer fallback when only
 a service's own saga view is at hand: the steps it knows, no messages.
 
+A saga is (name, id): ``place_order`` and ``cancel_order`` of order 7 may
+both use the id ``order-7``. :func:`messages_of` picks the messages of the
+saga a reference names, and refuses an id that sagas of several names have
+unless the name is given (:class:`SeveralSagasError`).
+
 Rendering is in :mod:`saga.observe.render`.
 """
 
@@ -20,11 +25,33 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from saga.choreography import ABORT_REQUESTED
+from saga.errors import ConfigurationError
 from saga.observe.message import ObservedMessage, stamp_from_json
 from saga.stamp import SagaStatus, Stamp, StepOutcome, Suspension
 from saga.state import merge
 
-__all__ = ["Trace", "TraceEntry", "Waiting", "build_trace", "trace_from_stamp"]
+__all__ = [
+    "SeveralSagasError",
+    "Trace",
+    "TraceEntry",
+    "Waiting",
+    "build_trace",
+    "messages_of",
+    "trace_from_stamp",
+]
+
+
+class SeveralSagasError(ConfigurationError):
+    """Sagas of several names have the id asked for, and no saga name was given."""
+
+    def __init__(self, saga_id: str, names: Iterable[str], *, ask: str = "name the saga") -> None:
+        self.saga_id = saga_id
+        """The id asked for."""
+        self.names = tuple(sorted(set(names)))
+        """Names of the sagas that have it."""
+        super().__init__(
+            f"sagas of several names have id {saga_id!r} ({', '.join(self.names)}): {ask}"
+        )
 
 
 def _iso(moment: datetime) -> str:
@@ -277,14 +304,37 @@ def _suspension(stamp: Stamp) -> dict[str, Any]:
     }
 
 
+def messages_of(
+    messages: Iterable[ObservedMessage], ref: str, *, saga: str | None = None
+) -> list[ObservedMessage]:
+    """The messages of the saga that ``ref`` (a saga id or a correlation id) names.
+
+    With ``saga``, only that saga's messages. Without it, ``ref`` may be the
+    id of one saga only, whatever its name. When no saga has the id ``ref``,
+    it is a correlation id, and every saga that shares it is left in
+    (:func:`build_trace` traces the earliest).
+
+    Raises:
+        SeveralSagasError: ``saga`` is left out and sagas of several names
+            have the id ``ref``.
+    """
+    found = [m for m in messages if saga is None or m.saga_name == saga]
+    by_id = [m for m in found if m.saga_id == ref]
+    names = {m.saga_name for m in by_id}
+    if len(names) > 1:
+        raise SeveralSagasError(ref, names)
+    return by_id or found
+
+
 def build_trace(
     messages: Iterable[ObservedMessage], *, now: datetime | None = None, source: str = "saga log"
 ) -> Trace | None:
     """The trace of one saga from its observed messages; ``None`` if there are none.
 
     Duplicates (the same message id) count once. If the messages belong to
-    several sagas (a correlation id shared by more than one), the saga of the
-    earliest message is traced.
+    several sagas (a correlation id shared by more than one, or sagas of
+    several names with one id), the saga of the earliest message is traced:
+    :func:`messages_of` picks the saga a reference names.
     """
     unique: dict[str, ObservedMessage] = {}
     for message in messages:
@@ -293,8 +343,8 @@ def build_trace(
         return None
     # Ties (same millisecond) go by position in the topic: the order of publication.
     ordered = sorted(unique.values(), key=lambda m: (m.time, m.hop, m.topic, m.partition, m.offset))
-    saga_id = ordered[0].saga_id
-    ordered = [m for m in ordered if m.saga_id == saga_id]
+    saga = (ordered[0].saga_name, ordered[0].saga_id)
+    ordered = [m for m in ordered if (m.saga_name, m.saga_id) == saga]
     stamp: Stamp | None = None
     for message in ordered:
         stamp = merge(stamp, stamp_from_json(message.stamp))
