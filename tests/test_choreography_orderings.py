@@ -1005,3 +1005,76 @@ async def test_an_earlier_saga_s_deadline_does_not_compensate_a_saga_without_one
     assert second is not None
     assert second.status.value == "RUNNING"
     assert second.deadline is None
+
+
+async def test_the_saga_log_keeps_a_new_saga_s_deadline_when_an_earlier_one_s_comes(
+    make: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """The scenario of the 6a824a3 test, seen by the saga log: trip t1 (2-hour deadline)
+    completes and is forgotten by the log's retention; a new trip t1 (10 minutes) runs;
+    the first trip's deadline message comes. The log's row for t1, and the trace read from
+    it, show the new trip's deadline, as its initiator's view does."""
+    trips, flights = make("trips"), make("flights")
+    ended_log(trips)
+    second_run = {"on": False}
+
+    @flights.step("book_seat", saga="trip", on="ex.Start")
+    async def seat(ctx: SagaContext) -> None:
+        if second_run["on"]:
+            ctx.emit("ex.A", {"id": ctx.saga_id})
+        else:
+            ctx.complete()
+
+    every = [trips, flights]
+    for service in every:
+        await service.create_tables()
+    partition = Partition(every)
+    await start(trips, "t1", deadline=timedelta(hours=2))
+    await partition.collect(trips)
+    await partition.drain()
+    (_,) = await partition.collect(trips, scheduled=True)
+    first_deadline_message = partition.records.pop()
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'saga_log.db'}")
+    observer = SagaObserver(
+        engine=engine,
+        kafka=KafkaSettings(),
+        codec=codec(),
+        settings=ObserverSettings(patterns=("saga.*",), group_id="observer"),
+    )
+    try:
+        await observer.create_tables()
+        await observer.process_batch(
+            [consumer_record("saga.trip", n, *r) for n, r in enumerate(partition.records)]
+        )
+        await asyncio.sleep(0.01)
+        assert await observer.log.purge(engine, timedelta(0)) == 1  # the log's retention
+        for service in every:
+            await service.states.purge(service.engine, timedelta(0), 100)
+        seen = len(partition.records)
+
+        second_run["on"] = True
+        await start(trips, "t1", deadline=timedelta(minutes=10))
+        second = await trips.saga_state("t1")
+        assert second is not None
+        await partition.collect(trips)
+        await partition.drain()
+        partition.records.append(first_deadline_message)
+        await partition.drain()
+        assert (await trips.saga_state("t1")).deadline == second.deadline
+        await observer.process_batch(
+            [
+                consumer_record("saga.trip", seen + n, *r)
+                for n, r in enumerate(partition.records[seen:])
+            ]
+        )
+        (logged,) = await observer.log.summaries(engine)
+        trace = await trace_from_log(engine, "t1")
+        assert trace is not None
+        assert trace.waiting is not None
+        assert (logged.stamp.deadline, trace.waiting.deadline) == (
+            second.deadline,
+            second.deadline,
+        )
+    finally:
+        await engine.dispose()

@@ -32,7 +32,10 @@ moves it back. The initiator moves the deadline when a suspended saga resumes,
 and only the initiator's messages carry the moved one: when the initiator itself
 resumed, its ``SagaResumed``; when a participant did, the initiator's next
 message, which may be the new deadline message itself, published when due.
-Until then the log shows the deadline as it was.
+Until then the log shows the deadline as it was. A deadline message's own
+deadline counts only once the saga has resumed: before that it can only be the
+saga's deadline or an earlier saga's of the same name and id
+(:func:`~saga.observe.message.deadline_counted`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,12 @@ from outbox.database import read_connection, upsert_insert
 from outbox.tables import create_tables, validate_identifier
 from saga.choreography import DEADLINE_REACHED, SAGA_RESUMED, SAGA_SUSPENDED
 from saga.errors import ConfigurationError
-from saga.observe.message import ObservedMessage, stamp_from_json, stamp_to_json
+from saga.observe.message import (
+    ObservedMessage,
+    deadline_counted,
+    stamp_from_json,
+    stamp_to_json,
+)
 from saga.stamp import SagaStatus, Stamp
 from saga.state import merge
 
@@ -187,6 +195,16 @@ class SagaLog:
         key = ["saga_name", "saga_id"]
         saga_row = select(self.sagas).where(*(self.sagas.c[k] == bindparam(k) for k in key))
         self._saga_row = saga_row.with_for_update() if dialect == "postgresql" else saga_row
+        m = self.messages.c
+        self._resumed = (
+            select(m.message_id)
+            .where(
+                m.saga_name == bindparam("saga_name"),
+                m.saga_id == bindparam("saga_id"),
+                m.event_type == SAGA_RESUMED,
+            )
+            .limit(1)
+        )
         upsert = self._insert(self.sagas)
         self._merge_saga = upsert.on_conflict_do_update(
             index_elements=key,
@@ -302,6 +320,9 @@ class SagaLog:
             },
         )
         incoming = stamp_from_json(message.stamp)
+        if message.event_type == DEADLINE_REACHED:
+            resumed = (await tx.execute(self._resumed, key)).first() is not None
+            incoming = deadline_counted(incoming, resumed=resumed)
         time_ms = _ms(message.time)
         if row is None:
             merged, last, count = merge(None, incoming), time_ms, 1

@@ -40,6 +40,7 @@ from saga.stamp import Stamp, StepOutcome, StepRecord
 
 __all__ = [
     "ObservedMessage",
+    "deadline_counted",
     "observe_envelope",
     "observe_record",
     "service_of",
@@ -342,3 +343,18 @@ def _observed(
         if payloads and data is not None
         else None,
     )
+
+
+def deadline_counted(stamp: Stamp, *, resumed: bool) -> Stamp:
+    """The stamp of a deadline message as far as its deadline may move a saga's.
+
+    Only a resume moves a deadline, and when a participant was the one that
+    resumed, the new deadline message is what first carries the moved deadline
+    to the log. Before any resume, a deadline message's deadline can only be
+    the saga's own or an earlier saga's of the same name and id (forgotten by
+    retention, whose deadline fires however long ago it ended): keeping the
+    latest deadline, the log would take that one. So it counts only once the
+    saga has resumed (then an earlier saga's is still taken: it needs both a
+    reused id and a resume).
+    """
+    return stamp if resumed else replace(stamp, deadline=None)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from saga.choreography import ABORT_REQUESTED
+from saga.choreography import ABORT_REQUESTED, DEADLINE_REACHED, SAGA_RESUMED
 from saga.errors import ConfigurationError
-from saga.observe.message import ObservedMessage, stamp_from_json
+from saga.observe.message import ObservedMessage, deadline_counted, stamp_from_json
 from saga.stamp import SagaStatus, Stamp, StepOutcome, Suspension
 from saga.state import merge
 
@@ -346,8 +346,13 @@ def build_trace(
     saga = (ordered[0].saga_name, ordered[0].saga_id)
     ordered = [m for m in ordered if (m.saga_name, m.saga_id) == saga]
     stamp: Stamp | None = None
+    resumed = False
     for message in ordered:
-        stamp = merge(stamp, stamp_from_json(message.stamp))
+        incoming = stamp_from_json(message.stamp)
+        if message.event_type == DEADLINE_REACHED:
+            incoming = deadline_counted(incoming, resumed=resumed)
+        resumed = resumed or message.event_type == SAGA_RESUMED
+        stamp = merge(stamp, incoming)
     assert stamp is not None
     start = min(stamp.started_at, ordered[0].time)
     entries = tuple(
