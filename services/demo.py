@@ -13,10 +13,11 @@ import contextlib
 import json
 import logging
 import shlex
+import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -111,6 +112,50 @@ def database_urls(options: DemoOptions, directory: Path) -> dict[str, str]:
     }
 
 
+DEMO_APPLICATION_ID = 0x53414741
+"""``PRAGMA application_id`` of every SQLite file the demo creates ("SAGA"): only
+these does it remove when it runs again in the same ``--directory``."""
+
+
+def fresh_sqlite_files(directory: Path, names: Iterable[str]) -> None:
+    """Make ``<name>.db`` in ``directory`` a new, empty SQLite file for each name.
+
+    A file an earlier demo made there (marked with :data:`DEMO_APPLICATION_ID`)
+    is removed with its WAL files: the demo runs again on a fresh shop, as it
+    does on the PostgreSQL databases it created. Any other file of that name
+    is left alone.
+
+    Raises:
+        ConfigurationError: A file of one of those names is not the demo's.
+    """
+    paths = [directory / f"{name}.db" for name in names]
+    foreign = [path.name for path in paths if path.exists() and not _made_by_demo(path)]
+    if foreign:
+        raise ConfigurationError(
+            f"refusing to remove {', '.join(foreign)} in {directory}: saga demo did not "
+            f"create {'it' if len(foreign) == 1 else 'them'}; give --directory another directory"
+        )
+    for path in paths:
+        for leftover in (
+            path,
+            path.with_name(path.name + "-wal"),
+            path.with_name(path.name + "-shm"),
+        ):
+            leftover.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute(f"PRAGMA application_id = {DEMO_APPLICATION_ID}")
+            conn.commit()
+
+
+def _made_by_demo(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    except sqlite3.Error:
+        return False  # not a SQLite database at all
+    return bool(application_id == DEMO_APPLICATION_ID)
+
+
 def postgresql_url(text: str) -> URL:
     """The demo's ``--database-url``: a PostgreSQL URL that names a database.
 
@@ -179,6 +224,9 @@ async def run(options: DemoOptions) -> dict[str, Any]:
         if await asyncio.to_thread(directory.is_file):
             raise ConfigurationError(f"--directory {directory} is a file, not a directory")
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        # The SQLite files of this run (the saga log's, the services' on SQLite).
+        files = ["saga_log", *(SERVICES if options.database_url is None else ())]
+        await asyncio.to_thread(fresh_sqlite_files, directory, files)
         urls = await asyncio.to_thread(database_urls, options, directory)
         storage = (
             f"SQLite in {directory}"

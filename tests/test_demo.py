@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,32 @@ def test_saga_demo_keeps_its_directory_and_mentions_deadlines_only_when_reached(
         "saga_log.db",  # the demo's saga log, for saga trace and saga status
         "shipping.db",
     ]
+
+    # It runs again in the directory it kept (as its closing hint suggests), on a
+    # fresh shop: the earlier run's orders do not collide with the new ones.
+    again = subprocess.run(
+        [sys.executable, "-m", "saga", "demo", "--orders", "3", "--directory", str(kept)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "all checks passed" in again.stdout
+    assert any(line.strip().startswith("all 3 ended in") for line in again.stdout.splitlines())
+
+
+def test_saga_demo_leaves_a_database_it_did_not_make_alone(tmp_path: Path) -> None:
+    from saga import ConfigurationError
+    from services.demo import fresh_sqlite_files
+
+    mine = tmp_path / "order.db"
+    with contextlib.closing(sqlite3.connect(mine)) as conn:
+        conn.execute("CREATE TABLE orders (id TEXT)")
+        conn.execute("INSERT INTO orders VALUES ('precious')")
+        conn.commit()
+    with pytest.raises(ConfigurationError, match=r"refusing to remove order\.db"):
+        fresh_sqlite_files(tmp_path, ["saga_log", "order", "payment"])
+    with contextlib.closing(sqlite3.connect(mine)) as conn:
+        assert conn.execute("SELECT id FROM orders").fetchall() == [("precious",)]
+    assert not (tmp_path / "saga_log.db").exists()  # nothing was touched
