@@ -110,7 +110,7 @@ from outbox.message import StoredMessage
 from outbox.publisher import HeldBackError, NotSentError, Publisher, current_send_gate
 from outbox.settings import KafkaSettings
 
-__all__ = ["KafkaPublisher", "ensure_topics", "translate_kafka_error"]
+__all__ = ["KafkaPublisher", "ensure_topics", "idempotence_refused", "translate_kafka_error"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,23 @@ _TOPIC_REFUSED = {
     17: "is not a valid topic name",
     29: "may not be written by this client (topic authorization failed)",
 }
+
+
+def idempotence_refused(settings: KafkaSettings, exc: BaseException) -> str | None:
+    """What to tell when a producer could not start because the broker refused an
+    idempotent producer (``InitProducerId`` failed); ``None`` for any other error.
+
+    Only for an error of ``producer.start()``: later, the same error types mean
+    other things.
+    """
+    if settings.enable_idempotence and isinstance(exc, UnknownError | UnsupportedVersionError):
+        return (
+            f"the Kafka broker at {settings.bootstrap_servers} refused an idempotent producer "
+            f"(InitProducerId failed: {type(exc).__name__}): set "
+            "KAFKA_ENABLE_IDEMPOTENCE=false, or use a broker that supports "
+            "idempotent producers"
+        )
+    return None
 
 
 class KafkaPublisher(Publisher):
@@ -192,16 +209,9 @@ class KafkaPublisher(Publisher):
 
     def _start_error(self, exc: Exception) -> PublishError:
         servers = self.settings.bootstrap_servers
-        if self.settings.enable_idempotence and isinstance(
-            exc, UnknownError | UnsupportedVersionError
-        ):
-            return PublishError(
-                f"the Kafka broker at {servers} refused an idempotent producer "
-                f"(InitProducerId failed: {type(exc).__name__}): set "
-                "KAFKA_ENABLE_IDEMPOTENCE=false, or use a broker that supports "
-                "idempotent producers",
-                retriable=False,
-            )
+        refused = idempotence_refused(self.settings, exc)
+        if refused is not None:
+            return PublishError(refused, retriable=False)
         error = translate_kafka_error(exc)
         if error.kind is ErrorKind.OUTAGE:
             return PublishError(

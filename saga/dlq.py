@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from outbox import KafkaSettings
+from outbox.kafka import idempotence_refused
 from saga.commands import broker_list
 from saga.deadletter import REPLAY_GROUP_HEADER, REPLAY_HEADER, DeadLetter
 from saga.errors import BrokerError, ConfigurationError
@@ -195,8 +196,10 @@ async def replay(
     if dry_run or not letters:
         return list(letters)
     producer = AIOKafkaProducer(**settings.producer_kwargs())
+    started = False
     try:
         await producer.start()
+        started = True
         for letter in letters:
             replayed = (REPLAY_HEADER, REPLAY_GROUP_HEADER)
             headers = [(n, v) for n, v in letter.headers if n not in replayed]
@@ -207,7 +210,8 @@ async def replay(
                 letter.original_topic, value=letter.value, key=letter.key, headers=headers
             )
     except (TimeoutError, KafkaError) as exc:
-        raise BrokerError(f"could not replay dead letters: {exc}") from exc
+        refused = None if started else idempotence_refused(settings, exc)
+        raise BrokerError(refused or f"could not replay dead letters: {exc}") from exc
     finally:
         await producer.stop()
     return list(letters)

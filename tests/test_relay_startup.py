@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -43,6 +43,10 @@ from outbox import (
     create_engine,
 )
 from outbox.store import LeaseFence
+from saga.deadletter import DeadLetter
+from saga.dlq import replay
+from saga.errors import BrokerError
+from saga.observe.abort import request_abort
 from saga.service import Service
 
 STARTS_WITHIN = 20.0
@@ -344,3 +348,35 @@ async def test_a_store_that_cannot_delete_is_refused_before_a_relay_keeping_no_r
         assert [r.value for r in publisher.records] == [b"v"]
     finally:
         await engine.dispose()
+
+
+async def test_abort_and_dlq_replay_against_a_broker_refusing_idempotent_producers_give_the_fix(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """`saga abort` and `saga dlq replay` publish with a producer of their own: against a
+    broker that refuses idempotent producers, they say what to set, as the relay does
+    (they said "UnknownError", nothing more)."""
+    settings = kafka_settings.with_options(enable_idempotence=True)
+    with pytest.raises(BrokerError, match="set KAFKA_ENABLE_IDEMPOTENCE=false"):
+        async with asyncio.timeout(STARTS_WITHIN):
+            await request_abort(
+                settings,
+                core_codec(),
+                topic="saga.trip",
+                saga_name="trip",
+                saga_id="t1",
+                reason="-",
+            )
+    letter = DeadLetter(
+        topic="trip.dlq",
+        partition=0,
+        offset=0,
+        key=b"t1",
+        value=b"v",
+        headers=(),
+        info={"topic": "saga.trip"},
+        timestamp=datetime.now(UTC),
+    )
+    with pytest.raises(BrokerError, match="set KAFKA_ENABLE_IDEMPOTENCE=false"):
+        async with asyncio.timeout(STARTS_WITHIN):
+            await replay(settings, [letter])

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from outbox import KafkaSettings
+from outbox.kafka import idempotence_refused
 from saga.choreography import ABORT_REQUESTED
 from saga.codec import AvroCodec
 from saga.envelope import Envelope, EnvelopeCodec
@@ -80,11 +81,14 @@ async def request_abort(
     )
     key, value, headers = EnvelopeCodec(codec).encode(envelope)
     producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    started = False
     try:
         await producer.start()
+        started = True
         await producer.send_and_wait(topic, value, key=key, headers=headers)
     except KafkaError as exc:
-        raise BrokerError(f"could not publish the abort request: {exc}") from exc
+        refused = None if started else idempotence_refused(kafka, exc)
+        raise BrokerError(refused or f"could not publish the abort request: {exc}") from exc
     finally:
         await producer.stop()
     return envelope
