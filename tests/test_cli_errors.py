@@ -573,3 +573,14 @@ def test_saga_log_commands_refuse_a_log_keyed_by_the_saga_id_alone(
             status, err, 2, f"saga {name}: ", "saga_log_sagas", "(saga_name, saga_id)",
             "ALTER TABLE saga_log_sagas RENAME TO",
         )  # fmt: skip
+
+
+def test_abort_without_a_saga_name_or_a_saga_log_says_to_give_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With neither --saga nor a saga log, saga abort cannot know which saga to ask for:
+    a usage error saying so (it said the saga "is not in the saga log", which it never read)."""
+    monkeypatch.delenv("SAGA_LOG_URL", raising=False)
+    status, err = run_main(capsys, "abort", "order-1", "--reason", "customer cancelled")
+    assert_one_error_line(status, err, 2, "give --saga NAME", "--database-url", "$SAGA_LOG_URL")
+    assert "is not in the saga log" not in err
