@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 from conftest import NewTopicFactory
 from sqlalchemy import select, text
@@ -46,7 +47,9 @@ from saga.observe import (
     render_trace,
     trace_from_kafka,
     trace_from_log,
+    trace_from_service,
 )
+from saga.observe.log import SagaLog
 from saga.observe.status import saga_metrics, saga_status
 from saga.observe.topics import matching_topics
 
@@ -782,16 +785,17 @@ async def test_a_saga_log_keyed_by_the_saga_id_alone_is_refused_with_the_sql_tha
         assert "\n" not in message
         assert "saga_log_sagas" in message
         assert "(saga_name, saga_id)" in message
-        sql = message[message.index("ALTER TABLE") :]
+        marker = "give it the key (saga_name, saga_id): "
+        sql = message[message.index(marker) + len(marker) :]
         # The README gives the same SQL.
         readme = (Path(__file__).parent.parent / "README.md").read_text()
         notes = readme[readme.index("The saga log (`saga observe`) keys its sagas table") :]
         postgresql, sqlite = re.findall(r"```sql\n(.*?)```", notes, re.DOTALL)[:2]
         documented = postgresql if engine.dialect.name == "postgresql" else sqlite
         assert " ".join(documented.split()) == sql
-        async with engine.begin() as conn:
+        async with engine.begin() as conn:  # (SQLite's BEGIN IMMEDIATE and COMMIT: this one)
             for statement in sql.split(";"):
-                if statement.strip():
+                if statement.strip() and statement.strip() not in ("BEGIN IMMEDIATE", "COMMIT"):
                     await conn.exec_driver_sql(statement)
         await observer.create_tables()
         now = datetime.now(UTC).replace(microsecond=0)
@@ -807,5 +811,239 @@ async def test_a_saga_log_keyed_by_the_saga_id_alone_is_refused_with_the_sql_tha
             ("place_order", "order-1", "RUNNING"),
             ("place_order", "order-7", "COMPLETED"),
         ]
+    finally:
+        await engine.dispose()
+
+
+# -- Third review: the saga log keyed by (name, id) and the migration of earlier logs ------
+
+
+def _sagas_keyed_by_id(metadata: sa.MetaData, name: str = "saga_log_sagas") -> sa.Table:
+    """The sagas table as versions before a saga was (name, id) made it (34ca581)."""
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("saga_id", sa.String(200), primary_key=True),
+        sa.Column("saga_name", sa.String(100), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("correlation_id", sa.String(200), nullable=False),
+        sa.Column("started_at_ms", sa.BigInteger, nullable=False),
+        sa.Column("last_message_ms", sa.BigInteger, nullable=False),
+        sa.Column("messages", sa.BigInteger, nullable=False),
+        sa.Column("hop", sa.BigInteger, nullable=False),
+        sa.Column("stamp", sa.Text, nullable=False),
+        sa.Index(f"ix_{name}_status", "status", "last_message_ms"),
+        sa.Index(f"ix_{name}_name", "saga_name", "status"),
+    )
+
+
+async def _as_an_earlier_version_made_it(engine: AsyncEngine, log: SagaLog) -> None:
+    """Give ``log``'s sagas table the shape and rows the previous version had: keyed by
+    the saga id, one row per id (its upserts merged sagas of several names with one id
+    into the row of the first one seen, counting all their messages)."""
+    async with engine.begin() as conn:
+        rows = (await conn.execute(select(log.sagas).order_by(log.sagas.c.started_at_ms))).all()
+        await conn.run_sync(lambda c: log.sagas.drop(c))
+        old = _sagas_keyed_by_id(sa.MetaData(schema=log.sagas.schema), log.sagas.name)
+        await conn.run_sync(lambda c: old.create(c))
+        merged: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            values = dict(row._mapping)
+            first = merged.setdefault(row.saga_id, values)
+            if first is not values:
+                first["messages"] += values["messages"]
+                first["last_message_ms"] = max(first["last_message_ms"], values["last_message_ms"])
+        await conn.execute(old.insert(), list(merged.values()))
+
+
+def _observer_with(engine: AsyncEngine, log: SagaLog) -> SagaObserver:
+    """An observer writing ``log``, handed its records directly."""
+    settings = ObserverSettings(group_id="saga.observer")
+    return SagaObserver(engine=engine, kafka=KafkaSettings(), codec=CODEC, settings=settings,
+                        log_tables=log)  # fmt: skip
+
+
+async def _migrate(engine: AsyncEngine, log: SagaLog) -> None:
+    """Run the SQL the refusal gives, as its reader would (one transaction)."""
+    with pytest.raises(ConfigurationError) as refused:
+        await log.check_keys(engine)
+    message = str(refused.value)
+    marker = "give it the key (saga_name, saga_id): "
+    sql = message[message.index(marker) + len(marker) :]
+    async with engine.begin() as conn:  # (SQLite's BEGIN IMMEDIATE and COMMIT: this one)
+        for statement in sql.split(";"):
+            if statement.strip() and statement.strip() not in ("BEGIN IMMEDIATE", "COMMIT"):
+                await conn.exec_driver_sql(statement)
+    await log.check_keys(engine)
+
+
+async def test_retention_forgets_the_messages_of_a_saga_an_earlier_version_merged_into_another(
+    database_url: str,
+) -> None:
+    """place_order and cancel_order of order 7 both ended ten days ago, logged by the
+    previous version: their messages, and one row for order-7 (place_order's, the one seen
+    first). After the migration, retention (7 days) forgets that row and its messages, and
+    must forget cancel_order's too: the log has no row of cancel_order order-7 to age them
+    by, and no message of that saga will ever come to make one. README: 'saga log | sagas
+    (of any status) with no message since, and their messages'."""
+    engine = create_engine(database_url)
+    observer = await observer_on(engine)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=10)
+    place = _order_7("place_order", start, deadline=start + timedelta(minutes=5),
+                     ended=SagaStatus.COMPLETED)  # fmt: skip
+    cancel = _order_7("cancel_order", start + timedelta(seconds=5),
+                      deadline=start + timedelta(days=3), ended=SagaStatus.COMPENSATED)  # fmt: skip
+    try:
+        await observer.process_batch(_log_records(*place))
+        await observer.process_batch(_log_records(*cancel, topic="saga.cancel_order"))
+        await _as_an_earlier_version_made_it(engine, observer.log)
+        await _migrate(engine, observer.log)
+        assert [(s.saga_name, s.messages) for s in await observer.log.summaries(engine)] == [
+            ("place_order", 4)
+        ]
+
+        assert await observer.cleanup() == 1
+        assert await observer.log.summaries(engine) == []
+        m = observer.log.messages.c
+        async with engine.connect() as conn:
+            left = (await conn.execute(select(m.saga_name, m.event_type))).all()
+        assert left == []  # cancel_order's messages stay forever
+        assert await trace_from_log(engine, "order-7") is None
+    finally:
+        await engine.dispose()
+
+
+async def test_a_saga_log_of_an_earlier_version_in_a_schema_is_refused(postgres_url: str) -> None:
+    """A saga log on a MetaData with a schema (PostgreSQL), made by the previous version:
+    the check must read the log's own table, not one of that name on the search path
+    (here, none), and refuse it with SQL naming it in its schema. Otherwise the observer
+    starts and its upserts fail on every message."""
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE SCHEMA logs"))
+        log = SagaLog(sa.MetaData(schema="logs"), dialect="postgresql")
+        observer = _observer_with(engine, log)
+        await observer.create_tables()
+        now = datetime.now(UTC).replace(microsecond=0)
+        await observer.process_batch(_log_records(*_order_7(
+            "place_order", now, deadline=now + timedelta(minutes=5), ended=SagaStatus.COMPLETED
+        )))  # fmt: skip
+        await _as_an_earlier_version_made_it(engine, log)
+
+        with pytest.raises(ConfigurationError) as refused:
+            await log.create_tables(engine)
+        assert "logs.saga_log_sagas" in str(refused.value)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_saga_log_in_a_schema_is_not_refused_for_an_earlier_version_s_table_elsewhere(
+    postgres_url: str,
+) -> None:
+    """A saga log of this version in schema 'logs'; in 'public', a log the previous
+    version made (another team's, or the one this replaced). The check reads the table
+    in 'public', refuses the good log, and its SQL would alter the other one."""
+    engine = create_engine(postgres_url)
+    try:
+        await create_saga_log_keyed_by_id(engine)  # in public
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE SCHEMA logs"))
+        log = SagaLog(sa.MetaData(schema="logs"), dialect="postgresql")
+        await log.create_tables(engine)  # refused: "ALTER TABLE saga_log_sagas DROP ..."
+        assert await log.summaries(engine) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_the_sql_that_migrates_a_log_of_an_earlier_version_runs_for_any_table_name(
+    database_url: str,
+) -> None:
+    """Table names are validated (a-z, 0-9, _), which lets SQL keywords through: 'order'
+    is a fine name for the sagas table, and every statement of the log quotes it, but the
+    migration SQL given in the refusal does not (ALTER TABLE order ...: a syntax error on
+    both databases; in sqlite3, which goes on after an error, its index statements still
+    run)."""
+    engine = create_engine(database_url)
+    log = SagaLog(dialect=engine.dialect.name, messages="saga_log", sagas="order")
+    observer = _observer_with(engine, log)
+    now = datetime.now(UTC).replace(microsecond=0)
+    try:
+        await observer.create_tables()
+        await observer.process_batch(_log_records(*_order_7(
+            "place_order", now, deadline=now + timedelta(minutes=5), ended=SagaStatus.COMPLETED
+        )))  # fmt: skip
+        await _as_an_earlier_version_made_it(engine, log)
+        await _migrate(engine, log)
+        assert [(s.saga_name, s.saga_id) for s in await log.summaries(engine)] == [
+            ("place_order", "order-7")
+        ]
+    finally:
+        await engine.dispose()
+
+
+async def test_an_observer_started_on_a_log_of_an_earlier_version_refuses_it(
+    sqlite_url: str, kafka_settings: KafkaSettings
+) -> None:
+    """Tables managed elsewhere (Alembic: 'tables on a MetaData you can hand to Alembic'),
+    so create_tables is not called: started on a log the previous version made, the
+    observer must refuse it at once, in one line with the SQL, as create_tables does.
+    It starts instead, and each batch then fails ('ON CONFLICT clause does not match any
+    PRIMARY KEY or UNIQUE constraint') and is retried and logged without end."""
+    engine = create_engine(sqlite_url)
+    try:
+        await create_saga_log_keyed_by_id(engine)
+        prefix = f"saga{uuid.uuid4().hex[:8]}."
+        observer = SagaObserver(
+            engine=engine,
+            kafka=kafka_settings,
+            codec=CODEC,
+            settings=ObserverSettings(patterns=(prefix + "*",), group_id=prefix + "observer"),
+        )
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: observer.tables.inbox.create(c))  # by Alembic
+        with pytest.raises(ConfigurationError, match="ALTER TABLE saga_log_sagas"):
+            async with observer:
+                pass
+    finally:
+        await engine.dispose()
+
+
+async def test_a_trace_from_a_service_s_database_by_a_shared_correlation_id_is_the_earliest_saga(
+    sqlite_url: str,
+) -> None:
+    """README (saga trace): 'a correlation id shared by several sagas traces the earliest',
+    as the trace from the log does. From a service's own database it traces the saga whose
+    view changed least recently instead: here cancel_order, started a minute after
+    place_order, whose view place_order's later step has since moved past."""
+    from outbox.tables import create_tables
+    from saga.state import SagaStates, SagaView
+
+    engine = create_engine(sqlite_url)
+    states = SagaStates(sa.MetaData(), CODEC, dialect=engine.dialect.name)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def view(saga: str, saga_id: str, started: datetime) -> SagaView:
+        envelope = stamped(saga_id, COMPENSATE, {"step": "s", "reason": "r"}, hop=0,
+                           when=started, service="order", saga=saga,
+                           correlation="basket-1")  # fmt: skip
+        assert envelope.stamp is not None
+        return SagaView(stamp=envelope.stamp)
+
+    try:
+        await create_tables(engine, [states.table])
+        async with engine.begin() as conn:
+            await states.save(conn, view("place_order", "order-1", now - timedelta(minutes=2)))
+        await asyncio.sleep(0.01)
+        async with engine.begin() as conn:
+            await states.save(conn, view("cancel_order", "cancel-1", now - timedelta(minutes=1)))
+        await asyncio.sleep(0.01)
+        async with engine.begin() as conn:  # place_order's next step
+            await states.save(conn, view("place_order", "order-1", now - timedelta(minutes=2)))
+
+        trace = await trace_from_service(engine, CODEC, "basket-1")
+        assert trace is not None
+        assert (trace.saga_name, trace.saga_id) == ("place_order", "order-1")
     finally:
         await engine.dispose()

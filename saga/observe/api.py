@@ -109,7 +109,8 @@ async def trace_from_service(
         stamp = Stamp.from_avro(record)
         updated = datetime.fromtimestamp(rows[0].updated_at_ms / 1000, UTC)
         return trace_from_stamp(stamp, updated_at=updated)
-    for stamp in await states.all(engine, saga):
-        if stamp.correlation_id == ref:
-            return trace_from_stamp(stamp)
-    return None
+    # A correlation id shared by several sagas: the earliest, as from the log.
+    shared = [stamp for stamp in await states.all(engine, saga) if stamp.correlation_id == ref]
+    if not shared:
+        return None
+    return trace_from_stamp(min(shared, key=lambda stamp: stamp.started_at))

@@ -368,8 +368,7 @@ async def _abort(args: argparse.Namespace) -> int:
                 return 0
     if saga_name is None and not args.database_url:
         raise ConfigurationError(
-            "give --saga NAME, or a saga log to find the saga in (--database-url or "
-            "$SAGA_LOG_URL)"
+            "give --saga NAME, or a saga log to find the saga in (--database-url or $SAGA_LOG_URL)"
         )
     if saga_name is None:
         raise SagaError(f"saga {args.saga_id} is not in the saga log: give --saga NAME")

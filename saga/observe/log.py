@@ -56,6 +56,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     inspect,
@@ -245,18 +246,22 @@ class SagaLog:
     def _sagas_key(self, conn: Connection) -> tuple[str | None, list[str]] | None:
         """The name and columns of the sagas table's primary key; ``None`` without the table."""
         inspector = inspect(conn)
-        if not inspector.has_table(self.sagas.name):
+        schema = self.sagas.schema
+        if not inspector.has_table(self.sagas.name, schema=schema):
             return None
-        key = inspector.get_pk_constraint(self.sagas.name)
+        key = inspector.get_pk_constraint(self.sagas.name, schema=schema)
         return key.get("name"), list(key["constrained_columns"])
 
     def _migration(self, engine: AsyncEngine, old_key: str | None) -> str:
         """The SQL that gives a sagas table of an earlier version its key (name, id)."""
         table = self.sagas.name
+        quote = engine.dialect.identifier_preparer.quote
+        qualified = engine.dialect.identifier_preparer.format_table(self.sagas)
         if self._dialect == "postgresql":
             return (
-                f"ALTER TABLE {table} DROP CONSTRAINT {old_key or f'{table}_pkey'}; "
-                f"ALTER TABLE {table} ADD CONSTRAINT pk_{table} PRIMARY KEY (saga_name, saga_id);"
+                f"ALTER TABLE {qualified} DROP CONSTRAINT {quote(old_key or f'{table}_pkey')}; "
+                f"ALTER TABLE {qualified} ADD CONSTRAINT {quote(f'pk_{table}')} "
+                "PRIMARY KEY (saga_name, saga_id);"
             )
 
         # SQLite cannot change a primary key: the table is made again and its rows copied.
@@ -269,14 +274,17 @@ class SagaLog:
         copy = insert(self.sagas).from_select(
             names, select(*map(literal_column, names)).select_from(old)
         )
+        # In one transaction: a statement that fails leaves the table as it was.
         return " ".join(
             [
-                f"ALTER TABLE {table} RENAME TO {old.name};",
+                "BEGIN IMMEDIATE;",
+                f"ALTER TABLE {qualified} RENAME TO {quote(old.name)};",
                 *(sql(DropIndex(index, if_exists=True)) for index in indexes),
                 sql(CreateTable(self.sagas)),
                 *(sql(CreateIndex(index)) for index in indexes),
                 sql(copy),
                 sql(DropTable(old)),
+                "COMMIT;",
             ]
         )
 
@@ -355,9 +363,13 @@ class SagaLog:
         cutoff = _ms(datetime.now(UTC) - older_than)
         m, s = self.messages.c, self.sagas.c
         old = select(s.saga_name, s.saga_id).where(s.last_message_ms < cutoff)
+        row = exists().where(s.saga_name == m.saga_name, s.saga_id == m.saga_id)
         async with engine.begin() as conn:
             # A saga's messages, not those of another saga with the same id.
             await conn.execute(delete(self.messages).where(tuple_(m.saga_name, m.saga_id).in_(old)))
+            # Old messages of no saga: those of a saga that a log of an earlier
+            # version (keyed by saga id alone) merged into another saga's row.
+            await conn.execute(delete(self.messages).where(m.time_ms < cutoff, ~row))
             result = await conn.execute(
                 delete(self.sagas).where(self.sagas.c.last_message_ms < cutoff)
             )

@@ -243,7 +243,18 @@ class SagaObserver:
         return observed
 
     async def start(self) -> None:
-        """Match the topics, join the group and run until :meth:`stop`."""
+        """Match the topics, join the group and run until :meth:`stop`.
+
+        Raises:
+            ConfigurationError: The saga log is of an earlier version (see
+                :meth:`SagaLog.check_keys`), checked here too for tables made
+                elsewhere (Alembic) than by :meth:`create_tables`. A database
+                that does not answer yet is not checked: outages are waited out.
+        """
+        try:
+            await self.log.check_keys(self.engine)
+        except SQLAlchemyError as exc:
+            log.warning("observer: could not check the saga log's tables yet: %s", exc)
         await self._subscribe()
         self._task = asyncio.create_task(self._maintain(), name="saga-observer")
 
