@@ -160,12 +160,10 @@ def parse_python(path: Path) -> ast.Module:
     return ast.parse(text)
 
 
-async def create_saga_log_keyed_by_id(engine: AsyncEngine) -> None:
-    """A saga log as versions before a saga was (name, id) made it: its sagas table keyed
-    by the saga id alone, holding one saga (``place_order`` ``order-1``, running)."""
-    metadata = sa.MetaData()
-    sagas = sa.Table(
-        "saga_log_sagas",
+def sagas_keyed_by_id(metadata: sa.MetaData, name: str = "saga_log_sagas") -> sa.Table:
+    """The saga log's sagas table as versions before a saga was (name, id) made it (34ca581)."""
+    return sa.Table(
+        name,
         metadata,
         sa.Column("saga_id", sa.String(200), primary_key=True),
         sa.Column("saga_name", sa.String(100), nullable=False),
@@ -177,9 +175,16 @@ async def create_saga_log_keyed_by_id(engine: AsyncEngine) -> None:
         sa.Column("messages", sa.BigInteger, nullable=False),
         sa.Column("hop", sa.BigInteger, nullable=False),
         sa.Column("stamp", sa.Text, nullable=False),
-        sa.Index("ix_saga_log_sagas_status", "status", "last_message_ms"),
-        sa.Index("ix_saga_log_sagas_name", "saga_name", "status"),
+        sa.Index(f"ix_{name}_status", "status", "last_message_ms"),
+        sa.Index(f"ix_{name}_name", "saga_name", "status"),
     )
+
+
+async def create_saga_log_keyed_by_id(engine: AsyncEngine) -> None:
+    """A saga log as versions before a saga was (name, id) made it: its sagas table keyed
+    by the saga id alone, holding one saga (``place_order`` ``order-1``, running)."""
+    metadata = sa.MetaData()
+    sagas = sagas_keyed_by_id(metadata)
     started = datetime(2026, 1, 1, tzinfo=UTC)
     stamp = Stamp(
         saga_name="place_order",

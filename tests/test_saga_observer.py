@@ -26,7 +26,7 @@ from conftest import NewTopicFactory
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
-from support import consumer_record, create_saga_log_keyed_by_id
+from support import consumer_record, create_saga_log_keyed_by_id, sagas_keyed_by_id
 
 from saga import (
     AvroCodec,
@@ -818,26 +818,6 @@ async def test_a_saga_log_keyed_by_the_saga_id_alone_is_refused_with_the_sql_tha
 # -- Third review: the saga log keyed by (name, id) and the migration of earlier logs ------
 
 
-def _sagas_keyed_by_id(metadata: sa.MetaData, name: str = "saga_log_sagas") -> sa.Table:
-    """The sagas table as versions before a saga was (name, id) made it (34ca581)."""
-    return sa.Table(
-        name,
-        metadata,
-        sa.Column("saga_id", sa.String(200), primary_key=True),
-        sa.Column("saga_name", sa.String(100), nullable=False),
-        sa.Column("status", sa.String(20), nullable=False),
-        sa.Column("reason", sa.Text, nullable=True),
-        sa.Column("correlation_id", sa.String(200), nullable=False),
-        sa.Column("started_at_ms", sa.BigInteger, nullable=False),
-        sa.Column("last_message_ms", sa.BigInteger, nullable=False),
-        sa.Column("messages", sa.BigInteger, nullable=False),
-        sa.Column("hop", sa.BigInteger, nullable=False),
-        sa.Column("stamp", sa.Text, nullable=False),
-        sa.Index(f"ix_{name}_status", "status", "last_message_ms"),
-        sa.Index(f"ix_{name}_name", "saga_name", "status"),
-    )
-
-
 async def _as_an_earlier_version_made_it(engine: AsyncEngine, log: SagaLog) -> None:
     """Give ``log``'s sagas table the shape and rows the previous version had: keyed by
     the saga id, one row per id (its upserts merged sagas of several names with one id
@@ -845,7 +825,7 @@ async def _as_an_earlier_version_made_it(engine: AsyncEngine, log: SagaLog) -> N
     async with engine.begin() as conn:
         rows = (await conn.execute(select(log.sagas).order_by(log.sagas.c.started_at_ms))).all()
         await conn.run_sync(lambda c: log.sagas.drop(c))
-        old = _sagas_keyed_by_id(sa.MetaData(schema=log.sagas.schema), log.sagas.name)
+        old = sagas_keyed_by_id(sa.MetaData(schema=log.sagas.schema), log.sagas.name)
         await conn.run_sync(lambda c: old.create(c))
         merged: dict[str, dict[str, Any]] = {}
         for row in rows:
