@@ -428,7 +428,9 @@ def _broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 async def _run_broker(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too (its terminal closed): the broker runs in a session of its own,
+    # out of the terminal's reach, and would outlive this process.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     async with EmbeddedBroker(port=args.port) as broker:
         servers = broker.bootstrap_servers

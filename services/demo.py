@@ -122,25 +122,29 @@ def fresh_sqlite_files(directory: Path, names: Iterable[str]) -> None:
 
     A file an earlier demo made there (marked with :data:`DEMO_APPLICATION_ID`)
     is removed with its WAL files: the demo runs again on a fresh shop, as it
-    does on the PostgreSQL databases it created. Any other file of that name
-    is left alone.
+    does on the PostgreSQL databases it created. Any other file of those names
+    (a database of someone else's, a symlink, WAL files without their
+    database) is left alone, and so is everything else: nothing is removed.
 
     Raises:
         ConfigurationError: A file of one of those names is not the demo's.
     """
-    paths = [directory / f"{name}.db" for name in names]
-    foreign = [path.name for path in paths if path.exists() and not _made_by_demo(path)]
+    files = {
+        directory / f"{name}.db": [directory / f"{name}.db{end}" for end in ("", "-wal", "-shm")]
+        for name in names
+    }
+    foreign = sorted(
+        path.name
+        for path, group in files.items()
+        if any(f.exists() or f.is_symlink() for f in group) and not _made_by_demo(path)
+    )
     if foreign:
         raise ConfigurationError(
             f"refusing to remove {', '.join(foreign)} in {directory}: saga demo did not "
             f"create {'it' if len(foreign) == 1 else 'them'}; give --directory another directory"
         )
-    for path in paths:
-        for leftover in (
-            path,
-            path.with_name(path.name + "-wal"),
-            path.with_name(path.name + "-shm"),
-        ):
+    for path, group in files.items():
+        for leftover in group:
             leftover.unlink(missing_ok=True)
         with contextlib.closing(sqlite3.connect(path)) as conn:
             conn.execute(f"PRAGMA application_id = {DEMO_APPLICATION_ID}")
@@ -148,12 +152,17 @@ def fresh_sqlite_files(directory: Path, names: Iterable[str]) -> None:
 
 
 def _made_by_demo(path: Path) -> bool:
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-    except sqlite3.Error:
-        return False  # not a SQLite database at all
-    return bool(application_id == DEMO_APPLICATION_ID)
+    """Whether ``path`` is a SQLite file the demo made: read from its header, the file
+    neither opened by SQLite (which would add WAL files next to a WAL database) nor
+    named as a URI (a directory name with ``?`` or ``#``)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with path.open("rb") as file:
+        header = file.read(100)
+    # The header: the magic string, then at offset 68 the application id (big-endian).
+    return header[:16] == b"SQLite format 3\x00" and (
+        int.from_bytes(header[68:72], "big") == DEMO_APPLICATION_ID
+    )
 
 
 def postgresql_url(text: str) -> URL:

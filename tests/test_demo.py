@@ -90,3 +90,38 @@ def test_saga_demo_leaves_a_database_it_did_not_make_alone(tmp_path: Path) -> No
     with contextlib.closing(sqlite3.connect(mine)) as conn:
         assert conn.execute("SELECT id FROM orders").fetchall() == [("precious",)]
     assert not (tmp_path / "saga_log.db").exists()  # nothing was touched
+
+
+@pytest.mark.parametrize("name", ["run#2", "what?"])
+def test_saga_demo_runs_again_in_a_directory_whose_name_has_uri_characters(
+    tmp_path: Path, name: str
+) -> None:
+    """`--directory` is a path, not a URI: the demo's own files there are its own on the
+    next run (it refused them, as files it did not make), and nothing is made outside it
+    (the check opened "run", read-write, next to "run#2")."""
+    from services.demo import fresh_sqlite_files
+
+    directory = tmp_path / name
+    directory.mkdir()
+    fresh_sqlite_files(directory, ["saga_log", "order"])
+    fresh_sqlite_files(directory, ["saga_log", "order"])  # the demo run again there
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_saga_demo_refusing_a_wal_database_leaves_its_directory_as_it_was(tmp_path: Path) -> None:
+    """A database of the user's in WAL mode (as the services' are), closed cleanly: the
+    demo refuses it, and leaves the directory as it found it (its read-only check made
+    order.db-wal and order.db-shm next to it, and left them)."""
+    from saga import ConfigurationError
+    from services.demo import fresh_sqlite_files
+
+    mine = tmp_path / "order.db"
+    with contextlib.closing(sqlite3.connect(mine)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE orders (id TEXT)")
+        conn.commit()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert before == ["order.db"]
+    with pytest.raises(ConfigurationError, match=r"refusing to remove order\.db"):
+        fresh_sqlite_files(tmp_path, ["saga_log", "order"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -267,3 +268,49 @@ async def test_saga_broker_runs_until_stopped_and_says_how_to_use_it() -> None:
     assert process.returncode == 0, err.decode()
     host, port = settings.bootstrap_servers.rsplit(":", 1)
     assert connection_refused(host, int(port))
+
+
+async def test_saga_broker_closed_with_its_terminal_leaves_no_broker_behind() -> None:
+    """Closing the terminal `saga broker` runs in sends it SIGHUP: the broker it started
+    (in a session of its own, out of the terminal's reach) must not outlive it, holding
+    its port with nobody left to stop it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "saga",
+        "broker",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            lines = [(await process.stdout.readline()).decode() for _ in range(4)]
+        servers = lines[0].split()[3].rstrip(";")
+        host, port = servers.rsplit(":", 1)
+        # The broker is started from a worker thread: look for it by parent pid.
+        children = [
+            int(entry.name)
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit()
+            and (entry / "stat").exists()
+            and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == process.pid
+        ]
+        assert children, lines
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(30):
+            await process.communicate()
+        try:
+            async with asyncio.timeout(10):
+                while not connection_refused(host, int(port)):
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            pass
+        left = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        for pid in left:  # do not leave it to the next test
+            os.kill(pid, signal.SIGKILL)
+        assert left == [], f"broker process {left} still runs, still listening on {servers}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
