@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from saga.commands import (
     exit_status,
     load_plugins,
     package_version,
+    stop_event,
 )
 from saga.embedded import EmbeddedBroker
 from saga.errors import ConfigurationError
@@ -186,10 +186,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
         relay = Relay(store, KafkaPublisher(kafka), settings, name=args.name)
         if configure_from_env("choreosaga-relay"):  # OTEL_EXPORTER_OTLP_* is set
             instrument_relay(relay)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = stop_event()
         logging.getLogger(__name__).info(
             "relay %s publishing to %s", relay.name, kafka.bootstrap_servers
         )
@@ -426,12 +423,9 @@ def _broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 async def _run_broker(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     # SIGHUP too (its terminal closed): the broker runs in a session of its own,
     # out of the terminal's reach, and would outlive this process.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event(hangup=True)
     async with EmbeddedBroker(port=args.port) as broker:
         servers = broker.bootstrap_servers
         print(f"embedded broker at {servers}; memory storage, lost when it stops")

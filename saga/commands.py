@@ -48,8 +48,10 @@ arguments that returns the exit status::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -79,6 +81,7 @@ __all__ = [
     "exit_status",
     "load_plugins",
     "package_version",
+    "stop_event",
 ]
 
 ENTRY_POINT_GROUP = "choreosaga.commands"
@@ -260,6 +263,18 @@ def broker_list(text: str) -> str:
     if text and not any(part.strip() for part in text.split(",")):
         raise argparse.ArgumentTypeError(f"{text!r} names no broker: give host:port[,host:port]")
     return text
+
+
+def stop_event(*, hangup: bool = False) -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set (and SIGHUP, with ``hangup``): how a
+    command that runs until stopped learns it should stop. Call it in the running loop.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signums = (signal.SIGTERM, signal.SIGINT, *((signal.SIGHUP,) if hangup else ()))
+    for signum in signums:
+        loop.add_signal_handler(signum, stop.set)
+    return stop
 
 
 def package_version() -> str:

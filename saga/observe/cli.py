@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox import KafkaSettings, create_engine
 from outbox.database import read_connection, safe_url, translate_db_error
 from saga.codec import AvroCodec
-from saga.commands import DurationArgument, broker_list, database_url
+from saga.commands import DurationArgument, broker_list, database_url, stop_event
 from saga.errors import ConfigurationError, SagaError
 from saga.observe.abort import request_abort
 from saga.observe.api import trace_from_kafka, trace_from_log, trace_from_service
@@ -264,10 +263,7 @@ async def _observe(args: argparse.Namespace) -> int:
             ),
         )
         await observer.create_tables()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        stop = stop_event()
         async with observer:
             print(f"observing {', '.join(observer.stats.topics) or '(no topic yet)'}", flush=True)
             await stop.wait()
