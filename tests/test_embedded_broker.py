@@ -232,10 +232,8 @@ def test_the_broker_runs_from_inside_the_package_not_the_home_directory(tmp_path
     assert not (tmp_path / ".calfkit").exists(), "the binary was copied to the home directory"
 
 
-async def test_saga_broker_runs_until_stopped_and_says_how_to_use_it() -> None:
-    """`saga broker` is the embedded broker for trying the commands that need Kafka: it
-    prints what to export, takes records from clients configured from that environment,
-    and stops on SIGTERM with exit 0, its process gone."""
+async def start_saga_broker() -> tuple[asyncio.subprocess.Process, list[str]]:
+    """`saga broker` as a process, and the four lines it prints once the broker is up."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -248,6 +246,19 @@ async def test_saga_broker_runs_until_stopped_and_says_how_to_use_it() -> None:
     try:
         async with asyncio.timeout(30):
             lines = [(await process.stdout.readline()).decode() for _ in range(4)]
+    except BaseException:
+        process.terminate()
+        await process.communicate()
+        raise
+    return process, lines
+
+
+async def test_saga_broker_runs_until_stopped_and_says_how_to_use_it() -> None:
+    """`saga broker` is the embedded broker for trying the commands that need Kafka: it
+    prints what to export, takes records from clients configured from that environment,
+    and stops on SIGTERM with exit 0, its process gone."""
+    process, lines = await start_saga_broker()
+    try:
         (export,) = [line.split() for line in lines if line.strip().startswith("export ")]
         environment = dict(item.split("=", 1) for item in export[1:])
         assert environment["KAFKA_ENABLE_IDEMPOTENCE"] == "false"
@@ -274,18 +285,8 @@ async def test_saga_broker_closed_with_its_terminal_leaves_no_broker_behind() ->
     """Closing the terminal `saga broker` runs in sends it SIGHUP: the broker it started
     (in a session of its own, out of the terminal's reach) must not outlive it, holding
     its port with nobody left to stop it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "saga",
-        "broker",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
+    process, lines = await start_saga_broker()
     try:
-        async with asyncio.timeout(30):
-            lines = [(await process.stdout.readline()).decode() for _ in range(4)]
         servers = lines[0].split()[3].rstrip(";")
         host, port = servers.rsplit(":", 1)
         # The broker is started from a worker thread: look for it by parent pid.
