@@ -31,6 +31,7 @@ into the hundreds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
@@ -46,7 +47,7 @@ from outbox.store import NOTIFY_LATER, WRITE_LATER
 if TYPE_CHECKING:
     from saga.processing import ServiceStats
 
-__all__ = ["CURRENT", "Batch", "BatchConflict", "BatchLost"]
+__all__ = ["CURRENT", "Batch", "BatchConflict", "BatchGate", "BatchLost"]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,17 @@ T = TypeVar("T")
 
 
 class BatchLost(Exception):
-    """The open transaction of a batch is gone: redo its uncommitted records."""
+    """The open transaction of a batch is gone: redo its uncommitted records.
 
-    def __init__(self, error: BaseException, kind: ErrorKind) -> None:
+    ``alone``: whether the transaction ran while no other batch of the service
+    had one open (see :class:`BatchGate`).
+    """
+
+    def __init__(self, error: BaseException, kind: ErrorKind, *, alone: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.kind = kind
+        self.alone = alone
 
 
 class BatchConflict(Exception):
@@ -73,6 +79,62 @@ class BatchConflict(Exception):
 
 InboxKey = tuple[str, str]
 """``(source, message_id)``: a message, as the inbox knows it."""
+
+
+class BatchGate:
+    """Whether a service's batches may hold transactions at the same time.
+
+    Usually they may: each partition's worker opens its batch's transaction
+    when it needs one. After a deadlock or a serialization failure the
+    service's batches take turns for a while (:meth:`take_turns`): a batch's
+    transaction begins only once no other batch of the service has one open,
+    and the next waits for it to end. Batches of one process then cannot wait
+    for each other in a cycle, and each keeps its records in one transaction.
+    Records handled alone (outside a batch) do not take turns.
+    """
+
+    def __init__(self) -> None:
+        self._turns_until = 0.0
+        self._turn = asyncio.Lock()
+        self._open = 0
+        """Batch transactions open that did not take a turn."""
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+
+    def taking_turns(self) -> bool:
+        """Whether batches take turns now."""
+        return asyncio.get_running_loop().time() < self._turns_until
+
+    def take_turns(self, seconds: float) -> None:
+        """Batches take turns for ``seconds`` from now."""
+        self._turns_until = max(self._turns_until, asyncio.get_running_loop().time() + seconds)
+
+    async def enter(self) -> bool:
+        """Wait until a batch may open its transaction; whether it took a turn.
+
+        A batch that takes a turn also waits for the transactions opened before
+        batches began to take turns.
+        """
+        if not self.taking_turns():
+            self._open += 1
+            self._none_open.clear()
+            return False
+        await self._turn.acquire()
+        try:
+            await self._none_open.wait()
+        except BaseException:
+            self._turn.release()
+            raise
+        return True
+
+    def leave(self, turn: bool) -> None:
+        """A batch's transaction ended (``turn``: what :meth:`enter` returned)."""
+        if turn:
+            self._turn.release()
+            return
+        self._open -= 1
+        if self._open == 0:
+            self._none_open.set()
 
 
 _SAVEPOINT = "SAVEPOINT choreosaga_record"
@@ -127,8 +189,12 @@ class Batch:
         consumer: str = "",
         expected: Collection[InboxKey] = (),
         stats: ServiceStats | None = None,
+        gate: BatchGate | None = None,
     ) -> None:
         self.engine = engine
+        self.gate = gate
+        self._entered: bool | None = None
+        """What ``gate.enter`` returned for the open transaction (``None``: not entered)."""
         self.stats = stats
         self.outbox = outbox
         self.inbox = inbox
@@ -174,8 +240,15 @@ class Batch:
         else:
             self._committed.append(hook)
 
+    @property
+    def alone(self) -> bool:
+        """Whether the open transaction took its turn: no other batch of the service has one."""
+        return bool(self._entered)
+
     async def join(self) -> AsyncSession:
         if self.session is None:
+            if self.gate is not None:
+                self._entered = await self.gate.enter()
             session = AsyncSession(self.engine, expire_on_commit=False)
             # One wake-up for the relays per batch, sent before the commit.
             session.info[NOTIFY_LATER] = True
@@ -196,6 +269,7 @@ class Batch:
                     self._checked |= unchecked
             except BaseException:
                 await session.close()
+                self._leave_gate()
                 raise
             # The same for an add on the session's connection (a handler's
             # ``Service.publish(await ctx.session.connection(), ...)``): it is
@@ -207,6 +281,12 @@ class Batch:
             self._connection_info[WRITE_LATER] = self._messages
             self.session = session
         return self.session
+
+    def _leave_gate(self) -> None:
+        entered, self._entered = self._entered, None
+        if entered is not None:
+            assert self.gate is not None
+            self.gate.leave(entered)
 
     def _release(self) -> None:
         """Stop deferring the adds on the batch's connection (see :meth:`join`)."""
@@ -279,8 +359,8 @@ class Batch:
                 # gave it up. Either way the batch cannot go on.
                 kind = classify(exc)
                 if kind is ErrorKind.OUTAGE:
-                    raise BatchLost(exc, kind) from exc
-                raise BatchLost(lost, classify(lost)) from lost
+                    raise BatchLost(exc, kind, alone=self.alone) from exc
+                raise BatchLost(lost, classify(lost), alone=self.alone) from lost
             raise
         return result
 
@@ -296,6 +376,7 @@ class Batch:
         if session is None:
             self.settle()  # nothing was left uncommitted
             return
+        alone = self.alone
         try:
             if claims:
                 assert self.inbox is not None
@@ -312,7 +393,7 @@ class Batch:
             raise
         except Exception as exc:
             await close_quietly(session)
-            raise BatchLost(exc, classify(exc)) from exc
+            raise BatchLost(exc, classify(exc), alone=alone) from exc
         except BaseException:
             # Cancelled while committing: whatever the outcome, the session
             # (no longer the batch's, which ``abandon`` would close) must
@@ -320,6 +401,8 @@ class Batch:
             # transaction, holding the batch's locks.
             await close_quietly(session)
             raise
+        finally:
+            self._leave_gate()
         await session.close()
         self._recorded.update(claims)
         self._checked = set(self._recorded)
@@ -349,6 +432,7 @@ class Batch:
         self._messages = []
         if session is not None:
             await close_quietly(session)
+        self._leave_gate()
 
 
 async def close_quietly(session: AsyncSession) -> None:

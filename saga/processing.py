@@ -58,11 +58,14 @@ telemetry wraps, and each follows the error model as if it were alone:
   and a dead letter (with its suspension, which updates the saga view) must
   not wait for, or deadlock with, a batch that holds that view's row. The
   rest of the batch then continues in a new transaction. After a deadlock or
-  a serialization failure the service's batches, the rest of that one
-  included, go one transaction per record for a while
-  (:data:`_CONTENTION_WINDOW`): concurrent batches hold the rows their
-  handlers locked until they commit and can wait for each other in a cycle,
-  records alone cannot when their handlers lock one row each;
+  a serialization failure the service's batches take turns for a while
+  (:data:`_CONTENTION_WINDOW`, :class:`saga.batch.BatchGate`): concurrent
+  batches hold the rows their handlers locked until they commit and can wait
+  for each other in a cycle, batches of one process that take turns cannot.
+  One met by a batch while it had its turn (its other party is another
+  process, or a record outside any batch) sends the service's batches, the
+  rest of that one included, one transaction per record for a while: records
+  alone cannot deadlock when their handlers lock one row each;
 * an **outage** (the connection is lost) takes the whole open transaction
   with it: the records since the last commit are redone, from the first,
   once the database is back. Their counters are taken back first, so that
@@ -106,7 +109,7 @@ from outbox import (
     classify,
 )
 from outbox.failures import describe, is_lock_conflict
-from saga.batch import CURRENT, Batch, BatchConflict, BatchLost, InboxKey
+from saga.batch import CURRENT, Batch, BatchConflict, BatchGate, BatchLost, InboxKey
 from saga.choreography import Choreography, Participation, invoke
 from saga.context import MessageContext, RecordInfo, SagaContext
 from saga.deadletter import (
@@ -254,6 +257,8 @@ class Processor:
         self.longest_saga_schedule = longest_saga_schedule
         self._contended_until = 0.0
         """Event-loop time until which batches go one transaction per record."""
+        self._gate = BatchGate()
+        """Whether batches take turns (after a deadlock or a serialization failure)."""
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Handle records of one partition, in offset order, in as few transactions as possible.
@@ -280,7 +285,9 @@ class Processor:
                 for record in records[done:]:
                     await self.process(record)
                 return
-            batch = Batch(self.engine, self.outbox, self.inbox, self.name, expected, self.stats)
+            batch = Batch(
+                self.engine, self.outbox, self.inbox, self.name, expected, self.stats, self._gate
+            )
             token = CURRENT.set(batch)
             try:
                 for index in range(done, len(records)):
@@ -316,7 +323,8 @@ class Processor:
                 await batch.abandon()
                 batch.take_back()
                 if is_lock_conflict(lost.error):
-                    self._contended()  # at its commit (SERIALIZABLE, deferred checks)
+                    # At its commit (SERIALIZABLE, deferred checks).
+                    self._contended(alone=lost.alone)
                 if lost.kind is not ErrorKind.OUTAGE:
                     log.warning(
                         "%s: a batch's transaction failed (%s): %s; its %d uncommitted record(s) "
@@ -465,9 +473,9 @@ class Processor:
             except Exception as exc:
                 kind = classify(exc)
                 now = datetime.now(UTC)
-                if is_lock_conflict(exc):
-                    self._contended()
                 batch = CURRENT.get()
+                if is_lock_conflict(exc):
+                    self._contended(alone=batch is not None and batch.joinable and batch.alone)
                 if batch is not None and batch.joinable:
                     if kind is ErrorKind.OUTAGE:
                         # The batch's transaction went with the connection.
@@ -510,17 +518,32 @@ class Processor:
     def _is_contended(self) -> bool:
         return asyncio.get_running_loop().time() < self._contended_until
 
-    def _contended(self) -> None:
-        """A deadlock or serialization failure: batches go one transaction per record a while."""
+    def _contended(self, *, alone: bool) -> None:
+        """A deadlock or a serialization failure: first batches take turns, then records alone.
+
+        ``alone``: whether it met a batch that had its turn (no other batch of
+        the service had a transaction open), whose other party is then another
+        process, or a record outside any batch: batches go one transaction per
+        record for a while. Otherwise the service's batches take turns a while
+        (see :class:`saga.batch.BatchGate`).
+        """
         now = asyncio.get_running_loop().time()
-        if now >= self._contended_until:
+        if alone or now < self._contended_until:
+            if now >= self._contended_until:
+                log.warning(
+                    "%s: a transaction deadlocked or conflicted while batches took turns; "
+                    "batches go one transaction per record for %.0fs",
+                    self.name,
+                    _CONTENTION_WINDOW,
+                )
+            self._contended_until = now + _CONTENTION_WINDOW
+        elif not self._gate.taking_turns():
             log.warning(
-                "%s: transactions deadlocked or conflicted; batches go one transaction per "
-                "record for %.0fs",
+                "%s: transactions deadlocked or conflicted; batches take turns for %.0fs",
                 self.name,
                 _CONTENTION_WINDOW,
             )
-        self._contended_until = now + _CONTENTION_WINDOW
+        self._gate.take_turns(_CONTENTION_WINDOW)
 
     def _count(self, processed: bool) -> None:
         self._add("processed" if processed else "duplicates")
@@ -770,13 +793,15 @@ _MAX_CONFLICTS = 3
 transaction per record."""
 
 _CONTENTION_WINDOW = 30.0
-"""Seconds after a deadlock or a serialization failure during which batches go one
-transaction per record (each new one starts the window again). Records of a batch share
-its transaction, so concurrent batches (other partitions, other instances) hold the
-rows their handlers lock until they commit and can wait for each other in a cycle,
-which PostgreSQL breaks only after ``deadlock_timeout`` (a second by default) with both
-stalled. A record alone holds the rows of one handler: handlers that lock one row each
-then wait for each other but never deadlock."""
+"""Seconds after a deadlock or a serialization failure during which the service's batches
+take turns (each new one starts the window again), and after one met by a batch that had
+its turn, during which they go one transaction per record. Records of a batch share its
+transaction, so concurrent batches (other partitions, other instances) hold the rows
+their handlers lock until they commit and can wait for each other in a cycle, which
+PostgreSQL breaks only after ``deadlock_timeout`` (a second by default) with both
+stalled. Batches of one process that take turns cannot; a record alone holds the rows of
+one handler: handlers that lock one row each then wait for each other but never
+deadlock."""
 
 _DEAD_LETTER_WRITES = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(milliseconds=100))
 """Writing a dead letter: outages are waited out (as always); anything else is tried 3 times."""

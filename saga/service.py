@@ -89,8 +89,9 @@ class ServiceSettings:
     """The most records of one partition processed in one database transaction
     (a savepoint each). A batch is whatever has arrived, up to this many. The
     default keeps a batch's subtransactions within PostgreSQL's per-transaction
-    cache of 64 (see :mod:`saga.batch`). After a deadlock, records go one
-    transaction each for 30 s (see :mod:`saga.processing`)."""
+    cache of 64 (see :mod:`saga.batch`). After a deadlock, the service's
+    batches take turns for 30 s, and after one while they took turns, records
+    go one transaction each for 30 s (see :mod:`saga.processing`)."""
 
     batch_linger: timedelta = timedelta(0)
     """How long a partition's worker waits for more records when a batch is not

@@ -557,7 +557,7 @@ async def test_a_handler_that_commits_the_session_itself_leaves_no_failed_record
         assert stray.scalar_one() == 0
 
 
-async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_transaction(
+async def test_after_a_deadlock_between_two_batches_they_go_one_at_a_time(
     direct_pg: Direct,
 ) -> None:
     """Two partitions' batches lock the same two rows in opposite orders, twice.
@@ -566,8 +566,9 @@ async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_trans
     cannot deadlock on; two batches, each holding its first record's row, do
     (PostgreSQL breaks the cycle after ``deadlock_timeout``, a second, with both
     partitions stalled). The first deadlock must be the last: the service then
-    handles its records one transaction each for a while, and every record is
-    applied once, none dead-lettered.
+    runs its batches one at a time for a while (one's transaction ends before
+    the next begins), each still one transaction for all its records, and every
+    record is applied once, none dead-lettered.
     """
     direct = direct_pg
     rows = sa.Table("hot", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
@@ -575,33 +576,47 @@ async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_trans
         await conn.run_sync(rows.metadata.create_all)
         await conn.execute(sa.insert(rows), [{"id": 1}, {"id": 2}])
     holding = {"a": asyncio.Event(), "b": asyncio.Event()}
+    txids: dict[int, int] = {}
+    first_txid: dict[str, int] = {}
+    others_seen: list[str] = []
 
     def lock(
-        row: int, mine: str | None = None, other: str | None = None
+        row: int, mine: str | None = None, other: str | None = None, wait: float = 10
     ) -> Callable[[MessageContext], Awaitable[None]]:
         async def behaviour(ctx: MessageContext) -> None:
+            txid = (await ctx.session.execute(sa.text("SELECT txid_current()"))).scalar_one()
+            txids[int(ctx.data["seq"])] = txid
             await ctx.session.execute(sa.update(rows).where(rows.c.id == row).values(id=row))
             if mine is not None and other is not None:
+                if other in first_txid:
+                    # The other batch ran first: its transaction must have ended.
+                    status = await ctx.session.execute(
+                        sa.text("SELECT txid_status(:txid)"), {"txid": first_txid[other]}
+                    )
+                    others_seen.append(status.scalar_one())
+                first_txid[mine] = txid
                 # Both batches hold their first row before either asks for its second.
                 # The other one gets there at once; the bound only ends the wait for
                 # one that never comes (it was 0.5 s, which a loaded machine can take
                 # to start the other batch: then nothing deadlocked).
                 holding[mine].set()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(10):
+                    async with asyncio.timeout(wait):
                         await holding[other].wait()
 
         return behaviour
 
     processor = direct.service.processor
-    for first in (0, 10):
+    for first, wait in ((0, 10.0), (10, 0.5)):
         for event in holding.values():
             event.clear()
+        first_txid.clear()
+        others_seen.clear()
         direct.behaviour.update(
             {
-                first: lock(1, "a", "b"),
+                first: lock(1, "a", "b", wait),
                 first + 1: lock(2),
-                first + 2: lock(2, "b", "a"),
+                first + 2: lock(2, "b", "a", wait),
                 first + 3: lock(1),
             }
         )
@@ -616,27 +631,77 @@ async def test_after_a_deadlock_between_two_batches_they_go_one_record_per_trans
     assert s.retries == 1  # the first round's deadlock, and no other
     assert (s.processed, s.dead_lettered) == (8, 0)
     assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 10, 11, 12, 13), 1)
+    # The second round: each batch one transaction, the second begun after the first ended.
+    assert txids[10] == txids[11]
+    assert txids[12] == txids[13]
+    assert others_seen == ["committed"]
 
 
-async def test_a_serialization_failure_at_a_batch_commit_also_sends_batches_one_record_each(
+async def test_a_conflict_while_batches_go_one_at_a_time_sends_records_one_transaction_each(
+    direct_pg: Direct,
+) -> None:
+    """Batches one at a time cannot deadlock each other, but can with another process.
+
+    A serialization failure of a record alone makes the service's batches go one
+    at a time, still batched; one met by a batch while it ran alone in the service
+    (its other party is outside this process, or a record outside any batch)
+    sends the service's records one transaction each, the rest of that batch
+    included. Every record is applied once.
+    """
+    direct = direct_pg
+    txids: dict[int, list[int]] = {}
+    conflicts = {1, 11}
+
+    async def note_transaction(ctx: MessageContext) -> None:
+        seq = int(ctx.data["seq"])
+        txid = (await ctx.session.execute(sa.text("SELECT txid_current()"))).scalar_one()
+        txids.setdefault(seq, []).append(txid)
+        if seq in conflicts:
+            conflicts.discard(seq)
+            await ctx.session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+
+    direct.behaviour.update(dict.fromkeys((1, 2, 3, 10, 11, 12, 13, 20, 21), note_transaction))
+    processor = direct.service.processor
+    await processor.process_batch(direct.records([1]))  # alone, conflicts once
+    await processor.process_batch(direct.records([2, 3]))
+    await processor.process_batch(direct.records([10, 11, 12, 13]))  # 11 conflicts once
+    await processor.process_batch(direct.records([20, 21]))
+
+    last = {seq: seen[-1] for seq, seen in txids.items()}
+    assert last[2] == last[3]  # batched, one at a time
+    assert len({last[seq] for seq in (10, 11, 12, 13)}) == 4
+    assert last[20] != last[21]
+    assert await direct.effects_by_seq() == dict.fromkeys((1, 2, 3, 10, 11, 12, 13, 20, 21), 1)
+    s = direct.service.stats
+    assert (s.processed, s.retries, s.dead_lettered) == (9, 2, 0)
+
+
+async def test_a_serialization_failure_at_a_batch_commit_also_makes_batches_take_turns(
     direct_pg: Direct,
 ) -> None:
     """PostgreSQL may report a conflict only at COMMIT (SERIALIZABLE, deferred checks).
 
     The batch is then redone one transaction per record, as any failed commit,
-    and the contention it met must also send the service's next batches one
-    transaction per record, as a deadlock in a handler's statement does; not
-    batch, fail at its commit and redo every record again.
+    and the contention it met must also make the service's next batches take
+    turns, as a deadlock in a handler's statement does: two partitions' batches
+    then each keep one transaction, the second begun once the first ended. One
+    that fails so while it had its turn sends the next batches one transaction
+    per record.
     """
     direct = direct_pg
     async with direct.engine.begin() as conn:
         for statement in (
-            "CREATE SEQUENCE fired",
+            "CREATE SEQUENCE fired_1",
+            "CREATE SEQUENCE fired_21",
             """CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.seq = 1 AND nextval('fired') = 1 THEN
-                    RAISE EXCEPTION 'could not serialize access due to read/write '
-                        'dependencies among transactions' USING ERRCODE = '40001';
+                IF NEW.seq IN (1, 21) THEN
+                    IF nextval(('fired_' || NEW.seq)::regclass) = 1 THEN
+                        RAISE EXCEPTION 'could not serialize access due to read/write '
+                            'dependencies among transactions' USING ERRCODE = '40001';
+                    END IF;
                 END IF;
                 RETURN NULL;
             END $$""",
@@ -645,6 +710,8 @@ async def test_a_serialization_failure_at_a_batch_commit_also_sends_batches_one_
         ):
             await conn.exec_driver_sql(statement)
     transactions: dict[int, int] = {}
+    first_of: dict[int, int] = {}
+    others_seen: list[str] = []
 
     async def note_transaction(ctx: MessageContext) -> None:
         seq = int(ctx.data["seq"])
@@ -652,26 +719,51 @@ async def test_a_serialization_failure_at_a_batch_commit_also_sends_batches_one_
             await ctx.session.execute(sa.text("SELECT txid_current()"))
         ).scalar_one()
 
-    direct.behaviour.update(dict.fromkeys((0, 1, 2, 10, 11, 12), note_transaction))
+    async def first_of_its_batch(ctx: MessageContext) -> None:
+        await note_transaction(ctx)
+        seq = int(ctx.data["seq"])
+        for txid in first_of.values():  # the other batch, if it began first
+            status = await ctx.session.execute(sa.text("SELECT txid_status(:t)"), {"t": txid})
+            others_seen.append(status.scalar_one())
+        first_of[seq] = transactions[seq]
+        await asyncio.sleep(0.2)  # time for the other batch to begin, were it let
+
+    direct.behaviour.update(dict.fromkeys((0, 1, 2, 11, 13, 20, 21, 22, 30, 31), note_transaction))
+    direct.behaviour.update(dict.fromkeys((10, 12), first_of_its_batch))
     processor = direct.service.processor
     await processor.process_batch(direct.records([0, 1, 2]))  # fails at its commit, redone
-    await processor.process_batch(direct.records([10, 11, 12]))
+    other = [
+        dataclasses.replace(r, partition=1, offset=r.offset + 100) for r in direct.records([12, 13])
+    ]
+    await asyncio.gather(
+        processor.process_batch(direct.records([10, 11])), processor.process_batch(other)
+    )
+    await processor.process_batch(direct.records([20, 21, 22]))  # had its turn: fails, redone
+    await processor.process_batch(direct.records([30, 31]))
 
-    assert len({transactions[seq] for seq in (10, 11, 12)}) == 3
-    assert direct.calls == {0: 2, 1: 2, 2: 2, 10: 1, 11: 1, 12: 1}
-    assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 10, 11, 12), 1)
-    assert (direct.service.stats.processed, direct.service.stats.dead_lettered) == (6, 0)
+    assert transactions[10] == transactions[11]
+    assert transactions[12] == transactions[13]
+    assert others_seen == ["committed"]
+    assert transactions[30] != transactions[31]
+    assert direct.calls == {
+        **dict.fromkeys((0, 1, 2, 20, 21, 22), 2),
+        **dict.fromkeys((10, 11, 12, 13, 30, 31), 1),
+    }
+    everything = (0, 1, 2, 10, 11, 12, 13, 20, 21, 22, 30, 31)
+    assert await direct.effects_by_seq() == dict.fromkeys(everything, 1)
+    assert (direct.service.stats.processed, direct.service.stats.dead_lettered) == (12, 0)
 
 
-async def test_a_batch_redone_after_an_outage_while_contended_goes_one_record_each(
+async def test_a_batch_redone_after_an_outage_once_batches_take_turns_takes_its_turn(
     direct_pg: Direct,
 ) -> None:
     """Another partition's record meets a serialization failure while a batch is open.
 
-    That batch goes on in its transaction, then loses its connection: its
-    records are redone from the first. The service is still in its window of
-    one transaction per record, so the redone records must each take one,
-    like every batch that begins in it.
+    That batch goes on in its transaction (opened before batches took turns),
+    then loses its connection: its records are redone from the first. Batches
+    now take turns, so the redone batch takes one; the lost transaction must
+    not count as still open, or the batch would wait for it for good. Its
+    records are redone in one transaction, once each.
     """
     direct = direct_pg
     processor = direct.service.processor
@@ -710,7 +802,8 @@ async def test_a_batch_redone_after_an_outage_while_contended_goes_one_record_ea
 
     assert conflicted
     assert killed
-    assert len({transactions[seq][-1] for seq in (0, 1, 2, 3)}) == 4
+    assert len({transactions[seq][-1] for seq in (0, 1, 2, 3)}) == 1
+    assert len(transactions[0]) == 2  # redone from the first
     assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 50), 1)
     s = direct.service.stats
     assert (s.processed, s.retries, s.dead_lettered) == (5, 1, 0)
