@@ -270,7 +270,11 @@ def _stamps_tell_the_story(
             problems.append(f"{order_id}: no stamp")
             continue
         done = [s for s in stamp.steps if s.outcome is StepOutcome.DONE]
-        undone = [s for s in stamp.steps if s.outcome is StepOutcome.COMPENSATED]
+        # In the order they ran: a view lists the undos of parallel chains in the
+        # order it heard of them, which under load need not be the same.
+        undone = sorted(
+            (s for s in stamp.steps if s.outcome is StepOutcome.COMPENSATED), key=lambda s: s.at
+        )
         if status == "completed":
             names = [s.name for s in done]
             if stamp.status is not SagaStatus.COMPLETED or names != list(FORWARD):
@@ -278,8 +282,8 @@ def _stamps_tell_the_story(
         elif status == "rejected":
             # Steps done before compensation began are undone in reverse order;
             # a step that reported in later is undone when the initiator sees it
-            # (the rule in saga.choreography). Compensation began at the failed
-            # step, or at the deadline.
+            # (the rule in saga.choreography), possibly between them. Compensation
+            # began at the failed step, or at the deadline.
             failed = [s for s in stamp.steps if s.outcome is StepOutcome.FAILED]
             if failed:
                 began: datetime | None = failed[0].at
@@ -294,10 +298,11 @@ def _stamps_tell_the_story(
             # initiator before its chain started (a deadline message delivered
             # late): then the whole chain is simply in reverse order.
             in_reverse = names == [s.name for s in done][::-1]
+            early_undone = [name for name in names if name in early]
             if (
                 stamp.status is not SagaStatus.COMPENSATED
                 or sorted(names) != sorted(early + late)
-                or not (in_reverse or names[: len(early)] == early[::-1])
+                or not (in_reverse or early_undone == early[::-1])
             ):
                 problems.append(
                     f"{order_id}: compensated {names}, expected the reverse of {early}"

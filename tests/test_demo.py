@@ -7,9 +7,13 @@ import json
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
+from saga import SagaStatus, Stamp, StepOutcome, StepRecord
+from services.shop import _stamps_tell_the_story
 
 
 @pytest.mark.slow
@@ -125,3 +129,63 @@ def test_saga_demo_refusing_a_wal_database_leaves_its_directory_as_it_was(tmp_pa
     with pytest.raises(ConfigurationError, match=r"refusing to remove order\.db"):
         fresh_sqlite_files(tmp_path, ["saga_log", "order"])
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _rejected_stamp(
+    done: list[tuple[str, str, float]], undone: list[tuple[str, str, float]]
+) -> Stamp:
+    """A compensated saga whose deadline passed at +10 s: (service, step, seconds) each."""
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def record(service: str, name: str, seconds: float, outcome: StepOutcome) -> StepRecord:
+        return StepRecord(
+            name=name, service=service, outcome=outcome, at=start + timedelta(seconds=seconds)
+        )
+
+    return Stamp(
+        saga_name="place_order",
+        saga_id="order-9",
+        status=SagaStatus.COMPENSATED,
+        correlation_id="c",
+        started_at=start,
+        deadline=start + timedelta(seconds=10),
+        reason="deadline passed",
+        steps=tuple(record(*step, StepOutcome.DONE) for step in done)
+        + tuple(record(*step, StepOutcome.COMPENSATED) for step in undone),
+    )
+
+
+def test_the_demo_check_takes_compensations_in_the_order_they_ran() -> None:
+    """Under load, a view merges compensations of parallel chains in the order it hears of them.
+
+    Here the deadline passed after reserve_stock; charge_payment and
+    create_shipment reported in later and were undone as the initiator saw
+    them (the rule of saga.choreography), while the chain undid reserve_stock.
+    The order service heard of charge_payment's undo before reserve_stock's,
+    although reserve_stock was undone first: a saga compensated by the rule.
+    Undoing the steps done before the deadline out of reverse order is not.
+    """
+    done = [
+        ("inventory", "reserve_stock", 3.3),
+        ("payment", "charge_payment", 21.5),
+        ("shipping", "create_shipment", 21.6),
+    ]
+    heard_late = _rejected_stamp(
+        done,
+        [
+            ("payment", "charge_payment", 26.3),
+            ("inventory", "reserve_stock", 25.4),
+            ("shipping", "create_shipment", 26.9),
+        ],
+    )
+    check = _stamps_tell_the_story({"order-9": ("rejected", None)}, {"order-9": heard_late})
+    assert check.ok, check.detail
+
+    both_early = [("inventory", "reserve_stock", 3.3), ("payment", "charge_payment", 5.0)]
+    wrong_order = _rejected_stamp(
+        both_early,
+        [("inventory", "reserve_stock", 12.0), ("payment", "charge_payment", 13.0)],
+    )
+    check = _stamps_tell_the_story({"order-9": ("rejected", None)}, {"order-9": wrong_order})
+    assert not check.ok
+    assert "order-9" in check.detail
