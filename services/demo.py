@@ -245,7 +245,7 @@ async def run(options: DemoOptions) -> dict[str, Any]:
             + ", ".join(make_url(u).database or "" for u in urls.values())
         )
         async with kafka_for(options) as (kafka, where):
-            say(options, f"choreosaga demo: {options.orders} orders, {where}, {storage}")
+            say(options, f"choreosaga demo: {_orders(options.orders)}, {where}, {storage}")
             settings = ServiceSettings(
                 relay=RelaySettings(poll_interval=timedelta(milliseconds=500)),
                 saga_topic_prefix="saga.",
@@ -306,7 +306,7 @@ async def _run_shop(shop: Shop, options: DemoOptions) -> dict[str, Any]:
         orders[request.order_id] = (request, scenario)
     started = time.monotonic()
     await asyncio.gather(*(shop.order.place(request) for request, _ in orders.values()))
-    say(options, f"  placed {len(orders)} orders in {time.monotonic() - started:.2f} s")
+    say(options, f"  placed {_orders(len(orders))} in {time.monotonic() - started:.2f} s")
     try:
         async with asyncio.timeout(options.timeout):
             statuses = await shop.wait_terminal(len(orders), progress=not options.json)
@@ -468,6 +468,10 @@ async def _print_report(shop: Shop, result: Mapping[str, Any]) -> None:
         print(f"  [{'ok' if check['ok'] else 'FAILED'}] {check['name']}: {check['detail']}")
     print()
     print("  all checks passed" if result["ok"] else "  SOME CHECKS FAILED")
+
+
+def _orders(count: int) -> str:
+    return "1 order" if count == 1 else f"{count} orders"
 
 
 def say(options: DemoOptions, line: str) -> None:
