@@ -268,8 +268,10 @@ class Batch:
                     self._recorded |= await self.inbox.recorded(session, self.consumer, unchecked)
                     self._checked |= unchecked
             except BaseException:
-                await session.close()
-                self._leave_gate()
+                try:
+                    await session.close()
+                finally:
+                    self._leave_gate()
                 raise
             # The same for an add on the session's connection (a handler's
             # ``Service.publish(await ctx.session.connection(), ...)``): it is
@@ -430,9 +432,11 @@ class Batch:
         self._committed = []
         self._claims = {}
         self._messages = []
-        if session is not None:
-            await close_quietly(session)
-        self._leave_gate()
+        try:
+            if session is not None:
+                await close_quietly(session)
+        finally:
+            self._leave_gate()  # even if cancelled while closing
 
 
 async def close_quietly(session: AsyncSession) -> None:

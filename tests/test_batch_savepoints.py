@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -33,6 +34,7 @@ from support import consumer_record, core_codec, offline_service
 
 from outbox import RetryPolicy, create_engine
 from outbox.message import decode_headers
+from saga import batch as batch_module
 from saga.context import MessageContext
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.telemetry import instrument
@@ -807,3 +809,54 @@ async def test_a_batch_redone_after_an_outage_once_batches_take_turns_takes_its_
     assert await direct.effects_by_seq() == dict.fromkeys((0, 1, 2, 3, 50), 1)
     s = direct.service.stats
     assert (s.processed, s.retries, s.dead_lettered) == (5, 1, 0)
+
+
+async def test_a_batch_cancelled_again_while_closing_still_ends_its_turn(
+    direct_pg: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition revoked twice: once in a handler, again while its batch's session closes.
+
+    The batch must still count as ended, or batches that take turns later wait
+    for it for good: the partitions' records would never be processed.
+    """
+    direct = direct_pg
+    processor = direct.service.processor
+    in_handler = asyncio.Event()
+    closing = asyncio.Event()
+    conflicted: list[bool] = []
+
+    async def hang(ctx: MessageContext) -> None:
+        in_handler.set()
+        await asyncio.sleep(30)
+
+    async def conflict_once(ctx: MessageContext) -> None:
+        if not conflicted:
+            conflicted.append(True)
+            await ctx.session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+
+    real_close = batch_module.close_quietly
+
+    async def slow_close(session: Any) -> None:
+        closing.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await real_close(session)
+
+    direct.behaviour.update({1: hang, 5: conflict_once})
+    monkeypatch.setattr(batch_module, "close_quietly", slow_close)
+    task = asyncio.create_task(processor.process_batch(direct.records([0, 1])))
+    await in_handler.wait()
+    task.cancel()
+    await closing.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    monkeypatch.undo()
+
+    await processor.process_batch(direct.records([5]))  # batches take turns from now
+    async with asyncio.timeout(10):
+        await processor.process_batch(direct.records([2, 3]))
+    assert await direct.effects_by_seq() == {2: 1, 3: 1, 5: 1}
