@@ -32,6 +32,7 @@ into the hundreds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
@@ -113,19 +114,26 @@ class BatchGate:
         """Wait until a batch may open its transaction; whether it took a turn.
 
         A batch that takes a turn also waits for the transactions opened before
-        batches began to take turns.
+        batches began to take turns. Should turns end while it waits, it goes
+        without one: it does not wait for the batches that began since, which
+        need no turn and, overlapping, may never leave none open.
         """
-        if not self.taking_turns():
-            self._open += 1
-            self._none_open.clear()
-            return False
-        await self._turn.acquire()
-        try:
-            await self._none_open.wait()
-        except BaseException:
-            self._turn.release()
-            raise
-        return True
+        if self.taking_turns():
+            await self._turn.acquire()
+            try:
+                while self._open and self.taking_turns():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(self._turns_until):
+                            await self._none_open.wait()
+            except BaseException:
+                self._turn.release()
+                raise
+            if self.taking_turns():
+                return True
+            self._turn.release()  # turns ended while it waited
+        self._open += 1
+        self._none_open.clear()
+        return False
 
     def leave(self, turn: bool) -> None:
         """A batch's transaction ended (``turn``: what :meth:`enter` returned)."""

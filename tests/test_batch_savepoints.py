@@ -35,6 +35,7 @@ from support import consumer_record, core_codec, offline_service
 from outbox import RetryPolicy, create_engine
 from outbox.message import decode_headers
 from saga import batch as batch_module
+from saga import processing
 from saga.context import MessageContext
 from saga.envelope import Envelope, EnvelopeCodec
 from saga.telemetry import instrument
@@ -860,3 +861,64 @@ async def test_a_batch_cancelled_again_while_closing_still_ends_its_turn(
     async with asyncio.timeout(10):
         await processor.process_batch(direct.records([2, 3]))
     assert await direct.effects_by_seq() == {2: 1, 3: 1, 5: 1}
+
+
+async def test_a_batch_queued_for_a_turn_goes_once_turns_are_over_however_other_batches_overlap(
+    direct_pg: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turns end while a partition's batch waits for its turn.
+
+    It must then go, as the batches of the other partitions do: not wait until
+    no batch of the service has a transaction open, which, while other
+    partitions' batches keep overlapping (a service under load, right after the
+    deadlock that made its batches take turns), may never come.
+    """
+    direct = direct_pg
+    processor = direct.service.processor
+    monkeypatch.setattr(processing, "_CONTENTION_WINDOW", 1.0)
+    started = {seq: asyncio.Event() for seq in (10, 30, 40)}
+    release = {seq: asyncio.Event() for seq in (10, 30, 40)}
+    conflicted: list[bool] = []
+
+    async def conflict_once(ctx: MessageContext) -> None:
+        if not conflicted:
+            conflicted.append(True)
+            await ctx.session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+
+    def hold(seq: int) -> Callable[[MessageContext], Awaitable[None]]:
+        async def behaviour(ctx: MessageContext) -> None:
+            started[seq].set()
+            await release[seq].wait()
+
+        return behaviour
+
+    def partition(seqs: list[int], number: int) -> list[ConsumerRecord[bytes, bytes]]:
+        return [dataclasses.replace(r, partition=number) for r in direct.records(seqs)]
+
+    direct.behaviour.update({5: conflict_once, 10: hold(10), 30: hold(30), 40: hold(40)})
+    await processor.process_batch(direct.records([5]))  # batches take turns for 1 s
+    tasks = [asyncio.create_task(processor.process_batch(partition([10, 11], 1)))]
+    try:
+        await started[10].wait()  # it has its turn
+        queued = asyncio.create_task(processor.process_batch(partition([20, 21], 2)))
+        tasks.append(queued)
+        await asyncio.sleep(1.2)  # turns are over
+        # Other partitions' batches, each begun before the one before it ends.
+        tasks.append(asyncio.create_task(processor.process_batch(partition([30, 31], 3))))
+        await started[30].wait()
+        release[10].set()
+        await tasks[0]
+        tasks.append(asyncio.create_task(processor.process_batch(partition([40, 41], 4))))
+        await started[40].wait()
+        release[30].set()
+        await tasks[2]
+        async with asyncio.timeout(5):
+            await queued
+    finally:
+        for event in release.values():
+            event.set()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    assert await direct.effects_by_seq() == dict.fromkeys((5, 10, 11, 20, 21, 30, 31, 40, 41), 1)
