@@ -90,8 +90,8 @@ class ServiceSettings:
     (a savepoint each). A batch is whatever has arrived, up to this many. The
     default keeps a batch's subtransactions within PostgreSQL's per-transaction
     cache of 64 (see :mod:`saga.batch`). After a deadlock, the service's
-    batches take turns for 30 s, and after one while they took turns, records
-    go one transaction each for 30 s (see :mod:`saga.processing`)."""
+    batches take turns for 30 s, and after one met by a batch while it had its
+    turn, records go one transaction each for 30 s (see :mod:`saga.processing`)."""
 
     batch_linger: timedelta = timedelta(0)
     """How long a partition's worker waits for more records when a batch is not
